@@ -1,0 +1,87 @@
+"""The policy protocol, the request it sees, and the helpers policies share.
+
+A policy is any object with ``select(request, candidates) -> Worker``. The caller hands it
+only workers that may take the request (healthy, serving the model) and takes the load lease
+on whatever it returns, so a policy never touches load itself. A custom policy fits in ten
+lines::
+
+    from cache_router import RoutingRequest, Worker
+
+    class LeastProcessedPolicy:
+        \"\"\"Send each request to the worker that has served the fewest so far.\"\"\"
+
+        def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker:
+            return min(candidates, key=lambda worker: worker.processed)
+
+Policies that keep per-worker state (like the cache-aware tree) may also implement
+``bind(registry)`` to hear about workers leaving the fleet.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from cache_router.errors import NoAvailableWorker
+from cache_router.registry import Worker
+
+if TYPE_CHECKING:
+    from cache_router.registry import WorkerRegistry
+
+__all__ = ["BindsRegistry", "Policy", "RoutingRequest", "least_loaded"]
+
+_NO_HEADERS: Mapping[str, str] = {}
+
+
+@dataclass(slots=True)
+class RoutingRequest:
+    """What a policy may route on.
+
+    ``key`` is the prompt text, or the prompt's token ids encoded with
+    :func:`cache_router.tree.encode_tokens` when ``tokens`` is true (the two kinds never
+    share a prefix tree). ``headers`` are the client's request headers, lower-cased names.
+    """
+
+    key: str = ""
+    model: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
+    tokens: bool = False
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Chooses one of ``candidates`` (never empty) for ``request``."""
+
+    def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker: ...
+
+
+@runtime_checkable
+class BindsRegistry(Protocol):
+    """Optional: a policy that must learn when workers join or leave ``registry``."""
+
+    def bind(self, registry: WorkerRegistry) -> None: ...
+
+
+def least_loaded(candidates: Sequence[Worker], rng: random.Random) -> Worker:
+    """The candidate with the lowest ``(load, processed)``; exact ties broken at random.
+
+    Breaking ties by position would send every request of a burst to the first worker
+    before the first lease lands; ``processed`` spreads a cold start, randomness the rest.
+    """
+    if not candidates:
+        raise NoAvailableWorker("no worker available")
+    best = candidates[0]
+    best_rank = (best._load, best._processed)
+    ties = 1
+    for worker in candidates[1:]:
+        rank = (worker._load, worker._processed)
+        if rank < best_rank:
+            best, best_rank, ties = worker, rank, 1
+        elif rank == best_rank:
+            # Reservoir sampling: each of the k tied workers ends up chosen with chance 1/k.
+            ties += 1
+            if rng.random() * ties < 1.0:
+                best = worker
+    return best

@@ -1,0 +1,240 @@
+"""Workers, the registry that owns them, and the lease: the only way load changes.
+
+Every router in the SGLang family has lost load somewhere: a path that never incremented, a
+retry that decremented twice, a health checker that reset counters to zero, a cancelled
+request that never decremented. Here ``Worker.load`` is read-only; it moves only through
+:meth:`WorkerRegistry.acquire`, which returns a :class:`Lease` whose :meth:`Lease.release`
+gives the unit back exactly once however many times it is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from urllib.parse import urlsplit
+
+__all__ = ["Lease", "Worker", "WorkerRegistry", "normalize_url"]
+
+
+def normalize_url(url: str) -> str:
+    """Validate a worker base URL and return it without a trailing slash.
+
+    Workers are addressed as ``http(s)://host[:port][/base-path]``; query strings,
+    fragments and credentials in the URL are rejected because they would be silently
+    mangled when request paths are appended.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"worker URL must be a non-empty string, got {url!r}")
+    text = url.strip().rstrip("/")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"malformed worker URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"worker URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"worker URL {url!r} has no host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"worker URL {url!r} must not carry a query, fragment or credentials")
+    if port == 0:
+        raise ValueError(f"worker URL {url!r} has port 0")
+    return text
+
+
+class Worker:
+    """One engine endpoint as the router sees it.
+
+    ``load`` is the number of requests this router has forwarded to the worker and not yet
+    finished; ``processed`` counts every request ever dispatched to it. Both are read-only
+    here: they change through leases only.
+    """
+
+    __slots__ = ("_load", "_processed", "draining", "healthy", "model", "url")
+
+    def __init__(self, url: str, model: str | None = None) -> None:
+        self.url = normalize_url(url)
+        self.model = model
+        self.healthy = True
+        #: Set while a worker is being removed gracefully: no new requests, old ones finish.
+        self.draining = False
+        self._load = 0
+        self._processed = 0
+
+    @property
+    def load(self) -> int:
+        return self._load
+
+    @property
+    def processed(self) -> int:
+        return self._processed
+
+    @property
+    def available(self) -> bool:
+        """Whether new requests may be sent here."""
+        return self.healthy and not self.draining
+
+    def serves(self, model: str | None) -> bool:
+        """A worker registered without a model serves any model."""
+        return self.model is None or model is None or self.model == model
+
+    def __repr__(self) -> str:
+        return (
+            f"Worker({self.url!r}, model={self.model!r}, healthy={self.healthy}, "
+            f"load={self._load}, processed={self._processed})"
+        )
+
+
+class Lease:
+    """One unit of a worker's load, held from dispatch until the response body ends.
+
+    ``release()`` is idempotent, so every exit path may call it without coordinating with
+    the others. Usable as a sync or async context manager.
+    """
+
+    __slots__ = ("_on_release", "released", "worker")
+
+    def __init__(self, worker: Worker, on_release: Callable[[Lease], None] | None = None) -> None:
+        self.worker = worker
+        self.released = False
+        self._on_release = on_release
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.worker._load -= 1
+        if self._on_release is not None:
+            self._on_release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"Lease({self.worker.url!r}, {state})"
+
+
+WorkerListener = Callable[[Worker], None]
+
+
+class WorkerRegistry:
+    """The fleet: workers by URL, candidate filtering, and load leases.
+
+    Shared by the middleware, health checks and admin API of one router process. It is
+    not thread-safe by design: everything runs on one event loop, where the read-modify
+    steps here cannot interleave.
+    """
+
+    def __init__(self, urls: Iterable[str] = (), *, model: str | None = None) -> None:
+        self._workers: dict[str, Worker] = {}
+        self._snapshot: tuple[Worker, ...] = ()
+        self._removal_listeners: list[WorkerListener] = []
+        self._addition_listeners: list[WorkerListener] = []
+        self._lease_listeners: list[Callable[[Lease], None]] = []
+        for url in urls:
+            self.add(url, model=model)
+
+    @property
+    def workers(self) -> list[Worker]:
+        """All registered workers, in registration order (a copy)."""
+        return list(self._snapshot)
+
+    def __len__(self) -> int:
+        return len(self._snapshot)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(self._snapshot)
+
+    def get(self, url: str) -> Worker | None:
+        try:
+            return self._workers.get(normalize_url(url))
+        except ValueError:
+            return None
+
+    def add(self, url: str, model: str | None = None) -> Worker:
+        worker = Worker(url, model)
+        if worker.url in self._workers:
+            raise ValueError(f"worker {worker.url} is already registered")
+        self._workers[worker.url] = worker
+        self._snapshot = (*self._snapshot, worker)
+        for listener in self._addition_listeners:
+            listener(worker)
+        return worker
+
+    def remove(self, url: str) -> Worker:
+        """Unregister a worker at once; in-flight leases on it still release normally."""
+        worker = self.get(url)
+        if worker is None:
+            raise KeyError(f"no worker registered at {url!r}")
+        del self._workers[worker.url]
+        self._snapshot = tuple(w for w in self._snapshot if w is not worker)
+        for listener in self._removal_listeners:
+            listener(worker)
+        return worker
+
+    def on_remove(self, listener: WorkerListener) -> None:
+        """Call ``listener(worker)`` after a worker is removed (e.g. to purge tree state)."""
+        self._removal_listeners.append(listener)
+
+    def on_add(self, listener: WorkerListener) -> None:
+        """Call ``listener(worker)`` after a worker is added."""
+        self._addition_listeners.append(listener)
+
+    def on_release(self, listener: Callable[[Lease], None]) -> None:
+        """Call ``listener(lease)`` whenever a lease is released (metrics, drain waits)."""
+        self._lease_listeners.append(listener)
+
+    def models(self) -> list[str]:
+        """Models named by registered workers, in registration order."""
+        seen: dict[str, None] = {}
+        for worker in self._snapshot:
+            if worker.model is not None:
+                seen.setdefault(worker.model, None)
+        return list(seen)
+
+    def serves_model(self, model: str | None) -> bool:
+        """Whether any registered worker (healthy or not) serves ``model``."""
+        return any(worker.serves(model) for worker in self._snapshot)
+
+    def candidates(self, model: str | None = None) -> Sequence[Worker]:
+        """Available workers that serve ``model`` (all available workers when it is None)."""
+        if model is None:
+            return [worker for worker in self._snapshot if worker.available]
+        return [
+            worker
+            for worker in self._snapshot
+            if worker.available and (worker.model is None or worker.model == model)
+        ]
+
+    def acquire(self, worker: Worker) -> Lease:
+        """Count one more in-flight request on ``worker``; release the lease when done."""
+        worker._load += 1
+        worker._processed += 1
+        return Lease(worker, self._notify_release)
+
+    def _notify_release(self, lease: Lease) -> None:
+        for listener in self._lease_listeners:
+            listener(lease)
+
+    def total_load(self) -> int:
+        return sum(worker._load for worker in self._snapshot)
