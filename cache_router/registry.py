@@ -26,6 +26,9 @@ def normalize_url(url: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"worker URL must be a non-empty string, got {url!r}")
     text = url.strip().rstrip("/")
+    # urlsplit silently drops tabs and newlines, so check the text we will actually use.
+    if any(char.isspace() or not char.isprintable() for char in text):
+        raise ValueError(f"worker URL {url!r} contains whitespace or control characters")
     try:
         parts = urlsplit(text)
         port = parts.port
@@ -35,7 +38,9 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"worker URL {url!r} must start with http:// or https://")
     if not parts.hostname:
         raise ValueError(f"worker URL {url!r} has no host")
-    if parts.query or parts.fragment or parts.username or parts.password:
+    # Test the delimiters, not the parsed parts: an empty query ("?"), fragment ("#") or
+    # user info ("@") parses as empty but still mangles every path appended to the URL.
+    if "?" in text or "#" in text or "@" in parts.netloc:
         raise ValueError(f"worker URL {url!r} must not carry a query, fragment or credentials")
     if port == 0:
         raise ValueError(f"worker URL {url!r} has port 0")

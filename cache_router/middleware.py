@@ -1,0 +1,408 @@
+"""``CacheRouterMiddleware``: the ASGI entry point that turns an app into an LLM router.
+
+Every request it intercepts goes through the same steps, in this order, whichever route
+matched (typed or transparent):
+
+1. validate the method, the path and the body -- nothing has been chosen or counted yet,
+   so a rejected request leaves no trace;
+2. extract the routing key and model, ask the policy for a worker among the candidates;
+3. take a load lease on that worker (``WorkerRegistry.acquire``, the only way load moves);
+4. relay the exchange; the relay's ``finally`` releases the lease when the body ends.
+
+Requests for other paths, websockets and lifespan events go to the wrapped app untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from cache_router.errors import NoAvailableWorker, RouterError, UnknownModel
+from cache_router.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
+from cache_router.proxy import _REQUEST_DROP as REQUEST_DROP
+from cache_router.proxy import (
+    DEFAULT_LIMITS,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOTAL_TIMEOUT,
+    TransportChoice,
+    Upstream,
+    filter_headers,
+    new_request_id,
+    send_json_error,
+)
+from cache_router.registry import WorkerRegistry
+from cache_router.routing_key import (
+    DEFAULT_TYPED_ROUTES,
+    BodyError,
+    KeyExtractor,
+    RoutingKey,
+    generic_key,
+    parse_json_object,
+)
+from cache_router.types import ASGIApp, Headers, Message, Receive, Scope, Send
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "TRANSPARENT_METHODS", "CacheRouterMiddleware"]
+
+logger = logging.getLogger("cache_router")
+
+DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+TYPED_METHODS = frozenset({"POST"})
+TRANSPARENT_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+_JSON_CONTENT_TYPE = b"application/json"
+
+
+class _Rejected(Exception):
+    """A request refused before any worker was chosen."""
+
+    def __init__(
+        self, status: int, message: str, error_type: str, code: str, headers: Headers = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+        self.headers = headers
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its body was still being read."""
+
+
+class _Route:
+    """How one intercepted request is validated and keyed."""
+
+    __slots__ = ("allow_header", "extract", "methods", "requires_json")
+
+    def __init__(
+        self, methods: frozenset[str], extract: KeyExtractor | None, requires_json: bool
+    ) -> None:
+        self.methods = methods
+        self.allow_header = ", ".join(sorted(methods)).encode()
+        self.extract = extract
+        self.requires_json = requires_json
+
+
+_TRANSPARENT = _Route(TRANSPARENT_METHODS, None, requires_json=False)
+
+
+_UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
+# Characters left as they are when the decoded path is quoted again for the engine; "%" is
+# not among them, so a decoded "%2e" reaches the engine as "%252e", never as ".".
+_PATH_SAFE = "/:@!$&'()*+,;=~"
+
+
+def _forbidden_path(path: str) -> str | None:
+    """Why ``path`` must not be forwarded, or None.
+
+    The forwarded path is the decoded ``scope["path"]`` re-quoted by httpx, so an engine
+    sees exactly the segments checked here; dot segments and backslashes are refused
+    because an engine (or a proxy in front of it) would resolve them to a path outside
+    the exposed prefix.
+    """
+    if _UNSAFE_PATH_CHARACTERS.search(path):
+        return "path contains a backslash or control characters"
+    if "." in path:
+        for segment in path.split("/"):
+            # "..;x" is ".." to servlet-style servers that strip path parameters.
+            if segment.split(";", 1)[0] in (".", ".."):
+                return "path contains dot segments"
+    return None
+
+
+class CacheRouterMiddleware:
+    """Route LLM requests across ``registry``'s workers with ``policy``.
+
+    Parameters:
+        app: the wrapped ASGI app; receives every request this middleware does not route.
+        registry: the worker fleet (shared with health checks and the admin API).
+        policy: chooses a worker per request; defaults to :class:`CacheAwarePolicy`.
+        transparent_prefixes: path prefixes forwarded as they are (any allowed method),
+            e.g. ``["/inference"]``; matched on whole segments.
+        typed_routes: exact POST paths and their key extractors; defaults to the OpenAI and
+            SGLang inference endpoints (:data:`cache_router.routing_key.DEFAULT_TYPED_ROUTES`).
+        max_body_size: larger bodies get 413 before any routing.
+        timeout: httpx timeouts per phase (connect, read between chunks, write, pool).
+        total_timeout: limit on a whole exchange, streaming included; None for no limit.
+        transport: ``"auto"``, ``"aiohttp"``, ``"httpx"`` or an httpx transport instance.
+        upstream_headers: headers set on every upstream request, replacing the client's
+            (e.g. ``{"authorization": "Bearer <engine key>"}``).
+        drop_request_headers: further client header names never sent upstream.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        registry: WorkerRegistry,
+        policy: Policy | None = None,
+        *,
+        transparent_prefixes: Iterable[str] = (),
+        typed_routes: Mapping[str, KeyExtractor] | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT,
+        transport: TransportChoice = "auto",
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        upstream_headers: Mapping[str, str] | None = None,
+        drop_request_headers: Iterable[str] = (),
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.policy: Policy = policy if policy is not None else CacheAwarePolicy()
+        if isinstance(self.policy, BindsRegistry):
+            self.policy.bind(registry)
+        if max_body_size <= 0:
+            raise ValueError("max_body_size must be positive")
+        self.max_body_size = max_body_size
+        routes = DEFAULT_TYPED_ROUTES if typed_routes is None else typed_routes
+        self._typed = {
+            path: _Route(TYPED_METHODS, extract, True) for path, extract in routes.items()
+        }
+        self._prefixes = tuple(_normalize_prefix(prefix) for prefix in transparent_prefixes)
+        self.upstream = Upstream(
+            transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
+        )
+        self._overrides = {
+            name.lower().encode("latin-1"): value.encode("latin-1")
+            for name, value in (upstream_headers or {}).items()
+        }
+        self._request_drop = (
+            REQUEST_DROP
+            | {name.lower().encode("latin-1") for name in drop_request_headers}
+            | self._overrides.keys()
+        )
+
+    def route_for(self, path: str) -> _Route | None:
+        """The route that intercepts ``path``, or None when the wrapped app owns it."""
+        route = self._typed.get(path)
+        if route is not None:
+            return route
+        for prefix in self._prefixes:
+            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                return _TRANSPARENT
+        return None
+
+    async def aclose(self) -> None:
+        """Close the upstream connection pool (done automatically on lifespan shutdown)."""
+        await self.upstream.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.route_for(scope["path"])
+            if route is not None:
+                await self._route(route, scope, receive, send)
+                return
+        elif scope["type"] == "lifespan":
+            await self.app(scope, self._closing_on_shutdown(receive), send)
+            return
+        await self.app(scope, receive, send)
+
+    def _closing_on_shutdown(self, receive: Receive) -> Receive:
+        async def receive_and_close() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.aclose()
+            return message
+
+        return receive_and_close
+
+    async def _route(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        request_id = _header(raw_headers, b"x-request-id") or new_request_id().encode()
+        echo = ((b"x-request-id", request_id),)
+        try:
+            body = await self._validate(route, scope, receive, raw_headers)
+            routing = self._routing_request(route, body, raw_headers)
+            candidates = self.registry.candidates(routing.model)
+            if not candidates:
+                raise self._no_candidate(routing.model)
+            worker = self.policy.select(routing, candidates)
+        except _Rejected as rejected:
+            await send_json_error(
+                send,
+                rejected.status,
+                rejected.message,
+                rejected.error_type,
+                rejected.code,
+                headers=(*rejected.headers, *echo),
+            )
+            return
+        except RouterError as error:
+            extra: Headers = ((b"retry-after", b"1"),) if error.status == 503 else ()
+            await send_json_error(
+                send,
+                error.status,
+                error.message,
+                error.error_type,
+                error.code,
+                headers=(*extra, *echo),
+            )
+            return
+        except _ClientGone:
+            return
+        lease = self.registry.acquire(worker)
+        try:
+            headers = filter_headers(raw_headers, self._request_drop)
+            headers.append((b"x-request-id", request_id))
+            headers.extend(self._overrides.items())
+            await self.upstream.relay(
+                method=scope["method"],
+                url=_upstream_url(worker.url, scope),
+                headers=headers,
+                body=body,
+                lease=lease,
+                receive=receive,
+                send=send,
+                response_headers=echo,
+            )
+        finally:
+            lease.release()
+
+    async def _validate(
+        self, route: _Route, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]
+    ) -> bytes:
+        method: str = scope["method"]
+        if method not in route.methods:
+            raise _Rejected(
+                405,
+                f"method {method} is not allowed on {scope['path']}",
+                "invalid_request_error",
+                "method_not_allowed",
+                headers=((b"allow", route.allow_header),),
+            )
+        if not route.requires_json:
+            reason = _forbidden_path(scope["path"])
+            if reason is not None:
+                raise _Rejected(400, f"refused path: {reason}", "invalid_request_error", "bad_path")
+        declared = _header(headers, b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise _Rejected(
+                    400, "invalid content-length", "invalid_request_error", "bad_length"
+                )
+            if int(declared) > self.max_body_size:
+                raise self._too_large()
+        return await self._read_body(receive)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body_size:
+                    raise self._too_large()
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def _too_large(self) -> _Rejected:
+        return _Rejected(
+            413,
+            f"request body exceeds {self.max_body_size} bytes",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+    def _routing_request(
+        self, route: _Route, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> RoutingRequest:
+        parsed: dict[str, Any] | None = None
+        if route.requires_json:
+            try:
+                parsed = parse_json_object(body)
+            except BodyError as error:
+                raise _Rejected(400, str(error), "invalid_request_error", "invalid_json") from None
+        elif body[:1] == b"{" or _is_json(headers):
+            try:
+                parsed = parse_json_object(body)
+            except BodyError:
+                parsed = None
+        try:
+            if parsed is None:
+                # Not JSON: the raw bytes are the key. latin-1 maps bytes to characters 1:1.
+                key: RoutingKey = (body.decode("latin-1"), False)
+            else:
+                extract = route.extract or generic_key
+                key = extract(parsed)
+        except BodyError as error:
+            raise _Rejected(400, str(error), "invalid_request_error", "invalid_prompt") from None
+        model = parsed.get("model") if parsed is not None else None
+        if model is not None and not isinstance(model, str):
+            raise _Rejected(400, "model must be a string", "invalid_request_error", "invalid_model")
+        return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
+
+    def _no_candidate(self, model: str | None) -> RouterError:
+        if model is not None and not self.registry.serves_model(model):
+            return UnknownModel(f"no worker serves model {model!r}")
+        if not len(self.registry):
+            return NoAvailableWorker("no workers are registered")
+        return NoAvailableWorker("no healthy worker is available; retry later")
+
+
+def _normalize_prefix(prefix: str) -> str:
+    if not prefix.startswith("/"):
+        raise ValueError(f"transparent prefix {prefix!r} must start with '/'")
+    stripped = prefix.rstrip("/")
+    if not stripped or _forbidden_path(stripped) is not None:
+        raise ValueError(f"transparent prefix {prefix!r} is not a usable path prefix")
+    return stripped
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    content_type = _header(headers, b"content-type")
+    return content_type is not None and content_type.startswith(_JSON_CONTENT_TYPE)
+
+
+def _upstream_url(base: str, scope: Scope) -> str:
+    query: bytes = scope.get("query_string", b"")
+    # Quoted from the decoded path, so "?" or "#" that arrived encoded stay in the path.
+    path = quote(scope["path"], safe=_PATH_SAFE)
+    if query:
+        return f"{base}{path}?{query.decode('latin-1')}"
+    return base + path
+
+
+class _LazyHeaders(Mapping[str, str]):
+    """The client's headers as a read-only mapping, decoded only if a policy asks."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _mapping(self) -> dict[str, str]:
+        if self._decoded is None:
+            self._decoded = {
+                name.decode("latin-1"): value.decode("latin-1") for name, value in self._raw
+            }
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._mapping()[name.lower()]
+
+    def __iter__(self) -> Any:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
