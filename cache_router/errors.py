@@ -22,6 +22,8 @@ class RouterError(Exception):
     status = 500
     error_type = "router_error"
     code = "router_error"
+    #: Seconds a client should wait before retrying, when waiting can help.
+    retry_after: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,6 +36,7 @@ class NoAvailableWorker(RouterError):
     status = 503
     error_type = "service_unavailable"
     code = "no_available_worker"
+    retry_after = 1
 
 
 class UnknownModel(RouterError):

@@ -16,26 +16,32 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import httpx
 
+from cache_router.admission import Admission
 from cache_router.errors import NoAvailableWorker, RouterError, UnknownModel
+from cache_router.events import EventFanout, RouterEvents
 from cache_router.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
 from cache_router.proxy import _REQUEST_DROP as REQUEST_DROP
 from cache_router.proxy import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
+    RelayResult,
     TransportChoice,
     Upstream,
     filter_headers,
     new_request_id,
     send_json_error,
 )
-from cache_router.registry import WorkerRegistry
+from cache_router.registry import Worker, WorkerRegistry
+from cache_router.retry import RetryConfig
 from cache_router.routing_key import (
     DEFAULT_TYPED_ROUTES,
     BodyError,
@@ -77,18 +83,21 @@ class _ClientGone(Exception):
 class _Route:
     """How one intercepted request is validated and keyed."""
 
-    __slots__ = ("allow_header", "extract", "methods", "requires_json")
+    __slots__ = ("allow_header", "extract", "label", "methods", "requires_json")
 
     def __init__(
-        self, methods: frozenset[str], extract: KeyExtractor | None, requires_json: bool
+        self,
+        label: str,
+        methods: frozenset[str],
+        extract: KeyExtractor | None,
+        *,
+        requires_json: bool,
     ) -> None:
+        self.label = label
         self.methods = methods
         self.allow_header = ", ".join(sorted(methods)).encode()
         self.extract = extract
         self.requires_json = requires_json
-
-
-_TRANSPARENT = _Route(TRANSPARENT_METHODS, None, requires_json=False)
 
 
 _UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
@@ -133,6 +142,10 @@ class CacheRouterMiddleware:
         upstream_headers: headers set on every upstream request, replacing the client's
             (e.g. ``{"authorization": "Bearer <engine key>"}``).
         drop_request_headers: further client header names never sent upstream.
+        retry: when to retry on another worker (:class:`RetryConfig`; 3 attempts).
+        max_concurrent_requests: cap on requests in flight through this middleware, with a
+            wait queue of ``queue_size`` and ``queue_timeout`` seconds; None for no cap.
+        events: :class:`RouterEvents` listeners (circuit breakers, metrics).
     """
 
     def __init__(
@@ -150,6 +163,11 @@ class CacheRouterMiddleware:
         limits: httpx.Limits = DEFAULT_LIMITS,
         upstream_headers: Mapping[str, str] | None = None,
         drop_request_headers: Iterable[str] = (),
+        retry: RetryConfig | None = None,
+        max_concurrent_requests: int | None = None,
+        queue_size: int = 100,
+        queue_timeout: float = 60.0,
+        events: Iterable[RouterEvents] = (),
     ) -> None:
         self.app = app
         self.registry = registry
@@ -161,9 +179,22 @@ class CacheRouterMiddleware:
         self.max_body_size = max_body_size
         routes = DEFAULT_TYPED_ROUTES if typed_routes is None else typed_routes
         self._typed = {
-            path: _Route(TYPED_METHODS, extract, True) for path, extract in routes.items()
+            path: _Route(path, TYPED_METHODS, extract, requires_json=True)
+            for path, extract in routes.items()
         }
-        self._prefixes = tuple(_normalize_prefix(prefix) for prefix in transparent_prefixes)
+        self._prefixes = tuple(
+            (prefix, _Route(prefix, TRANSPARENT_METHODS, None, requires_json=False))
+            for prefix in map(_normalize_prefix, transparent_prefixes)
+        )
+        self.retry = retry if retry is not None else RetryConfig()
+        self.admission = (
+            None
+            if max_concurrent_requests is None
+            else Admission(
+                max_concurrent_requests, queue_size=queue_size, queue_timeout=queue_timeout
+            )
+        )
+        self._events = EventFanout(list(events))
         self.upstream = Upstream(
             transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
         )
@@ -182,9 +213,9 @@ class CacheRouterMiddleware:
         route = self._typed.get(path)
         if route is not None:
             return route
-        for prefix in self._prefixes:
+        for prefix, transparent in self._prefixes:
             if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
-                return _TRANSPARENT
+                return transparent
         return None
 
     async def aclose(self) -> None:
@@ -212,17 +243,24 @@ class CacheRouterMiddleware:
         return receive_and_close
 
     async def _route(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         request_id = _header(raw_headers, b"x-request-id") or new_request_id().encode()
         echo = ((b"x-request-id", request_id),)
+        status = 0
+        first_byte: float | None = None
+        admitted = False
         try:
             body = await self._validate(route, scope, receive, raw_headers)
             routing = self._routing_request(route, body, raw_headers)
-            candidates = self.registry.candidates(routing.model)
-            if not candidates:
-                raise self._no_candidate(routing.model)
-            worker = self.policy.select(routing, candidates)
+            if self.admission is not None:
+                await self.admission.enter()
+                admitted = True
+            result = await self._dispatch(scope, receive, send, routing, body, raw_headers, echo)
+            status = result.status or 0
+            first_byte = result.first_byte
         except _Rejected as rejected:
+            status = rejected.status
             await send_json_error(
                 send,
                 rejected.status,
@@ -231,37 +269,86 @@ class CacheRouterMiddleware:
                 rejected.code,
                 headers=(*rejected.headers, *echo),
             )
-            return
         except RouterError as error:
-            extra: Headers = ((b"retry-after", b"1"),) if error.status == 503 else ()
+            status = error.status
             await send_json_error(
                 send,
                 error.status,
                 error.message,
                 error.error_type,
                 error.code,
-                headers=(*extra, *echo),
+                headers=echo
+                if error.retry_after is None
+                else ((b"retry-after", str(error.retry_after).encode()), *echo),
             )
-            return
         except _ClientGone:
-            return
-        lease = self.registry.acquire(worker)
-        try:
-            headers = filter_headers(raw_headers, self._request_drop)
-            headers.append((b"x-request-id", request_id))
-            headers.extend(self._overrides.items())
-            await self.upstream.relay(
-                method=scope["method"],
-                url=_upstream_url(worker.url, scope),
-                headers=headers,
-                body=body,
-                lease=lease,
-                receive=receive,
-                send=send,
-                response_headers=echo,
-            )
+            pass
         finally:
-            lease.release()
+            if admitted:
+                self.admission.leave()  # type: ignore[union-attr]
+            if self._events:
+                self._events.request_finished(
+                    route.label,
+                    status,
+                    time.perf_counter() - started,
+                    None if first_byte is None else first_byte - started,
+                )
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        routing: RoutingRequest,
+        body: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        echo: Headers,
+    ) -> RelayResult:
+        """Select, lease and relay; on a retryable failure, again on another worker.
+
+        Each attempt takes its own lease and the relay releases it before returning, so
+        acquires and releases match however many attempts a request makes.
+        """
+        headers = filter_headers(raw_headers, self._request_drop)
+        headers.append((b"x-request-id", echo[0][1]))
+        headers.extend(self._overrides.items())
+        failed: list[Worker] = []
+        attempt = 1
+        while True:
+            candidates = self.registry.candidates(routing.model)
+            if failed:
+                candidates = [worker for worker in candidates if worker not in failed]
+            if not candidates:
+                raise self._no_candidate(routing.model)
+            worker = self.policy.select(routing, candidates)
+            lease = self.registry.acquire(worker)
+            try:
+                result = await self.upstream.relay(
+                    method=scope["method"],
+                    url=_upstream_url(worker.url, scope),
+                    headers=headers,
+                    body=body,
+                    lease=lease,
+                    receive=receive,
+                    send=send,
+                    response_headers=echo,
+                    may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
+                    events=self._events,
+                )
+            finally:
+                lease.release()
+            if result.retry is None:
+                return result
+            logger.warning(
+                "attempt %d on %s failed (%s); retrying elsewhere",
+                attempt,
+                worker.url,
+                result.retry,
+            )
+            self._events.request_retried(worker, attempt, result.retry)
+            failed.append(worker)
+            await anyio.sleep(self.retry.backoff(attempt))
+            attempt += 1
 
     async def _validate(
         self, route: _Route, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -24,6 +25,7 @@ import httpx
 import sniffio
 
 from cache_router.errors import error_body
+from cache_router.events import RouterEvents
 from cache_router.registry import Lease
 from cache_router.types import Headers, Receive, Send
 
@@ -40,6 +42,9 @@ TransportChoice = Literal["auto", "httpx", "aiohttp"] | httpx.AsyncBaseTransport
 #: Long generations stream for minutes: no read timeout shorter than the whole request.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=60.0)
 DEFAULT_TOTAL_TIMEOUT = 1800.0
+#: Engine answers worth another worker (SGLang's router retries exactly these).
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_NO_EVENTS = RouterEvents()
 DEFAULT_LIMITS = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
 
 #: Headers that describe one hop, never the message (RFC 9110 7.6.1), plus the ones the
@@ -117,6 +122,14 @@ async def send_json_error(
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _is_connect_failure(exc: httpx.HTTPError) -> bool:
+    """Whether the request never reached the engine, so sending it elsewhere is safe."""
+    cause = exc.__cause__
+    if cause is not None and type(cause).__module__.startswith("aiohttp"):
+        return any(kind.__name__ == "ClientConnectorError" for kind in type(cause).__mro__)
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
 
 
 def _is_timeout(exc: httpx.HTTPError) -> bool:
@@ -213,28 +226,145 @@ class Upstream:
         receive: Receive,
         send: Send,
         response_headers: Headers = (),
-    ) -> None:
+        may_retry: bool = False,
+        events: RouterEvents = _NO_EVENTS,
+    ) -> RelayResult:
         """Send one request upstream and stream the answer to the client.
 
         Watches the client for ``http.disconnect`` the whole time, before the engine has
         answered as much as during the stream, and on disconnect cancels the exchange so
         the upstream connection closes and the engine stops generating for nobody.
+
+        With ``may_retry``, a connect failure or a retryable status (408, 429, 500, 502,
+        503, 504) is not sent to the client: the result says ``retry`` and the caller may
+        try another worker. Whatever happens, ``lease`` is released before this returns.
         """
-        failure: UpstreamAborted | None = None
+        exchange = _Exchange(method, url, headers, body, lease, send, response_headers)
+        exchange.may_retry = may_retry
+        exchange.events = events
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
-                failure = await self._exchange(
-                    method, url, headers, body, lease, send, response_headers
-                )
+                await self._exchange(exchange)
                 group.cancel_scope.cancel()
         finally:
             lease.release()
-        if failure is not None:
+        if exchange.failure is not None:
             # Raised outside the task group so the server sees this exception, not a group.
-            raise failure
+            raise exchange.failure
+        return exchange.result
 
-    async def _exchange(
+    async def _exchange(self, exchange: _Exchange) -> None:
+        lease = exchange.lease
+        worker = lease.worker
+        send = exchange.send
+        events = exchange.events
+        result = exchange.result
+        with anyio.move_on_after(self._total_timeout) as deadline:
+            client = self.client()
+            # Built directly, not with client.build_request: that would merge httpx's default
+            # headers (accept-encoding: gzip among them) into what the client asked for.
+            request = httpx.Request(
+                exchange.method,
+                exchange.url,
+                headers=exchange.headers,
+                content=exchange.body,
+                extensions=self._extensions,
+            )
+            sent_at = time.perf_counter()
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                lease.release()
+                timeout, connect = _is_timeout(exc), _is_connect_failure(exc)
+                events.upstream_failed(worker, timeout=timeout, connect=connect)
+                if connect and exchange.may_retry:
+                    result.retry = "connect failure"
+                    return
+                if timeout:
+                    await exchange.error(
+                        504, f"upstream {worker.url} timed out", "upstream_timeout"
+                    )
+                else:
+                    await exchange.error(
+                        502, f"upstream {worker.url} unreachable: {exc}", "upstream_unreachable"
+                    )
+                return
+            status = response.status_code
+            events.upstream_answered(worker, status, time.perf_counter() - sent_at)
+            try:
+                if exchange.may_retry and status in RETRYABLE_STATUSES:
+                    result.retry = f"status {status}"
+                    return
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            *filter_headers(response.headers.raw, _RESPONSE_DROP),
+                            *exchange.response_headers,
+                        ],
+                    }
+                )
+                result.status = status
+                async for chunk in response.aiter_raw():
+                    if result.first_byte is None:
+                        result.first_byte = time.perf_counter()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                lease.release()
+                events.upstream_completed(worker, time.perf_counter() - sent_at)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except httpx.HTTPError as exc:
+                events.upstream_failed(worker, timeout=_is_timeout(exc), connect=False)
+                exchange.failure = UpstreamAborted(f"upstream {worker.url} failed mid-response")
+                exchange.failure.__cause__ = exc
+            finally:
+                lease.release()
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+        if deadline.cancelled_caught:
+            lease.release()
+            events.upstream_failed(worker, timeout=True, connect=False)
+            if result.status is not None:
+                exchange.failure = UpstreamAborted(
+                    f"upstream {worker.url} exceeded the request timeout"
+                )
+            else:
+                await exchange.error(504, f"upstream {worker.url} timed out", "upstream_timeout")
+
+
+class RelayResult:
+    """What became of one relayed exchange."""
+
+    __slots__ = ("first_byte", "retry", "status")
+
+    def __init__(self) -> None:
+        #: Why the caller may retry elsewhere (nothing was sent), or None.
+        self.retry: str | None = None
+        #: Status sent to the client; None if nothing was (client gone, or retry).
+        self.status: int | None = None
+        #: ``time.perf_counter()`` when the first body byte went out.
+        self.first_byte: float | None = None
+
+
+class _Exchange:
+    """The state of one exchange, shared by the relay steps."""
+
+    __slots__ = (
+        "body",
+        "events",
+        "failure",
+        "headers",
+        "lease",
+        "may_retry",
+        "method",
+        "response_headers",
+        "result",
+        "send",
+        "url",
+    )
+
+    def __init__(
         self,
         method: str,
         url: str,
@@ -243,76 +373,25 @@ class Upstream:
         lease: Lease,
         send: Send,
         response_headers: Headers,
-    ) -> UpstreamAborted | None:
-        """Run the exchange; return the error to raise if the response must be cut."""
-        started = False
-        with anyio.move_on_after(self._total_timeout) as deadline:
-            client = self.client()
-            # Built directly, not with client.build_request: that would merge httpx's default
-            # headers (accept-encoding: gzip among them) into what the client asked for.
-            request = httpx.Request(
-                method, url, headers=headers, content=body, extensions=self._extensions
-            )
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                lease.release()
-                if _is_timeout(exc):
-                    await send_json_error(
-                        send,
-                        504,
-                        f"upstream {lease.worker.url} timed out",
-                        "upstream_timeout",
-                        "upstream_timeout",
-                        headers=response_headers,
-                    )
-                else:
-                    await send_json_error(
-                        send,
-                        502,
-                        f"upstream {lease.worker.url} unreachable: {exc}",
-                        "upstream_error",
-                        "upstream_unreachable",
-                        headers=response_headers,
-                    )
-                return None
-            try:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status_code,
-                        "headers": [
-                            *filter_headers(response.headers.raw, _RESPONSE_DROP),
-                            *response_headers,
-                        ],
-                    }
-                )
-                started = True
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                lease.release()
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except httpx.HTTPError as exc:
-                failure = UpstreamAborted(f"upstream {lease.worker.url} failed mid-response")
-                failure.__cause__ = exc
-                return failure
-            finally:
-                lease.release()
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-        if deadline.cancelled_caught:
-            lease.release()
-            if started:
-                return UpstreamAborted(f"upstream {lease.worker.url} exceeded the request timeout")
-            await send_json_error(
-                send,
-                504,
-                f"upstream {lease.worker.url} timed out",
-                "upstream_timeout",
-                "upstream_timeout",
-                headers=response_headers,
-            )
-        return None
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.lease = lease
+        self.send = send
+        self.response_headers = response_headers
+        self.may_retry = False
+        self.events: RouterEvents = _NO_EVENTS
+        self.failure: UpstreamAborted | None = None
+        self.result = RelayResult()
+
+    async def error(self, status: int, message: str, code: str) -> None:
+        error_type = "upstream_timeout" if status == 504 else "upstream_error"
+        await send_json_error(
+            self.send, status, message, error_type, code, headers=self.response_headers
+        )
+        self.result.status = status
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

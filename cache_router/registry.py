@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["Lease", "Worker", "WorkerRegistry", "normalize_url"]
+__all__ = ["Gate", "Lease", "Worker", "WorkerRegistry", "normalize_url"]
 
 
 def normalize_url(url: str) -> str:
@@ -47,6 +48,12 @@ def normalize_url(url: str) -> str:
     return text
 
 
+class Gate(Protocol):
+    """Something that may refuse a worker new requests for a while (a circuit breaker)."""
+
+    def allows_request(self) -> bool: ...
+
+
 class Worker:
     """One engine endpoint as the router sees it.
 
@@ -55,7 +62,7 @@ class Worker:
     here: they change through leases only.
     """
 
-    __slots__ = ("_load", "_processed", "draining", "healthy", "model", "url")
+    __slots__ = ("_load", "_processed", "breaker", "draining", "healthy", "model", "url")
 
     def __init__(self, url: str, model: str | None = None) -> None:
         self.url = normalize_url(url)
@@ -63,6 +70,8 @@ class Worker:
         self.healthy = True
         #: Set while a worker is being removed gracefully: no new requests, old ones finish.
         self.draining = False
+        #: Optional gate (e.g. a circuit breaker) that can hold traffic back for a while.
+        self.breaker: Gate | None = None
         self._load = 0
         self._processed = 0
 
@@ -77,7 +86,11 @@ class Worker:
     @property
     def available(self) -> bool:
         """Whether new requests may be sent here."""
-        return self.healthy and not self.draining
+        return (
+            self.healthy
+            and not self.draining
+            and (self.breaker is None or self.breaker.allows_request())
+        )
 
     def serves(self, model: str | None) -> bool:
         """A worker registered without a model serves any model."""

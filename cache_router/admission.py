@@ -1,0 +1,70 @@
+"""Admission control: a cap on requests in flight through this router, with a bounded queue.
+
+A slot is held, like the load lease, until the response body ends, so a cap of N means at
+most N engine exchanges in flight however long they stream. Requests beyond the cap wait in
+a queue of at most ``queue_size``; past it, or after ``queue_timeout`` seconds of waiting,
+they are refused with 429 and ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from cache_router.errors import RouterError
+
+__all__ = ["Admission", "Overloaded"]
+
+
+class Overloaded(RouterError):
+    """The router is at its concurrency cap and its queue is full or too slow."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "router_overloaded"
+    retry_after = 1
+
+
+class Admission:
+    """``max_concurrent`` slots and a wait queue of ``queue_size``; see the module doc."""
+
+    def __init__(
+        self, max_concurrent: int, *, queue_size: int = 100, queue_timeout: float = 60.0
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if queue_size < 0 or queue_timeout < 0:
+            raise ValueError("queue_size and queue_timeout must be >= 0")
+        self.max_concurrent = max_concurrent
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self._slots = anyio.Semaphore(max_concurrent)
+        self.waiting = 0
+        self.rejected = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_concurrent - self._slots.value
+
+    async def enter(self) -> None:
+        """Take a slot, waiting in the queue if need be; raise :class:`Overloaded`."""
+        if self._slots.value > 0 and not self.waiting:
+            await self._slots.acquire()
+            return
+        if self.waiting >= self.queue_size:
+            self.rejected += 1
+            raise Overloaded(
+                f"router is at its limit of {self.max_concurrent} concurrent requests "
+                f"and its queue of {self.queue_size} is full"
+            )
+        self.waiting += 1
+        try:
+            with anyio.move_on_after(self.queue_timeout):
+                await self._slots.acquire()
+                return
+        finally:
+            self.waiting -= 1
+        self.rejected += 1
+        raise Overloaded(f"request waited {self.queue_timeout:g}s for a slot; retry later")
+
+    def leave(self) -> None:
+        self._slots.release()

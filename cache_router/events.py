@@ -1,0 +1,69 @@
+"""Hooks through which circuit breakers, metrics and logs watch the request path.
+
+The middleware calls these at fixed points; it does not know who listens. Subclass
+:class:`RouterEvents` and override what you need (every hook is a no-op by default), then
+pass instances to ``CacheRouterMiddleware(events=[...])``. Hooks run on the request path:
+keep them cheap and never raise from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cache_router.registry import Worker
+
+__all__ = ["EventFanout", "RouterEvents"]
+
+
+class RouterEvents:
+    """No-op base class for request-path hooks."""
+
+    def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
+        """The engine sent response headers ``seconds`` after the request went out."""
+
+    def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
+        """No response from the engine: a connect failure, a timeout or a broken exchange."""
+
+    def upstream_completed(self, worker: Worker, seconds: float) -> None:
+        """The response body ended normally ``seconds`` after the request went out."""
+
+    def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
+        """Attempt ``attempt`` on ``worker`` failed before any byte reached the client."""
+
+    def request_finished(
+        self, route: str, status: int, seconds: float, first_byte: float | None
+    ) -> None:
+        """A routed request ended. ``route`` is the typed path or the transparent prefix;
+        ``status`` is what the client got (0 if it left before the response started)."""
+
+
+class EventFanout(RouterEvents):
+    """Calls each hook on every listener, in order."""
+
+    def __init__(self, listeners: Sequence[RouterEvents] = ()) -> None:
+        self.listeners = tuple(listeners)
+
+    def __bool__(self) -> bool:
+        return bool(self.listeners)
+
+    def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
+        for listener in self.listeners:
+            listener.upstream_answered(worker, status, seconds)
+
+    def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
+        for listener in self.listeners:
+            listener.upstream_failed(worker, timeout=timeout, connect=connect)
+
+    def upstream_completed(self, worker: Worker, seconds: float) -> None:
+        for listener in self.listeners:
+            listener.upstream_completed(worker, seconds)
+
+    def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
+        for listener in self.listeners:
+            listener.request_retried(worker, attempt, reason)
+
+    def request_finished(
+        self, route: str, status: int, seconds: float, first_byte: float | None
+    ) -> None:
+        for listener in self.listeners:
+            listener.request_finished(route, status, seconds, first_byte)
