@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import anyio
@@ -60,6 +60,12 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 TYPED_METHODS = frozenset({"POST"})
 TRANSPARENT_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _JSON_CONTENT_TYPE = b"application/json"
+
+
+class BackgroundTask(Protocol):
+    """Anything that runs until cancelled, such as a health checker."""
+
+    async def run(self) -> None: ...
 
 
 class _Rejected(Exception):
@@ -146,6 +152,10 @@ class CacheRouterMiddleware:
         max_concurrent_requests: cap on requests in flight through this middleware, with a
             wait queue of ``queue_size`` and ``queue_timeout`` seconds; None for no cap.
         events: :class:`RouterEvents` listeners (circuit breakers, metrics).
+        background: tasks with an ``async run()`` (e.g. a ``HealthChecker``) run for the
+            lifetime of the app's lifespan.
+        admin: an ASGI app (e.g. ``AdminApp``) served under ``admin_prefix``; it sees the
+            prefix in ``root_path``, as under Starlette's ``Mount``.
     """
 
     def __init__(
@@ -168,6 +178,9 @@ class CacheRouterMiddleware:
         queue_size: int = 100,
         queue_timeout: float = 60.0,
         events: Iterable[RouterEvents] = (),
+        background: Iterable[BackgroundTask] = (),
+        admin: ASGIApp | None = None,
+        admin_prefix: str = "/router",
     ) -> None:
         self.app = app
         self.registry = registry
@@ -195,6 +208,9 @@ class CacheRouterMiddleware:
             )
         )
         self._events = EventFanout(list(events))
+        self.background = tuple(background)
+        self.admin = admin
+        self.admin_prefix = _normalize_prefix(admin_prefix)
         self.upstream = Upstream(
             transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
         )
@@ -214,7 +230,7 @@ class CacheRouterMiddleware:
         if route is not None:
             return route
         for prefix, transparent in self._prefixes:
-            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            if _under(path, prefix):
                 return transparent
         return None
 
@@ -224,14 +240,36 @@ class CacheRouterMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            route = self.route_for(scope["path"])
+            path: str = scope["path"]
+            route = self.route_for(path)
             if route is not None:
                 await self._route(route, scope, receive, send)
                 return
+            if self.admin is not None and _under(path, self.admin_prefix):
+                root = scope.get("root_path", "") + self.admin_prefix
+                await self.admin({**scope, "root_path": root}, receive, send)
+                return
         elif scope["type"] == "lifespan":
-            await self.app(scope, self._closing_on_shutdown(receive), send)
+            await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the wrapped app's lifespan with the background tasks alongside it.
+
+        Health checks live exactly as long as the app: started with the lifespan, cancelled
+        when it ends. The upstream pool closes on ``lifespan.shutdown``.
+        """
+        if not self.background:
+            await self.app(scope, self._closing_on_shutdown(receive), send)
+            return
+        async with anyio.create_task_group() as group:
+            for task in self.background:
+                group.start_soon(task.run)
+            try:
+                await self.app(scope, self._closing_on_shutdown(receive), send)
+            finally:
+                group.cancel_scope.cancel()
 
     def _closing_on_shutdown(self, receive: Receive) -> Receive:
         async def receive_and_close() -> Message:
@@ -446,6 +484,11 @@ def _normalize_prefix(prefix: str) -> str:
     if not stripped or _forbidden_path(stripped) is not None:
         raise ValueError(f"transparent prefix {prefix!r} is not a usable path prefix")
     return stripped
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is ``prefix`` or below it, on whole segments."""
+    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
