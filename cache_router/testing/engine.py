@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,18 +289,27 @@ class SimulatedEngine:
         """Empty the prefix cache (SGLang's ``POST /flush_cache``)."""
         self._cache = RadixTree(self.capacity)
 
-    async def _execute(self, job: _Job) -> AsyncIterator[int]:
+    async def _execute(self, job: _Job) -> AsyncGenerator[int, None]:
         """Queue, prefill and decode ``job``, yielding each decode step's index.
 
         Every exit (completion, cancellation, the consumer closing the generator) passes
-        through the ``finally``, which gives the slot back and counts the outcome.
+        through the ``finally``, which gives the slot back and counts the outcome. The
+        request is counted here, not when it is parsed, so that ``requests`` always equals
+        ``completed + cancelled + running + queued`` (a stream whose client left before its
+        body started never reaches this point and is not counted at all).
         """
-        self._queued += 1
-        self._queue_peak = max(self._queue_peak, self._queued)
-        admitted = False
+        self._requests += 1
+        admitted = waiting = False
         try:
-            await self._slots.acquire()
-            self._queued -= 1
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                waiting = True
+                self._queued += 1
+                self._queue_peak = max(self._queue_peak, self._queued)
+                await self._slots.acquire()
+                self._queued -= 1
+                waiting = False
             self._running += 1
             admitted = True
             cache = self._cache
@@ -328,7 +337,7 @@ class SimulatedEngine:
             if admitted:
                 self._running -= 1
                 self._slots.release()
-            else:
+            elif waiting:
                 self._queued -= 1
             if job.finished:
                 self._completed += 1
@@ -370,22 +379,21 @@ class SimulatedEngine:
         return value
 
     def _new_job(self, prompts: list[str], max_tokens: object, stream: object) -> _Job:
-        if not isinstance(stream, bool):
+        if stream is not None and not isinstance(stream, bool):
             raise _BadRequest("stream must be a boolean")
         self._ids += 1
         return _Job(
             prompts=prompts,
             max_tokens=self._max_tokens(max_tokens),
-            stream=stream,
+            stream=bool(stream),
             request_id=f"{self.name}-{self._ids}",
         )
 
     def _admit(self, job: _Job) -> Response | None:
-        """Refuse with 503 when the queue is full; otherwise count the request."""
+        """A 503 answer when the queue is full, else ``None``."""
         if self.max_queued is not None and self._queued >= self.max_queued:
             self._rejected += 1
             return self._error(503, "engine queue is full", "service_unavailable")
-        self._requests += 1
         return None
 
     def _error(self, status: int, message: str, error_type: str) -> Response:
@@ -429,9 +437,7 @@ class SimulatedEngine:
     def _meta_info(self, job: _Job, index: int) -> dict[str, Any]:
         return {
             "id": f"{job.request_id}-{index}" if job.batch else job.request_id,
-            "finish_reason": {"type": "length", "length": job.generated}
-            if job.finished
-            else None,
+            "finish_reason": {"type": "length", "length": job.generated} if job.finished else None,
             "prompt_tokens": len(job.prompts[index]),
             "completion_tokens": job.generated,
             "cached_tokens": job.cached[index] if job.cached else 0,
