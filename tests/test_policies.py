@@ -1,0 +1,682 @@
+"""Routing policies: the cache-aware rules, the load-only policies and the protocol."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+
+from cache_router.errors import NoAvailableWorker
+from cache_router.policies import (
+    BindsRegistry,
+    CacheAwarePolicy,
+    Policy,
+    PowerOfTwoPolicy,
+    RandomPolicy,
+    RoundRobinPolicy,
+    RoutingRequest,
+    least_loaded,
+)
+from cache_router.registry import Lease, Worker, WorkerRegistry
+from cache_router.tree import PrefixMatch, encode_tokens
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fleet(count: int, model: str | None = None) -> WorkerRegistry:
+    return WorkerRegistry([f"http://w{i}:8000" for i in range(count)], model=model)
+
+
+def hold(registry: WorkerRegistry, worker: Worker, count: int) -> list[Lease]:
+    """Put ``count`` requests in flight on ``worker``."""
+    return [registry.acquire(worker) for _ in range(count)]
+
+
+def request(key: str = "", model: str | None = None, tokens: bool = False) -> RoutingRequest:
+    return RoutingRequest(key=key, model=model, tokens=tokens)
+
+
+SHARED = "You are a helpful assistant. " * 70  # ~2,000 characters
+
+
+# -- constructor ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cache_threshold": -0.01}, "cache_threshold"),
+        ({"cache_threshold": 1.01}, "cache_threshold"),
+        ({"balance_abs_threshold": -1}, "balance_abs_threshold"),
+        ({"balance_rel_threshold": 0.99}, "balance_rel_threshold"),
+        ({"eviction_interval": -1.0}, "eviction_interval"),
+        ({"max_tree_size": 0}, "max_tree_size"),
+    ],
+)
+def test_cache_aware_rejects_bad_configuration(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CacheAwarePolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_cache_aware_accepts_boundary_configuration() -> None:
+    policy = CacheAwarePolicy(
+        cache_threshold=1.0, balance_abs_threshold=0, balance_rel_threshold=1.0, eviction_interval=0
+    )
+    assert policy.cache_threshold == 1.0
+    assert CacheAwarePolicy(cache_threshold=0.0).cache_threshold == 0.0
+
+
+# -- imbalance gate ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("high", "low", "imbalanced"),
+    [
+        (11, 5, True),  # 6 > 4 and 11 > 10
+        (10, 5, False),  # only the absolute condition holds: 5 > 4, but 10 > 10 fails
+        (12, 8, False),  # neither: 4 > 4 and 12 > 16 both fail
+        (6, 1, True),  # 5 > 4 and 6 > 2
+        (5, 1, False),  # only the relative condition holds: 5 > 2, but 4 > 4 fails
+        (5, 0, True),
+        (4, 0, False),
+        (3, 3, False),
+    ],
+)
+def test_imbalance_needs_both_strict_conditions(high: int, low: int, imbalanced: bool) -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=4, balance_rel_threshold=2.0)
+    hold(registry, a, high)
+    hold(registry, b, low)
+    hold(registry, c, (high + low) // 2)
+    assert policy.is_imbalanced(registry.workers) is imbalanced
+
+
+def test_default_gate_is_sglangs() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy()
+    hold(registry, a, 100)
+    hold(registry, b, 36)
+    assert not policy.is_imbalanced(registry.workers)  # difference 64 is not > 64
+    hold(registry, a, 1)
+    assert policy.is_imbalanced(registry.workers)  # 65 > 64 and 101 > 54
+    registry2 = fleet(2)
+    c, d = registry2.workers
+    hold(registry2, c, 201)
+    hold(registry2, d, 134)  # difference 67 > 64, but 201 > 134 * 1.5 == 201 fails
+    assert not policy.is_imbalanced(registry2.workers)
+    hold(registry2, c, 1)
+    assert policy.is_imbalanced(registry2.workers)
+
+
+def test_imbalanced_fleet_overrides_cache_affinity() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=4, balance_rel_threshold=2.0, seed=1)
+    key = SHARED + "question"
+    policy.tree().insert(key, a.url)
+    hold(registry, a, 11)
+    hold(registry, b, 5)
+    assert policy.select(request(key), registry.workers) is b
+    assert policy.decisions == {"cache_hit": 0, "cache_miss": 0, "balanced": 1}
+
+
+def test_relative_condition_alone_keeps_cache_affinity() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=4, balance_rel_threshold=2.0, seed=1)
+    key = SHARED + "question"
+    policy.tree().insert(key, a.url)
+    hold(registry, a, 10)
+    hold(registry, b, 5)  # difference 5 > 4, but 10 is not > 5 * 2
+    assert policy.select(request(key), registry.workers) is a
+    assert policy.decisions["cache_hit"] == 1
+
+
+def test_absolute_condition_alone_keeps_cache_affinity() -> None:
+    registry = fleet(2)
+    a, _ = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=4, balance_rel_threshold=2.0, seed=1)
+    key = SHARED + "question"
+    policy.tree().insert(key, a.url)
+    hold(registry, a, 4)  # 4 > 0 * 2, but the difference 4 is not > 4
+    assert policy.select(request(key), registry.workers) is a
+    assert policy.decisions["cache_hit"] == 1
+
+
+def test_single_candidate_is_never_balanced() -> None:
+    registry = fleet(1)
+    (a,) = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=0, balance_rel_threshold=1.0)
+    hold(registry, a, 100)
+    assert policy.select(request("x"), registry.workers) is a
+    assert policy.decisions["balanced"] == 0
+
+
+# -- hits and misses -----------------------------------------------------------------------
+
+
+def test_hit_goes_to_least_loaded_holder_not_first_holder() -> None:
+    registry = fleet(4)
+    a, b, c, _ = registry.workers
+    policy = CacheAwarePolicy(seed=3)
+    key = SHARED + "what is a radix tree?"
+    for holder in (a, b, c):
+        policy.tree().insert(key, holder.url)
+    hold(registry, a, 3)
+    hold(registry, b, 1)
+    hold(registry, c, 2)  # d (load 0) does not hold the prefix
+    assert policy.select(request(key), registry.workers) is b
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0}
+
+
+def test_hit_ignores_holders_that_are_not_candidates() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = CacheAwarePolicy(seed=3)
+    key = SHARED + "q"
+    policy.tree().insert(key, a.url)
+    policy.tree().insert(key, b.url)
+    a.healthy = False
+    hold(registry, b, 2)
+    assert policy.select(request(key), registry.candidates()) is b
+    # When no holder is a candidate the request is a miss.
+    b.healthy = False
+    assert policy.select(request(key), registry.candidates()) is c
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 1, "balanced": 0}
+
+
+def test_miss_goes_to_least_loaded_not_smallest_tree() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = CacheAwarePolicy(seed=5)
+    tree = policy.tree()
+    for i in range(50):
+        tree.insert(f"history {i} " + "z" * 100, a.url)  # a: big tree, idle
+    tree.insert("tiny", c.url)
+    hold(registry, b, 3)  # b: empty tree, busy
+    hold(registry, c, 2)  # c: small tree, busy
+    assert tree.tenant_size(b.url) < tree.tenant_size(c.url) < tree.tenant_size(a.url)
+    assert policy.select(request("an unrelated prompt"), registry.workers) is a
+    assert policy.decisions["cache_miss"] == 1
+
+
+def test_empty_key_takes_the_miss_path_and_records_nothing() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = CacheAwarePolicy(seed=5)
+    policy.tree().insert("something", a.url)
+    hold(registry, a, 2)
+    hold(registry, c, 1)
+    assert policy.select(request(""), registry.workers) is b
+    assert policy.decisions == {"cache_hit": 0, "cache_miss": 1, "balanced": 0}
+    assert policy.tree().size == len("something")
+    assert policy.tree().tenants() == frozenset({a.url})
+
+
+def test_key_is_recorded_for_the_chosen_worker_on_every_path() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=4, balance_rel_threshold=2.0, seed=1)
+    key = SHARED + "balanced request"
+    policy.tree().insert(key, a.url)
+    hold(registry, a, 10)
+    assert policy.select(request(key), registry.workers) is b
+    assert policy.decisions["balanced"] == 1
+    assert policy.tree().prefix_match(key) == PrefixMatch(len(key), frozenset({a.url, b.url}))
+
+    new_key = "never seen before"
+    chosen = policy.select(request(new_key), registry.workers)
+    assert policy.decisions["balanced"] == 2
+    assert policy.tree().prefix_match(new_key) == PrefixMatch(len(new_key), frozenset({b.url}))
+    assert chosen is b
+
+    fresh = CacheAwarePolicy(seed=1)
+    registry2 = fleet(2)
+    chosen = fresh.select(request("first prompt"), registry2.workers)
+    assert fresh.decisions["cache_miss"] == 1
+    assert fresh.tree().prefix_match("first prompt").tenants == frozenset({chosen.url})
+    again = fresh.select(request("first prompt, continued"), registry2.workers)
+    assert again is chosen
+    assert fresh.decisions["cache_hit"] == 1
+
+
+def test_selection_does_not_touch_load() -> None:
+    registry = fleet(3)
+    policy = CacheAwarePolicy(seed=0)
+    for i in range(20):
+        policy.select(request(f"{SHARED}{i}"), registry.workers)
+    assert all(w.load == 0 and w.processed == 0 for w in registry)
+
+
+# -- threshold -----------------------------------------------------------------------------
+
+
+def threshold_setup(held: str, threshold: float) -> tuple[CacheAwarePolicy, Worker, Worker]:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy(cache_threshold=threshold, seed=2)
+    policy.tree().insert(held, a.url)
+    hold(registry, a, 1)  # so a miss goes to b, a hit to a
+    return policy, a, b
+
+
+def test_match_rate_equal_to_threshold_is_a_miss() -> None:
+    policy, a, b = threshold_setup("abcde", 0.5)
+    assert policy.select(request("abcdeXXXXX"), [a, b]) is b
+    assert policy.decisions["cache_miss"] == 1
+
+
+def test_match_rate_above_threshold_is_a_hit() -> None:
+    policy, a, b = threshold_setup("abcdef", 0.5)
+    assert policy.select(request("abcdefXXXX"), [a, b]) is a
+    assert policy.decisions["cache_hit"] == 1
+
+
+def test_full_match_is_a_miss_at_threshold_one() -> None:
+    policy, a, b = threshold_setup("abcdef", 1.0)
+    assert policy.select(request("abcdef"), [a, b]) is b
+    assert policy.decisions["cache_miss"] == 1
+
+
+def test_any_match_is_a_hit_at_threshold_zero() -> None:
+    policy, a, b = threshold_setup("a", 0.0)
+    assert policy.select(request("a" + "z" * 999), [a, b]) is a
+    assert policy.decisions["cache_hit"] == 1
+    # No match at all is still a miss.
+    assert policy.select(request("q"), [a, b]) is b
+    assert policy.decisions["cache_miss"] == 1
+
+
+# -- trees ---------------------------------------------------------------------------------
+
+
+def test_one_tree_per_model() -> None:
+    registry = WorkerRegistry()
+    a = registry.add("http://a:1")
+    b = registry.add("http://b:1")
+    policy = CacheAwarePolicy(seed=4)
+    key = SHARED + "per model"
+    policy.tree("llama").insert(key, a.url)
+    hold(registry, a, 1)
+    # Same prompt, other model: nothing cached there, so a miss to the idle worker.
+    assert policy.select(request(key, model="qwen"), registry.workers) is b
+    assert policy.decisions["cache_miss"] == 1
+    assert policy.select(request(key, model="llama"), registry.workers) is a
+    assert policy.decisions["cache_hit"] == 1
+    assert policy.tree("qwen").prefix_match(key).tenants == frozenset({b.url})
+    assert policy.tree("llama").prefix_match(key).tenants == frozenset({a.url})
+    assert policy.tree().size == 0
+    assert policy.tree_size == 2 * len(key)
+
+
+def test_token_keys_live_apart_from_text_keys() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy(seed=4)
+    text = "hello world, this is a prompt"
+    token_key = encode_tokens(ord(char) for char in text)
+    assert token_key == text  # the same string, deliberately
+    policy.tree().insert(text, a.url)
+    hold(registry, a, 1)
+    assert policy.select(request(token_key, tokens=True), registry.workers) is b
+    assert policy.decisions["cache_miss"] == 1
+    assert policy.tree(tokens=True).prefix_match(token_key).tenants == frozenset({b.url})
+    assert policy.tree().prefix_match(text).tenants == frozenset({a.url})
+    assert policy.tree() is not policy.tree(tokens=True)
+    assert policy.tree("m", tokens=True) is policy.tree("m", tokens=True)
+
+
+def test_trees_use_the_configured_size_budget() -> None:
+    registry = fleet(2)
+    policy = CacheAwarePolicy(max_tree_size=100, eviction_interval=0, seed=0)
+    for i in range(50):
+        policy.select(request(f"{i:03d}" + "p" * 20), registry.workers)
+        assert policy.tree().size <= 100 + 23
+    assert policy.tree().max_size == 100
+    policy.tree().check_invariants()
+
+
+# -- tie-breaks ----------------------------------------------------------------------------
+
+
+def test_ties_are_not_always_broken_towards_the_first_worker() -> None:
+    registry = fleet(4)
+    policy = CacheAwarePolicy(seed=11)
+    # Misses with equal (load, processed) everywhere.
+    chosen = Counter(policy.select(request(), registry.workers).url for _ in range(200))
+    assert len(chosen) == 4
+    assert max(chosen.values()) < 120
+    # Hits with the prefix held by every worker, all equally loaded.
+    key = SHARED + "tie"
+    for worker in registry:
+        policy.tree().insert(key, worker.url)
+    hits = Counter(policy.select(request(key), registry.workers).url for _ in range(200))
+    assert len(hits) == 4
+    assert policy.decisions["cache_hit"] == 200
+
+
+def test_ties_on_load_break_by_processed() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    for lease in [*hold(registry, a, 2), *hold(registry, c, 1)]:
+        lease.release()
+    policy = CacheAwarePolicy(seed=0)
+    assert {policy.select(request(), registry.workers).url for _ in range(30)} == {b.url}
+
+
+def test_seeded_cache_aware_policy_is_reproducible() -> None:
+    def run(seed: int) -> list[str]:
+        registry = fleet(5)
+        policy = CacheAwarePolicy(seed=seed)
+        # Distinct first characters: every request is a miss among equal workers.
+        keys = [chr(0x100 + i) + " prompt" for i in range(40)]
+        return [policy.select(request(key), registry.workers).url for key in keys]
+
+    assert run(9) == run(9)
+    assert len(set(run(9))) > 1
+
+
+def test_least_loaded_helper() -> None:
+    import random
+
+    registry = fleet(3)
+    a, b, c = registry.workers
+    hold(registry, a, 2)
+    hold(registry, b, 1)
+    hold(registry, c, 1)
+    rng = random.Random(0)
+    assert {least_loaded(registry.workers, rng).url for _ in range(50)} == {b.url, c.url}
+    with pytest.raises(NoAvailableWorker):
+        least_loaded([], rng)
+
+
+# -- registry binding and eviction ---------------------------------------------------------
+
+
+def test_bound_policy_forgets_removed_workers_in_every_tree() -> None:
+    registry = fleet(3)
+    a, b, _ = registry.workers
+    policy = CacheAwarePolicy(seed=0)
+    policy.bind(registry)
+    for tree in (policy.tree(), policy.tree("m"), policy.tree(tokens=True)):
+        tree.insert(SHARED + "a", a.url)
+        tree.insert(SHARED + "b", b.url)
+    registry.remove(a.url)
+    for tree in (policy.tree(), policy.tree("m"), policy.tree(tokens=True)):
+        assert tree.tenants() == frozenset({b.url})
+        assert tree.prefix_match(SHARED + "a").tenants == frozenset({b.url})
+        tree.check_invariants()
+    # a's prompt now matches only the shared part, held by b: a hit on b, not the idle c.
+    hold(registry, b, 1)
+    assert policy.select(request(SHARED + "a"), registry.workers) is b
+    assert policy.decisions["cache_hit"] == 1
+
+
+def test_unbound_policy_keeps_removed_workers() -> None:
+    registry = fleet(2)
+    a, _ = registry.workers
+    policy = CacheAwarePolicy()
+    policy.tree().insert("key", a.url)
+    registry.remove(a.url)
+    assert policy.tree().tenants() == frozenset({a.url})
+
+
+def test_binding_twice_registers_one_listener() -> None:
+    calls: list[str] = []
+
+    class Counting(CacheAwarePolicy):
+        def forget_worker(self, worker: Worker) -> None:
+            calls.append(worker.url)
+            super().forget_worker(worker)
+
+    registry = fleet(2)
+    policy = Counting()
+    assert isinstance(policy, BindsRegistry)
+    policy.bind(registry)
+    policy.bind(registry)
+    registry.remove("http://w0:8000")
+    assert calls == ["http://w0:8000"]
+
+
+def test_eviction_interval_trims_all_trees_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    registry = fleet(2)
+    policy = CacheAwarePolicy(max_tree_size=1000, eviction_interval=10.0, clock=clock, seed=0)
+    for tree in (policy.tree(), policy.tree("m")):
+        for i in range(95):
+            tree.insert(chr(0x100 + i) + "x" * 9, "http://w0:8000")  # 950 chars, under budget
+    assert policy.tree_size == 1900
+    clock.now += 9.0
+    policy.select(request(), registry.workers)
+    assert policy.tree_size == 1900  # not yet due
+    clock.now += 1.0
+    policy.select(request(), registry.workers)
+    assert policy.tree().size <= 900 and policy.tree("m").size <= 900  # low-water mark
+    # The next trim is due a full interval later.
+    for tree in (policy.tree(), policy.tree("m")):
+        for i in range(5):
+            tree.insert(f"new{i}" + "y" * 16, "http://w1:8000")
+    size = policy.tree_size
+    clock.now += 9.5
+    policy.select(request(), registry.workers)
+    assert policy.tree_size == size
+    clock.now += 1.0
+    policy.select(request(), registry.workers)
+    assert policy.tree_size < size
+
+
+def test_eviction_interval_zero_never_trims() -> None:
+    clock = FakeClock()
+    registry = fleet(2)
+    policy = CacheAwarePolicy(max_tree_size=1000, eviction_interval=0, clock=clock)
+    for i in range(95):
+        policy.tree().insert(chr(0x100 + i) + "x" * 9, "http://w0:8000")
+    clock.now += 1e9
+    policy.select(request(), registry.workers)
+    assert policy.tree_size == 950
+
+
+def test_decision_counters_add_up() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    policy = CacheAwarePolicy(balance_abs_threshold=2, balance_rel_threshold=1.0, seed=0)
+    policy.select(request(SHARED + "1"), registry.workers)  # cold: miss
+    policy.select(request(SHARED + "2"), registry.workers)  # hit
+    policy.select(request(), registry.workers)  # empty key: miss
+    hold(registry, a, 5)
+    policy.select(request(SHARED + "3"), registry.workers)  # imbalanced
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 2, "balanced": 1}
+    assert sum(policy.decisions.values()) == 4
+    assert b.load == 0
+
+
+# -- the seed contract ---------------------------------------------------------------------
+
+WORKERS = 8
+REQUESTS = 480
+LONG_PREFIX = "".join(chr(ord("a") + (i * 7) % 26) for i in range(2000))
+
+
+def route_shared_prefix_burst(
+    take_leases: bool,
+) -> tuple[Counter[str], WorkerRegistry, list[Lease]]:
+    registry = fleet(WORKERS)
+    policy = CacheAwarePolicy(seed=1234)
+    policy.bind(registry)
+    per_worker: Counter[str] = Counter()
+    leases: list[Lease] = []
+    for i in range(REQUESTS):
+        worker = policy.select(request(f"{LONG_PREFIX} request {i}"), registry.candidates())
+        per_worker[worker.url] += 1
+        if take_leases:
+            leases.append(registry.acquire(worker))
+    return per_worker, registry, leases
+
+
+def test_seed_contract_shared_prefix_burst_spreads_when_leases_are_held() -> None:
+    per_worker, registry, leases = route_shared_prefix_burst(take_leases=True)
+    assert set(per_worker) == {w.url for w in registry}
+    assert min(per_worker.values()) >= 30
+    assert max(per_worker.values()) / REQUESTS < 0.35
+    loads = [w.load for w in registry]
+    assert sum(loads) == REQUESTS
+    assert max(loads) - min(loads) <= 64 + 1  # the default absolute threshold holds the spread
+    for lease in leases:
+        lease.release()
+    assert [w.load for w in registry] == [0] * WORKERS
+    assert registry.total_load() == 0
+    assert [w.processed for w in registry] == [per_worker[w.url] for w in registry]
+
+
+def test_seed_contract_collapses_onto_one_worker_without_leases() -> None:
+    # The bug this project exists to prevent: a path that routes but never takes load.
+    per_worker, registry, leases = route_shared_prefix_burst(take_leases=False)
+    assert leases == []
+    assert len(per_worker) == 1
+    assert next(iter(per_worker.values())) == REQUESTS
+    assert registry.total_load() == 0
+
+
+# -- load-only policies --------------------------------------------------------------------
+
+
+def test_round_robin_cycles() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = RoundRobinPolicy()
+    picks = [policy.select(request(), registry.workers) for _ in range(7)]
+    assert picks == [a, b, c, a, b, c, a]
+
+
+def test_round_robin_ignores_load_and_adapts_to_fewer_candidates() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    hold(registry, a, 50)
+    policy = RoundRobinPolicy()
+    assert policy.select(request(), registry.workers) is a
+    picks = [policy.select(request(), [b, c]) for _ in range(4)]
+    assert picks in ([b, c, b, c], [c, b, c, b])
+
+
+def test_random_is_reproducible_with_seed_and_spreads() -> None:
+    registry = fleet(4)
+    first = RandomPolicy(seed=42)
+    second = RandomPolicy(seed=42)
+    run1 = [first.select(request(), registry.workers).url for _ in range(200)]
+    run2 = [second.select(request(), registry.workers).url for _ in range(200)]
+    assert run1 == run2
+    counts = Counter(run1)
+    assert len(counts) == 4
+    assert max(counts.values()) < 100
+    other = RandomPolicy(seed=43)
+    assert [other.select(request(), registry.workers).url for _ in range(200)] != run1
+
+
+def test_power_of_two_with_two_candidates_picks_the_less_loaded() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    hold(registry, a, 3)
+    hold(registry, b, 1)
+    policy = PowerOfTwoPolicy(seed=0)
+    assert {policy.select(request(), [a, b]).url for _ in range(50)} == {b.url}
+    assert {policy.select(request(), [b, a]).url for _ in range(50)} == {b.url}
+
+
+def test_power_of_two_never_picks_the_most_loaded_of_three() -> None:
+    registry = fleet(3)
+    idle, busy, busiest = registry.workers
+    hold(registry, busy, 1)
+    hold(registry, busiest, 2)
+    policy = PowerOfTwoPolicy(seed=1)
+    picks = Counter(policy.select(request(), registry.workers).url for _ in range(300))
+    # Any pair containing ``busiest`` has a less loaded member; the pair (busy, busiest)
+    # yields ``busy``, so both lighter workers are chosen.
+    assert set(picks) == {idle.url, busy.url}
+    assert picks[idle.url] > picks[busy.url]
+
+
+def test_power_of_two_breaks_load_ties_by_processed() -> None:
+    registry = fleet(2)
+    a, b = registry.workers
+    for lease in hold(registry, a, 4):
+        lease.release()
+    policy = PowerOfTwoPolicy(seed=0)
+    assert {policy.select(request(), registry.workers).url for _ in range(20)} == {b.url}
+
+
+def test_power_of_two_with_one_candidate() -> None:
+    registry = fleet(1)
+    hold(registry, registry.workers[0], 9)
+    assert PowerOfTwoPolicy().select(request(), registry.workers) is registry.workers[0]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        RoundRobinPolicy(),
+        RandomPolicy(seed=0),
+        PowerOfTwoPolicy(seed=0),
+        CacheAwarePolicy(seed=0),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+def test_every_policy_raises_on_empty_candidates(policy: Policy) -> None:
+    with pytest.raises(NoAvailableWorker) as caught:
+        policy.select(request("some prompt"), [])
+    assert caught.value.status == 503
+
+
+def test_cache_aware_empty_candidates_records_nothing() -> None:
+    policy = CacheAwarePolicy()
+    with pytest.raises(NoAvailableWorker):
+        policy.select(request("some prompt"), [])
+    assert policy.tree_size == 0
+    assert sum(policy.decisions.values()) == 0
+
+
+# -- the protocol --------------------------------------------------------------------------
+
+
+class LeastProcessedPolicy:
+    """Send each request to the worker that has served the fewest so far."""
+
+    def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker:
+        if not candidates:
+            raise NoAvailableWorker("no worker available")
+        return min(candidates, key=lambda worker: worker.processed)
+
+
+def test_custom_policy_satisfies_the_protocol() -> None:
+    policy = LeastProcessedPolicy()
+    assert isinstance(policy, Policy)
+    assert not isinstance(policy, BindsRegistry)
+    registry = fleet(3)
+    picks = []
+    for _ in range(6):
+        worker = policy.select(request(), registry.workers)
+        registry.acquire(worker).release()
+        picks.append(worker.url)
+    assert Counter(picks) == {w.url: 2 for w in registry}
+
+
+def test_builtin_policies_satisfy_the_protocol_and_others_do_not() -> None:
+    for policy in (RoundRobinPolicy(), RandomPolicy(), PowerOfTwoPolicy(), CacheAwarePolicy()):
+        assert isinstance(policy, Policy)
+    assert isinstance(CacheAwarePolicy(), BindsRegistry)
+    assert not isinstance(RoundRobinPolicy(), BindsRegistry)
+    assert not isinstance(object(), Policy)
+
+    class Chooser:
+        def choose(self, candidates: Sequence[Worker]) -> Worker:
+            return candidates[0]
+
+    assert not isinstance(Chooser(), Policy)
