@@ -20,7 +20,8 @@ __all__ = ["Gate", "Lease", "Worker", "WorkerRegistry", "normalize_url"]
 def normalize_url(url: str) -> str:
     """Validate a worker base URL and return it without a trailing slash.
 
-    Workers are addressed as ``http(s)://host[:port][/base-path]``; query strings,
+    Workers are addressed as ``http(s)://host[:port][/base-path]``; scheme and host are
+    lower-cased (the path keeps its case). Query strings,
     fragments and credentials in the URL are rejected because they would be silently
     mangled when request paths are appended.
     """
@@ -45,7 +46,8 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"worker URL {url!r} must not carry a query, fragment or credentials")
     if port == 0:
         raise ValueError(f"worker URL {url!r} has port 0")
-    return text
+    # Scheme and host are case-insensitive: one engine must not register twice.
+    return f"{parts.scheme}://{parts.netloc.lower()}{parts.path}"
 
 
 class Gate(Protocol):
