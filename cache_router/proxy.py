@@ -243,9 +243,10 @@ class Upstream:
         exchange.may_retry = may_retry
         exchange.events = events
         try:
+            client = self.client()
             async with anyio.create_task_group() as group:
                 group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
-                await self._exchange(exchange)
+                await self._exchange(exchange, client)
                 group.cancel_scope.cancel()
         finally:
             lease.release()
@@ -254,14 +255,13 @@ class Upstream:
             raise exchange.failure
         return exchange.result
 
-    async def _exchange(self, exchange: _Exchange) -> None:
+    async def _exchange(self, exchange: _Exchange, client: httpx.AsyncClient) -> None:
         lease = exchange.lease
         worker = lease.worker
         send = exchange.send
         events = exchange.events
         result = exchange.result
         with anyio.move_on_after(self._total_timeout) as deadline:
-            client = self.client()
             # Built directly, not with client.build_request: that would merge httpx's default
             # headers (accept-encoding: gzip among them) into what the client asked for.
             request = httpx.Request(

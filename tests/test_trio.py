@@ -1,0 +1,58 @@
+"""The middleware on trio: anyio primitives throughout, httpx's own transport underneath."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+import respx
+from starlette.applications import Starlette
+
+from cache_router import CacheRouterMiddleware, WorkerRegistry
+
+ENGINE = "http://engine.test:30000"
+
+
+@pytest.mark.parametrize(("backend", "transport"), [("trio", "auto"), ("asyncio", "httpx")])
+def test_routes_and_releases_on_each_backend(backend: str, transport: str) -> None:
+    # respx mocks httpx's own transport; "auto" on trio must pick it by itself.
+    registry = WorkerRegistry([ENGINE])
+    router = CacheRouterMiddleware(Starlette(), registry, transport=transport)  # type: ignore[arg-type]
+    seen_loads: list[int] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        seen_loads.append(registry.workers[0].load)
+        return httpx.Response(200, json={"ok": True, "body": request.content.decode()})
+
+    async def main() -> tuple[int, dict[str, object], str]:
+        with respx.mock(assert_all_mocked=True) as mock:
+            mock.post(f"{ENGINE}/v1/completions").mock(side_effect=engine)
+            asgi = httpx.ASGITransport(app=router)
+            async with httpx.AsyncClient(transport=asgi, base_url="http://router") as client:
+                response = await client.post("/v1/completions", json={"prompt": "hello"})
+            name = router.upstream.transport_name
+            await router.aclose()
+        return response.status_code, response.json(), name
+
+    status, body, transport_name = anyio.run(main, backend=backend)
+    assert status == 200
+    assert body == {"ok": True, "body": '{"prompt":"hello"}'}
+    # The load was counted while the engine worked, and given back afterwards.
+    assert seen_loads == [1]
+    assert registry.workers[0].load == 0
+    if backend == "trio":
+        assert transport_name == "httpx"
+
+
+def test_aiohttp_transport_refused_on_trio() -> None:
+    registry = WorkerRegistry([ENGINE])
+    router = CacheRouterMiddleware(Starlette(), registry, transport="aiohttp")
+
+    async def main() -> int:
+        transport = httpx.ASGITransport(app=router)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            with pytest.raises(RuntimeError, match="only on asyncio"):
+                await client.post("/v1/completions", json={"prompt": "x"})
+        return registry.workers[0].load
+
+    assert anyio.run(main, backend="trio") == 0
