@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -25,6 +25,7 @@ import anyio
 import httpx
 
 from cache_router.admission import Admission
+from cache_router.auth import bearer_matches
 from cache_router.errors import NoAvailableWorker, RouterError, UnknownModel
 from cache_router.events import EventFanout, RouterEvents
 from cache_router.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
@@ -156,6 +157,8 @@ class CacheRouterMiddleware:
             lifetime of the app's lifespan.
         admin: an ASGI app (e.g. ``AdminApp``) served under ``admin_prefix``; it sees the
             prefix in ``root_path``, as under Starlette's ``Mount``.
+        api_key: when set, routed requests must carry it (``Authorization: Bearer`` or
+            ``x-api-key``; compared in constant time) or get 401; it is not forwarded.
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class CacheRouterMiddleware:
         background: Iterable[BackgroundTask] = (),
         admin: ASGIApp | None = None,
         admin_prefix: str = "/router",
+        api_key: str | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -218,10 +222,14 @@ class CacheRouterMiddleware:
             name.lower().encode("latin-1"): value.encode("latin-1")
             for name, value in (upstream_headers or {}).items()
         }
+        self.api_key = api_key
+        # The router's own client key is the router's business: never forward it to engines.
+        key_headers = {b"authorization", b"x-api-key"} if api_key is not None else set()
         self._request_drop = (
             REQUEST_DROP
             | {name.lower().encode("latin-1") for name in drop_request_headers}
             | self._overrides.keys()
+            | key_headers
         )
 
     def route_for(self, path: str) -> _Route | None:
@@ -257,24 +265,46 @@ class CacheRouterMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app's lifespan with the background tasks alongside it.
 
-        Health checks live exactly as long as the app: started with the lifespan, cancelled
-        when it ends. The upstream pool closes on ``lifespan.shutdown``.
+        Health checks live exactly as long as the app: started with the lifespan, stopped
+        when it ends. On ``lifespan.shutdown`` they are cancelled and awaited *before* the
+        app acknowledges it, then the upstream pool closes: a server ends its event loop
+        once shutdown is acknowledged and would cancel, with an error logged, whatever
+        still runs.
         """
         if not self.background:
             await self.app(scope, self._closing_on_shutdown(receive), send)
             return
-        async with anyio.create_task_group() as group:
-            for task in self.background:
-                group.start_soon(task.run)
-            try:
-                await self.app(scope, self._closing_on_shutdown(receive), send)
-            finally:
-                group.cancel_scope.cancel()
+        background = anyio.CancelScope()
+        stopped = anyio.Event()
 
-    def _closing_on_shutdown(self, receive: Receive) -> Receive:
+        async def run_background() -> None:
+            try:
+                with background:
+                    async with anyio.create_task_group() as tasks:
+                        for task in self.background:
+                            tasks.start_soon(task.run)
+            finally:
+                stopped.set()
+
+        async def stop_background() -> None:
+            background.cancel()
+            await stopped.wait()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run_background)
+            try:
+                await self.app(scope, self._closing_on_shutdown(receive, stop_background), send)
+            finally:
+                background.cancel()
+
+    def _closing_on_shutdown(
+        self, receive: Receive, before: Callable[[], Awaitable[None]] | None = None
+    ) -> Receive:
         async def receive_and_close() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
+                if before is not None:
+                    await before()
                 await self.aclose()
             return message
 
@@ -391,6 +421,14 @@ class CacheRouterMiddleware:
     async def _validate(
         self, route: _Route, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]
     ) -> bytes:
+        if self.api_key is not None and not bearer_matches(headers, self.api_key):
+            raise _Rejected(
+                401,
+                "invalid or missing API key",
+                "authentication_error",
+                "invalid_api_key",
+                headers=((b"www-authenticate", b"Bearer"),),
+            )
         method: str = scope["method"]
         if method not in route.methods:
             raise _Rejected(

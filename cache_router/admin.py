@@ -1,0 +1,405 @@
+"""The admin API: list, add and gracefully remove workers while the router serves.
+
+``AdminApp`` is an ASGI app meant to live under a prefix of the router (``/router`` by
+convention). Its routes, relative to that prefix:
+
+=================================  ===================================================
+``GET /workers``                   every worker: url, model, healthy, draining, circuit,
+                                   load, processed (a JSON array)
+``GET /workers/{url}``             one worker (``url`` percent-encoded); 404 if unknown
+``POST /workers``                  ``{"url", "model"?, "wait_healthy_secs"?}``; 201
+``DELETE /workers/{url}``          drain, then remove; ``?timeout=`` seconds overrides
+                                   ``drain_timeout``; 200 with the removed worker
+``POST /add_worker?url=&model=``   SGLang router alias of ``POST /workers`` (200)
+``POST /remove_worker?url=``       SGLang router alias of ``DELETE /workers/{url}``
+``GET /list_workers``              SGLang router alias: ``{"urls": [...]}``
+``GET /metrics``                   Prometheus text format, when ``metrics`` is given
+=================================  ===================================================
+
+Removal drains: the worker is marked ``draining`` at once, so it stops being a candidate,
+and the answer waits until its in-flight requests have finished (their streams complete
+untouched) or the timeout passes; then it leaves the registry, which purges its prefix-tree
+entries through the policy's binding. The wait sleeps on the registry's release
+notifications, never polls. A drain goes on if the admin client disconnects.
+
+Adding can wait for the worker to come up: with ``wait_healthy_secs`` the worker is polled
+with ``GET {url}{startup_health_path}`` until it answers 200, and is registered only then
+(503 if it never does). Note that the admin API makes the router send that request to any
+URL it is given: protect the API with ``api_key`` wherever its clients are not trusted.
+
+Every error is an OpenAI-shaped JSON body; with ``api_key`` set, every route (including
+unknown paths and ``/metrics``) answers 401 unless the request carries the key (see
+:mod:`cache_router.auth`).
+
+Mounting contract: routes are matched on ``scope["path"]`` with ``scope["root_path"]``
+stripped from its front, the ASGI convention Starlette's ``Mount("/router", app=admin)``
+follows. A caller dispatching by hand passes the scope with ``root_path`` extended by the
+prefix and ``path`` left whole; a ``path`` already stripped of the prefix works too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cache_router.auth import bearer_matches
+from cache_router.errors import error_body
+from cache_router.metrics import circuit_state
+from cache_router.proxy import send_json_error
+from cache_router.registry import Lease, Worker, WorkerRegistry, normalize_url
+from cache_router.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from cache_router.metrics import PrometheusMetrics
+
+__all__ = ["MAX_ADMIN_BODY", "AdminApp", "AdminError", "worker_info"]
+
+#: Largest admin request body accepted; the API takes a few small JSON fields.
+MAX_ADMIN_BODY = 64 * 1024
+#: Longest single health request while waiting for a new worker.
+_HEALTH_REQUEST_TIMEOUT = 5.0
+_ADD_FIELDS = frozenset({"url", "model", "wait_healthy_secs"})
+# A proxy in front of the router may merge "//" in "/workers/http://host"; put it back.
+_MERGED_SCHEME = re.compile(r"^(https?):/(?!/)")
+
+
+class AdminError(Exception):
+    """An admin request refused with ``status`` and an OpenAI-shaped body."""
+
+    def __init__(self, status: int, message: str, error_type: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+
+
+def worker_info(worker: Worker) -> dict[str, Any]:
+    """The admin API's JSON view of ``worker``.
+
+    ``circuit`` is the circuit breaker's state (``closed``, ``open``, ``half_open``), or
+    null when the worker has no breaker.
+    """
+    return {
+        "url": worker.url,
+        "model": worker.model,
+        "healthy": worker.healthy,
+        "draining": worker.draining,
+        "circuit": circuit_state(worker),
+        "load": worker.load,
+        "processed": worker.processed,
+    }
+
+
+class _Drain:
+    """Waiters for one worker's load to reach zero; set by the release listener."""
+
+    __slots__ = ("done", "waiters")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.waiters = 0
+
+
+class AdminApp:
+    """Worker management (and metrics) for ``registry``; see the module docstring.
+
+    Parameters:
+        registry: the fleet the router routes over.
+        api_key: when set, required on every request (``Authorization: Bearer`` or
+            ``x-api-key``); None leaves the API open, for loopback-only deployments.
+        metrics: served at ``GET /metrics`` when given.
+        startup_health_path: path polled on a new worker when the add asks to wait.
+        drain_timeout: default bound, in seconds, on waiting for a removed worker's
+            in-flight requests; the worker is removed when it passes even if some remain.
+    """
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        *,
+        api_key: str | None = None,
+        metrics: PrometheusMetrics | None = None,
+        startup_health_path: str = "/health",
+        drain_timeout: float = 300.0,
+    ) -> None:
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must not be empty; pass None to leave the API open")
+        if not startup_health_path.startswith("/"):
+            raise ValueError("startup_health_path must start with '/'")
+        if not 0 <= drain_timeout < math.inf:
+            raise ValueError("drain_timeout must be a finite number of seconds >= 0")
+        self.registry = registry
+        self.metrics = metrics
+        self.startup_health_path = startup_health_path
+        self.drain_timeout = drain_timeout
+        self._api_key = api_key
+        self._adding: set[str] = set()
+        self._drains: dict[Worker, _Drain] = {}
+        registry.on_release(self._lease_released)
+        routes = [
+            # One route per path, so that a wrong method gets a 405 naming all allowed ones.
+            Route("/workers", self._workers, methods=["GET", "POST"]),
+            Route("/workers/{url:path}", self._worker, methods=["GET", "DELETE"]),
+            Route("/add_worker", self._add_query, methods=["POST"]),
+            Route("/remove_worker", self._remove_query, methods=["POST"]),
+            Route("/list_workers", self._list_urls, methods=["GET"]),
+        ]
+        if metrics is not None:
+            routes.append(Route("/metrics", self._metrics, methods=["GET"]))
+        self._app = Starlette(
+            routes=routes,
+            exception_handlers={
+                AdminError: _admin_error,
+                HTTPException: _http_error,
+                Exception: _server_error,
+            },
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self._api_key is not None
+            and not bearer_matches(scope["headers"], self._api_key)
+        ):
+            await send_json_error(
+                send,
+                401,
+                "the admin API needs a valid API key (Authorization: Bearer <key>)",
+                "authentication_error",
+                "invalid_api_key",
+                headers=((b"www-authenticate", b"Bearer"),),
+            )
+            return
+        await self._app(scope, receive, send)
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def _workers(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self._add_json(request)
+        return JSONResponse([worker_info(worker) for worker in self.registry])
+
+    async def _worker(self, request: Request) -> Response:
+        worker = self._known(request.path_params["url"])
+        if request.method == "DELETE":
+            return await self._remove(worker, request)
+        return JSONResponse(worker_info(worker))
+
+    async def _list_urls(self, request: Request) -> Response:
+        return JSONResponse({"urls": [worker.url for worker in self.registry]})
+
+    async def _add_json(self, request: Request) -> Response:
+        payload = await _json_object(request)
+        unknown = payload.keys() - _ADD_FIELDS
+        if unknown:
+            raise _bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
+        worker = await self.add(
+            payload.get("url"), payload.get("model"), payload.get("wait_healthy_secs")
+        )
+        return JSONResponse(worker_info(worker), status_code=201)
+
+    async def _add_query(self, request: Request) -> Response:
+        query = request.query_params
+        wait = query.get("wait_healthy_secs")
+        worker = await self.add(query.get("url"), query.get("model"), wait)
+        return JSONResponse(worker_info(worker))
+
+    async def _remove_query(self, request: Request) -> Response:
+        url = request.query_params.get("url")
+        if url is None:
+            raise _bad_request("the url query parameter is required", "missing_url")
+        return await self._remove(self._known(url), request)
+
+    async def _remove(self, worker: Worker, request: Request) -> Response:
+        raw = request.query_params.get("timeout")
+        timeout = self.drain_timeout if raw is None else _seconds(raw, "timeout")
+        drained = await self.drain(worker, timeout)
+        return JSONResponse({**worker_info(worker), "drained": drained})
+
+    async def _metrics(self, request: Request) -> Response:
+        assert self.metrics is not None
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def add(
+        self, url: object, model: object = None, wait_healthy_secs: object = None
+    ) -> Worker:
+        """Validate and register a worker, first waiting for it to be healthy if asked.
+
+        Raises :class:`AdminError`: 400 for a malformed URL or field, 409 if the URL is
+        registered (or being added), 503 if the worker is not healthy in time.
+        """
+        if not isinstance(url, str):
+            raise _bad_request("url must be a string", "invalid_url")
+        try:
+            url = normalize_url(url)
+        except ValueError as exc:
+            raise _bad_request(str(exc), "invalid_url") from None
+        if model is not None and (not isinstance(model, str) or not model):
+            raise _bad_request("model must be a non-empty string", "invalid_model")
+        wait = 0.0
+        if wait_healthy_secs is not None:
+            wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
+        self._check_free(url)
+        if wait > 0:
+            self._adding.add(url)
+            try:
+                failure = await self._wait_healthy(url, wait)
+            finally:
+                self._adding.discard(url)
+            if failure is not None:
+                raise AdminError(
+                    503,
+                    f"worker {url} was not healthy within {wait:g} s ({failure})",
+                    "service_unavailable",
+                    "worker_unhealthy",
+                )
+            self._check_free(url)
+        return self.registry.add(url, model)
+
+    async def drain(self, worker: Worker, timeout: float) -> bool:
+        """Stop new requests to ``worker``, wait up to ``timeout`` seconds for its load to
+        reach 0, then remove it. Returns whether it drained fully.
+
+        Concurrent drains of one worker share the wait. If every waiter is cancelled before
+        the removal, the worker is put back into service.
+        """
+        worker.draining = True
+        if worker.load:
+            drain = self._drains.get(worker)
+            if drain is None:
+                drain = self._drains[worker] = _Drain()
+            drain.waiters += 1
+            waited = False
+            try:
+                with anyio.move_on_after(timeout):
+                    await drain.done.wait()
+                waited = True
+            finally:
+                drain.waiters -= 1
+                if not drain.waiters:
+                    del self._drains[worker]
+                    if not waited and self.registry.get(worker.url) is worker:
+                        worker.draining = False
+        if self.registry.get(worker.url) is worker:
+            self.registry.remove(worker.url)
+        return worker.load == 0
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _lease_released(self, lease: Lease) -> None:
+        # On the request path: one truth test while no drain runs.
+        if self._drains and not lease.worker.load:
+            drain = self._drains.get(lease.worker)
+            if drain is not None:
+                drain.done.set()
+
+    def _known(self, url: str) -> Worker:
+        worker = self.registry.get(_MERGED_SCHEME.sub(r"\1://", url))
+        if worker is None:
+            raise AdminError(
+                404, f"no worker registered at {url!r}", "not_found_error", "worker_not_found"
+            )
+        return worker
+
+    def _check_free(self, url: str) -> None:
+        if url in self._adding or self.registry.get(url) is not None:
+            message = f"worker {url} is already registered"
+            raise AdminError(409, message, "invalid_request_error", "worker_exists")
+
+    async def _wait_healthy(self, url: str, seconds: float) -> str | None:
+        """Poll the health path until it answers 200: None then, else the last failure."""
+        failure = "no answer"
+        delay = 0.05
+        target = url + self.startup_health_path
+        with anyio.move_on_after(seconds):
+            async with httpx.AsyncClient(trust_env=False) as client:
+                while True:
+                    try:
+                        response = await client.get(target, timeout=_HEALTH_REQUEST_TIMEOUT)
+                    except httpx.HTTPError as exc:
+                        failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                    else:
+                        if response.status_code == 200:
+                            return None
+                        failure = f"status {response.status_code}"
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        return failure
+
+
+def _seconds(value: object, name: str) -> float:
+    """A finite, non-negative number of seconds from JSON or a query string; else 400."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise _bad_request(f"{name} must be a finite number of seconds >= 0", "invalid_seconds")
+    return float(value)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_ADMIN_BODY:
+            raise AdminError(
+                413,
+                f"admin request body exceeds {MAX_ADMIN_BODY} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        raise _bad_request("the body must be a JSON object", "invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise _bad_request("the body must be a JSON object", "invalid_json")
+    return parsed
+
+
+def _bad_request(message: str, code: str) -> AdminError:
+    return AdminError(400, message, "invalid_request_error", code)
+
+
+def _json_error(status: int, message: str, error_type: str, code: str) -> Response:
+    body = error_body(message, error_type, code)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def _admin_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AdminError)
+    return _json_error(exc.status, exc.message, exc.error_type, exc.code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no such route) and 405 (wrong method), as JSON."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        response = _json_error(
+            404, f"no admin route {request.url.path}", "not_found_error", "not_found"
+        )
+    else:
+        kind = "method_not_allowed" if exc.status_code == 405 else "http_error"
+        response = _json_error(exc.status_code, exc.detail, "invalid_request_error", kind)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _json_error(500, "internal error in the admin API", "server_error", "internal_error")

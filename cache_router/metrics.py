@@ -1,0 +1,266 @@
+"""Prometheus metrics for a router: request-path counters and live fleet state.
+
+Two kinds of figures, collected two ways so that the request path pays for as little as
+possible:
+
+* what happened (requests, retries, upstream failures, durations) is counted by the
+  :class:`~cache_router.events.RouterEvents` hooks, which the middleware calls per request;
+  each hook is a dictionary lookup and one prometheus-client increment or observation,
+  because label children are created once and cached;
+* what *is* (each worker's load, health and circuit state, the policy's decisions and tree
+  size) is read from the registry and the policy when Prometheus scrapes, by a custom
+  collector: nothing per request, and the numbers cannot drift from the state they report.
+
+Every :class:`PrometheusMetrics` owns its own ``CollectorRegistry`` instead of using
+prometheus-client's global one, so several routers in one process (and tests) never clash.
+Serve :meth:`PrometheusMetrics.render` from the admin API (``GET /router/metrics``) or any
+route of your own.
+
+prometheus-client is an optional dependency (``pip install 'cache_router[metrics]'``); it is
+imported when a :class:`PrometheusMetrics` is created.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from cache_router.events import RouterEvents
+from cache_router.registry import Worker, WorkerRegistry
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.metrics_core import Metric
+
+__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "PrometheusMetrics", "circuit_state"]
+
+#: Histogram buckets in seconds, 1 ms to 240 s, as SGLang's router uses for its durations:
+#: fine enough for a cached short completion, long enough for a long generation.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0,
+)  # fmt: skip
+
+#: ``worker_circuit_state`` values by circuit-breaker state.
+CIRCUIT_STATES: Mapping[str, int] = {"closed": 0, "open": 1, "half_open": 2}
+
+_PREFIX = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+        import prometheus_client.metrics_core
+    except ImportError as exc:
+        raise ImportError(
+            "cache_router.metrics needs prometheus-client: "
+            "pip install 'cache_router[metrics]' (or pip install prometheus-client)"
+        ) from exc
+    return prometheus_client
+
+
+def _failure_kind(*, timeout: bool, connect: bool) -> str:
+    if connect:
+        return "connect"
+    if timeout:
+        return "timeout"
+    return "error"
+
+
+class PrometheusMetrics(RouterEvents):
+    """Router metrics in Prometheus form; pass it to the middleware's ``events``.
+
+    Series (``prefix`` defaults to ``cache_router``):
+
+    =============================================  =========  ===============================
+    ``<prefix>_requests_total{route,status}``      counter    routed requests by client status
+                                                              (0: the client left first)
+    ``<prefix>_request_duration_seconds{route}``   histogram  whole exchange, body included
+    ``<prefix>_time_to_first_byte_seconds{route}`` histogram  until the response started
+    ``<prefix>_retries_total{worker}``             counter    failed attempts retried elsewhere
+    ``<prefix>_upstream_failures_total``           counter    ``kind``: connect, timeout, error
+    ``{worker,kind}``
+    ``<prefix>_worker_load{worker}``               gauge      requests in flight now
+    ``<prefix>_worker_processed_total{worker}``    counter    requests ever dispatched
+    ``<prefix>_worker_healthy{worker}``            gauge      1 healthy, 0 not
+    ``<prefix>_worker_draining{worker}``           gauge      1 while being removed
+    ``<prefix>_worker_circuit_state{worker}``      gauge      0 closed, 1 open, 2 half-open
+    ``<prefix>_policy_decisions_total{decision}``  counter    ``cache_hit``/``cache_miss``/
+                                                              ``balanced`` (cache-aware policy)
+    ``<prefix>_tree_size_chars``                   gauge      characters in the prefix trees
+    =============================================  =========  ===============================
+
+    The worker-labelled request-path series of a worker are dropped when it leaves the
+    registry, so a fleet that scales up and down does not grow the scrape forever.
+    ``render`` reads live state without locks: call it on the router's event loop (the
+    admin API does).
+    """
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        policy: object | None = None,
+        *,
+        prefix: str = "cache_router",
+    ) -> None:
+        prometheus = _prometheus()
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"metric prefix {prefix!r} is not a valid Prometheus name")
+        self.registry = registry
+        self.policy = policy
+        self.prefix = prefix
+        self._exposition = prometheus.generate_latest
+        self.content_type: str = prometheus.CONTENT_TYPE_LATEST
+        #: This instance's own registry; register further collectors here if you like.
+        self.collector_registry: CollectorRegistry = prometheus.CollectorRegistry()
+        own = {"namespace": prefix, "registry": self.collector_registry}
+        self._requests: Counter = prometheus.Counter(
+            "requests", "Routed requests by route and the status the client got.",
+            ["route", "status"], **own,
+        )  # fmt: skip
+        self._duration: Histogram = prometheus.Histogram(
+            "request_duration_seconds", "Time from request to the end of the response body.",
+            ["route"], buckets=DURATION_BUCKETS, **own,
+        )  # fmt: skip
+        self._first_byte: Histogram = prometheus.Histogram(
+            "time_to_first_byte_seconds", "Time from request to the start of the response.",
+            ["route"], buckets=DURATION_BUCKETS, **own,
+        )  # fmt: skip
+        self._retries: Counter = prometheus.Counter(
+            "retries", "Attempts that failed before any byte and were retried elsewhere.",
+            ["worker"], **own,
+        )  # fmt: skip
+        self._failures: Counter = prometheus.Counter(
+            "upstream_failures", "Exchanges with no usable answer from the engine.",
+            ["worker", "kind"], **own,
+        )  # fmt: skip
+        # Label children cached per label values: the hooks run once per request.
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+        self._first_byte_children: dict[str, Any] = {}
+        self._retry_children: dict[str, Any] = {}
+        self._failure_children: dict[tuple[str, str], Any] = {}
+        self.collector_registry.register(_LiveState(self, prometheus))
+        registry.on_remove(self._forget_worker)
+
+    def render(self) -> tuple[bytes, str]:
+        """The scrape body in Prometheus text format, and its content type."""
+        body: bytes = self._exposition(self.collector_registry)
+        return body, self.content_type
+
+    # -- request-path hooks -------------------------------------------------------------
+
+    def request_finished(
+        self, route: str, status: int, seconds: float, first_byte: float | None
+    ) -> None:
+        counter = self._request_children.get((route, status))
+        if counter is None:
+            counter = self._request_children[route, status] = self._requests.labels(
+                route, str(status)
+            )
+        counter.inc()
+        duration = self._duration_children.get(route)
+        if duration is None:
+            duration = self._duration_children[route] = self._duration.labels(route)
+        duration.observe(seconds)
+        if first_byte is not None:
+            ttfb = self._first_byte_children.get(route)
+            if ttfb is None:
+                ttfb = self._first_byte_children[route] = self._first_byte.labels(route)
+            ttfb.observe(first_byte)
+
+    def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
+        counter = self._retry_children.get(worker.url)
+        if counter is None:
+            counter = self._retry_children[worker.url] = self._retries.labels(worker.url)
+        counter.inc()
+
+    def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
+        key = (worker.url, _failure_kind(timeout=timeout, connect=connect))
+        counter = self._failure_children.get(key)
+        if counter is None:
+            counter = self._failure_children[key] = self._failures.labels(*key)
+        counter.inc()
+
+    def _forget_worker(self, worker: Worker) -> None:
+        if self._retry_children.pop(worker.url, None) is not None:
+            self._retries.remove(worker.url)
+        for key in [key for key in self._failure_children if key[0] == worker.url]:
+            del self._failure_children[key]
+            self._failures.remove(*key)
+
+
+class _LiveState:
+    """Scrape-time collector: reads the registry and the policy as they are right now."""
+
+    def __init__(self, owner: PrometheusMetrics, prometheus: Any) -> None:
+        self._owner = owner
+        self._gauge = prometheus.metrics_core.GaugeMetricFamily
+        self._counter = prometheus.metrics_core.CounterMetricFamily
+
+    def collect(self) -> Iterator[Metric]:
+        owner = self._owner
+        prefix = owner.prefix
+        workers = owner.registry.workers
+        labels = ["worker"]
+        load = self._gauge(
+            f"{prefix}_worker_load", "Requests in flight on the worker.", labels=labels
+        )
+        processed = self._counter(
+            f"{prefix}_worker_processed", "Requests ever dispatched to the worker.", labels=labels
+        )
+        healthy = self._gauge(
+            f"{prefix}_worker_healthy", "1 if the worker passes health checks.", labels=labels
+        )
+        draining = self._gauge(
+            f"{prefix}_worker_draining", "1 while the worker is drained for removal.", labels=labels
+        )
+        circuit = self._gauge(
+            f"{prefix}_worker_circuit_state",
+            "Circuit breaker state: 0 closed (or no breaker), 1 open, 2 half-open.",
+            labels=labels,
+        )
+        for worker in workers:
+            url = [worker.url]
+            load.add_metric(url, worker.load)
+            processed.add_metric(url, worker.processed)
+            healthy.add_metric(url, 1 if worker.healthy else 0)
+            draining.add_metric(url, 1 if worker.draining else 0)
+            # No breaker means traffic flows: closed. An unknown state is left out.
+            code = 0 if worker.breaker is None else CIRCUIT_STATES.get(circuit_state(worker) or "")
+            if code is not None:
+                circuit.add_metric(url, code)
+        yield from (load, processed, healthy, draining, circuit)
+        decisions = getattr(owner.policy, "decisions", None)
+        if isinstance(decisions, Mapping):
+            family = self._counter(
+                f"{prefix}_policy_decisions",
+                "How the policy chose workers (cache_hit, cache_miss, balanced).",
+                labels=["decision"],
+            )
+            for decision, count in decisions.items():
+                family.add_metric([str(decision)], count)
+            yield family
+        tree_size = getattr(owner.policy, "tree_size", None)
+        if isinstance(tree_size, int):
+            yield self._gauge(
+                f"{prefix}_tree_size_chars",
+                "Characters held in the policy's prefix trees.",
+                value=tree_size,
+            )
+
+
+def circuit_state(worker: Worker) -> str | None:
+    """The state name of ``worker``'s circuit breaker, or None when it has none.
+
+    Read from the breaker's ``state`` attribute (``closed``, ``open``, ``half_open`` for
+    :class:`cache_router.health.CircuitBreaker`); ``allows_request`` is never called, since
+    asking a half-open breaker may use up its trial request.
+    """
+    breaker = worker.breaker
+    if breaker is None:
+        return None
+    state = getattr(breaker, "state", None)
+    state = getattr(state, "value", state)  # an Enum of names
+    return state if isinstance(state, str) else None
