@@ -1,0 +1,413 @@
+"""Worker health: active ``GET /health`` checks and passive per-worker circuit breakers.
+
+Two views of the same question -- should this worker get new requests? -- that fail in
+different ways, so a router wants both:
+
+* :class:`HealthChecker` asks every worker ``GET {url}/health`` on a fixed interval and
+  flips ``Worker.healthy`` after a run of consecutive failures or successes. It notices a
+  dead worker even when no traffic goes there, and brings it back once it answers again,
+  but it only sees the world once per interval.
+* :class:`CircuitBreaker` (one per worker, attached as ``Worker.breaker`` by
+  :class:`CircuitBreakers`) watches the real requests through the middleware's
+  :class:`~cache_router.events.RouterEvents` hooks and stops traffic within a few failed
+  requests, then lets it back after a cool-down.
+
+Neither touches load: ``Worker.load`` moves only through leases, and an in-flight request
+on a worker that turns unhealthy keeps its lease until its body ends. (SGLang's router once
+reset load counters from its health path; a lease released afterwards drove them negative.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Literal
+
+import anyio
+import anyio.abc
+import httpx
+
+from cache_router.events import RouterEvents
+from cache_router.registry import Worker, WorkerRegistry
+
+__all__ = ["BreakerState", "CircuitBreaker", "CircuitBreakers", "HealthChecker"]
+
+logger = logging.getLogger("cache_router.health")
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class _Streak:
+    """Consecutive check outcomes of one worker, in the direction of the last one."""
+
+    __slots__ = ("failures", "successes")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.successes = 0
+
+
+class HealthChecker:
+    """Active health checks of every worker in ``registry``, all at once, every ``interval``.
+
+    A check is ``GET {worker.url}{path}``; a 2xx answer within ``timeout`` seconds is a
+    success, anything else (another status, a refused connection, a timeout) a failure. A
+    worker is marked unhealthy after ``failure_threshold`` consecutive failures and healthy
+    again after ``success_threshold`` consecutive successes (SGLang's defaults: 3 and 2,
+    every 60 s). Workers start healthy, so a fresh router serves at once.
+
+    Each round checks the workers present at its start, concurrently: a slow worker costs
+    the round at most ``timeout`` and delays nobody else. Workers added later are checked
+    from the next round on; state kept for removed workers is dropped.
+
+    Run it with the app: ``CacheRouterMiddleware(..., background=[checker])`` starts
+    :meth:`run` on lifespan startup and cancels it on shutdown. Standalone,
+    ``async with HealthChecker(registry):`` runs it for the block. :meth:`check_once` does a
+    single round (tests, or a scheduler of your own).
+
+    ``client`` is used as given and never closed here; without one the checker makes its
+    own on first use and closes it when :meth:`run` ends or on :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        *,
+        interval: float = 60.0,
+        timeout: float = 5.0,
+        failure_threshold: int = 3,
+        success_threshold: int = 2,
+        path: str = "/health",
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not interval > 0:
+            raise ValueError("interval must be positive")
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
+        if failure_threshold < 1 or success_threshold < 1:
+            raise ValueError("failure_threshold and success_threshold must be at least 1")
+        if not path.startswith("/") or any(char in path for char in "?#") or ".." in path:
+            raise ValueError(f"health check path {path!r} must be a plain path starting with '/'")
+        self.registry = registry
+        self.interval = interval
+        self.timeout = timeout
+        self.failure_threshold = failure_threshold
+        self.success_threshold = success_threshold
+        self.path = path
+        self._client = client
+        self._owns_client = client is None
+        self._streaks: dict[Worker, _Streak] = {}
+        self._group: anyio.abc.TaskGroup | None = None
+        #: Completed rounds (for tests and metrics).
+        self.rounds = 0
+
+    # -- one round -------------------------------------------------------------------------
+
+    async def check_once(self) -> None:
+        """Check every registered worker once, concurrently, and apply the thresholds."""
+        workers = self.registry.workers
+        if workers:
+            async with anyio.create_task_group() as group:
+                for worker in workers:
+                    group.start_soon(self._check, worker)
+        # Forget workers removed since (including during this round).
+        if len(self._streaks) > len(self.registry):
+            current = set(self.registry)
+            self._streaks = {w: s for w, s in self._streaks.items() if w in current}
+        self.rounds += 1
+
+    async def probe(self, worker: Worker) -> str | None:
+        """Ask ``worker`` once; None if it is healthy, else why not."""
+        client = self._get_client()
+        # The client's own timeouts apply per phase; this bounds the whole exchange, so an
+        # engine trickling its answer out byte by byte still fails in time.
+        with anyio.move_on_after(self.timeout):
+            try:
+                response = await client.get(worker.url + self.path, timeout=self.timeout)
+            except Exception as exc:  # refused, reset, bad answer: all mean "not healthy"
+                return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if 200 <= response.status_code < 300:
+                return None
+            return f"status {response.status_code}"
+        return f"no answer within {self.timeout:g}s"
+
+    async def _check(self, worker: Worker) -> None:
+        self.record(worker, await self.probe(worker))
+
+    def record(self, worker: Worker, failure: str | None) -> None:
+        """Count one check outcome (``failure`` None for a success) and flip health."""
+        streak = self._streaks.get(worker)
+        if streak is None:
+            streak = self._streaks[worker] = _Streak()
+        if failure is None:
+            streak.failures = 0
+            streak.successes += 1
+            if not worker.healthy and streak.successes >= self.success_threshold:
+                worker.healthy = True
+                logger.warning(
+                    "worker %s is healthy again after %d successful health checks",
+                    worker.url,
+                    streak.successes,
+                )
+        else:
+            streak.successes = 0
+            streak.failures += 1
+            if worker.healthy and streak.failures >= self.failure_threshold:
+                worker.healthy = False
+                logger.warning(
+                    "worker %s marked unhealthy after %d failed health checks (last: %s)",
+                    worker.url,
+                    streak.failures,
+                    failure,
+                )
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Check every ``interval`` seconds until cancelled; the first round starts at once.
+
+        ``task_status`` is reported started before the first round, so
+        ``await task_group.start(checker.run)`` does not wait for slow workers.
+        """
+        task_status.started()
+        try:
+            while True:
+                started = anyio.current_time()
+                await self.check_once()
+                # A fixed cadence: a round that took long does not push the next one back.
+                await anyio.sleep(max(0.0, started + self.interval - anyio.current_time()))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this checker made it (a later round makes a new one)."""
+        client = self._client
+        if client is not None and self._owns_client:
+            self._client = None
+            await client.aclose()
+
+    def _get_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout, follow_redirects=False, trust_env=False
+            )
+        return self._client
+
+    async def __aenter__(self) -> HealthChecker:
+        if self._group is not None:
+            raise RuntimeError("this HealthChecker is already running")
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        try:
+            await group.start(self.run)
+        except BaseException as exc:
+            self._group = None
+            group.cancel_scope.cancel()
+            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.cancel_scope.cancel()
+            await group.__aexit__(exc_type, exc, tb)
+
+
+class CircuitBreaker:
+    """A per-worker breaker over consecutive request outcomes; the registry's ``Gate``.
+
+    * ``closed``: requests flow; ``failure_threshold`` consecutive failures open it.
+    * ``open``: :meth:`allows_request` is False for ``cooldown`` seconds.
+    * ``half_open``: after the cool-down, requests flow again -- all of them, as in SGLang's
+      router: the gate is asked while candidates are listed, not when one is dispatched,
+      so it cannot ration probes, and the load-aware policy already keeps a recovering
+      worker to its share. ``success_threshold`` consecutive successes close it; any
+      failure opens it again for another ``cooldown``.
+
+    Outcomes reported while open belong to requests sent before it opened and are ignored.
+    ``clock`` is injectable for tests. Not thread-safe: like the registry, one event loop.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_opened_at",
+        "_state",
+        "consecutive_failures",
+        "consecutive_successes",
+        "cooldown",
+        "failure_threshold",
+        "name",
+        "success_threshold",
+        "times_closed",
+        "times_half_opened",
+        "times_opened",
+    )
+
+    def __init__(
+        self,
+        failure_threshold: int = 5,
+        success_threshold: int = 2,
+        cooldown: float = 30.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+    ) -> None:
+        if failure_threshold < 1 or success_threshold < 1:
+            raise ValueError("failure_threshold and success_threshold must be at least 1")
+        if cooldown < 0:
+            raise ValueError("cooldown must be >= 0")
+        self.failure_threshold = failure_threshold
+        self.success_threshold = success_threshold
+        self.cooldown = cooldown
+        #: Used in log messages (the worker URL when made by :class:`CircuitBreakers`).
+        self.name = name
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._opened_at = 0.0
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        #: Transition counters: to open (from closed or half-open), to half-open, to closed.
+        self.times_opened = 0
+        self.times_half_opened = 0
+        self.times_closed = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state == "open":
+            self._half_open_if_cooled()
+        return self._state
+
+    def allows_request(self) -> bool:
+        """Whether the worker may get a new request now (called on every routing decision)."""
+        if self._state == "closed":
+            return True
+        if self._state == "open":
+            return self._half_open_if_cooled()
+        return True
+
+    def record_success(self) -> None:
+        state = self.state
+        if state == "closed":
+            self.consecutive_failures = 0
+        elif state == "half_open":
+            self.consecutive_successes += 1
+            if self.consecutive_successes >= self.success_threshold:
+                self._state = "closed"
+                self.consecutive_failures = 0
+                self.consecutive_successes = 0
+                self.times_closed += 1
+                logger.warning("circuit breaker %s closed: requests succeed again", self.name)
+
+    def record_failure(self) -> None:
+        state = self.state
+        if state == "closed":
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.failure_threshold:
+                self._open(f"{self.consecutive_failures} consecutive failures")
+        elif state == "half_open":
+            self._open("a failure while half-open")
+
+    def _open(self, reason: str) -> None:
+        self._state = "open"
+        self._opened_at = self._clock()
+        self.consecutive_successes = 0
+        self.times_opened += 1
+        logger.warning(
+            "circuit breaker %s opened after %s; no requests for %gs",
+            self.name,
+            reason,
+            self.cooldown,
+        )
+
+    def _half_open_if_cooled(self) -> bool:
+        if self._clock() - self._opened_at < self.cooldown:
+            return False
+        self._state = "half_open"
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        self.times_half_opened += 1
+        logger.warning("circuit breaker %s half-open: letting requests through", self.name)
+        return True
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self.state!r})"
+
+
+class CircuitBreakers(RouterEvents):
+    """A :class:`CircuitBreaker` on every worker of ``registry``, fed by the request path.
+
+    Pass it to the middleware, ``CacheRouterMiddleware(..., events=[breakers])``. Workers
+    registered later get a breaker as they are added; a removed worker's breaker is
+    forgotten. Failures are what the engine is to blame for: refused connections,
+    timeouts, broken exchanges and 5xx answers. Any answer below 500 is a success: a 4xx
+    is the client's fault, and a 429 is an engine protecting itself, which retries and the
+    load-aware policy handle better than cutting the worker off.
+    """
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        *,
+        failure_threshold: int = 5,
+        success_threshold: int = 2,
+        cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # Validate once, here, rather than on the first worker added.
+        CircuitBreaker(failure_threshold, success_threshold, cooldown, clock=clock)
+        self.failure_threshold = failure_threshold
+        self.success_threshold = success_threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._breakers: dict[Worker, CircuitBreaker] = {}
+        for worker in registry:
+            self._attach(worker)
+        registry.on_add(self._attach)
+        registry.on_remove(self._detach)
+
+    def __getitem__(self, worker: Worker) -> CircuitBreaker:
+        return self._breakers[worker]
+
+    def get(self, worker: Worker) -> CircuitBreaker | None:
+        return self._breakers.get(worker)
+
+    def _attach(self, worker: Worker) -> None:
+        breaker = CircuitBreaker(
+            self.failure_threshold,
+            self.success_threshold,
+            self.cooldown,
+            clock=self._clock,
+            name=worker.url,
+        )
+        self._breakers[worker] = breaker
+        worker.breaker = breaker
+
+    def _detach(self, worker: Worker) -> None:
+        breaker = self._breakers.pop(worker, None)
+        if breaker is not None and worker.breaker is breaker:
+            worker.breaker = None
+
+    def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
+        breaker = self._breakers.get(worker)
+        if breaker is not None:
+            if status >= 500:
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+
+    def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
+        breaker = self._breakers.get(worker)
+        if breaker is not None:
+            breaker.record_failure()
