@@ -1,0 +1,543 @@
+"""``cache-router``: run the standalone router, or the built-in demo.
+
+``cache-router serve`` takes the flags of SGLang's router (``python -m
+sglang_router.launch_router``) under the same names and with the same defaults, so a
+deployment switches routers by changing the command name only. ``cache-router demo`` (also
+what a bare ``cache-router`` runs) compares the policies on simulated engines.
+
+Every failure a user can cause -- a bad flag, a malformed worker URL, a knob out of range,
+workers that never come up -- ends with a one-line message and a non-zero exit status,
+never a traceback: exit 2 for bad usage (argparse's convention), 1 for runtime failures,
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import httpx
+
+from cache_router import __version__
+from cache_router.app import POLICY_NAMES, create_router_app, make_policy
+from cache_router.health import HealthChecker
+from cache_router.registry import WorkerRegistry, normalize_url
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("cache_router.cli")
+
+#: SGLang router defaults (``sglang_router/router_args.py``): keep them in step.
+SGLANG_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 30000,
+    "policy": "cache_aware",
+    "cache_threshold": 0.3,
+    "balance_abs_threshold": 64,
+    "balance_rel_threshold": 1.5,
+    "eviction_interval_secs": 120,
+    "max_tree_size": 2**26,
+    "max_payload_size": 512 * 1024 * 1024,
+    "request_timeout_secs": 1800,
+    "log_level": "info",
+    "health_check_interval_secs": 60,
+    "health_check_timeout_secs": 5,
+    "health_failure_threshold": 3,
+    "health_success_threshold": 2,
+    "health_check_endpoint": "/health",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_PROBE_TIMEOUT = 2.0
+_PROBE_INTERVAL = 0.5
+
+
+# -- argument parsing -----------------------------------------------------------------------
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones ("default: None" tells nobody anything)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _worker_url(text: str) -> str:
+    try:
+        return normalize_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bounded(kind: type[int] | type[float], low: float, high: float | None = None) -> Any:
+    """An argparse ``type`` that parses ``kind`` and checks ``low <= value [<= high]``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            limits = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {limits}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _path_prefix(text: str) -> str:
+    if not text.startswith("/") or not text.strip("/"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a path prefix (expected e.g. /inference)"
+        )
+    return text
+
+
+def _policy_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in POLICY_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {', '.join(unknown) or repr(text)}; "
+            f"choose from {', '.join(POLICY_NAMES)}"
+        )
+    return names
+
+
+#: The numeric ``serve`` flags: (flag, type, minimum, maximum, metavar, help). Each default
+#: is the SGLANG_DEFAULTS entry named like the flag.
+_NUMERIC_FLAGS: tuple[tuple[str, type[int] | type[float], float, float | None, str, str], ...] = (
+    ("--port", int, 0, 65535, "PORT", "port to listen on"),
+    (
+        "--cache-threshold",
+        float,
+        0.0,
+        1.0,
+        "FRACTION",
+        "cache_aware: matched share of the prompt above which the match decides",
+    ),
+    (
+        "--balance-abs-threshold",
+        int,
+        0,
+        None,
+        "N",
+        "cache_aware: balance by load when max_load - min_load exceeds this ...",
+    ),
+    (
+        "--balance-rel-threshold",
+        float,
+        1.0,
+        None,
+        "FACTOR",
+        "... and max_load exceeds min_load times this",
+    ),
+    (
+        "--eviction-interval-secs",
+        float,
+        0.0,
+        None,
+        "SECS",
+        "cache_aware: seconds between prefix-tree trims (0: trim on insert only)",
+    ),
+    (
+        "--max-tree-size",
+        int,
+        1,
+        None,
+        "CHARS",
+        "cache_aware: characters (tokens) the prefix tree may hold",
+    ),
+    ("--max-payload-size", int, 1, None, "BYTES", "largest request body in bytes (413 above)"),
+    (
+        "--request-timeout-secs",
+        float,
+        0.001,
+        None,
+        "SECS",
+        "limit on one whole exchange with a worker, streaming included",
+    ),
+    (
+        "--health-check-interval-secs",
+        float,
+        0.001,
+        None,
+        "SECS",
+        "seconds between active health checks of every worker",
+    ),
+    (
+        "--health-check-timeout-secs",
+        float,
+        0.001,
+        None,
+        "SECS",
+        "a health check slower than this fails",
+    ),
+    (
+        "--health-failure-threshold",
+        int,
+        1,
+        None,
+        "N",
+        "consecutive failed checks before a worker gets no more requests",
+    ),
+    (
+        "--health-success-threshold",
+        int,
+        1,
+        None,
+        "N",
+        "consecutive passed checks before an unhealthy worker gets requests again",
+    ),
+)
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the router in front of engine workers",
+        description=(
+            "Route OpenAI and SGLang inference requests across engine workers. Flag names "
+            "and defaults are those of SGLang's router."
+        ),
+        formatter_class=_Formatter,
+    )
+    defaults = SGLANG_DEFAULTS
+    serve.add_argument(
+        "--worker-urls",
+        nargs="+",
+        required=True,
+        type=_worker_url,
+        metavar="URL",
+        help="engine base URLs, e.g. http://10.0.0.1:8000 http://10.0.0.2:8000",
+    )
+    serve.add_argument(
+        "--policy",
+        choices=POLICY_NAMES,
+        default=defaults["policy"],
+        help="how a worker is chosen (see docs/policies.md)",
+    )
+    serve.add_argument("--host", default=defaults["host"], help="address to listen on")
+    for flag, kind, low, high, metavar, text in _NUMERIC_FLAGS:
+        serve.add_argument(
+            flag,
+            type=_bounded(kind, low, high),
+            default=defaults[flag[2:].replace("-", "_")],
+            metavar=metavar,
+            help=text,
+        )
+    serve.add_argument(
+        "--transparent-prefix",
+        dest="transparent_prefixes",
+        action="extend",
+        nargs="+",
+        type=_path_prefix,
+        default=[],
+        metavar="PATH",
+        help="path prefixes forwarded as they are (any method), e.g. /inference",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=defaults["log_level"],
+        help="router and server log level (debug also logs every request)",
+    )
+    serve.add_argument(
+        "--health-check-endpoint",
+        type=_path_prefix,
+        default=defaults["health_check_endpoint"],
+        metavar="PATH",
+        help="path of the health check on each worker",
+    )
+    serve.add_argument(
+        "--wait-for-workers",
+        type=_bounded(float, 0.0),
+        default=0.0,
+        metavar="SECS",
+        help=(
+            "wait up to SECS for every worker to pass a health check before serving, and "
+            "exit with an error if one does not; without it, unreachable workers get a "
+            "warning and no requests until their health checks pass"
+        ),
+    )
+
+
+def _add_demo(commands: Any) -> None:
+    from cache_router.demo import DEFAULT_POLICIES, DemoConfig
+
+    defaults = DemoConfig()
+    demo = commands.add_parser(
+        "demo",
+        help="compare routing policies on simulated engines (the default command)",
+        description=(
+            "Start simulated engines and a router on 127.0.0.1, replay the same multi-turn "
+            "chat workload through each policy, and print a table. Nothing leaves the machine."
+        ),
+        formatter_class=_Formatter,
+    )
+    demo.add_argument(
+        "--engines",
+        type=_bounded(int, 1, 64),
+        default=defaults.engines,
+        metavar="N",
+        help="simulated engines behind the router",
+    )
+    demo.add_argument(
+        "--requests",
+        type=_bounded(int, 1),
+        metavar="N",
+        default=defaults.requests,
+        help="chat requests per policy",
+    )
+    demo.add_argument(
+        "--policies",
+        type=_policy_list,
+        default=",".join(DEFAULT_POLICIES),  # argparse runs string defaults through type
+        metavar="NAME[,NAME...]",
+        help=f"comma-separated, from {', '.join(POLICY_NAMES)}",
+    )
+    demo.add_argument(
+        "--concurrency",
+        type=_bounded(int, 1, 1024),
+        metavar="N",
+        default=defaults.concurrency,
+        help="clients sending at once",
+    )
+    demo.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="workload seed")
+    demo.add_argument(
+        "--plot", metavar="PNG", help="also write a chart to this file (needs matplotlib)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in CI logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cache-router`` argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="cache-router",
+        description="Cache-aware LLM request routing. Without a command, runs the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,demo}")
+    _add_serve(commands)
+    _add_demo(commands)
+    return parser
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+async def _probe(client: httpx.AsyncClient, url: str, path: str) -> str | None:
+    """None when ``url`` answers ``GET path`` with a 2xx status, else why not."""
+    try:
+        response = await client.get(f"{url}{path}")
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not 200 <= response.status_code < 300:
+        return f"GET {path} answered {response.status_code}"
+    return None
+
+
+async def _probe_all(urls: Sequence[str], path: str, wait: float) -> dict[str, str]:
+    """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons."""
+    deadline = time.monotonic() + wait
+    failing: dict[str, str] = {}
+
+    async def check(client: httpx.AsyncClient, url: str) -> None:
+        reason = await _probe(client, url, path)
+        if reason is None:
+            failing.pop(url, None)
+        else:
+            failing[url] = reason
+
+    async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT, trust_env=False) as client:
+        pending = list(urls)
+        while True:
+            async with anyio.create_task_group() as group:
+                for url in pending:
+                    group.start_soon(check, client, url)
+            pending = [url for url in pending if url in failing]
+            if not pending or time.monotonic() >= deadline:
+                return failing
+            await anyio.sleep(min(_PROBE_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+def _import_uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        return None
+    return uvicorn
+
+
+def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
+    """The app ``serve`` runs; raises ``ValueError`` for a rejected setting."""
+    policy = make_policy(
+        args.policy,
+        cache_threshold=args.cache_threshold,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        eviction_interval=float(args.eviction_interval_secs),
+        max_tree_size=args.max_tree_size,
+    )
+    seconds = float(args.request_timeout_secs)
+    checker = HealthChecker(
+        registry,
+        interval=args.health_check_interval_secs,
+        timeout=args.health_check_timeout_secs,
+        failure_threshold=args.health_failure_threshold,
+        success_threshold=args.health_success_threshold,
+        path=args.health_check_endpoint,
+    )
+    return create_router_app(
+        registry,
+        policy,
+        background=[checker],
+        transparent_prefixes=args.transparent_prefixes,
+        max_body_size=args.max_payload_size,
+        timeout=httpx.Timeout(
+            connect=min(10.0, seconds), read=seconds, write=min(60.0, seconds), pool=60.0
+        ),
+        total_timeout=seconds,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level != "debug":  # httpx logs every request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    uvicorn = _import_uvicorn()
+    if uvicorn is None:
+        print(
+            "cache-router serve needs uvicorn: pip install uvicorn (or 'cache_router[cli]')",
+            file=sys.stderr,
+        )
+        return 1
+    urls: list[str] = list(dict.fromkeys(args.worker_urls))
+    registry = WorkerRegistry(urls)
+    try:
+        app = _router_app(args, registry)
+    except ValueError as exc:  # a knob the policy or the middleware refused
+        print(f"cache-router serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    unreachable = anyio.run(_probe_all, urls, args.health_check_endpoint, args.wait_for_workers)
+    for url, reason in unreachable.items():
+        logger.warning(
+            "worker %s is not reachable (%s); no requests go there until it passes "
+            "%d health checks",
+            url,
+            reason,
+            args.health_success_threshold,
+        )
+    if unreachable and args.wait_for_workers > 0:
+        logger.error(
+            "%d of %d workers did not come up within %g s; exiting",
+            len(unreachable),
+            len(urls),
+            args.wait_for_workers,
+        )
+        return 1
+    for url in unreachable:
+        worker = registry.get(url)
+        if worker is not None:
+            worker.healthy = False
+    logger.info(
+        "routing to %d workers with policy %s on http://%s:%d",
+        len(urls),
+        args.policy,
+        args.host,
+        args.port,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        lifespan="on",
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from rich.console import Console
+    except ImportError:
+        print("the demo needs rich: pip install rich (or 'cache_router[cli]')", file=sys.stderr)
+        return 1
+    if _import_uvicorn() is None:
+        print(
+            "the demo needs uvicorn: pip install uvicorn (or 'cache_router[cli]')",
+            file=sys.stderr,
+        )
+        return 1
+    from cache_router.demo import DemoConfig, plot_results, render_table, run_demo, summary
+
+    config = DemoConfig(
+        engines=args.engines,
+        requests=args.requests,
+        policies=args.policies,
+        concurrency=args.concurrency,
+        seed=args.seed,
+    )
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 110)  # keep table rows on one line in logs
+    console.print(
+        f"[bold]cache-router demo[/bold]: {config.engines} simulated engines and a router on "
+        f"127.0.0.1, {config.requests} chat requests per policy "
+        "(run `cache-router serve --help` to route real engines)"
+    )
+    results = run_demo(config, console=console, progress=not args.no_progress)
+    console.print(render_table(results, config))
+    line = summary(results)
+    if line is not None:
+        console.print(line)
+    if args.plot:
+        try:
+            plot_results(results, args.plot)
+        except RuntimeError as exc:
+            print(f"cache-router demo: {exc}", file=sys.stderr)
+            return 1
+        console.print(f"chart written to {args.plot}")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(arguments or ["demo"])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _demo(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
