@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,9 +25,13 @@ import anyio
 import httpx
 
 from cache_router import __version__
+from cache_router.admin import AdminApp
 from cache_router.app import POLICY_NAMES, create_router_app, make_policy
-from cache_router.health import HealthChecker
+from cache_router.events import RouterEvents
+from cache_router.health import CircuitBreakers, HealthChecker
+from cache_router.metrics import PrometheusMetrics
 from cache_router.registry import WorkerRegistry, normalize_url
+from cache_router.retry import RetryConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -50,6 +55,13 @@ SGLANG_DEFAULTS: dict[str, Any] = {
     "health_failure_threshold": 3,
     "health_success_threshold": 2,
     "health_check_endpoint": "/health",
+    "retry_max_retries": 3,
+    "cb_failure_threshold": 10,
+    "cb_success_threshold": 3,
+    "cb_timeout_duration_secs": 60,
+    "max_concurrent_requests": -1,
+    "queue_size": 100,
+    "queue_timeout_secs": 60,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -197,6 +209,34 @@ _NUMERIC_FLAGS: tuple[tuple[str, type[int] | type[float], float, float | None, s
         "N",
         "consecutive passed checks before an unhealthy worker gets requests again",
     ),
+    (
+        "--retry-max-retries",
+        int,
+        1,
+        None,
+        "N",
+        "attempts per request, the first included, before the first byte reaches the client",
+    ),
+    ("--cb-failure-threshold", int, 1, None, "N", "consecutive failures that open a breaker"),
+    ("--cb-success-threshold", int, 1, None, "N", "half-open successes that close it again"),
+    (
+        "--cb-timeout-duration-secs",
+        float,
+        0.0,
+        None,
+        "SECS",
+        "seconds an open breaker waits before letting requests try again",
+    ),
+    (
+        "--max-concurrent-requests",
+        int,
+        -1,
+        None,
+        "N",
+        "requests in flight through the router before queueing (-1: no limit)",
+    ),
+    ("--queue-size", int, 0, None, "N", "requests that may wait for a slot; beyond, 429"),
+    ("--queue-timeout-secs", float, 0.0, None, "SECS", "longest wait for a slot; then 429"),
 )
 
 
@@ -256,6 +296,35 @@ def _add_serve(commands: Any) -> None:
         default=defaults["health_check_endpoint"],
         metavar="PATH",
         help="path of the health check on each worker",
+    )
+    serve.add_argument("--disable-retries", action="store_true", help="one attempt per request")
+    serve.add_argument(
+        "--disable-circuit-breaker", action="store_true", help="no per-worker circuit breakers"
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="sent to every worker as 'Authorization: Bearer KEY' (as SGLang's router does)",
+    )
+    serve.add_argument(
+        "--router-api-key",
+        default=os.environ.get("CACHE_ROUTER_API_KEY"),
+        help="clients must present this key (default: $CACHE_ROUTER_API_KEY)",
+    )
+    serve.add_argument(
+        "--admin-prefix",
+        type=_path_prefix,
+        default=None,
+        metavar="PATH",
+        help=(
+            "serve the worker admin API (and /metrics when prometheus-client is installed) "
+            "under PATH, e.g. /router; off by default"
+        ),
+    )
+    serve.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("CACHE_ROUTER_ADMIN_API_KEY"),
+        help="admin API key (default: $CACHE_ROUTER_ADMIN_API_KEY)",
     )
     serve.add_argument(
         "--wait-for-workers",
@@ -369,6 +438,17 @@ async def _probe_all(urls: Sequence[str], path: str, wait: float) -> dict[str, s
             await anyio.sleep(min(_PROBE_INTERVAL, max(0.0, deadline - time.monotonic())))
 
 
+def _metrics(registry: WorkerRegistry, policy: Any) -> PrometheusMetrics | None:
+    """Prometheus metrics when prometheus-client is installed (the ``metrics`` extra)."""
+    try:
+        return PrometheusMetrics(registry, policy)
+    except ImportError:
+        logger.warning(
+            "prometheus-client is not installed: no /metrics (pip install 'cache_router[metrics]')"
+        )
+        return None
+
+
 def _import_uvicorn() -> Any:
     try:
         import uvicorn
@@ -396,10 +476,38 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         success_threshold=args.health_success_threshold,
         path=args.health_check_endpoint,
     )
+    events: list[RouterEvents] = []
+    if not args.disable_circuit_breaker:
+        events.append(
+            CircuitBreakers(
+                registry,
+                failure_threshold=args.cb_failure_threshold,
+                success_threshold=args.cb_success_threshold,
+                cooldown=float(args.cb_timeout_duration_secs),
+            )
+        )
+    admin: AdminApp | None = None
+    if args.admin_prefix is not None:
+        metrics = _metrics(registry, policy)
+        if metrics is not None:
+            events.append(metrics)
+        admin = AdminApp(registry, api_key=args.admin_api_key, metrics=metrics)
+    limit = args.max_concurrent_requests
     return create_router_app(
         registry,
         policy,
         background=[checker],
+        events=events,
+        retry=RetryConfig(max_attempts=1 if args.disable_retries else args.retry_max_retries),
+        max_concurrent_requests=None if limit < 0 else max(limit, 1),
+        queue_size=args.queue_size,
+        queue_timeout=float(args.queue_timeout_secs),
+        upstream_headers=None
+        if args.api_key is None
+        else {"authorization": f"Bearer {args.api_key}"},
+        api_key=args.router_api_key,
+        admin=admin,
+        admin_prefix=args.admin_prefix or "/router",
         transparent_prefixes=args.transparent_prefixes,
         max_body_size=args.max_payload_size,
         timeout=httpx.Timeout(
