@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cache_router.policies.base import RoutingRequest
 from cache_router.registry import Worker
 
 __all__ = ["EventFanout", "RouterEvents"]
@@ -17,6 +18,9 @@ __all__ = ["EventFanout", "RouterEvents"]
 
 class RouterEvents:
     """No-op base class for request-path hooks."""
+
+    def request_routed(self, worker: Worker, request: RoutingRequest) -> None:
+        """The policy chose ``worker`` for ``request`` (once per attempt)."""
 
     def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
         """The engine sent response headers ``seconds`` after the request went out."""
@@ -45,6 +49,10 @@ class EventFanout(RouterEvents):
 
     def __bool__(self) -> bool:
         return bool(self.listeners)
+
+    def request_routed(self, worker: Worker, request: RoutingRequest) -> None:
+        for listener in self.listeners:
+            listener.request_routed(worker, request)
 
     def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
         for listener in self.listeners:

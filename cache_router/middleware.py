@@ -391,6 +391,8 @@ class CacheRouterMiddleware:
             worker = self.policy.select(routing, candidates)
             lease = self.registry.acquire(worker)
             try:
+                if self._events:
+                    self._events.request_routed(worker, routing)
                 result = await self.upstream.relay(
                     method=scope["method"],
                     url=_upstream_url(worker.url, scope),

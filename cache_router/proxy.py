@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import httpx
@@ -28,6 +28,9 @@ from cache_router.errors import error_body
 from cache_router.events import RouterEvents
 from cache_router.registry import Lease
 from cache_router.types import Headers, Receive, Send
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -144,6 +147,38 @@ def _is_timeout(exc: httpx.HTTPError) -> bool:
     return isinstance(exc, httpx.TimeoutException)
 
 
+#: Headers aiohttp adds to every request unless told not to. A proxy sends what the client
+#: sent: an added ``accept-encoding: gzip`` gets the client a compressed body it never asked
+#: for, and an added ``content-type`` mislabels the body.
+_AIOHTTP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+def _aiohttp_session_factory(limits: httpx.Limits) -> Callable[[], aiohttp.ClientSession]:
+    """Make the aiohttp session lazily (inside the serving loop) for ``AiohttpTransport``.
+
+    Built here rather than by httpx-aiohttp because its default session adds headers (see
+    above) and keeps a cookie jar: a cookie one engine response set would be replayed on
+    every later request to that host, from every client.
+    """
+
+    def make() -> aiohttp.ClientSession:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0,  # 0: no limit, as None is for httpx
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=httpx.create_ssl_context(trust_env=False),
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_AIOHTTP_AUTO_HEADERS,
+            trust_env=False,
+        )
+
+    return make
+
+
 class Upstream:
     """One pooled ``httpx.AsyncClient`` for every engine, and the relay of one exchange.
 
@@ -208,7 +243,9 @@ class Upstream:
             if choice == "aiohttp":
                 raise RuntimeError("the aiohttp transport runs only on asyncio")
             return None
-        return AiohttpTransport(limits=self._limits, trust_env=False)
+        return AiohttpTransport(
+            limits=self._limits, trust_env=False, client=_aiohttp_session_factory(self._limits)
+        )
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

@@ -64,7 +64,16 @@ class Worker:
     here: they change through leases only.
     """
 
-    __slots__ = ("_load", "_processed", "breaker", "draining", "healthy", "model", "url")
+    __slots__ = (
+        "_load",
+        "_processed",
+        "breaker",
+        "draining",
+        "external_load",
+        "healthy",
+        "model",
+        "url",
+    )
 
     def __init__(self, url: str, model: str | None = None) -> None:
         self.url = normalize_url(url)
@@ -74,12 +83,21 @@ class Worker:
         self.draining = False
         #: Optional gate (e.g. a circuit breaker) that can hold traffic back for a while.
         self.breaker: Gate | None = None
+        #: In-flight requests on this worker that this router did not send (other router
+        #: replicas, other clients), as last reported by a load source; 0 without one.
+        #: Leases never touch it, so it cannot leak.
+        self.external_load = 0
         self._load = 0
         self._processed = 0
 
     @property
     def load(self) -> int:
         return self._load
+
+    @property
+    def effective_load(self) -> int:
+        """What policies balance on: this router's in-flight requests plus the external ones."""
+        return self._load + self.external_load
 
     @property
     def processed(self) -> int:

@@ -14,6 +14,7 @@ standard library otherwise; both accept exactly JSON.
 
 from __future__ import annotations
 
+import json as _json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,11 @@ class BodyError(ValueError):
     """The body is not what the endpoint requires (the HTTP layer answers 400)."""
 
 
+def _not_json(constant: str) -> Any:
+    """Refuse the standard library's extensions (``NaN``, ``Infinity``): they are not JSON."""
+    raise ValueError(f"{constant} is not valid JSON")
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Parse ``body`` as a JSON object or raise :class:`BodyError` saying why not."""
     if not body:
@@ -55,7 +61,13 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         value = _loads(body)
     except (_JSONError, UnicodeDecodeError, RecursionError) as exc:
-        raise BodyError(f"request body is not valid JSON: {exc}") from None
+        # orjson refuses some valid JSON that engines (standard json) accept: a lone
+        # surrogate escape such as a truncated emoji ("\ud83d"), a number beyond a double.
+        # Only bodies orjson refused pay for this second opinion.
+        try:
+            value = _json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            raise BodyError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BodyError(f"request body must be a JSON object, not {type(value).__name__}")
     return value

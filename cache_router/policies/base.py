@@ -65,7 +65,8 @@ class BindsRegistry(Protocol):
 
 
 def least_loaded(candidates: Sequence[Worker], rng: random.Random) -> Worker:
-    """The candidate with the lowest ``(load, processed)``; exact ties broken at random.
+    """The candidate with the lowest ``(effective_load, processed)``; exact ties broken at
+    random.
 
     Breaking ties by position would send every request of a burst to the first worker
     before the first lease lands; ``processed`` spreads a cold start, randomness the rest.
@@ -73,10 +74,10 @@ def least_loaded(candidates: Sequence[Worker], rng: random.Random) -> Worker:
     if not candidates:
         raise NoAvailableWorker("no worker available")
     best = candidates[0]
-    best_rank = (best._load, best._processed)
+    best_rank = (best._load + best.external_load, best._processed)
     ties = 1
     for worker in candidates[1:]:
-        rank = (worker._load, worker._processed)
+        rank = (worker._load + worker.external_load, worker._processed)
         if rank < best_rank:
             best, best_rank, ties = worker, rank, 1
         elif rank == best_rank:

@@ -101,7 +101,7 @@ class CacheAwarePolicy:
         return sum(tree.size for tree in self._trees.values())
 
     def is_imbalanced(self, candidates: Sequence[Worker]) -> bool:
-        loads = [worker.load for worker in candidates]
+        loads = [worker._load + worker.external_load for worker in candidates]
         highest, lowest = max(loads), min(loads)
         return (
             highest - lowest > self.balance_abs_threshold
@@ -133,6 +133,15 @@ class CacheAwarePolicy:
         if key:
             tree.insert(key, chosen.url)
         return chosen
+
+    def learn(self, request: RoutingRequest, worker_url: str) -> None:
+        """Record that ``request`` went to ``worker_url`` without selecting anything.
+
+        For routing decisions made elsewhere, e.g. by another router replica sharing what it
+        learns, so this replica's tree knows where those prefixes are cached.
+        """
+        if request.key:
+            self.tree(request.model, request.tokens).insert(request.key, worker_url)
 
     def _trim_all(self) -> None:
         for tree in self._trees.values():

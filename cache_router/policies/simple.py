@@ -52,6 +52,6 @@ class PowerOfTwoPolicy:
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._rng.sample(candidates, 2)
-        if (second.load, second.processed) < (first.load, first.processed):
+        if (second.effective_load, second.processed) < (first.effective_load, first.processed):
             return second
         return first
