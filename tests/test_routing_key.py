@@ -1,0 +1,294 @@
+"""Routing-key extraction: which part of each request body the policy routes on.
+
+The key must start with the prompt (never the serialized body) and token ids must be
+keyed as tokens, one code point each, so that different sequences never collide.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cache_router.routing_key import (
+    DEFAULT_TYPED_ROUTES,
+    BodyError,
+    chat_key,
+    generic_key,
+    parse_json_object,
+)
+from cache_router.tree import encode_tokens
+
+
+def typed(path: str, body: dict[str, Any]) -> tuple[str, bool]:
+    return DEFAULT_TYPED_ROUTES[path](body)
+
+
+# -- typed routes ------------------------------------------------------------------------
+
+
+def test_default_typed_routes_are_the_inference_endpoints() -> None:
+    assert set(DEFAULT_TYPED_ROUTES) == {
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/rerank",
+        "/v1/responses",
+    }
+
+
+def test_generate_prefers_text_over_input_ids() -> None:
+    assert typed("/generate", {"text": "hello", "input_ids": [1, 2]}) == ("hello", False)
+
+
+def test_generate_falls_back_to_input_ids_as_tokens() -> None:
+    assert typed("/generate", {"input_ids": [5, 6, 7]}) == (encode_tokens([5, 6, 7]), True)
+
+
+def test_generate_batch_routes_on_first_prompt() -> None:
+    assert typed("/generate", {"text": ["first", "second"]}) == ("first", False)
+    assert typed("/generate", {"input_ids": [[9, 8], [1]]}) == (encode_tokens([9, 8]), True)
+
+
+def test_generate_without_prompt_has_empty_key() -> None:
+    assert typed("/generate", {"sampling_params": {"max_new_tokens": 4}}) == ("", False)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a string prompt", ("a string prompt", False)),
+        (["first of batch", "second"], ("first of batch", False)),
+        ([101, 102, 103], (encode_tokens([101, 102, 103]), True)),
+        ([[7, 8, 9], [1, 2]], (encode_tokens([7, 8, 9]), True)),
+        ([], ("", False)),
+        (None, ("", False)),
+    ],
+)
+def test_completions_prompt_shapes(prompt: object, expected: tuple[str, bool]) -> None:
+    assert typed("/v1/completions", {"model": "m", "prompt": prompt}) == expected
+
+
+def test_chat_key_joins_every_message_text_in_order() -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+    }
+    assert typed("/v1/chat/completions", body) == (
+        "You are terse.\nWhat is 2+2?\n4\nAnd 3+3?",
+        False,
+    )
+
+
+def test_chat_key_takes_text_parts_of_multimodal_content() -> None:
+    body = {
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look at"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    {"type": "text", "text": "this picture"},
+                ],
+            },
+        ]
+    }
+    key, tokens = chat_key(body)
+    assert key == "sys\nlook at\nthis picture"
+    assert "base64" not in key
+    assert tokens is False
+
+
+def test_chat_key_is_a_prefix_of_the_next_turn() -> None:
+    # Later turns of the same conversation extend the key, so they find the cached prefix.
+    turn1 = [{"role": "user", "content": "hello"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+    key1, _ = chat_key({"messages": turn1})
+    key2, _ = chat_key({"messages": turn2})
+    assert key2.startswith(key1)
+    assert key2 != key1
+
+
+def test_chat_key_ignores_non_text_and_missing_messages() -> None:
+    assert chat_key({"messages": "not a list"}) == ("", False)
+    assert chat_key({}) == ("", False)
+    assert chat_key({"messages": [{"role": "user", "content": None}, 42]}) == ("", False)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"input": "embed me"}, ("embed me", False)),
+        ({"input": ["one", "two"]}, ("one", False)),
+        ({"input": [3, 4]}, (encode_tokens([3, 4]), True)),
+    ],
+)
+def test_embeddings_key_is_input(body: dict[str, Any], expected: tuple[str, bool]) -> None:
+    assert typed("/v1/embeddings", body) == expected
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+def test_rerank_key_is_the_query_not_the_documents(path: str) -> None:
+    body = {"query": "what is a llama", "documents": ["doc a", "doc b"]}
+    assert typed(path, body) == ("what is a llama", False)
+
+
+def test_responses_key_from_string_or_message_items() -> None:
+    assert typed("/v1/responses", {"input": "plain input"}) == ("plain input", False)
+    items = [
+        {"role": "user", "content": "first"},
+        {"role": "user", "content": [{"type": "input_text", "text": "second"}]},
+    ]
+    assert typed("/v1/responses", {"input": items}) == ("first\nsecond", False)
+
+
+# -- token ids --------------------------------------------------------------------------
+
+
+def test_token_ids_do_not_collide() -> None:
+    # A decimal join ("1,23" vs "12,3") or a length would collide; code points do not.
+    pairs = [([1, 23], [12, 3]), ([1, 2, 3], [123]), ([0], []), ([10], [1, 0])]
+    for left, right in pairs:
+        left_key = typed("/v1/completions", {"prompt": left}) if left else ("", False)
+        right_key = typed("/v1/completions", {"prompt": right}) if right else ("", False)
+        assert left_key != right_key, (left, right)
+
+
+def test_token_key_length_equals_token_count_and_preserves_prefixes() -> None:
+    short, _ = typed("/generate", {"input_ids": [100, 200, 300]})
+    long, _ = typed("/generate", {"input_ids": [100, 200, 300, 400, 500]})
+    assert len(short) == 3
+    assert len(long) == 5
+    assert long.startswith(short)
+
+
+def test_token_and_text_keys_are_flagged_apart() -> None:
+    # "AB" as text and [65, 66] as tokens encode to the same characters: the flag keeps
+    # them in different trees.
+    text_key = typed("/v1/completions", {"prompt": "AB"})
+    token_key = typed("/v1/completions", {"prompt": [65, 66]})
+    assert text_key[0] == token_key[0]
+    assert text_key[1] is False
+    assert token_key[1] is True
+
+
+@pytest.mark.parametrize("bad", [[1, -1], [1, "x"], [1, 2.5], [1, 0x110000]])
+def test_invalid_token_ids_raise_body_error(bad: list[Any]) -> None:
+    with pytest.raises(BodyError):
+        typed("/v1/completions", {"prompt": bad})
+
+
+# -- transparent (generic) key -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"token_ids": [1, 2, 3]}, (encode_tokens([1, 2, 3]), True)),
+        ({"input_ids": [4, 5]}, (encode_tokens([4, 5]), True)),
+        ({"text": "some text"}, ("some text", False)),
+        ({"prompt": "a prompt"}, ("a prompt", False)),
+        ({"messages": [{"role": "user", "content": "hi"}]}, ("hi", False)),
+        ({"input": "an input"}, ("an input", False)),
+        ({"input": [{"role": "user", "content": "item"}]}, ("item", False)),
+    ],
+)
+def test_generic_key_fields(body: dict[str, Any], expected: tuple[str, bool]) -> None:
+    assert generic_key(body) == expected
+
+
+def test_generic_key_field_order() -> None:
+    body = {
+        "input": "input",
+        "messages": [{"role": "user", "content": "messages"}],
+        "prompt": "prompt",
+        "text": "text",
+        "input_ids": [2],
+        "token_ids": [1],
+    }
+    assert generic_key(body) == (encode_tokens([1]), True)
+    del body["token_ids"]
+    assert generic_key(body) == (encode_tokens([2]), True)
+    del body["input_ids"]
+    assert generic_key(body) == ("text", False)
+    del body["text"]
+    assert generic_key(body) == ("prompt", False)
+    del body["prompt"]
+    assert generic_key(body) == ("messages", False)
+    del body["messages"]
+    assert generic_key(body) == ("input", False)
+
+
+def test_generic_key_skips_empty_fields_to_the_next_one() -> None:
+    assert generic_key({"token_ids": [], "text": "fallback"}) == ("fallback", False)
+
+
+def test_generic_key_of_object_without_prompt_fields_is_empty_not_the_body() -> None:
+    body = {"model": "llama", "sampling_params": {"temperature": 0}, "stream": True}
+    key, tokens = generic_key(body)
+    assert key == ""
+    assert tokens is False
+    # In particular not the serialized body, which would make every request "share a
+    # prefix" of field names.
+    assert "model" not in key
+
+
+# -- parse_json_object -------------------------------------------------------------------
+
+
+def test_parse_json_object_accepts_objects() -> None:
+    body = {"a": [1, 2], "b": "ü"}
+    assert parse_json_object(json.dumps(body).encode()) == body
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "empty"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'"text"', "JSON object"),
+        (b"42", "JSON object"),
+        (b"null", "JSON object"),
+    ],
+)
+def test_parse_json_object_rejects(raw: bytes, message: str) -> None:
+    with pytest.raises(BodyError, match=message):
+        parse_json_object(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # JavaScript's JSON.stringify writes a truncated emoji as a lone surrogate escape.
+        (b'{"prompt": "cut emoji \\ud83d"}', {"prompt": "cut emoji \ud83d"}),
+        (b'{"x": 1e400}', {"x": float("inf")}),
+        (b'\xef\xbb\xbf{"a": 1}', {"a": 1}),
+    ],
+)
+def test_parse_json_object_accepts_valid_json_orjson_refuses(
+    raw: bytes, expected: dict[str, Any]
+) -> None:
+    # Engines parse with the standard library; the router must not refuse what they accept.
+    assert parse_json_object(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [b'{"x": NaN}', b'{"x": Infinity}', b'{"x": -Infinity}'])
+def test_parse_json_object_refuses_non_json_constants(raw: bytes) -> None:
+    with pytest.raises(BodyError, match="not valid JSON"):
+        parse_json_object(raw)
+
+
+def test_parse_json_object_survives_deep_nesting() -> None:
+    with pytest.raises(BodyError):
+        parse_json_object(b"[" * 100_000 + b"]" * 100_000)
