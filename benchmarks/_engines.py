@@ -1,0 +1,284 @@
+"""A fleet of simulated engines in a process of its own, for the router benchmarks.
+
+The routers under test must not share an interpreter (or a GIL) with the engines, so the
+harness starts this module with ``subprocess``. All engines run on *one* event loop (uvloop
+and httptools when installed): on a small machine a thread per engine would only add GIL
+hand-offs to the noise.
+
+Besides the engines, a control port serves the harness (never the routers):
+
+* ``POST /reset`` with an optional JSON body of :class:`SimulatedEngine` knobs replaces every
+  engine by a fresh one (empty cache, zeroed counters, new latency model) on the *same*
+  port, and restarts the load sampler;
+* ``GET /stats`` returns each engine's counters and the sampler's summary: the peak
+  in-flight gap (max load minus min load across engines, sampled every
+  ``--sample-interval`` seconds from inside this process, so sampling adds no HTTP traffic
+  to the engines being measured) and each engine's peak load;
+* ``GET /loads`` returns the current loads (the same figure as each engine's ``/get_load``).
+
+On start the process prints one JSON line ``{"engines": [urls], "control": url}`` on stdout.
+It exits on SIGTERM/SIGINT, and when its standard input closes, so it never outlives a
+harness that died without stopping it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from cache_router.testing.engine import SimulatedEngine
+
+HOST = "127.0.0.1"
+
+#: Knobs ``POST /reset`` accepts (all :class:`SimulatedEngine` keywords but the name).
+ENGINE_KNOBS = frozenset(
+    {
+        "model",
+        "capacity",
+        "max_running",
+        "max_queued",
+        "prefill_seconds_per_char",
+        "decode_seconds_per_token",
+        "default_max_tokens",
+        "max_tokens_limit",
+    }
+)
+
+
+class Slot:
+    """An ASGI app that forwards to a replaceable engine, so a port outlives resets."""
+
+    def __init__(self, engine: SimulatedEngine) -> None:
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.engine(scope, receive, send)
+
+
+class Fleet:
+    """The engines, their knobs and the in-process load sampler."""
+
+    def __init__(self, count: int, knobs: dict[str, Any], sample_interval: float) -> None:
+        self.knobs = dict(knobs)
+        self.slots = [Slot(self._engine(i)) for i in range(count)]
+        self.sample_interval = sample_interval
+        self._reset_sampler()
+
+    def _engine(self, index: int) -> SimulatedEngine:
+        return SimulatedEngine(name=f"engine{index}", **self.knobs)
+
+    def _reset_sampler(self) -> None:
+        self.peak_gap = 0
+        self.peak_loads = [0] * len(self.slots)
+        self.samples = 0
+
+    def reset(self, knobs: dict[str, Any]) -> None:
+        unknown = set(knobs) - ENGINE_KNOBS
+        if unknown:
+            raise ValueError(f"unknown engine knobs: {sorted(unknown)}")
+        self.knobs.update(knobs)
+        for index, slot in enumerate(self.slots):
+            slot.engine = self._engine(index)
+        self._reset_sampler()
+
+    def loads(self) -> list[int]:
+        return [slot.engine.load for slot in self.slots]
+
+    def sample(self) -> None:
+        loads = self.loads()
+        self.samples += 1
+        self.peak_gap = max(self.peak_gap, max(loads) - min(loads))
+        self.peak_loads = [max(a, b) for a, b in zip(self.peak_loads, loads, strict=True)]
+
+    async def run_sampler(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.sample_interval)
+
+    def stats(self) -> dict[str, Any]:
+        self.sample()
+        return {
+            "engines": [slot.engine.stats().as_dict() for slot in self.slots],
+            "peak_gap": self.peak_gap,
+            "peak_loads": self.peak_loads,
+            "samples": self.samples,
+            "knobs": self.knobs,
+        }
+
+
+async def _json(send: Send, status: int, payload: object) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def control_app(fleet: Fleet) -> Any:
+    """The harness's control API (plain ASGI, no routing library needed)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/stats":
+            await _json(send, 200, fleet.stats())
+        elif method == "GET" and path == "/loads":
+            await _json(send, 200, fleet.loads())
+        elif method == "POST" and path == "/reset":
+            raw = await _read_body(receive)
+            try:
+                knobs = json.loads(raw) if raw.strip() else {}
+                if not isinstance(knobs, dict):
+                    raise ValueError("the body must be a JSON object")
+                fleet.reset(knobs)
+            except (ValueError, TypeError) as exc:
+                await _json(send, 400, {"error": str(exc)})
+                return
+            await _json(send, 200, {"knobs": fleet.knobs})
+        else:
+            await _json(send, 404, {"error": f"no route {method} {path}"})
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to this module (many share a loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _server(app: Any, sock: socket.socket) -> tuple[_Server, socket.socket]:
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        log_config=None,
+        timeout_graceful_shutdown=1,
+        backlog=2048,
+    )
+    return _Server(config), sock
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when the parent closes our standard input (or dies).
+
+    A daemon thread, not the loop's executor: a read blocked forever must not hold up the
+    interpreter's exit after a SIGTERM.
+    """
+
+    def wait_for_eof() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(0, 65536):
+                pass
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=wait_for_eof, name="stdin-watch", daemon=True).start()
+
+
+async def serve(fleet: Fleet, watch_stdin: bool) -> None:
+    servers = [_server(slot, _listen()) for slot in fleet.slots]
+    control = _server(control_app(fleet), _listen())
+    everything = [*servers, control]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in everything]
+    sampler = asyncio.create_task(fleet.run_sampler())
+    if watch_stdin:
+        _watch_stdin(loop, stop)
+    try:
+        for _ in range(1000):  # at most 10 s for every server to come up
+            if all(server.started for server, _ in everything):
+                break
+            if any(task.done() for task in tasks):
+                raise RuntimeError("an engine server failed to start")
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError("engine servers did not start in 10 s")
+        urls = [f"http://{HOST}:{sock.getsockname()[1]}" for _, sock in servers]
+        control_url = f"http://{HOST}:{control[1].getsockname()[1]}"
+        print(json.dumps({"engines": urls, "control": control_url}), flush=True)
+        await stop.wait()
+    finally:
+        for server, _ in everything:
+            server.should_exit = True
+        sampler.cancel()
+        await asyncio.wait(tasks, timeout=5)
+        for server, _ in everything:
+            server.force_exit = True
+        await asyncio.wait(tasks, timeout=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=8, help="number of engines")
+    parser.add_argument("--prefill-us-per-char", type=float, default=20.0)
+    parser.add_argument("--decode-ms-per-token", type=float, default=2.0)
+    parser.add_argument("--max-running", type=int, default=8)
+    parser.add_argument("--capacity", type=int, default=200_000, help="cache chars per engine")
+    parser.add_argument("--sample-interval", type=float, default=0.005)
+    parser.add_argument(
+        "--no-stdin-watch", action="store_true", help="do not exit when stdin closes"
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.count <= 64:
+        parser.error("--count must be in 1..64")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fleet = Fleet(
+        args.count,
+        {
+            "prefill_seconds_per_char": args.prefill_us_per_char * 1e-6,
+            "decode_seconds_per_token": args.decode_ms_per_token * 1e-3,
+            "max_running": args.max_running,
+            "capacity": args.capacity,
+        },
+        args.sample_interval,
+    )
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(fleet, not args.no_stdin_watch))
+    else:
+        uvloop.run(serve(fleet, not args.no_stdin_watch))
+
+
+if __name__ == "__main__":
+    main()
