@@ -15,6 +15,7 @@ aiohttp, with ``transport="httpx"`` or an httpx transport instance, httpx is use
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -221,13 +222,20 @@ class Upstream:
         exchange.events = events
         try:
             client = self.client()
+            total = self._total_timeout
+            # One cancel scope per exchange serves both ends: its deadline is the total
+            # timeout, and the disconnect watcher cancels it when the client goes.
+            deadline = math.inf if total is None else anyio.current_time() + total
             if self._on_asyncio:
-                await self._watched_on_asyncio(exchange, client, receive)
+                await self._watched_on_asyncio(exchange, client, receive, deadline)
             else:
                 async with anyio.create_task_group() as group:
-                    group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
+                    group.cancel_scope.deadline = deadline
+                    group.start_soon(_cancel_on_disconnect, receive, exchange, group.cancel_scope)
                     await self._exchange(exchange, client)
                     group.cancel_scope.cancel()
+            if not exchange.finished and not exchange.client_gone:
+                await self._timed_out(exchange)
         finally:
             lease.release()
         if exchange.failure is not None:
@@ -236,7 +244,7 @@ class Upstream:
         return exchange.result
 
     async def _watched_on_asyncio(
-        self, exchange: _Exchange, client: UpstreamClient, receive: Receive
+        self, exchange: _Exchange, client: UpstreamClient, receive: Receive, deadline: float
     ) -> None:
         """The exchange under a cancel scope that a disconnect watcher cancels.
 
@@ -244,11 +252,12 @@ class Upstream:
         per request (measured: ~12 us against ~70 us for an anyio task group): the watcher
         is a bare asyncio task whose done-callback cancels the scope.
         """
-        scope = anyio.CancelScope()
+        scope = anyio.CancelScope(deadline=deadline)
 
         def on_watcher_done(watcher: asyncio.Future[None]) -> None:
             if not watcher.cancelled():
                 watcher.exception()  # retrieved, so a failed receive is not logged as lost
+                exchange.client_gone = True
                 scope.cancel()
 
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
@@ -260,73 +269,77 @@ class Upstream:
             watcher.cancel()
 
     async def _exchange(self, exchange: _Exchange, client: UpstreamClient) -> None:
+        """Send, then stream; sets ``exchange.finished`` unless cut short by cancellation."""
         lease = exchange.lease
         worker = lease.worker
         send = exchange.send
         events = exchange.events
         result = exchange.result
-        with anyio.move_on_after(self._total_timeout) as deadline:
-            sent_at = time.perf_counter()
-            try:
-                response = await client.send(
-                    exchange.method, exchange.url, exchange.headers, exchange.body
-                )
-            except UpstreamError as exc:
-                lease.release()
-                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
-                if exc.connect and exchange.may_retry:
-                    result.retry = "connect failure"
-                    return
-                if exc.kind == "timeout":
-                    await exchange.error(
-                        504, f"upstream {worker.url} timed out", "upstream_timeout"
-                    )
-                else:
-                    await exchange.error(
-                        502, f"upstream {worker.url} unreachable: {exc}", "upstream_unreachable"
-                    )
-                return
-            status = response.status
-            events.upstream_answered(worker, status, time.perf_counter() - sent_at)
-            try:
-                if exchange.may_retry and status in RETRYABLE_STATUSES:
-                    result.retry = f"status {status}"
-                    return
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [
-                            *filter_headers(response.headers, _RESPONSE_DROP),
-                            *exchange.response_headers,
-                        ],
-                    }
-                )
-                result.status = status
-                async for chunk in response.chunks():
-                    if result.first_byte is None:
-                        result.first_byte = time.perf_counter()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                lease.release()
-                events.upstream_completed(worker, time.perf_counter() - sent_at)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except UpstreamError as exc:
-                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=False)
-                exchange.failure = UpstreamAborted(f"upstream {worker.url} failed mid-response")
-                exchange.failure.__cause__ = exc
-            finally:
-                lease.release()
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-        if deadline.cancelled_caught:
+        sent_at = time.perf_counter()
+        try:
+            response = await client.send(
+                exchange.method, exchange.url, exchange.headers, exchange.body
+            )
+        except UpstreamError as exc:
             lease.release()
-            events.upstream_failed(worker, timeout=True, connect=False)
-            if result.status is not None:
-                exchange.failure = UpstreamAborted(
-                    f"upstream {worker.url} exceeded the request timeout"
-                )
-            else:
+            exchange.finished = True
+            events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
+            if exc.connect and exchange.may_retry:
+                result.retry = "connect failure"
+            elif exc.kind == "timeout":
                 await exchange.error(504, f"upstream {worker.url} timed out", "upstream_timeout")
+            else:
+                await exchange.error(
+                    502, f"upstream {worker.url} unreachable: {exc}", "upstream_unreachable"
+                )
+            return
+        status = response.status
+        events.upstream_answered(worker, status, time.perf_counter() - sent_at)
+        try:
+            if exchange.may_retry and status in RETRYABLE_STATUSES:
+                result.retry = f"status {status}"
+                exchange.finished = True
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        *filter_headers(response.headers, _RESPONSE_DROP),
+                        *exchange.response_headers,
+                    ],
+                }
+            )
+            result.status = status
+            async for chunk in response.chunks():
+                if result.first_byte is None:
+                    result.first_byte = time.perf_counter()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            lease.release()
+            events.upstream_completed(worker, time.perf_counter() - sent_at)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            exchange.finished = True
+        except UpstreamError as exc:
+            exchange.finished = True
+            events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=False)
+            exchange.failure = UpstreamAborted(f"upstream {worker.url} failed mid-response")
+            exchange.failure.__cause__ = exc
+        finally:
+            lease.release()
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _timed_out(self, exchange: _Exchange) -> None:
+        """The total timeout cut the exchange: 504 if nothing was sent, else cut the stream."""
+        worker = exchange.lease.worker
+        exchange.lease.release()
+        exchange.events.upstream_failed(worker, timeout=True, connect=False)
+        if exchange.result.status is not None:
+            exchange.failure = UpstreamAborted(
+                f"upstream {worker.url} exceeded the request timeout"
+            )
+        else:
+            await exchange.error(504, f"upstream {worker.url} timed out", "upstream_timeout")
 
 
 class RelayResult:
@@ -348,8 +361,10 @@ class _Exchange:
 
     __slots__ = (
         "body",
+        "client_gone",
         "events",
         "failure",
+        "finished",
         "headers",
         "lease",
         "may_retry",
@@ -380,6 +395,9 @@ class _Exchange:
         self.may_retry = False
         self.events: RouterEvents = _NO_EVENTS
         self.failure: UpstreamAborted | None = None
+        #: The exchange ran to an end of its own (not cut by the deadline or the client).
+        self.finished = False
+        self.client_gone = False
         self.result = RelayResult()
 
     async def error(self, status: int, message: str, code: str) -> None:
@@ -395,12 +413,13 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
+async def _cancel_on_disconnect(
+    receive: Receive, exchange: _Exchange, scope: anyio.CancelScope
+) -> None:
+    """Task-group flavour of the watcher (trio and other non-asyncio loops)."""
+    await _wait_for_disconnect(receive)
+    exchange.client_gone = True
+    scope.cancel()
 
 
 def merge_headers(
