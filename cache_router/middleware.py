@@ -393,6 +393,8 @@ class CacheRouterMiddleware:
             try:
                 if self._events:
                     self._events.request_routed(worker, routing)
+                if logger.isEnabledFor(logging.DEBUG):
+                    _log_decision(scope, routing, worker, attempt, echo[0][1])
                 result = await self.upstream.relay(
                     method=scope["method"],
                     url=_upstream_url(worker.url, scope),
@@ -515,6 +517,27 @@ class CacheRouterMiddleware:
         if not len(self.registry):
             return NoAvailableWorker("no workers are registered")
         return NoAvailableWorker("no healthy worker is available; retry later")
+
+
+def _log_decision(
+    scope: Scope, routing: RoutingRequest, worker: Worker, attempt: int, request_id: bytes
+) -> None:
+    """One debug line per routing decision, with the fields also as ``extra`` attributes."""
+    fields = {
+        "request_id": request_id.decode("latin-1"),
+        "path": scope["path"],
+        "model": routing.model,
+        "key_chars": len(routing.key),
+        "worker": worker.url,
+        "worker_load": worker.load,
+        "attempt": attempt,
+    }
+    logger.debug(
+        "routed %(path)s request %(request_id)s (%(key_chars)d key chars, model %(model)s) "
+        "to %(worker)s at load %(worker_load)d, attempt %(attempt)d",
+        fields,
+        extra=fields,
+    )
 
 
 def _normalize_prefix(prefix: str) -> str:
