@@ -421,18 +421,42 @@ class SimulatedEngine:
         except _BadRequest as exc:
             return self._bad_request(exc)
         job.batch = batch
+
+        def answer() -> Any:
+            text = _output(job.generated)
+            answers = [
+                {"text": text, "meta_info": self._meta_info(job, i)} for i in range(len(prompts))
+            ]
+            return answers if batch else answers[0]
+
+        return await self._serve(request, job, self._generate_events, answer)
+
+    async def _serve(
+        self,
+        request: Request,
+        job: _Job,
+        events: Callable[[_Job], AsyncIterator[bytes]],
+        answer: Callable[[], Any],
+    ) -> Response:
+        """Admit ``job``, then stream its ``events`` or answer with ``answer()`` at the end."""
         refused = self._admit(job)
         if refused is not None:
             return refused
         if job.stream:
-            return self._streaming(self._generate_events(job))
+            return self._streaming(events(job))
         if not await self._run_to_end(request, job):
             return Response(status_code=499)
-        text = _output(job.generated)
-        answers = [
-            {"text": text, "meta_info": self._meta_info(job, i)} for i in range(len(prompts))
-        ]
-        return JSONResponse(answers if batch else answers[0], headers=self._headers)
+        return JSONResponse(answer(), headers=self._headers)
+
+    async def _openai_job(
+        self, request: Request, prompts: Callable[[dict[str, Any]], list[str]], limit_field: str
+    ) -> _Job:
+        """Parse an OpenAI request into a job (raises ``_BadRequest``)."""
+        body = await self._read_json(request)
+        limit = body.get(limit_field, body.get("max_tokens"))
+        job = self._new_job(prompts(body), limit, body.get("stream", False))
+        job.include_usage = _include_usage(body)
+        return job
 
     def _meta_info(self, job: _Job, index: int) -> dict[str, Any]:
         return {
@@ -464,30 +488,21 @@ class SimulatedEngine:
 
     async def _completions(self, request: Request) -> Response:
         try:
-            body = await self._read_json(request)
-            job = self._new_job(
-                _completion_prompts(body.get("prompt")),
-                body.get("max_tokens"),
-                body.get("stream", False),
+            job = await self._openai_job(
+                request, lambda body: _completion_prompts(body.get("prompt")), "max_tokens"
             )
-            job.include_usage = _include_usage(body)
         except _BadRequest as exc:
             return self._bad_request(exc)
-        refused = self._admit(job)
-        if refused is not None:
-            return refused
-        if job.stream:
-            return self._streaming(self._completion_events(job))
-        if not await self._run_to_end(request, job):
-            return Response(status_code=499)
-        text = _output(job.generated)
-        choices = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": "length"}
-            for i in range(len(job.prompts))
-        ]
-        return JSONResponse(
-            self._envelope(job, "text_completion", choices, usage=True), headers=self._headers
-        )
+
+        def answer() -> Any:
+            text = _output(job.generated)
+            choices = [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": "length"}
+                for i in range(len(job.prompts))
+            ]
+            return self._envelope(job, "text_completion", choices, usage=True)
+
+        return await self._serve(request, job, self._completion_events, answer)
 
     def _envelope(
         self, job: _Job, kind: str, choices: list[dict[str, Any]], *, usage: bool
@@ -533,27 +548,18 @@ class SimulatedEngine:
 
     async def _chat(self, request: Request) -> Response:
         try:
-            body = await self._read_json(request)
-            job = self._new_job(
-                [render_chat(body.get("messages"))],
-                body.get("max_completion_tokens", body.get("max_tokens")),
-                body.get("stream", False),
+            job = await self._openai_job(
+                request, lambda body: [render_chat(body.get("messages"))], "max_completion_tokens"
             )
-            job.include_usage = _include_usage(body)
         except _BadRequest as exc:
             return self._bad_request(exc)
-        refused = self._admit(job)
-        if refused is not None:
-            return refused
-        if job.stream:
-            return self._streaming(self._chat_events(job))
-        if not await self._run_to_end(request, job):
-            return Response(status_code=499)
-        message = {"role": "assistant", "content": _output(job.generated)}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}
-        return JSONResponse(
-            self._envelope(job, "chat.completion", [choice], usage=True), headers=self._headers
-        )
+
+        def answer() -> Any:
+            message = {"role": "assistant", "content": _output(job.generated)}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}
+            return self._envelope(job, "chat.completion", [choice], usage=True)
+
+        return await self._serve(request, job, self._chat_events, answer)
 
     async def _chat_events(self, job: _Job) -> AsyncIterator[bytes]:
         """OpenAI order: a role chunk, one content chunk per token, a finish chunk."""
