@@ -14,6 +14,7 @@ never a traceback: exit 2 for bad usage (argparse's convention), 1 for runtime f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -33,7 +34,7 @@ from cache_router.metrics import PrometheusMetrics
 from cache_router.registry import WorkerRegistry, normalize_url
 from cache_router.retry import RetryConfig
 
-__all__ = ["build_parser", "main"]
+__all__ = ["app_from_env", "build_parser", "main"]
 
 logger = logging.getLogger("cache_router.cli")
 
@@ -337,6 +338,7 @@ def _add_serve(commands: Any) -> None:
             "warning and no requests until their health checks pass"
         ),
     )
+    _add_scale_out_flags(serve)  # scale-out (issue #7): see the block below
 
 
 def _add_demo(commands: Any) -> None:
@@ -487,16 +489,19 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
             )
         )
     admin: AdminApp | None = None
+    metrics: PrometheusMetrics | None = None
     if args.admin_prefix is not None:
         metrics = _metrics(registry, policy)
         if metrics is not None:
             events.append(metrics)
         admin = AdminApp(registry, api_key=args.admin_api_key, metrics=metrics)
+    background: list[Any] = [checker]
+    _add_scale_out(args, registry, policy, events, background, metrics)  # issue #7
     limit = args.max_concurrent_requests
     return create_router_app(
         registry,
         policy,
-        background=[checker],
+        background=background,
         events=events,
         retry=RetryConfig(max_attempts=1 if args.disable_retries else args.retry_max_retries),
         max_concurrent_requests=None if limit < 0 else max(limit, 1),
@@ -566,6 +571,8 @@ def _serve(args: argparse.Namespace) -> int:
         args.host,
         args.port,
     )
+    if args.workers > 1:  # scale-out (issue #7): N processes, see the block below
+        return _serve_workers(args, uvicorn, list(unreachable))
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -578,6 +585,167 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1
+
+
+# -- scale-out (issue #7): engine-reported load, shared fleet state, worker processes ------
+# Kept in one block: the flags, how they become background tasks and listeners, and how
+# ``--workers N`` hands the parsed arguments to each uvicorn worker process.
+
+#: Environment variable carrying the parsed ``serve`` arguments to ``--workers`` processes.
+SERVE_ARGS_ENV = "CACHE_ROUTER_SERVE_ARGS"
+
+
+def _add_scale_out_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "scale-out", "several router processes or replicas in front of the same engines"
+    )
+    group.add_argument(
+        "--workers",
+        type=_bounded(int, 1, 512),
+        default=1,
+        metavar="N",
+        help="router processes on the same port, each with its own state (share it with "
+        "--redis-url)",
+    )
+    group.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="share routing decisions and in-flight counts with the other replicas through "
+        "this Redis (redis://host:port/db); needs 'cache_router[redis]'",
+    )
+    group.add_argument(
+        "--fleet-name",
+        default="default",
+        metavar="NAME",
+        help="replicas with the same fleet name share state",
+    )
+    group.add_argument(
+        "--fleet-heartbeat-secs",
+        type=_bounded(float, 0.001),
+        default=0.5,
+        metavar="SECS",
+        help="a replica re-publishes its in-flight counts at least this often",
+    )
+    group.add_argument(
+        "--fleet-ttl-secs",
+        type=_bounded(float, 0.001),
+        default=3.0,
+        metavar="SECS",
+        help="a replica silent this long is gone, and its load forgotten",
+    )
+    group.add_argument(
+        "--engine-load-poll-secs",
+        type=_bounded(float, 0.0),
+        default=0.0,
+        metavar="SECS",
+        help="ask each engine for its load this often and balance on it (0: off)",
+    )
+    group.add_argument(
+        "--engine-load-format",
+        choices=("sglang", "vllm"),
+        default="sglang",
+        help="sglang: GET /get_load; vllm: GET /metrics (num_requests_running + waiting)",
+    )
+
+
+def _add_scale_out(
+    args: argparse.Namespace,
+    registry: WorkerRegistry,
+    policy: Any,
+    events: list[RouterEvents],
+    background: list[Any],
+    metrics: PrometheusMetrics | None,
+) -> None:
+    """Add the engine-load poller and the Redis fleet state the flags ask for.
+
+    Both may run together: each worker's external load is then the larger of the two
+    estimates (``cache_router.load_source.ExternalLoadBoard``), never their sum.
+    """
+    from cache_router.load_source import EngineLoadPoller, register_load_metrics
+
+    sources = False
+    if args.engine_load_poll_secs > 0:
+        background.append(
+            EngineLoadPoller(
+                registry, interval=args.engine_load_poll_secs, format=args.engine_load_format
+            )
+        )
+        sources = True
+    if args.redis_url is not None:
+        from cache_router.fleet import RedisFleetState
+
+        try:
+            fleet = RedisFleetState(
+                registry,
+                policy,
+                args.redis_url,
+                fleet=args.fleet_name,
+                heartbeat=args.fleet_heartbeat_secs,
+                ttl=args.fleet_ttl_secs,
+            )
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        events.append(fleet)
+        background.append(fleet)
+        if metrics is not None:
+            fleet.register_metrics(metrics)
+        sources = True
+    if sources and metrics is not None:
+        register_load_metrics(metrics, registry)
+
+
+def _serve_workers(args: argparse.Namespace, uvicorn: Any, unreachable: list[str]) -> int:
+    """Run ``args.workers`` uvicorn processes, each building its app with
+    :func:`app_from_env` from the arguments passed in :data:`SERVE_ARGS_ENV`."""
+    if args.redis_url is None:
+        logger.warning(
+            "--workers %d without --redis-url: each process routes on its own prefix tree "
+            "and load counts, so they will not share what they learn",
+            args.workers,
+        )
+    os.environ[SERVE_ARGS_ENV] = json.dumps({**vars(args), "_unreachable": unreachable})
+    uvicorn.run(
+        "cache_router.cli:app_from_env",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        lifespan="on",
+        server_header=False,
+    )
+    return 0
+
+
+def app_from_env() -> Any:
+    """The router app of one ``--workers`` process (a uvicorn factory).
+
+    Each process builds its own registry, policy and fleet state from the arguments the
+    parent serialized into :data:`SERVE_ARGS_ENV`; workers the parent found unreachable
+    start unhealthy, as in a single process.
+    """
+    raw = os.environ.get(SERVE_ARGS_ENV)
+    if raw is None:
+        raise RuntimeError(f"app_from_env needs ${SERVE_ARGS_ENV} (set by serve --workers)")
+    values = json.loads(raw)
+    unreachable = values.pop("_unreachable", [])
+    args = argparse.Namespace(**values)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    registry = WorkerRegistry(list(dict.fromkeys(args.worker_urls)))
+    for url in unreachable:
+        worker = registry.get(url)
+        if worker is not None:
+            worker.healthy = False
+    return _router_app(args, registry)
+
+
+# -- end of scale-out -----------------------------------------------------------------------
 
 
 # -- demo -----------------------------------------------------------------------------------

@@ -1,0 +1,595 @@
+"""Router replicas sharing state through a real Redis.
+
+Each test starts its own ``redis-server`` on a free loopback port (no persistence) and
+stops it at the end; the module is skipped when ``redis-server`` or the ``redis`` package
+is missing. Replicas are either in-process routers (each with its own registry, policy and
+:class:`RedisFleetState`, served by uvicorn threads with their lifespan on) or real
+``cache-router serve`` subprocesses; the engines are SimulatedEngines on 127.0.0.1.
+Every wait is bounded; no assertion is about timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from cache_router import CacheAwarePolicy, CacheRouterMiddleware, RoutingRequest, WorkerRegistry
+from cache_router.fleet import FleetState, RedisFleetState, redact_url
+from cache_router.testing import SimulatedEngine, serve_apps
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = [
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("redis") is None,
+        reason="the redis package is not installed (pip install 'cache_router[redis]')",
+    ),
+    pytest.mark.anyio,
+    pytest.mark.timeout(60),
+]
+
+HOST = "127.0.0.1"
+#: Fast fleet settings for tests: the same code paths as production, shorter clocks.
+FAST = {
+    "heartbeat": 0.1,
+    "ttl": 1.0,
+    "flush_interval": 0.02,
+    "timeout": 0.5,
+    "max_backoff": 0.2,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` process on a loopback port; restartable on that port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        import redis
+
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.exceptions.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fleet_name() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def engines(count: int, **knobs: Any) -> list[SimulatedEngine]:
+    return [SimulatedEngine(name=f"engine-{i}", **knobs) for i in range(count)]
+
+
+@dataclass
+class Replica:
+    registry: WorkerRegistry
+    policy: CacheAwarePolicy
+    fleet: RedisFleetState | None
+    app: CacheRouterMiddleware
+
+
+def replica(urls: Sequence[str], redis_url: str | None, fleet: str, **policy: Any) -> Replica:
+    registry = WorkerRegistry(urls)
+    chosen = CacheAwarePolicy(seed=len(urls), **policy)
+    state = (
+        None
+        if redis_url is None
+        else RedisFleetState(registry, chosen, redis_url, fleet=fleet, **FAST)
+    )  # type: ignore[arg-type]
+    tasks = [] if state is None else [state]
+    app = CacheRouterMiddleware(SimulatedEngine(), registry, chosen, events=tasks, background=tasks)
+    return Replica(registry, chosen, state, app)
+
+
+def all_learned(states: Sequence[RedisFleetState]) -> bool:
+    """Every decision published, and learned by every other replica."""
+    published = sum(state.published for state in states)
+    return all(
+        state.pending == 0 and state.applied == published - state.published for state in states
+    )
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    with anyio.fail_after(seconds):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+def completion(prompt: str, max_tokens: int = 2, stream: bool = False) -> dict[str, Any]:
+    return {"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+
+
+@asynccontextmanager
+async def held_streams(
+    client: httpx.AsyncClient, url: str, prompts: Sequence[str]
+) -> AsyncIterator[list[str]]:
+    """One long streamed completion per prompt, open until the block ends; yields the
+    engines that serve them. Streams broken by a dying router end quietly."""
+    release = anyio.Event()
+    served: list[str] = []
+
+    async def hold(prompt: str) -> None:
+        body = completion(prompt, max_tokens=4000, stream=True)
+        with contextlib.suppress(httpx.HTTPError):
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                chunks = response.aiter_raw()  # referenced: its finalizer closes the stream
+                await chunks.__anext__()
+                served.append(response.headers["x-engine"])
+                await release.wait()
+                await chunks.aclose()
+
+    async with anyio.create_task_group() as group:
+        for prompt in prompts:
+            group.start_soon(hold, prompt)
+        await wait_until(lambda: len(served) == len(prompts))
+        yield served
+        release.set()
+
+
+# -- sharing decisions -----------------------------------------------------------------------
+
+
+async def test_decisions_reach_the_other_replicas_and_late_starters_catch_up(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    urls = ["http://10.0.0.1:1", "http://10.0.0.2:1"]
+    a, b = (replica(urls, redis_server.url, fleet_name) for _ in range(2))
+    assert a.fleet is not None and b.fleet is not None
+    long_key = "system prompt " * 1000  # 14,000 characters: published truncated
+    async with anyio.create_task_group() as group:
+        group.start_soon(a.fleet.run)
+        group.start_soon(b.fleet.run)
+        worker = a.registry.workers[1]
+        a.fleet.request_routed(worker, RoutingRequest(long_key, "m"))
+        a.fleet.request_routed(worker, RoutingRequest("ünïcödé \ud800 prompt", None))
+        a.fleet.request_routed(a.registry.workers[0], RoutingRequest("tokens", "m", tokens=True))
+        a.fleet.request_routed(worker, RoutingRequest("", "m"))  # nothing to learn: skipped
+        a.fleet.request_routed(worker, RoutingRequest("x", "m"))
+        a.fleet.request_routed(  # a worker B does not know: not learned
+            type(worker)("http://10.9.9.9:1"), RoutingRequest("elsewhere", "m")
+        )
+        await wait_until(lambda: a.fleet.published == 5 and b.fleet.applied == 4)
+        tree = b.policy.tree("m")
+        match = tree.prefix_match(long_key + " and a question")
+        assert match.length == 8192 and match.tenants == {urls[1]}
+        assert b.policy.tree(None).prefix_match("ünïcödé \ud800 prompt!").tenants == {urls[1]}
+        assert b.policy.tree("m", tokens=True).prefix_match("tokens").tenants == {urls[0]}
+        assert b.policy.tree("m").prefix_match("elsewhere").length == 0
+        # A never learns its own decisions back.
+        assert a.fleet.applied == 0 and a.policy.tree_size == 0
+        # A replica started later reads the stream from its start.
+        c = replica(urls, redis_server.url, fleet_name)
+        assert c.fleet is not None
+        group.start_soon(c.fleet.run)
+        await wait_until(lambda: c.fleet.applied == 4)
+        assert c.policy.tree("m").prefix_match("x").tenants == {urls[1]}
+        group.cancel_scope.cancel()
+
+
+async def test_shared_prefixes_keep_the_hit_rate_of_a_single_replica(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    """Conversations whose turns go to replicas round robin: with shared state the engines'
+    prefix-cache hit rate stays within 5 points of one replica; without, it drops.
+
+    Requests go one at a time, and the replicas wait for each other's decisions after each,
+    so the comparison is deterministic: it measures what is shared, not how fast
+    (benchmarks/scale_out.py measures the propagation lag too).
+    """
+    users, rounds = 12, 4
+    systems = [f"group {g} system prompt: " + "lorem ipsum dolor " * 40 for g in range(4)]
+
+    async def hit_rate(replica_count: int, redis_url: str | None, name: str) -> float:
+        fleet_engines = engines(4, prefill_seconds_per_char=1e-6, decode_seconds_per_token=0)
+        with serve_apps(fleet_engines) as urls:
+            replicas = [replica(urls, redis_url, name) for _ in range(replica_count)]
+            states = [r.fleet for r in replicas if r.fleet is not None]
+            with serve_apps([r.app for r in replicas], lifespan="on") as router_urls:
+                async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+                    histories = [systems[u % 4] for u in range(users)]
+                    for round_number in range(rounds):
+                        for user in range(users):
+                            question = f"\nuser {user} asks question {round_number} " * 4
+                            router = router_urls[(user + round_number) % replica_count]
+                            prompt = histories[user] + question
+                            answer = await client.post(
+                                f"{router}/v1/completions", json=completion(prompt, 8)
+                            )
+                            assert answer.status_code == 200
+                            histories[user] = prompt + answer.json()["choices"][0]["text"]
+                            await wait_until(partial(all_learned, states))
+            stats = [engine.stats() for engine in fleet_engines]
+        return sum(s.cached_chars for s in stats) / sum(s.prompt_chars for s in stats)
+
+    single = await hit_rate(1, None, fleet_name)
+    shared = await hit_rate(3, redis_server.url, fleet_name)
+    isolated = await hit_rate(3, None, fleet_name)
+    assert abs(shared - single) <= 0.05, (single, shared)
+    assert isolated < single - 0.05, (single, isolated)  # what the sharing is for
+
+
+# -- sharing load --------------------------------------------------------------------------
+
+
+async def test_the_imbalance_gate_fires_at_the_global_load(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    """Requests held on an engine through replica A make replica B avoid it, although B
+    itself has nothing in flight there and B's tree says the prefix is cached there."""
+    knobs = {"balance_abs_threshold": 4, "balance_rel_threshold": 1.5}
+    fleet_engines = engines(2, decode_seconds_per_token=0.01, max_tokens_limit=4000)
+    prefix = "a long shared system prompt, " * 20
+    with serve_apps(fleet_engines) as urls:
+        a, b = (replica(urls, redis_server.url, fleet_name, **knobs) for _ in range(2))
+        assert a.fleet is not None and b.fleet is not None
+        with serve_apps([a.app, b.app], lifespan="on") as (url_a, url_b):
+            async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+                first = await client.post(f"{url_a}/v1/completions", json=completion(prefix))
+                home = first.headers["x-engine"]
+                await wait_until(lambda: b.fleet.applied >= 1)
+                # Balanced fleet: B follows the prefix A cached.
+                again = await client.post(
+                    f"{url_b}/v1/completions", json=completion(prefix + "question 0")
+                )
+                assert again.headers["x-engine"] == home
+                # Five long requests through A, all on the prefix's engine (A's own gate
+                # allows 4 + 1 there: 4 - 0 is not above the threshold of 4).
+                # (Once A no longer counts B's finished request as external load.)
+                await wait_until(lambda: not any(w.external_load for w in a.registry))
+                prompts = [prefix + f"held {i}" for i in range(5)]
+                async with held_streams(client, url_a, prompts) as served:
+                    assert served == [home] * 5
+                    hot = next(w for w in b.registry if w.url == urls[int(home[-1])])
+                    await wait_until(lambda: hot.external_load == 5)
+                    assert hot.load == 0
+                    balanced = b.policy.decisions["balanced"]
+                    moved = await client.post(
+                        f"{url_b}/v1/completions", json=completion(prefix + "question 1")
+                    )
+                    assert moved.status_code == 200
+                    assert moved.headers["x-engine"] != home
+                    assert b.policy.decisions["balanced"] == balanced + 1
+                await wait_until(lambda: hot.external_load == 0)
+
+
+def serve_command(redis_url: str, fleet: str, urls: Sequence[str], *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "cache_router", "serve", "--host", HOST,
+        "--worker-urls", *urls, "--redis-url", redis_url, "--fleet-name", fleet,
+        "--fleet-heartbeat-secs", "0.1", "--fleet-ttl-secs", "1.0", "--log-level", "warning",
+        *extra,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def router_process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+async def wait_ready(client: httpx.AsyncClient, url: str, process: subprocess.Popen[bytes]) -> None:
+    with anyio.fail_after(20):
+        while True:
+            assert process.poll() is None, "the router exited at startup"
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{url}/readiness")).status_code == 200:
+                    return
+            await anyio.sleep(0.05)
+
+
+async def test_a_killed_replica_leaves_no_load_behind(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    """A real router process is SIGKILLed with requests in flight: once its heartbeat
+    expires, the surviving replica counts none of its load."""
+    fleet_engines = engines(2, decode_seconds_per_token=0.01, max_tokens_limit=4000)
+    with serve_apps(fleet_engines) as urls:
+        survivor = replica(urls, redis_server.url, fleet_name)
+        assert survivor.fleet is not None
+        port = free_port()
+        argv = serve_command(redis_server.url, fleet_name, urls, "--port", str(port))
+        async with (
+            httpx.AsyncClient(trust_env=False, timeout=30) as client,
+            anyio.create_task_group() as group,
+        ):
+            group.start_soon(survivor.fleet.run)
+            with router_process(argv) as process:
+                victim = f"http://{HOST}:{port}"
+                await wait_ready(client, victim, process)
+                prompts = [f"burst request {i} " * 10 for i in range(6)]
+                async with held_streams(client, victim, prompts):
+                    await wait_until(lambda: sum(w.external_load for w in survivor.registry) == 6)
+                    assert len(survivor.fleet.replicas) == 1
+                    os.kill(process.pid, signal.SIGKILL)
+                    process.wait(5)
+            await wait_until(lambda: sum(w.external_load for w in survivor.registry) == 0)
+            await wait_until(lambda: not survivor.fleet.replicas)
+            # The survivor also deletes the dead replica from the replica list.
+            store, me = redis_server.client(), survivor.fleet.replica_id.encode()
+            await wait_until(lambda: store.smembers(survivor.fleet.replicas_key) == {me})
+            group.cancel_scope.cancel()
+
+
+async def test_worker_processes_each_join_the_fleet_and_leave_on_shutdown(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    with serve_apps(engines(1)) as urls:
+        port = free_port()
+        argv = serve_command(redis_server.url, fleet_name, urls, "--port", str(port))
+        key = f"cache_router:{{{fleet_name}}}:replicas"
+        store = redis_server.client()
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            with router_process([*argv, "--workers", "2"]) as process:
+                await wait_ready(client, f"http://{HOST}:{port}", process)
+                await wait_until(lambda: store.scard(key) == 2, seconds=20)
+                for i in range(4):
+                    answer = await client.post(
+                        f"http://{HOST}:{port}/v1/completions", json=completion(f"p{i}")
+                    )
+                    assert answer.status_code == 200
+                os.killpg(process.pid, signal.SIGTERM)  # graceful: replicas leave at once
+                process.wait(15)
+                assert process.returncode == 0
+            assert store.scard(key) == 0
+            assert store.keys(f"cache_router:{{{fleet_name}}}:load:*") == []
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+async def test_redis_down_or_stalled_changes_nothing_clients_see(
+    redis_server: RedisServer, fleet_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cache_router.fleet")
+    fleet_engines = engines(2, decode_seconds_per_token=0.0005)
+    with serve_apps(fleet_engines) as urls:
+        replicas = [replica(urls, redis_server.url, fleet_name) for _ in range(2)]
+        states = [r.fleet for r in replicas if r.fleet is not None]
+        with serve_apps([r.app for r in replicas], lifespan="on") as router_urls:
+            async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+                sent = 0
+
+                async def burst(count: int) -> None:
+                    nonlocal sent
+                    statuses: list[int] = []
+
+                    async def one(i: int) -> None:
+                        router = router_urls[i % 2]
+                        body = completion(f"shared prefix {i % 3} " * 20 + str(i))
+                        statuses.append(
+                            (await client.post(f"{router}/v1/completions", json=body)).status_code
+                        )
+
+                    async with anyio.create_task_group() as group:
+                        for i in range(count):
+                            group.start_soon(one, sent + i)
+                    sent += count
+                    assert statuses == [200] * count
+
+                await wait_until(lambda: all(state.connected for state in states))
+                await burst(20)
+                redis_server.stop()
+                await burst(20)  # whether or not the replicas noticed yet
+                await wait_until(lambda: not any(state.connected for state in states))
+                assert all(w.external_load == 0 for r in replicas for w in r.registry)
+                await burst(20)
+                redis_server.start()  # same port: the replicas reconnect by themselves
+                await wait_until(lambda: all(state.connected for state in states))
+                applied = [state.applied for state in states]
+                await burst(20)
+                await wait_until(
+                    lambda: all(s.applied > n for s, n in zip(states, applied, strict=True))
+                )
+                # A stalled Redis (every client paused) is an outage too, and invisible.
+                redis_server.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
+                await burst(20)
+                await wait_until(lambda: all(state.outages == 2 for state in states))
+                await wait_until(lambda: all(state.connected for state in states))
+                await burst(10)
+    outage_warnings = [
+        record for record in caplog.records if "is unreachable" in record.getMessage()
+    ]
+    assert len(outage_warnings) == 2 * len(states)  # once per replica per outage
+    assert all("routing on this replica's own state" in r.getMessage() for r in outage_warnings)
+
+
+def test_redis_is_never_awaited_on_the_request_path() -> None:
+    """Decisions are buffered, bounded, without a Redis connection; the oldest go first."""
+    registry = WorkerRegistry(["http://10.0.0.1:1"])
+    state = RedisFleetState(registry, CacheAwarePolicy(), "redis://127.0.0.1:1/0", max_pending=3)
+    worker = registry.workers[0]
+    for i in range(5):
+        state.request_routed(worker, RoutingRequest(f"key {i}", None))
+    assert (state.pending, state.dropped) == (3, 2)
+    assert [decision[3] for decision in state._pending] == ["key 2", "key 3", "key 4"]
+
+
+def test_settings_and_the_in_process_default() -> None:
+    registry = WorkerRegistry(["http://10.0.0.1:1"])
+    policy = CacheAwarePolicy()
+    for options in (
+        {"fleet": "has space"},
+        {"fleet": "{tag}"},
+        {"replica_id": ""},
+        {"heartbeat": 1.0, "ttl": 1.0},
+        {"heartbeat": 0},
+        {"stream_maxlen": 0},
+        {"max_key_chars": 0},
+    ):
+        with pytest.raises(ValueError):
+            RedisFleetState(registry, policy, "redis://h:1", **options)  # type: ignore[arg-type]
+    assert FleetState().connected
+    assert redact_url("redis://user:secret@h:6379/0") == "redis://user:***@h:6379/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_serve_workers_hands_its_arguments_to_each_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--workers N`` runs uvicorn's multiprocess mode on a factory that rebuilds the
+    app from the parsed arguments; without --redis-url it warns that nothing is shared."""
+    from cache_router import cli
+
+    calls: list[dict[str, Any]] = []
+
+    class FakeUvicorn:
+        @staticmethod
+        def run(app: str, **options: Any) -> None:
+            calls.append({"app": app, **options})
+
+    monkeypatch.setenv(cli.SERVE_ARGS_ENV, "restored by monkeypatch at teardown")
+    args = cli.build_parser().parse_args(
+        ["serve", "--worker-urls", "http://10.0.0.1:1", "http://10.0.0.2:1", "--workers", "3"]
+    )
+    caplog.set_level(logging.WARNING, logger="cache_router.cli")
+    assert cli._serve_workers(args, FakeUvicorn, ["http://10.0.0.2:1"]) == 0
+    (call,) = calls
+    assert (call["app"], call["factory"], call["workers"]) == (
+        "cache_router.cli:app_from_env", True, 3,
+    )  # fmt: skip
+    assert "will not share" in caplog.text
+    app = cli.app_from_env()
+    assert [worker.healthy for worker in app.registry] == [True, False]
+    assert not [task for task in app.background if isinstance(task, RedisFleetState)]
+    args.redis_url = "redis://127.0.0.1:1/0"
+    caplog.clear()
+    cli._serve_workers(args, FakeUvicorn, [])
+    assert "will not share" not in caplog.text
+    app = cli.app_from_env()
+    (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
+    assert state in app._events.listeners
+    os.environ.pop(cli.SERVE_ARGS_ENV)
+    with pytest.raises(RuntimeError):
+        cli.app_from_env()
+
+
+async def test_an_idle_replica_slows_down_and_its_next_request_wakes_it(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    """Idle, a replica exchanges state once per heartbeat; the request it routes next is
+    published at once. (The heartbeat here is longer than the test's bounded wait, so
+    without the wake-up the decision could not arrive.)"""
+    registry = WorkerRegistry(["http://10.0.0.1:1"])
+    options = {**FAST, "heartbeat": 30.0, "ttl": 60.0}
+    state = RedisFleetState(
+        registry, CacheAwarePolicy(), redis_server.url, fleet=fleet_name, **options
+    )  # type: ignore[arg-type]
+    async with anyio.create_task_group() as group:
+        group.start_soon(state.run)
+        await wait_until(lambda: state._dozing)
+        ticks = state.ticks
+        state.request_routed(registry.workers[0], RoutingRequest("wake up", None))
+        await wait_until(lambda: state.published == 1, seconds=10)
+        assert state.ticks == ticks + 1
+        await wait_until(lambda: state._dozing)  # and back to sleep when quiet again
+        group.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(120)
+def test_the_scale_out_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/scale_out.py at smoke size, so it never rots (numbers are not asserted)."""
+    pytest.importorskip("aiohttp")
+    from benchmarks import scale_out
+
+    out = tmp_path / "rows.jsonl"
+    rows = scale_out.main(
+        ["--size", "smoke", "--replicas", "2", "--modes", "local,redis", "--engines", "2",
+         "--json", str(out)]
+    )  # fmt: skip
+    assert [(row["mode"], row["replicas"]) for row in rows] == [("local", 2), ("redis", 2)]
+    for row in rows:
+        assert row["requests"] == scale_out.SIZES["smoke"].requests
+        assert row["errors"] == 0 and row["cpu_errors"] == 0
+        assert 0 <= row["hit_rate"] <= 1 and 0 < row["busiest_share"] <= 1
+        assert row["saturated_cpu_us_per_req"] >= 0  # 10 ms resolution: may read 0
+    assert len(out.read_text().splitlines()) == 2
+    printed = capsys.readouterr().out
+    assert "| redis | 2 |" in printed and "redis x2 router CPU/request vs local" in printed
