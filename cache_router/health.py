@@ -30,6 +30,7 @@ import anyio.abc
 import httpx
 
 from cache_router.events import RouterEvents
+from cache_router.periodic import every
 from cache_router.registry import Worker, WorkerRegistry
 
 __all__ = ["BreakerState", "CircuitBreaker", "CircuitBreakers", "HealthChecker"]
@@ -175,11 +176,7 @@ class HealthChecker:
         """
         task_status.started()
         try:
-            while True:
-                started = anyio.current_time()
-                await self.check_once()
-                # A fixed cadence: a round that took long does not push the next one back.
-                await anyio.sleep(max(0.0, started + self.interval - anyio.current_time()))
+            await every(self.interval, self.check_once)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.aclose()

@@ -44,6 +44,7 @@ import anyio.abc
 import httpx
 import sniffio
 
+from cache_router.periodic import every
 from cache_router.registry import Worker, WorkerRegistry
 
 if TYPE_CHECKING:
@@ -363,10 +364,7 @@ class EngineLoadPoller:
         """Poll every ``interval`` seconds until cancelled; the first round starts at once."""
         task_status.started()
         try:
-            while True:
-                started = anyio.current_time()
-                await self.poll_once()
-                await anyio.sleep(max(0.0, started + self.interval - anyio.current_time()))
+            await every(self.interval, self.poll_once)
         finally:
             for worker in list(self._last_success):
                 self._fall_back(worker)
