@@ -288,7 +288,9 @@ SIZES: dict[str, dict[str, Workload]] = {
         "multi_turn": MultiTurn(
             num_users=2, num_rounds=2, system_prompt_len=200, question_len=30, output_len=2
         ),
-        "burst": Burst(num_requests=12, system_prompt_len=300, question_len=30, output_len=2),
+        # Enough to queue on one engine: with fewer than its slots the spill gate (rightly)
+        # spreads the burst and no engine sees a hit.
+        "burst": Burst(num_requests=40, system_prompt_len=300, question_len=30, output_len=2),
         "overhead": Overhead(num_requests=20, concurrency=4),
         "overhead_paced": Overhead(num_requests=10, concurrency=4, rate=100.0),
     },

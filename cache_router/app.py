@@ -71,6 +71,7 @@ def make_policy(
     eviction_interval: float = 120.0,
     max_tree_size: int = 2**26,
     seed: int | None = None,
+    spill: bool = True,
 ) -> Policy:
     """The policy called ``name`` (one of :data:`POLICY_NAMES`) with SGLang's knobs.
 
@@ -86,6 +87,7 @@ def make_policy(
             eviction_interval=eviction_interval,
             max_tree_size=max_tree_size,
             seed=seed,
+            spill=spill,
         )
     if name == "round_robin":
         return RoundRobinPolicy()

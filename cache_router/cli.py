@@ -298,6 +298,14 @@ def _add_serve(commands: Any) -> None:
         metavar="PATH",
         help="path of the health check on each worker",
     )
+    serve.add_argument(
+        "--no-spill",
+        action="store_true",
+        help=(
+            "cache_aware: SGLang's rules exactly, without the per-request spill gate that "
+            "moves a hot prefix off an overloaded holder (see docs/policies.md)"
+        ),
+    )
     serve.add_argument("--disable-retries", action="store_true", help="one attempt per request")
     serve.add_argument(
         "--disable-circuit-breaker", action="store_true", help="no per-worker circuit breakers"
@@ -468,6 +476,7 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         balance_rel_threshold=args.balance_rel_threshold,
         eviction_interval=float(args.eviction_interval_secs),
         max_tree_size=args.max_tree_size,
+        spill=not args.no_spill,
     )
     seconds = float(args.request_timeout_secs)
     checker = HealthChecker(

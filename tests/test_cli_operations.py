@@ -56,3 +56,14 @@ def test_keys_admin_api_and_metrics_through_a_real_server() -> None:
         assert 'cache_router_requests_total{route="/v1/completions",status="200"} 1.0' in metrics
         assert 'cache_router_requests_total{route="/v1/completions",status="401"} 1.0' in metrics
     assert engine.stats().completed == 1
+
+
+def test_no_spill_gives_sglangs_exact_rules() -> None:
+    from cache_router import CacheAwarePolicy, WorkerRegistry
+    from cache_router.cli import _router_app
+
+    for flags, expected in (([], True), (["--no-spill"], False)):
+        args = build_parser().parse_args(["serve", "--worker-urls", "http://127.0.0.1:1", *flags])
+        app = _router_app(args, WorkerRegistry(args.worker_urls))
+        assert isinstance(app.policy, CacheAwarePolicy)
+        assert app.policy.spill is expected

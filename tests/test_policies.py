@@ -18,6 +18,7 @@ from cache_router.policies import (
     RoutingRequest,
     least_loaded,
 )
+from cache_router.policies.cache_aware import SPILL_MIN_MARGIN
 from cache_router.registry import Lease, Worker, WorkerRegistry
 from cache_router.tree import PrefixMatch, encode_tokens
 
@@ -680,3 +681,210 @@ def test_builtin_policies_satisfy_the_protocol_and_others_do_not() -> None:
             return candidates[0]
 
     assert not isinstance(Chooser(), Policy)
+
+
+# -- the spill gate ------------------------------------------------------------------------
+#
+# On a hit, a holder that runs more than ``margin`` ahead moves the request: to a warm worker
+# (one holding a shorter, still qualifying part of the key) if one is that much less loaded,
+# else -- when even the least loaded warm worker is a hot spot against the cold workers'
+# mean (``balance_rel_threshold`` and ``margin``, both strict) -- to the least loaded
+# worker, which becomes a holder of the key.
+
+HOT_KEY = SHARED + "question"
+
+
+def hot_holder(
+    holder_load: int, cold_loads: tuple[int, ...], spill: bool = True
+) -> tuple[CacheAwarePolicy, list[Worker]]:
+    """Worker 0 alone holds ``HOT_KEY`` with ``holder_load`` in flight; the rest are cold."""
+    registry = fleet(1 + len(cold_loads))
+    policy = CacheAwarePolicy(spill=spill, seed=6)
+    workers = registry.workers
+    policy.tree().insert(HOT_KEY, workers[0].url)
+    hold(registry, workers[0], holder_load)
+    for worker, load in zip(workers[1:], cold_loads, strict=True):
+        hold(registry, worker, load)
+    return policy, workers
+
+
+def test_spill_gate_is_on_by_default() -> None:
+    assert CacheAwarePolicy().spill is True
+    assert CacheAwarePolicy(spill=False).spill is False
+
+
+def test_spill_margin_is_two_standard_deviations_floored_and_capped() -> None:
+    policy = CacheAwarePolicy()
+    assert policy.spill_margin(0.0) == SPILL_MIN_MARGIN == 4.0
+    assert policy.spill_margin(4.0) == 4.0
+    assert policy.spill_margin(9.0) == 6.0
+    assert policy.spill_margin(100.0) == 20.0
+    assert policy.spill_margin(10_000.0) == 64  # never looser than the fleet-wide rule
+    assert CacheAwarePolicy(balance_abs_threshold=2).spill_margin(100.0) == 2
+
+
+def test_cold_spill_needs_the_relative_condition_strictly() -> None:
+    # Cold mean 40, fleet mean 46.7, margin 2 * sqrt(46.7) = 13.7: 60 > 53.7 holds, but
+    # 60 > 40 * 1.5 does not.
+    policy, (a, b, c) = hot_holder(60, (39, 41))
+    assert policy.select(request(HOT_KEY), [a, b, c]) is a
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0}
+    # One more in flight and both hold: the request goes to the least loaded worker.
+    policy, (a, b, c) = hot_holder(61, (39, 41))
+    assert not policy.is_imbalanced([a, b, c])  # 61 - 39 <= 64: SGLang's rule stays quiet
+    assert policy.select(request(HOT_KEY), [a, b, c]) is b
+    assert policy.decisions == {"cache_hit": 0, "cache_miss": 0, "balanced": 0, "spilled": 1}
+
+
+def test_cold_spill_needs_the_absolute_condition_strictly() -> None:
+    # Cold mean 1, margin 4 (the floor): 5 > 1.5 holds, but 5 > 1 + 4 does not.
+    policy, (a, b, c) = hot_holder(5, (0, 2))
+    assert policy.select(request(HOT_KEY), [a, b, c]) is a
+    assert policy.decisions["cache_hit"] == 1
+    policy, (a, b, c) = hot_holder(6, (0, 2))
+    assert policy.select(request(HOT_KEY), [a, b, c]) is b
+    assert policy.decisions["spilled"] == 1
+
+
+def test_spill_target_becomes_a_holder_and_later_hits_spread() -> None:
+    policy, (a, b, c) = hot_holder(61, (39, 41))
+    workers = [a, b, c]
+    assert policy.select(request(HOT_KEY), workers) is b
+    # The key was recorded for the spill target, not the provisional holder: a hot prefix
+    # replicates, and the next hit picks the less loaded of its two holders.
+    assert policy.tree().prefix_match(HOT_KEY).tenants == frozenset({a.url, b.url})
+    assert policy.select(request(HOT_KEY + " again"), workers) is b
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0, "spilled": 1}
+    assert [w.load for w in workers] == [61, 39, 41]  # the policy never takes load
+
+
+WARM_KEY = SHARED + "question two"
+
+
+def warm_and_cold(a_load: int, b_load: int) -> tuple[CacheAwarePolicy, list[Worker]]:
+    """a holds ``WARM_KEY`` deepest, b only its shared part (warm), c nothing (cold, idle)."""
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = CacheAwarePolicy(seed=6)
+    policy.tree().insert(SHARED + "question one", a.url)
+    policy.tree().insert(SHARED + "unrelated", b.url)
+    assert policy.tree().prefix_match(WARM_KEY).tenants == frozenset({a.url})
+    hold(registry, a, a_load)
+    hold(registry, b, b_load)
+    return policy, [a, b, c]
+
+
+def test_spill_prefers_a_warm_worker_to_an_idle_cold_one() -> None:
+    policy, workers = warm_and_cold(6, 1)
+    b = workers[1]
+    # a is 5 > 4 above b, which holds SHARED (a match far above cache_threshold): the move
+    # costs b the prefill of "question two" only, where idle c would prefill all of it.
+    assert policy.select(request(WARM_KEY), workers) is b
+    assert policy.decisions == {
+        "cache_hit": 0,
+        "cache_miss": 0,
+        "balanced": 0,
+        "spilled_warm": 1,
+    }
+    assert policy.tree().prefix_match(WARM_KEY) == PrefixMatch(len(WARM_KEY), frozenset({b.url}))
+
+
+def test_no_cold_spill_while_a_warm_worker_is_not_hot() -> None:
+    policy, workers = warm_and_cold(5, 1)
+    # a is only 4 above warm b (not > 4), and b, the coolest warm worker, is no hot spot
+    # against cold c (1 is not > 0 + 4): the prefix is not hot, the request stays on a.
+    assert policy.select(request(WARM_KEY), workers) is workers[0]
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0}
+
+
+def test_gate_off_is_sglangs_rule_exactly() -> None:
+    policy, (a, b, c) = hot_holder(61, (39, 41), spill=False)
+    assert policy.select(request(HOT_KEY), [a, b, c]) is a
+    policy, (a, b, c) = hot_holder(6, (0, 2), spill=False)
+    assert policy.select(request(HOT_KEY), [a, b, c]) is a
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0}
+    # Only SGLang's fleet-wide rule moves a hit.
+    policy, (a, b, c) = hot_holder(65, (0, 30), spill=False)
+    assert policy.select(request(HOT_KEY), [a, b, c]) is b
+    assert policy.decisions == {"cache_hit": 0, "cache_miss": 0, "balanced": 1}
+
+
+def test_gate_leaves_misses_single_candidates_and_quiet_fleets_alone() -> None:
+    policy, (a, b, c) = hot_holder(30, (0, 0))
+    assert policy.select(request("an unrelated prompt"), [a, b, c]) in (b, c)  # a miss
+    assert policy.select(request(HOT_KEY), [a]) is a  # nowhere to spill
+    policy, (a, b, c) = hot_holder(4, (0, 0))  # 4 is not > 0 + 4: noise, not a hot spot
+    assert policy.select(request(HOT_KEY), [a, b, c]) is a
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0}
+
+
+def test_every_selection_counts_one_decision_with_the_gate() -> None:
+    registry = fleet(8)
+    policy = CacheAwarePolicy(seed=3)
+    for i in range(200):
+        registry.acquire(policy.select(request(f"{SHARED} {i}"), registry.workers))
+    assert sum(policy.decisions.values()) == 200
+    assert policy.decisions["spilled"] >= 1
+    assert policy.decisions["cache_miss"] == 1
+
+
+SYSTEM_PROMPT = "".join(chr(ord("a") + (i * 11) % 26) for i in range(1000))
+
+
+def user_turn(user: int, turn: int) -> str:
+    filler = "".join(chr(ord("a") + (user * 5 + turn * 3 + j * 7) % 26) for j in range(180))
+    return f"user {user} turn {turn}: {filler}"
+
+
+def route_multi_turn(spill: bool) -> list[list[Worker]]:
+    """32 concurrent chats over one system prompt, 4 turns, 8 workers; per turn all 32
+    requests are in flight at once (leases held), then complete."""
+    registry = fleet(8)
+    policy = CacheAwarePolicy(spill=spill, seed=7)
+    policy.bind(registry)
+    keys = [f"{SYSTEM_PROMPT}\n{user_turn(user, 0)}" for user in range(32)]
+    turns: list[list[Worker]] = []
+    for turn in range(1, 5):
+        chosen: list[Worker] = []
+        leases = []
+        for key in keys:
+            worker = policy.select(request(key), registry.candidates())
+            leases.append(registry.acquire(worker))
+            chosen.append(worker)
+        turns.append(chosen)
+        for lease in leases:
+            lease.release()
+        answer = "answer " + "x" * 30
+        keys = [f"{key}\n{answer}\n{user_turn(user, turn)}" for user, key in enumerate(keys)]
+    return turns
+
+
+def test_multi_turn_shared_system_prompt_spreads_and_keeps_each_chat_home() -> None:
+    turns = route_multi_turn(spill=True)
+    first = Counter(worker.url for worker in turns[0])
+    assert len(first) >= 6  # 32 first turns over most of the 8 workers...
+    assert max(first.values()) <= 6  # ...none holding more than about its share
+    for later in turns[1:]:
+        # Each later turn's deepest match is its own chat, on the worker of its first turn.
+        assert later == turns[0]
+
+
+def test_multi_turn_shared_system_prompt_collapses_with_the_gate_off() -> None:
+    # SGLang's rule: every first turn matches the system prompt and 32 in flight never
+    # open a gap of 64, so one worker takes every request of every turn.
+    turns = route_multi_turn(spill=False)
+    assert {worker.url for turn in turns for worker in turn} == {turns[0][0].url}
+
+
+def test_shared_prefix_burst_stays_within_the_spill_margin() -> None:
+    registry = fleet(WORKERS)
+    policy = CacheAwarePolicy(seed=1234)
+    policy.bind(registry)
+    for i in range(REQUESTS):
+        worker = policy.select(request(f"{LONG_PREFIX} request {i}"), registry.candidates())
+        registry.acquire(worker)
+    loads = [w.load for w in registry]
+    # Without the gate the holder runs 64 ahead (see the seed contract above); with it no
+    # worker takes a request while more than the margin above the least loaded.
+    assert max(loads) - min(loads) <= policy.spill_margin(REQUESTS / WORKERS) + 1
+    assert policy.decisions["balanced"] == 0

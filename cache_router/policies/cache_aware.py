@@ -6,10 +6,21 @@ The rules and defaults are those of SGLang's router CLI (``--cache-threshold 0.3
 loaded worker (not the one with the smallest tree, which sends every miss to a busy worker
 with a small tree), a hit goes to the least loaded of *all* workers holding the matched
 prefix, and ties break by ``(load, processed)`` and then at random.
+
+On top of SGLang's fleet-wide imbalance rule, a per-request *spill gate* keeps a hot prefix
+from piling onto the worker that holds it. The fleet-wide rule compares the busiest worker
+with the idlest against a fixed gap (64 requests by default), which has no good setting: in
+front of engines that run 8 requests at once, a shared system prompt never opens a gap of 64
+and its holder takes every request, while a small gap scatters prefixes on ordinary noise.
+The gate instead asks, for each hit, whether its holder is out of line -- by a margin that
+grows like the natural swing of an in-flight count -- and then moves the request, preferably
+to a worker that holds the prefix's qualifying part already, else to the least loaded worker,
+which becomes a holder too: a hot prefix replicates exactly as far as its traffic needs.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -19,9 +30,15 @@ from cache_router.policies.base import RoutingRequest, least_loaded
 from cache_router.registry import Worker, WorkerRegistry
 from cache_router.tree import RadixTree
 
-__all__ = ["CacheAwarePolicy"]
+__all__ = ["SPILL_MIN_MARGIN", "CacheAwarePolicy"]
 
 TreeKey = tuple[str | None, bool]
+
+#: The smallest spill margin, in requests. The margin is ``2 * sqrt(mean load)``, two
+#: standard deviations of a Poisson-like in-flight count; below a mean of 4 that is under
+#: 4 requests, less than the jitter of a few requests arriving before others finish, and a
+#: gate that fired on it would scatter prefixes while the fleet is nearly idle.
+SPILL_MIN_MARGIN = 4.0
 
 
 class CacheAwarePolicy:
@@ -34,7 +51,30 @@ class CacheAwarePolicy:
     2. Otherwise find the longest cached prefix of the routing key. If
        ``matched / len(key) > cache_threshold``, choose the least loaded worker holding it;
        else (a miss) the least loaded worker.
-    3. Record the key under the chosen worker, whichever rule chose it.
+    3. Spill gate, on a hit (``spill=True``, the default). With ``mean`` the candidates'
+       mean load and ``margin = min(balance_abs_threshold, max(SPILL_MIN_MARGIN,
+       2 * sqrt(mean)))``, when the holder runs more than ``margin`` ahead of some worker:
+
+       a. if the least loaded *warm* worker -- one whose own match is also above
+          ``cache_threshold``, holding a shorter part of the key (the tree names only the
+          deepest node's holders) -- is more than ``margin`` below the holder, go there
+          (``spilled_warm``): the move costs the prefill of a short tail;
+       b. else, if even that warm worker is a hot spot against the mean load of the *cold*
+          workers (above ``cold_mean * balance_rel_threshold`` and above ``cold_mean +
+          margin``), go to the least loaded worker (``spilled``);
+       c. else stay with the holder.
+    4. Record the key under the chosen worker, whichever rule chose it: after a spill the
+       target becomes a holder of the prefix, so later hits can choose among both.
+
+    The margin is two standard deviations of a Poisson-like in-flight count: a holder that
+    far ahead is a hot spot, not noise. It is capped at ``balance_abs_threshold`` so the
+    gate is never looser than the fleet-wide rule, and the relative condition is the
+    fleet-wide rule's own (30 against 40 in flight is not worth a cold prefill). A warm move
+    needs only the margin because it keeps the prefix; a cold spill costs a full prefill and
+    evicts something on its target, so it waits until the prefix is hot everywhere it is
+    cached. Comparing with the *cold* workers, not the whole fleet, matters: once most of
+    the fleet holds a hot prefix, the fleet mean is the holders' own load and no holder
+    ever looks hot, while the idle rest wait for the fleet-wide rule's gap of 64.
 
     One :class:`RadixTree` of at most ``max_tree_size`` characters is kept per model (and
     apart for token-id keys). Trees trim themselves on insert; in addition, every
@@ -50,6 +90,7 @@ class CacheAwarePolicy:
         eviction_interval: float = 120.0,
         max_tree_size: int = 2**26,
         *,
+        spill: bool = True,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -68,12 +109,15 @@ class CacheAwarePolicy:
         self.balance_rel_threshold = balance_rel_threshold
         self.eviction_interval = eviction_interval
         self.max_tree_size = max_tree_size
+        self.spill = spill
         self._rng = random.Random(seed)
         self._clock = clock
         self._trees: dict[TreeKey, RadixTree] = {}
         self._next_trim = clock() + eviction_interval if eviction_interval else float("inf")
         self._bound: list[WorkerRegistry] = []
-        #: How each selection was decided: ``cache_hit``, ``cache_miss`` or ``balanced``.
+        #: How each selection was decided: ``cache_hit``, ``cache_miss`` or ``balanced``;
+        #: with the spill gate also ``spilled_warm`` and ``spilled`` (hits the gate moved),
+        #: each key added on its first occurrence. Every selection counts exactly once.
         self.decisions: dict[str, int] = {"cache_hit": 0, "cache_miss": 0, "balanced": 0}
 
     def bind(self, registry: WorkerRegistry) -> None:
@@ -102,11 +146,17 @@ class CacheAwarePolicy:
 
     def is_imbalanced(self, candidates: Sequence[Worker]) -> bool:
         loads = [worker._load + worker.external_load for worker in candidates]
-        highest, lowest = max(loads), min(loads)
+        return self._imbalanced(max(loads), min(loads))
+
+    def _imbalanced(self, highest: int, lowest: int) -> bool:
         return (
             highest - lowest > self.balance_abs_threshold
             and highest > lowest * self.balance_rel_threshold
         )
+
+    def spill_margin(self, mean: float) -> float:
+        """How far (in requests) a holder may run ahead before the spill gate moves a hit."""
+        return min(self.balance_abs_threshold, max(SPILL_MIN_MARGIN, 2.0 * math.sqrt(mean)))
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker:
         if not candidates:
@@ -115,12 +165,28 @@ class CacheAwarePolicy:
             self._trim_all()
         key = request.key
         tree = self.tree(request.model, request.tokens)
-        if len(candidates) > 1 and self.is_imbalanced(candidates):
+        count = len(candidates)
+        total = lowest = 0
+        imbalanced = False
+        if count > 1:
+            # One pass gathers what both load rules need.
+            first = candidates[0]
+            highest = lowest = first._load + first.external_load
+            for worker in candidates:
+                load = worker._load + worker.external_load
+                total += load
+                if load > highest:
+                    highest = load
+                elif load < lowest:
+                    lowest = load
+            imbalanced = self._imbalanced(highest, lowest)
+        if imbalanced:
             decision = "balanced"
             chosen = least_loaded(candidates, self._rng)
         else:
             decision = "cache_miss"
             pool = candidates
+            matched = 0
             if key:
                 match = tree.prefix_match(key)
                 if match.length / len(key) > self.cache_threshold:
@@ -128,11 +194,64 @@ class CacheAwarePolicy:
                     if holders:
                         decision = "cache_hit"
                         pool = holders
+                        matched = match.length
             chosen = least_loaded(pool, self._rng)
-        self.decisions[decision] += 1
+            if matched and count > 1 and self.spill:
+                load = chosen._load + chosen.external_load
+                # Either move needs a worker ``margin`` below the holder; the margin's
+                # least value rules out most hits before any arithmetic.
+                ahead = load - lowest
+                if ahead > SPILL_MIN_MARGIN or ahead > self.balance_abs_threshold:
+                    margin = self.spill_margin(total / count)
+                    if ahead > margin:
+                        chosen, decision = self._spill(
+                            tree, key, matched, candidates, chosen, load, total, margin
+                        )
+        # Recorded only now, after the gate: the counter and the tree see the final choice.
+        decisions = self.decisions
+        decisions[decision] = decisions.get(decision, 0) + 1
         if key:
             tree.insert(key, chosen.url)
         return chosen
+
+    def _spill(
+        self,
+        tree: RadixTree,
+        key: str,
+        matched: int,
+        candidates: Sequence[Worker],
+        holder: Worker,
+        load: int,
+        total: int,
+        margin: float,
+    ) -> tuple[Worker, str]:
+        """Where a hit goes when some worker is more than ``margin`` below its ``holder``.
+
+        *Warm* workers are those whose own match is above ``cache_threshold`` as well: the
+        holders of the node at the first qualifying length, a superset of the deepest node's
+        holders (a node's tenants include its descendants'). Moving to one costs a short
+        tail of prefill, so a margin is enough. Replicating onto a *cold* worker costs the
+        whole prefix and evicts something there, so it waits until even the least loaded
+        warm worker is a hot spot against the cold ones' mean. This path runs only when the
+        cheap test in :meth:`select` passes, so its second tree walk stays off the common
+        path.
+        """
+        cut = min(matched, int(len(key) * self.cache_threshold) + 1)
+        warm_urls = tree.prefix_match(key[:cut]).tenants
+        warm = [worker for worker in candidates if worker.url in warm_urls]
+        if not warm:  # unreachable while the tree keeps its invariant; stay put
+            return holder, "cache_hit"
+        target = least_loaded(warm, self._rng)
+        coolest = target._load + target.external_load
+        if load - coolest > margin:
+            return target, "spilled_warm"
+        cold = len(candidates) - len(warm)
+        if cold:
+            warm_load = sum(worker._load + worker.external_load for worker in warm)
+            cold_mean = (total - warm_load) / cold
+            if coolest > cold_mean * self.balance_rel_threshold and coolest > cold_mean + margin:
+                return least_loaded(candidates, self._rng), "spilled"
+        return holder, "cache_hit"
 
     def learn(self, request: RoutingRequest, worker_url: str) -> None:
         """Record that ``request`` went to ``worker_url`` without selecting anything.
