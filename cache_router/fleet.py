@@ -53,8 +53,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
-import sniffio
 
+from cache_router._loop import on_asyncio
 from cache_router.events import RouterEvents
 from cache_router.load_source import external_load_board
 from cache_router.policies.base import RoutingRequest
@@ -286,7 +286,7 @@ class RedisFleetState(FleetState):
         replica's counts deleted, so the others stop counting its load at once rather
         than after ``ttl``; bounded by ``timeout``.
         """
-        if sniffio.current_async_library() != "asyncio":
+        if not on_asyncio():
             raise RuntimeError("RedisFleetState needs asyncio (redis.asyncio), not trio")
         task_status.started()
         try:

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.abc
 import httpx
-import sniffio
 
+from cache_router._loop import on_asyncio
 from cache_router.periodic import every
 from cache_router.registry import Worker, WorkerRegistry
 
@@ -397,7 +397,7 @@ class EngineLoadPoller:
 
     def _open(self) -> None:
         """Make the client, inside the running loop (aiohttp sessions belong to one)."""
-        if self.transport != "httpx" and sniffio.current_async_library() == "asyncio":
+        if self.transport != "httpx" and on_asyncio():
             try:
                 import aiohttp
             except ImportError:

@@ -23,8 +23,8 @@ from typing import Literal
 
 import anyio
 import httpx
-import sniffio
 
+from cache_router._loop import on_asyncio
 from cache_router.errors import error_body
 from cache_router.events import RouterEvents
 from cache_router.registry import Lease
@@ -165,7 +165,7 @@ class Upstream:
 
     def client(self) -> UpstreamClient:
         if self._client is None:
-            self._on_asyncio = sniffio.current_async_library() == "asyncio"
+            self._on_asyncio = on_asyncio()
             self._client = self._make_client()
         return self._client
 
