@@ -284,8 +284,12 @@ class Upstream:
             lease.release()
             exchange.finished = True
             events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
-            if exc.connect and exchange.may_retry:
-                result.retry = "connect failure"
+            # Nothing came back: the request never reached the engine (connect), or the
+            # connection broke before any answer (an engine dying, a keep-alive connection
+            # it had closed) -- as with a 502, another worker may take it. A timeout is not
+            # retried: the engine may still be working on it.
+            if exchange.may_retry and (exc.connect or exc.kind == "broken"):
+                result.retry = "connect failure" if exc.connect else f"no answer ({exc})"
             elif exc.kind == "timeout":
                 await exchange.error(504, f"upstream {worker.url} timed out", "upstream_timeout")
             else:
