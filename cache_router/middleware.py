@@ -29,11 +29,11 @@ from cache_router.auth import bearer_matches
 from cache_router.errors import NoAvailableWorker, RouterError, UnknownModel
 from cache_router.events import EventFanout, RouterEvents
 from cache_router.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
-from cache_router.proxy import _REQUEST_DROP as REQUEST_DROP
 from cache_router.proxy import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
+    REQUEST_DROP,
     RelayResult,
     TransportChoice,
     Upstream,

@@ -18,7 +18,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import anyio
@@ -34,6 +34,7 @@ from cache_router.upstream import AiohttpClient, HttpxClient, UpstreamClient, Up
 __all__ = [
     "DEFAULT_TIMEOUT",
     "HOP_BY_HOP_HEADERS",
+    "REQUEST_DROP",
     "Upstream",
     "UpstreamAborted",
     "send_json_error",
@@ -65,7 +66,7 @@ HOP_BY_HOP_HEADERS = frozenset(
         b"upgrade",
     }
 )
-_REQUEST_DROP = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"expect", b"x-request-id"}
+REQUEST_DROP = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"expect", b"x-request-id"}
 # uvicorn and other servers add their own date and server headers; two of each confuse clients.
 _RESPONSE_DROP = HOP_BY_HOP_HEADERS | {b"date", b"server", b"x-request-id"}
 
@@ -424,14 +425,3 @@ async def _cancel_on_disconnect(
     await _wait_for_disconnect(receive)
     exchange.client_gone = True
     scope.cancel()
-
-
-def merge_headers(
-    base: list[tuple[bytes, bytes]], overrides: Mapping[bytes, bytes]
-) -> list[tuple[bytes, bytes]]:
-    """``base`` with every header named in ``overrides`` replaced by its value there."""
-    if not overrides:
-        return base
-    kept = [(name, value) for name, value in base if name not in overrides]
-    kept.extend(overrides.items())
-    return kept
