@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Sequence
 
 import pytest
@@ -400,6 +401,35 @@ def test_trim_defaults_to_low_water_and_reports_removed_characters() -> None:
 
 
 # -- token keys ----------------------------------------------------------------------------
+
+
+def test_a_growing_tree_gives_the_garbage_collector_nothing_to_track() -> None:
+    tree = RadixTree(max_size=10_000)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2_000):  # splits, new leaves, evictions and reused ids
+        tree.insert(f"system {i % 7} question {i * 7919}", f"w{i % 3}")
+    tree.insert_many((f"learned {i}", "w9") for i in range(500))
+    tree.remove_tenant("w1")
+    tree.check_invariants()
+    assert len(tree.keys()) > 100
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+
+
+def test_insert_many_matches_one_insert_each() -> None:
+    items = [("abcdef", "w1"), ("abcxyz", "w2"), ("", "w3"), ("abc", "w3"), ("q", "w1")]
+    one_by_one = RadixTree(clock=FakeClock())
+    for key, tenant in items:
+        one_by_one.insert(key, tenant)
+    batched = RadixTree(clock=FakeClock())
+    batched.insert_many(items)
+    batched.check_invariants()
+    assert sorted(batched.keys()) == sorted(one_by_one.keys())
+    assert batched.size == one_by_one.size
+    assert {t: batched.tenant_size(t) for t in ("w1", "w2", "w3")} == {
+        t: one_by_one.tenant_size(t) for t in ("w1", "w2", "w3")
+    }
 
 
 def test_encode_tokens_is_one_character_per_token() -> None:
