@@ -46,6 +46,7 @@ import random
 import re
 import secrets
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -224,7 +225,7 @@ class RedisFleetState(FleetState):
         self._load_prefix = f"{base}:load:"
         self._own_load_key = self._load_prefix + replica_id
         self._me = replica_id.encode()
-        self._learn: Callable[[RoutingRequest, str], None] | None = getattr(policy, "learn", None)
+        self._teach = _teacher(policy)
         self._pending: deque[_Decision] = deque(maxlen=max_pending)
         self._board = external_load_board(registry)
         self._client: Any = None
@@ -258,7 +259,7 @@ class RedisFleetState(FleetState):
             self._dozing = False
             if self._wake is not None:
                 self._wake.set()
-        if self._learn is None or not request.key:
+        if self._teach is None or not request.key:
             return
         pending = self._pending
         if len(pending) == pending.maxlen:
@@ -291,19 +292,17 @@ class RedisFleetState(FleetState):
         task_status.started()
         try:
             while True:
-                started = anyio.current_time()
+                started = time.monotonic()
                 if not await self.tick():
                     await anyio.sleep(self._backoff())
                     continue
                 self._quiet = 0 if self._changed else self._quiet + 1
                 if self._quiet < IDLE_AFTER_TICKS:
-                    await anyio.sleep(
-                        max(0.0, started + self.flush_interval - anyio.current_time())
-                    )
+                    await anyio.sleep(max(0.0, started + self.flush_interval - time.monotonic()))
                     continue
                 self._wake = anyio.Event()
                 self._dozing = True
-                with anyio.move_on_after(started + self.heartbeat - anyio.current_time()):
+                with anyio.move_on_after(started + self.heartbeat - time.monotonic()):
                     await self._wake.wait()
                     self._quiet = 0
                 self._dozing = False
@@ -331,7 +330,7 @@ class RedisFleetState(FleetState):
 
     async def _exchange(self) -> None:
         client = self._get_client()
-        now = anyio.current_time()
+        now = time.monotonic()
         pipe = client.pipeline(transaction=False)
         decisions = self._take_pending()
         self._changed = bool(decisions)
@@ -435,7 +434,7 @@ class RedisFleetState(FleetState):
 
     async def _apply_stream(self, batch: Any) -> None:
         """Teach the policy the other replicas' decisions, ``read_batch`` at a time."""
-        learn = self._learn
+        teach = self._teach
         for round_number in range(self.max_batches_per_tick):
             entries = _stream_entries(batch)
             if not entries:
@@ -445,12 +444,15 @@ class RedisFleetState(FleetState):
             me = self._me
             for entry_id, fields in entries:
                 self._last_id = entry_id
-                if learn is None or fields.get(b"r") == me:
+                if teach is None or fields.get(b"r") == me:
                     continue
+                groups: dict[tuple[str | None, bool], list[tuple[str, str]]] = {}
                 for url, model, tokens, key in _decisions(fields.get(b"d")):
                     if url in known:
-                        learn(RoutingRequest(key, model, tokens=tokens), url)
-                        self.applied += 1
+                        groups.setdefault((model, tokens), []).append((key, url))
+                for (model, tokens), decisions in groups.items():
+                    teach(model, tokens, decisions)
+                    self.applied += len(decisions)
                 await anyio.sleep(0)  # a long catch-up must not hold the event loop
             if len(entries) < self.read_batch or round_number + 1 == self.max_batches_per_tick:
                 return
@@ -491,7 +493,10 @@ class RedisFleetState(FleetState):
             redis = self._redis
             self._client = redis.asyncio.Redis.from_url(
                 self.redis_url,
-                socket_timeout=self.timeout,
+                # No per-command timeout: each exchange is bounded as a whole by
+                # fail_after(timeout), and redis-py's per-reply timeout scopes cost more
+                # than the rest of reading the replies.
+                socket_timeout=None,
                 socket_connect_timeout=self.timeout,
                 # Retries and backoff are this class's business: fail fast, fall back.
                 retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
@@ -536,6 +541,27 @@ class RedisFleetState(FleetState):
     def register_metrics(self, metrics: PrometheusMetrics) -> None:
         """Add the ``<prefix>_fleet_*`` series to ``metrics`` (read at scrape time)."""
         metrics.collector_registry.register(_FleetCollector(metrics.prefix, self))
+
+
+# Teaches a policy decisions of one model and key kind: (model, tokens, [(key, url)...]).
+_Teacher = Callable[[str | None, bool, list[tuple[str, str]]], None]
+
+
+def _teacher(policy: object) -> _Teacher | None:
+    """How to teach ``policy`` other replicas' decisions: its ``learn_many`` when it has
+    one, else ``learn`` once per decision, else None (it only shares load)."""
+    learn_many: _Teacher | None = getattr(policy, "learn_many", None)
+    if learn_many is not None:
+        return learn_many
+    learn: Callable[[RoutingRequest, str], None] | None = getattr(policy, "learn", None)
+    if learn is None:
+        return None
+
+    def learn_each(model: str | None, tokens: bool, decisions: list[tuple[str, str]]) -> None:
+        for key, url in decisions:
+            learn(RoutingRequest(key, model, tokens=tokens), url)
+
+    return learn_each
 
 
 def _encode_batch(decisions: Sequence[_Decision], max_key_chars: int) -> bytes:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from cache_router.errors import NoAvailableWorker
 from cache_router.policies.base import RoutingRequest, least_loaded
@@ -261,6 +261,17 @@ class CacheAwarePolicy:
         """
         if request.key:
             self.tree(request.model, request.tokens).insert(request.key, worker_url)
+
+    def learn_many(
+        self, model: str | None, tokens: bool, decisions: Iterable[tuple[str, str]]
+    ) -> None:
+        """:meth:`learn` for a batch of ``(key, worker_url)`` of one model and key kind.
+
+        Replicas sharing decisions apply each other's in batches; one tree lookup and one
+        clock read per batch keep that cheap (it runs for every request of every other
+        replica).
+        """
+        self.tree(model, tokens).insert_many(decisions)
 
     def _trim_all(self) -> None:
         for tree in self._trees.values():
