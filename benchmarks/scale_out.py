@@ -2,6 +2,7 @@
 
     python -m benchmarks.scale_out [--replicas 1,2,4] [--modes local,poll,redis]
         [--engines 4] [--size quick|smoke] [--repeat 1] [--json out.jsonl]
+        [--cpu-only | --no-cpu-phase] [--cpu-requests 1920]
 
 For every mode and replica count N, N ``python -m cache_router serve`` processes are
 started on loopback ports in front of the same simulated engines (``benchmarks._engines``,
@@ -35,6 +36,9 @@ learning the others' decisions pays for it here), twice:
 
 On a small machine the client, the routers, the engines and Redis share the cores: repeat
 runs (``--repeat``) and compare modes at the same N rather than trusting single figures.
+Repeats go round the whole matrix, so the modes at one N run back to back; besides the
+ratio of the medians, the script prints the median (and range) of the run-by-run ratios
+against ``local``, which cancels the slow drift of a shared machine's speed.
 
 Every process started is stopped by its own process group, on every exit path, Ctrl-C and
 SIGTERM included; every run is bounded by ``--run-timeout``.
@@ -53,7 +57,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -469,7 +473,20 @@ def run_scale_out(
         finally:
             if redis is not None:
                 redis.stop()
-    return [_median(done) for done in runs.values()]
+    merged = {key: _median(done) for key, done in runs.items()}
+    for (mode, count), done in runs.items():
+        base = runs.get(("local", count))
+        if mode == "local" or not base:
+            continue
+        for key in ("router_cpu_us_per_req", "saturated_cpu_us_per_req"):
+            ratios = [
+                run[key] / local[key] - 1
+                for run, local in zip(done, base, strict=False)
+                if run.get(key) and local.get(key)
+            ]
+            if ratios:
+                merged[mode, count][f"{key}_paired"] = sorted(ratios)
+    return list(merged.values())
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -525,6 +542,12 @@ def overhead(rows: Sequence[dict[str, Any]]) -> list[str]:
         ):
             if row.get(key) and base.get(key):
                 parts.append(f"{label} {row[key] / base[key] - 1:+.1%}")
+            paired = row.get(f"{key}_paired")
+            if paired and len(paired) > 1:
+                parts.append(
+                    f"{label}, run by run: median {statistics.median(paired):+.1%} "
+                    f"(range {paired[0]:+.1%} to {paired[-1]:+.1%})"
+                )
         if parts:
             notes.append(
                 f"{row['mode']} x{row['replicas']} router CPU/request vs local: " + ", ".join(parts)
@@ -547,6 +570,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--cpu-requests", type=int, default=None, help="requests of the CPU phase per run"
+    )
     parser.add_argument("--run-timeout", type=float, default=120.0, help="seconds per phase")
     parser.add_argument("--json", type=Path, default=None, help="append JSON lines here")
     phases = parser.add_mutually_exclusive_group()
@@ -563,11 +589,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    phases = SIZES[args.size]
+    if args.cpu_requests is not None:
+        phases = replace(phases, cpu_requests=max(1, args.cpu_requests))
     with _sigterm_as_interrupt():
         rows = run_scale_out(
             args.modes,
             args.replicas,
-            SIZES[args.size],
+            phases,
             engines=args.engines,
             seed=args.seed,
             repeat=args.repeat,
