@@ -11,12 +11,14 @@ fires at N times the configured threshold.
 
 * it is a :class:`~cache_router.events.RouterEvents` listener: ``request_routed`` appends
   the decision to an in-memory buffer (a deque append; the request never waits on Redis);
-* it is a background task: every ``flush_interval`` (50 ms) one pipeline publishes the
-  buffered decisions to a stream, refreshes this replica's per-worker in-flight counts
-  under a key that expires after ``ttl`` unless refreshed, reads the other live replicas'
-  counts (``Worker.external_load`` becomes their sum, through the registry's
+* it is a background task: every ``flush_interval`` (50 ms; see :meth:`RedisFleetState.run`
+  for the optional batching wait) one pipeline publishes the buffered decisions to a stream,
+  refreshes this replica's per-worker in-flight counts under a key that expires after
+  ``ttl`` unless refreshed, reads the other live replicas' counts (``Worker.external_load``
+  becomes their sum, through the registry's
   :class:`~cache_router.load_source.ExternalLoadBoard`), and reads the stream from where it
-  left off, teaching the policy the other replicas' decisions with ``policy.learn``.
+  left off, teaching the policy the other replicas' decisions (``policy.learn_many``, or
+  ``policy.learn`` one by one).
 
 Leases stay local, so a request's load is still released exactly once, by the replica
 that took it. Redis down or slow changes nothing a client can see: the request path never
@@ -153,7 +155,12 @@ class RedisFleetState(FleetState):
         ttl: a replica that has not refreshed its counts for ``ttl`` seconds is gone, and
             its load with it (``ttl`` > ``heartbeat``; a SIGKILLed replica's load is
             forgotten after at most ``ttl``).
-        flush_interval: how often decisions are published and the others' state is read.
+        flush_interval: shortest time between two exchanges (publishing decisions and
+            reading the others' state).
+        max_flush_interval: longest time between two exchanges while the replica routes
+            requests (default: ``flush_interval``, no batching wait); in between, an
+            exchange starts once ``flush_batch`` decisions wait. A trade of propagation
+            lag for CPU at low request rates, see ``docs/scale-out.md``.
         stream_maxlen: decisions kept in the stream (approximately, and fewer under light
             traffic: the stream keeps ``stream_maxlen / 32`` entries of up to 32 decisions
             each), which bounds both a late starter's catch-up and Redis memory (at most
@@ -181,6 +188,8 @@ class RedisFleetState(FleetState):
         heartbeat: float = 0.5,
         ttl: float = 3.0,
         flush_interval: float = 0.05,
+        max_flush_interval: float | None = None,
+        flush_batch: int = 16,
         stream_maxlen: int = 100_000,
         max_key_chars: int = DEFAULT_MAX_KEY_CHARS,
         max_pending: int = 10_000,
@@ -198,11 +207,19 @@ class RedisFleetState(FleetState):
             raise ValueError("replica_id may only use letters, digits and _ . : -")
         if not heartbeat > 0 or not flush_interval > 0 or not timeout > 0:
             raise ValueError("heartbeat, flush_interval and timeout must be positive")
+        if max_flush_interval is None:
+            max_flush_interval = flush_interval
+        if not flush_interval <= max_flush_interval <= heartbeat:
+            raise ValueError("max_flush_interval must be between flush_interval and heartbeat")
         if not ttl > heartbeat:
             raise ValueError("ttl must be longer than heartbeat")
-        if min(stream_maxlen, max_key_chars, max_pending, read_batch, max_batches_per_tick) < 1:
+        if (
+            min(stream_maxlen, max_key_chars, max_pending, read_batch, max_batches_per_tick) < 1
+            or flush_batch < 1
+        ):
             raise ValueError(
-                "stream_maxlen, max_key_chars, max_pending and read_batch must be >= 1"
+                "stream_maxlen, max_key_chars, max_pending, read_batch, max_batches_per_tick "
+                "and flush_batch must be >= 1"
             )
         self.registry = registry
         self.policy = policy
@@ -212,6 +229,8 @@ class RedisFleetState(FleetState):
         self.heartbeat = heartbeat
         self.ttl = ttl
         self.flush_interval = flush_interval
+        self.max_flush_interval = max_flush_interval
+        self.flush_batch = flush_batch
         self.stream_maxlen = stream_maxlen
         self._entry_maxlen = max(1, -(-stream_maxlen // ENTRY_DECISIONS))
         self.max_key_chars = max_key_chars
@@ -238,8 +257,9 @@ class RedisFleetState(FleetState):
         self._failures = 0
         self._changed = False
         self._quiet = 0
+        # Set by the request path once ``_wake_at`` decisions are pending (0: any request).
         self._wake: anyio.Event | None = None
-        self._dozing = False
+        self._wake_at = 0
         self._last_raw: list[bytes | None] = []
         self.connected = False
         #: Other live replicas' in-flight counts as last read: ``{replica: {url: n}}``.
@@ -254,17 +274,21 @@ class RedisFleetState(FleetState):
     # -- request path ----------------------------------------------------------------------
 
     def request_routed(self, worker: Worker, request: RoutingRequest) -> None:
-        """Buffer the decision for the next flush; nothing else happens on the request path."""
-        if self._dozing:  # the first request after a quiet spell: exchange state now
-            self._dozing = False
-            if self._wake is not None:
-                self._wake.set()
-        if self._teach is None or not request.key:
-            return
+        """Buffer the decision for the next flush, and wake the exchange if it waits for
+        this many; nothing else happens on the request path."""
         pending = self._pending
-        if len(pending) == pending.maxlen:
-            self.dropped += 1
-        pending.append((worker.url, request.model, request.tokens, request.key))
+        if self._teach is not None and request.key:
+            if len(pending) == pending.maxlen:
+                self.dropped += 1
+            pending.append((worker.url, request.model, request.tokens, request.key))
+        if self._wake is not None and len(pending) >= self._wake_at:
+            self._wake.set()
+            self._wake = None
+
+    @property
+    def idle(self) -> bool:
+        """Slowed down to one exchange per heartbeat until the next routed request."""
+        return self._wake is not None and self._wake_at == 0
 
     @property
     def pending(self) -> int:
@@ -276,7 +300,15 @@ class RedisFleetState(FleetState):
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Exchange state every ``flush_interval`` until cancelled; reconnect with backoff.
+        """Exchange state with Redis until cancelled; reconnect with backoff.
+
+        Exchanges are ``flush_interval`` apart. With ``max_flush_interval`` longer than
+        that, a replica then waits for ``flush_batch`` decisions to publish, but no longer
+        than ``max_flush_interval`` after the last exchange: each exchange costs about
+        the same whatever it carries, so this bounds the fleet's CPU per request at low
+        request rates (at most one exchange per ``flush_batch`` requests or per
+        ``max_flush_interval``), at the price of a longer propagation lag there; a busy
+        replica fills a batch within ``flush_interval`` and is unaffected.
 
         A replica with nothing to publish and nothing new to read for
         :data:`IDLE_AFTER_TICKS` exchanges slows down to one per ``heartbeat`` (an idle
@@ -297,19 +329,28 @@ class RedisFleetState(FleetState):
                     await anyio.sleep(self._backoff())
                     continue
                 self._quiet = 0 if self._changed else self._quiet + 1
-                if self._quiet < IDLE_AFTER_TICKS:
-                    await anyio.sleep(max(0.0, started + self.flush_interval - time.monotonic()))
+                if self._quiet >= IDLE_AFTER_TICKS:
+                    if await self._wait_for(0, started + self.heartbeat):
+                        self._quiet = 0
                     continue
-                self._wake = anyio.Event()
-                self._dozing = True
-                with anyio.move_on_after(started + self.heartbeat - time.monotonic()):
-                    await self._wake.wait()
-                    self._quiet = 0
-                self._dozing = False
+                await anyio.sleep(max(0.0, started + self.flush_interval - time.monotonic()))
+                await self._wait_for(self.flush_batch, started + self.max_flush_interval)
         finally:
             with anyio.CancelScope(shield=True):
                 self._board.clear_source(self.SOURCE)
                 await self._leave()
+
+    async def _wait_for(self, decisions: int, deadline: float) -> bool:
+        """Until ``decisions`` are pending (0: a request is routed) or ``deadline``; True if
+        woken by requests."""
+        if decisions and len(self._pending) >= decisions:
+            return True
+        self._wake_at = decisions
+        wake = self._wake = anyio.Event()
+        with anyio.move_on_after(deadline - time.monotonic()):
+            await wake.wait()
+        self._wake = None
+        return wake.is_set()
 
     async def tick(self) -> bool:
         """One exchange with Redis; False (and local-only routing) if it failed."""

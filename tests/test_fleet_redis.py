@@ -241,6 +241,37 @@ async def test_decisions_reach_the_other_replicas_and_late_starters_catch_up(
         group.cancel_scope.cancel()
 
 
+async def test_a_policy_with_only_learn_is_taught_one_decision_at_a_time(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    class LearnsOneByOne:
+        def __init__(self) -> None:
+            self.learned: list[tuple[RoutingRequest, str]] = []
+
+        def learn(self, request: RoutingRequest, worker_url: str) -> None:
+            self.learned.append((request, worker_url))
+
+    urls = ["http://10.0.0.1:1", "http://10.0.0.2:1"]
+    registries = [WorkerRegistry(urls) for _ in range(2)]
+    policies = [LearnsOneByOne() for _ in range(2)]
+    a, b = (
+        RedisFleetState(registry, policy, redis_server.url, fleet=fleet_name, **FAST)  # type: ignore[arg-type]
+        for registry, policy in zip(registries, policies, strict=True)
+    )
+    async with anyio.create_task_group() as group:
+        group.start_soon(a.run)
+        group.start_soon(b.run)
+        a.request_routed(registries[0].workers[1], RoutingRequest("a prompt", "m"))
+        a.request_routed(registries[0].workers[0], RoutingRequest("ids", "m", tokens=True))
+        await wait_until(lambda: b.applied == 2)
+        group.cancel_scope.cancel()
+    assert [(r.key, r.model, r.tokens, url) for r, url in policies[1].learned] == [
+        ("a prompt", "m", False, urls[1]),
+        ("ids", "m", True, urls[0]),
+    ]
+    assert policies[0].learned == []
+
+
 async def test_shared_prefixes_keep_the_hit_rate_of_a_single_replica(
     redis_server: RedisServer, fleet_name: str
 ) -> None:
@@ -564,12 +595,45 @@ async def test_an_idle_replica_slows_down_and_its_next_request_wakes_it(
     )  # type: ignore[arg-type]
     async with anyio.create_task_group() as group:
         group.start_soon(state.run)
-        await wait_until(lambda: state._dozing)
+        await wait_until(lambda: state.idle)
         ticks = state.ticks
         state.request_routed(registry.workers[0], RoutingRequest("wake up", None))
         await wait_until(lambda: state.published == 1, seconds=10)
         assert state.ticks == ticks + 1
-        await wait_until(lambda: state._dozing)  # and back to sleep when quiet again
+        await wait_until(lambda: state.idle)  # and back to sleep when quiet again
+        group.cancel_scope.cancel()
+
+
+async def test_a_replica_exchanges_once_a_batch_waits_and_at_the_latest_after_the_max(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    """Between ``flush_interval`` and ``max_flush_interval``, an exchange starts as soon as
+    ``flush_batch`` decisions wait; fewer wait for ``max_flush_interval``."""
+    registry = WorkerRegistry(["http://10.0.0.1:1"])
+    options = {**FAST, "heartbeat": 10.0, "ttl": 20.0, "max_flush_interval": 1.5}
+    state = RedisFleetState(
+        registry, CacheAwarePolicy(), redis_server.url, fleet=fleet_name, flush_batch=4,
+        **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+    worker = registry.workers[0]
+    async with anyio.create_task_group() as group:
+        group.start_soon(state.run)
+        ticks = state.ticks
+        await wait_until(lambda: state.ticks > ticks)  # an exchange just ended
+        started = time.monotonic()
+        for i in range(3):
+            state.request_routed(worker, RoutingRequest(f"prompt {i}", None))
+        await anyio.sleep(0.3)
+        assert state.published == 0  # three of four: still waiting
+        state.request_routed(worker, RoutingRequest("prompt 3", None))
+        await wait_until(lambda: state.published == 4, seconds=5)
+        assert time.monotonic() - started < 1.2  # the batch, not the deadline, sent them
+        ticks = state.ticks
+        await wait_until(lambda: state.ticks > ticks)
+        started = time.monotonic()
+        state.request_routed(worker, RoutingRequest("a lone prompt", None))
+        await wait_until(lambda: state.published == 5, seconds=10)
+        assert time.monotonic() - started > 0.5  # it waited for more to come
         group.cancel_scope.cancel()
 
 
