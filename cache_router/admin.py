@@ -5,7 +5,8 @@ convention). Its routes, relative to that prefix:
 
 =================================  ===================================================
 ``GET /workers``                   every worker: url, model, healthy, draining, circuit,
-                                   load, processed (a JSON array)
+                                   load, external_load, load_source, processed (a JSON
+                                   array)
 ``GET /workers/{url}``             one worker (``url`` percent-encoded); 404 if unknown
 ``POST /workers``                  ``{"url", "model"?, "wait_healthy_secs"?}``; 201
 ``DELETE /workers/{url}``          drain, then remove; ``?timeout=`` seconds overrides
@@ -54,6 +55,7 @@ from starlette.routing import Route
 
 from cache_router.auth import bearer_matches
 from cache_router.errors import error_body
+from cache_router.load_source import load_source
 from cache_router.metrics import circuit_state
 from cache_router.proxy import send_json_error
 from cache_router.registry import Lease, Worker, WorkerRegistry, normalize_url
@@ -84,11 +86,14 @@ class AdminError(Exception):
         self.code = code
 
 
-def worker_info(worker: Worker) -> dict[str, Any]:
+def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[str, Any]:
     """The admin API's JSON view of ``worker``.
 
     ``circuit`` is the circuit breaker's state (``closed``, ``open``, ``half_open``), or
-    null when the worker has no breaker.
+    null when the worker has no breaker. ``load`` counts this router's in-flight
+    requests; ``external_load`` the others it knows of (other replicas', or what the
+    engine reports beyond ours), and ``load_source`` says where that figure comes from:
+    ``local`` (none), ``engine`` or ``fleet`` (see :mod:`cache_router.load_source`).
     """
     return {
         "url": worker.url,
@@ -97,6 +102,8 @@ def worker_info(worker: Worker) -> dict[str, Any]:
         "draining": worker.draining,
         "circuit": circuit_state(worker),
         "load": worker.load,
+        "external_load": worker.external_load,
+        "load_source": "local" if registry is None else load_source(registry, worker),
         "processed": worker.processed,
     }
 
@@ -188,13 +195,13 @@ class AdminApp:
     async def _workers(self, request: Request) -> Response:
         if request.method == "POST":
             return await self._add_json(request)
-        return JSONResponse([worker_info(worker) for worker in self.registry])
+        return JSONResponse([worker_info(worker, self.registry) for worker in self.registry])
 
     async def _worker(self, request: Request) -> Response:
         worker = self._known(request.path_params["url"])
         if request.method == "DELETE":
             return await self._remove(worker, request)
-        return JSONResponse(worker_info(worker))
+        return JSONResponse(worker_info(worker, self.registry))
 
     async def _list_urls(self, request: Request) -> Response:
         return JSONResponse({"urls": [worker.url for worker in self.registry]})
@@ -207,13 +214,13 @@ class AdminApp:
         worker = await self.add(
             payload.get("url"), payload.get("model"), payload.get("wait_healthy_secs")
         )
-        return JSONResponse(worker_info(worker), status_code=201)
+        return JSONResponse(worker_info(worker, self.registry), status_code=201)
 
     async def _add_query(self, request: Request) -> Response:
         query = request.query_params
         wait = query.get("wait_healthy_secs")
         worker = await self.add(query.get("url"), query.get("model"), wait)
-        return JSONResponse(worker_info(worker))
+        return JSONResponse(worker_info(worker, self.registry))
 
     async def _remove_query(self, request: Request) -> Response:
         url = request.query_params.get("url")
@@ -225,7 +232,7 @@ class AdminApp:
         raw = request.query_params.get("timeout")
         timeout = self.drain_timeout if raw is None else _seconds(raw, "timeout")
         drained = await self.drain(worker, timeout)
-        return JSONResponse({**worker_info(worker), "drained": drained})
+        return JSONResponse({**worker_info(worker, self.registry), "drained": drained})
 
     async def _metrics(self, request: Request) -> Response:
         assert self.metrics is not None

@@ -133,6 +133,13 @@ def external_load_board(registry: WorkerRegistry) -> ExternalLoadBoard:
     return board
 
 
+def load_source(registry: WorkerRegistry, worker: Worker) -> str:
+    """Which source sets ``worker.external_load`` (``"local"``: none), without creating a
+    board for a registry that has no source."""
+    board = _BOARDS.get(registry)
+    return LOCAL if board is None else board.source_of(worker)
+
+
 # -- engine answers --------------------------------------------------------------------------
 
 

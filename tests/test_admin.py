@@ -26,6 +26,7 @@ from starlette.routing import Mount
 from cache_router.admin import AdminApp
 from cache_router.auth import bearer_matches, presented_keys
 from cache_router.events import RouterEvents
+from cache_router.load_source import external_load_board
 from cache_router.middleware import CacheRouterMiddleware
 from cache_router.policies import CacheAwarePolicy, RoutingRequest
 from cache_router.registry import Worker, WorkerRegistry
@@ -116,6 +117,8 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
             "draining": False,
             "circuit": None,
             "load": 0,
+            "external_load": 0,
+            "load_source": "local",
             "processed": 0,
         },
         {
@@ -125,6 +128,8 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
             "draining": False,
             "circuit": "half_open",
             "load": 1,
+            "external_load": 0,
+            "load_source": "local",
             "processed": 1,
         },
     ]
@@ -135,6 +140,26 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
     assert (await admin.client.get(f"/workers/{A}")).json()["url"] == A
     assert (await admin.client.get("/workers/http:/engine-a.test:8000")).json()["url"] == A
     assert (await admin.client.get("/list_workers")).json() == {"urls": [A, B]}
+
+
+@pytest.mark.anyio
+async def test_workers_show_the_load_other_routers_put_on_them_and_its_source(
+    admin: Admin,
+) -> None:
+    worker_a = admin.registry.get(A)
+    assert worker_a is not None
+    board = external_load_board(admin.registry)
+    board.set("engine", worker_a, 3)
+    board.set("fleet", worker_a, 5)  # the larger estimate applies
+    with admin.registry.acquire(worker_a):
+        shown = (await admin.client.get(f"/workers/{enc(A)}")).json()
+    assert (shown["load"], shown["external_load"], shown["load_source"]) == (1, 5, "fleet")
+    board.clear("fleet", worker_a)
+    shown = (await admin.client.get("/workers")).json()[0]
+    assert (shown["load"], shown["external_load"], shown["load_source"]) == (0, 3, "engine")
+    board.clear_source("engine")
+    shown = (await admin.client.get("/workers")).json()[0]
+    assert (shown["external_load"], shown["load_source"]) == (0, "local")
 
 
 @pytest.mark.anyio
@@ -192,6 +217,8 @@ async def test_post_adds_a_worker(admin: Admin) -> None:
         "draining": False,
         "circuit": None,
         "load": 0,
+        "external_load": 0,
+        "load_source": "local",
         "processed": 0,
     }
     worker = admin.registry.get("http://new.test:9")
