@@ -28,8 +28,9 @@ class RouterEvents:
     def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
         """No response from the engine: a connect failure, a timeout or a broken exchange."""
 
-    def upstream_completed(self, worker: Worker, seconds: float) -> None:
-        """The response body ended normally ``seconds`` after the request went out."""
+    def upstream_completed(self, worker: Worker, status: int, seconds: float) -> None:
+        """The body of a ``status`` response ended normally ``seconds`` after the request
+        went out (a body cut short is :meth:`upstream_failed` instead)."""
 
     def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
         """Attempt ``attempt`` on ``worker`` failed before any byte reached the client."""
@@ -62,9 +63,9 @@ class EventFanout(RouterEvents):
         for listener in self.listeners:
             listener.upstream_failed(worker, timeout=timeout, connect=connect)
 
-    def upstream_completed(self, worker: Worker, seconds: float) -> None:
+    def upstream_completed(self, worker: Worker, status: int, seconds: float) -> None:
         for listener in self.listeners:
-            listener.upstream_completed(worker, seconds)
+            listener.upstream_completed(worker, status, seconds)
 
     def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
         for listener in self.listeners:

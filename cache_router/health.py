@@ -348,9 +348,10 @@ class CircuitBreakers(RouterEvents):
     Pass it to the middleware, ``CacheRouterMiddleware(..., events=[breakers])``. Workers
     registered later get a breaker as they are added; a removed worker's breaker is
     forgotten. Failures are what the engine is to blame for: refused connections,
-    timeouts, broken exchanges and 5xx answers. Any answer below 500 is a success: a 4xx
-    is the client's fault, and a 429 is an engine protecting itself, which retries and the
-    load-aware policy handle better than cutting the worker off.
+    timeouts, broken exchanges (a stream cut short included) and 5xx answers. Any answer
+    below 500 whose body arrives whole is a success: a 4xx is the client's fault, and a
+    429 is an engine protecting itself, which retries and the load-aware policy handle
+    better than cutting the worker off.
     """
 
     def __init__(
@@ -398,11 +399,15 @@ class CircuitBreakers(RouterEvents):
 
     def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
         breaker = self._breakers.get(worker)
-        if breaker is not None:
-            if status >= 500:
-                breaker.record_failure()
-            else:
-                breaker.record_success()
+        if breaker is not None and status >= 500:
+            breaker.record_failure()
+
+    def upstream_completed(self, worker: Worker, status: int, seconds: float) -> None:
+        # A success only once the whole body arrived: an engine that answers 200 and then
+        # dies mid-stream must not reset the failure count its broken streams add.
+        breaker = self._breakers.get(worker)
+        if breaker is not None and status < 500:
+            breaker.record_success()
 
     def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
         breaker = self._breakers.get(worker)

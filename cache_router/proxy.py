@@ -321,7 +321,7 @@ class Upstream:
                     result.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             lease.release()
-            events.upstream_completed(worker, time.perf_counter() - sent_at)
+            events.upstream_completed(worker, status, time.perf_counter() - sent_at)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             exchange.finished = True
         except UpstreamError as exc:

@@ -500,21 +500,34 @@ def test_breakers_count_5xx_connect_errors_and_timeouts_as_failures() -> None:
     assert breakers[a].state == "open"
 
 
-def test_breakers_count_4xx_and_2xx_as_successes() -> None:
+def test_breakers_count_whole_4xx_and_2xx_answers_as_successes() -> None:
     registry = WorkerRegistry([A])
     breakers = CircuitBreakers(registry, failure_threshold=2)
     a = registry.workers[0]
     for status in (404, 429, 400, 200):
         breakers.upstream_answered(a, 500, 0.1)
         breakers.upstream_answered(a, status, 0.1)
+        breakers.upstream_completed(a, status, 0.2)
     assert breakers[a].state == "closed"
     assert breakers[a].times_opened == 0
-    # The other hooks carry no verdict.
+    # The other hooks carry no verdict, nor does the end of a 5xx body.
     breakers.upstream_answered(a, 502, 0.1)
-    breakers.upstream_completed(a, 0.2)
+    breakers.upstream_completed(a, 502, 0.2)
     breakers.request_retried(a, 1, "status 502")
     breakers.request_finished("/generate", 200, 0.2, 0.1)
     breakers.upstream_answered(a, 504, 0.1)
+    assert breakers[a].state == "open"
+
+
+def test_breakers_count_a_200_cut_short_as_a_failure() -> None:
+    """An engine that answers 200 and dies mid-stream: the answer alone is no success."""
+    registry = WorkerRegistry([A])
+    breakers = CircuitBreakers(registry, failure_threshold=3)
+    a = registry.workers[0]
+    for _ in range(3):
+        breakers.upstream_answered(a, 200, 0.1)
+        assert breakers[a].state == "closed"
+        breakers.upstream_failed(a, timeout=False, connect=False)
     assert breakers[a].state == "open"
 
 

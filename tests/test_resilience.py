@@ -391,6 +391,33 @@ async def test_no_retry_once_the_response_has_started(client: httpx.AsyncClient)
         served.assert_settled()
 
 
+async def test_a_breaker_opens_on_an_engine_that_answers_200_then_dies(
+    client: httpx.AsyncClient,
+) -> None:
+    """Every stream from e0 starts with a 200 and breaks after one chunk: those streams
+    count as failures, so its breaker opens and the traffic moves to e1."""
+    dying = Behaviour(stream=True, chunks=3, die_after=1)
+    with (
+        engines(dying, Behaviour(stream=True)) as (fleet, urls),
+        router(urls, policy=FirstPolicy(), breakers={"failure_threshold": 3}) as served,
+    ):
+        outcomes: list[str] = []
+        for _ in range(6):
+            try:
+                async with client.stream(
+                    "POST", served.url + CHAT, json={**BODY, "stream": True}
+                ) as response:
+                    body = b"".join([chunk async for chunk in response.aiter_raw()])
+                outcomes.append(response.headers["x-mock-engine"] if b"[DONE]" in body else "cut")
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                outcomes.append("broken")
+        assert outcomes[3:] == ["e1"] * 3
+        assert "e1" not in outcomes[:3]
+        wait_until(lambda: fleet[0].died == 3)
+        assert served.worker(urls[0]).breaker.state == "open"  # type: ignore[union-attr]
+        served.assert_settled()
+
+
 async def test_max_attempts_one_disables_retries(client: httpx.AsyncClient) -> None:
     dead = closed_port_url()
     retries = Retries()
