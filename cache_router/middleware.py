@@ -419,7 +419,7 @@ class CacheRouterMiddleware:
             )
             self._events.request_retried(worker, attempt, result.retry)
             failed.append(worker)
-            await anyio.sleep(self.retry.backoff(attempt))
+            await _sleep_unless_gone(self.retry.backoff(attempt), receive)
             attempt += 1
 
     async def _validate(
@@ -517,6 +517,20 @@ class CacheRouterMiddleware:
         if not len(self.registry):
             return NoAvailableWorker("no workers are registered")
         return NoAvailableWorker("no healthy worker is available; retry later")
+
+
+async def _sleep_unless_gone(seconds: float, receive: Receive) -> None:
+    """Sleep ``seconds`` (a retry backoff); raise :class:`_ClientGone` as soon as the client
+    disconnects instead of finding out when the next attempt starts.
+
+    The body has been read whole, so the next ASGI message can only be the disconnect.
+    """
+    if seconds <= 0:
+        return
+    with anyio.move_on_after(seconds):
+        if (await receive())["type"] == "http.disconnect":
+            raise _ClientGone
+        await anyio.sleep_forever()  # anything else: nothing left to watch
 
 
 def _log_decision(

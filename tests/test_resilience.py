@@ -418,6 +418,36 @@ async def test_a_breaker_opens_on_an_engine_that_answers_200_then_dies(
         served.assert_settled()
 
 
+async def test_a_client_that_leaves_during_the_retry_backoff_ends_the_request_at_once() -> None:
+    """The first attempt is refused; the client gives up during the 30 s backoff: the
+    request ends then, and the second engine never sees it."""
+
+    class Finished(RouterEvents):
+        def __init__(self) -> None:
+            self.statuses: list[int] = []
+
+        def request_finished(
+            self, route: str, status: int, seconds: float, first_byte: float | None
+        ) -> None:
+            self.statuses.append(status)
+
+    finished = Finished()
+    retry = RetryConfig(initial_backoff=30.0, max_backoff=30.0)
+    with (
+        engines(Behaviour()) as (fleet, urls),
+        router(
+            [closed_port_url(), *urls], policy=FirstPolicy(), retry=retry, events=[finished]
+        ) as served,
+    ):
+        async with httpx.AsyncClient(timeout=0.5) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post(served.url + CHAT, json=BODY)
+        wait_until(lambda: finished.statuses == [0], timeout=5)  # far sooner than 30 s
+        assert fleet[0].requests == []
+        assert served.acquires() == 1
+        served.assert_settled()
+
+
 async def test_max_attempts_one_disables_retries(client: httpx.AsyncClient) -> None:
     dead = closed_port_url()
     retries = Retries()
