@@ -246,6 +246,13 @@ class RedisFleetState(FleetState):
         self._me = replica_id.encode()
         self._teach = _teacher(policy)
         self._pending: deque[_Decision] = deque(maxlen=max_pending)
+        # A policy that says which of its decisions are news (the cache-aware one) reports
+        # them itself; otherwise every routed request is shared.
+        on_placement: Callable[[Callable[[RoutingRequest, str], None]], None] | None
+        on_placement = getattr(policy, "on_placement", None)
+        self._policy_reports = self._teach is not None and on_placement is not None
+        if on_placement is not None and self._policy_reports:
+            on_placement(self.share)
         self._board = external_load_board(registry)
         self._client: Any = None
         self._stale_client: Any = None
@@ -274,16 +281,25 @@ class RedisFleetState(FleetState):
     # -- request path ----------------------------------------------------------------------
 
     def request_routed(self, worker: Worker, request: RoutingRequest) -> None:
-        """Buffer the decision for the next flush, and wake the exchange if it waits for
-        this many; nothing else happens on the request path."""
-        pending = self._pending
-        if self._teach is not None and request.key:
-            if len(pending) == pending.maxlen:
-                self.dropped += 1
-            pending.append((worker.url, request.model, request.tokens, request.key))
-        if self._wake is not None and len(pending) >= self._wake_at:
+        """Buffer the decision (unless the policy reports its own, see :meth:`share`), and
+        wake the exchange if it waits for a request; nothing else happens on the request
+        path."""
+        if self._teach is not None and not self._policy_reports:
+            self.share(request, worker.url)
+        if self._wake is not None and len(self._pending) >= self._wake_at:
             self._wake.set()
             self._wake = None
+
+    def share(self, request: RoutingRequest, worker_url: str) -> None:
+        """Buffer one routing decision for the other replicas (the next exchange
+        publishes it). The cache-aware policy calls this for its decisions that are news
+        (see :meth:`~cache_router.policies.cache_aware.CacheAwarePolicy.on_placement`);
+        with another policy, every routed request is shared."""
+        if request.key:
+            pending = self._pending
+            if len(pending) == pending.maxlen:
+                self.dropped += 1
+            pending.append((worker_url, request.model, request.tokens, request.key))
 
     @property
     def idle(self) -> bool:

@@ -34,6 +34,7 @@ import pytest
 
 from cache_router import CacheAwarePolicy, CacheRouterMiddleware, RoutingRequest, WorkerRegistry
 from cache_router.fleet import FleetState, RedisFleetState, redact_url
+from cache_router.registry import Worker
 from cache_router.testing import SimulatedEngine, serve_apps
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -155,6 +156,12 @@ def replica(urls: Sequence[str], redis_url: str | None, fleet: str, **policy: An
     return Replica(registry, chosen, state, app)
 
 
+def routed(state: RedisFleetState, worker: Worker, request: RoutingRequest) -> None:
+    """What a news-making selection does: the policy shares it, the middleware reports it."""
+    state.share(request, worker.url)
+    state.request_routed(worker, request)
+
+
 def all_learned(states: Sequence[RedisFleetState]) -> bool:
     """Every decision published, and learned by every other replica."""
     published = sum(state.published for state in states)
@@ -215,14 +222,13 @@ async def test_decisions_reach_the_other_replicas_and_late_starters_catch_up(
         group.start_soon(a.fleet.run)
         group.start_soon(b.fleet.run)
         worker = a.registry.workers[1]
-        a.fleet.request_routed(worker, RoutingRequest(long_key, "m"))
-        a.fleet.request_routed(worker, RoutingRequest("ünïcödé \ud800 prompt", None))
-        a.fleet.request_routed(a.registry.workers[0], RoutingRequest("tokens", "m", tokens=True))
-        a.fleet.request_routed(worker, RoutingRequest("", "m"))  # nothing to learn: skipped
-        a.fleet.request_routed(worker, RoutingRequest("x", "m"))
-        a.fleet.request_routed(  # a worker B does not know: not learned
-            type(worker)("http://10.9.9.9:1"), RoutingRequest("elsewhere", "m")
-        )
+        a.fleet.share(RoutingRequest(long_key, "m"), worker.url)
+        a.fleet.share(RoutingRequest("ünïcödé \ud800 prompt", None), worker.url)
+        a.fleet.share(RoutingRequest("tokens", "m", tokens=True), a.registry.workers[0].url)
+        a.fleet.share(RoutingRequest("", "m"), worker.url)  # nothing to learn: skipped
+        a.fleet.share(RoutingRequest("x", "m"), worker.url)
+        # A worker B does not know: not learned.
+        a.fleet.share(RoutingRequest("elsewhere", "m"), "http://10.9.9.9:1")
         await wait_until(lambda: a.fleet.published == 5 and b.fleet.applied == 4)
         tree = b.policy.tree("m")
         match = tree.prefix_match(long_key + " and a question")
@@ -518,7 +524,7 @@ def test_redis_is_never_awaited_on_the_request_path() -> None:
     state = RedisFleetState(registry, CacheAwarePolicy(), "redis://127.0.0.1:1/0", max_pending=3)
     worker = registry.workers[0]
     for i in range(5):
-        state.request_routed(worker, RoutingRequest(f"key {i}", None))
+        routed(state, worker, RoutingRequest(f"key {i}", None))
     assert (state.pending, state.dropped) == (3, 2)
     assert [decision[3] for decision in state._pending] == ["key 2", "key 3", "key 4"]
 
@@ -597,7 +603,7 @@ async def test_an_idle_replica_slows_down_and_its_next_request_wakes_it(
         group.start_soon(state.run)
         await wait_until(lambda: state.idle)
         ticks = state.ticks
-        state.request_routed(registry.workers[0], RoutingRequest("wake up", None))
+        routed(state, registry.workers[0], RoutingRequest("wake up", None))
         await wait_until(lambda: state.published == 1, seconds=10)
         assert state.ticks == ticks + 1
         await wait_until(lambda: state.idle)  # and back to sleep when quiet again
@@ -622,16 +628,16 @@ async def test_a_replica_exchanges_once_a_batch_waits_and_at_the_latest_after_th
         await wait_until(lambda: state.ticks > ticks)  # an exchange just ended
         started = time.monotonic()
         for i in range(3):
-            state.request_routed(worker, RoutingRequest(f"prompt {i}", None))
+            routed(state, worker, RoutingRequest(f"prompt {i}", None))
         await anyio.sleep(0.3)
         assert state.published == 0  # three of four: still waiting
-        state.request_routed(worker, RoutingRequest("prompt 3", None))
+        routed(state, worker, RoutingRequest("prompt 3", None))
         await wait_until(lambda: state.published == 4, seconds=5)
         assert time.monotonic() - started < 1.2  # the batch, not the deadline, sent them
         ticks = state.ticks
         await wait_until(lambda: state.ticks > ticks)
         started = time.monotonic()
-        state.request_routed(worker, RoutingRequest("a lone prompt", None))
+        routed(state, worker, RoutingRequest("a lone prompt", None))
         await wait_until(lambda: state.published == 5, seconds=10)
         assert time.monotonic() - started > 0.5  # it waited for more to come
         group.cancel_scope.cancel()

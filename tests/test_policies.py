@@ -888,3 +888,51 @@ def test_shared_prefix_burst_stays_within_the_spill_margin() -> None:
     # worker takes a request while more than the margin above the least loaded.
     assert max(loads) - min(loads) <= policy.spill_margin(REQUESTS / WORKERS) + 1
     assert policy.decisions["balanced"] == 0
+
+
+# -- what is news to other routers -------------------------------------------------------
+
+
+def test_placements_reported_are_all_but_hits_on_the_only_holder() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    policy = CacheAwarePolicy(seed=1, balance_abs_threshold=4)
+    reported: list[tuple[str, str]] = []
+    policy.on_placement(lambda routed, url: reported.append((routed.key, url)))
+    workers = [a, b, c]
+
+    first = policy.select(request(SHARED + "q1"), workers)  # a miss: news
+    assert reported == [(SHARED + "q1", first.url)]
+    reported.clear()
+    # Hits on the only holder of SHARED: the fleet already knows where SHARED lives.
+    for question in ("q2", "q3"):
+        assert policy.select(request(SHARED + question), workers) is first
+    assert reported == []
+    # An empty key is never news.
+    policy.select(request(""), workers)
+    assert reported == []
+    # A second holder (a spill here, any placement elsewhere alike): news, and from then
+    # on the hits on the shared prefix are too, since other routers must see which holder.
+    second = next(w for w in workers if w is not first)
+    policy.tree().insert(SHARED + "elsewhere", second.url)
+    # (A key that leaves the tree right after SHARED, whose node both now hold.)
+    hit = policy.select(request(SHARED + "Z"), workers)
+    assert policy.decisions["cache_hit"] == 3
+    assert reported == [(SHARED + "Z", hit.url)]
+    reported.clear()
+    # The fleet-wide imbalance rule's choice: news.
+    leases = hold(registry, first, 10)
+    balanced = policy.select(request(SHARED + "q1"), workers)
+    assert policy.decisions["balanced"] == 1
+    assert reported == [(SHARED + "q1", balanced.url)]
+    for lease in leases:
+        lease.release()
+
+
+def test_a_spilled_hit_is_news() -> None:
+    policy, (a, b, c) = hot_holder(61, (39, 41))
+    reported: list[str] = []
+    policy.on_placement(lambda routed, url: reported.append(url))
+    assert policy.select(request(HOT_KEY), [a, b, c]) is b
+    assert policy.decisions["spilled"] == 1
+    assert reported == [b.url]

@@ -115,6 +115,7 @@ class CacheAwarePolicy:
         self._trees: dict[TreeKey, RadixTree] = {}
         self._next_trim = clock() + eviction_interval if eviction_interval else float("inf")
         self._bound: list[WorkerRegistry] = []
+        self._placement_listeners: list[Callable[[RoutingRequest, str], None]] = []
         #: How each selection was decided: ``cache_hit``, ``cache_miss`` or ``balanced``;
         #: with the spill gate also ``spilled_warm`` and ``spilled`` (hits the gate moved),
         #: each key added on its first occurrence. Every selection counts exactly once.
@@ -126,6 +127,21 @@ class CacheAwarePolicy:
             return
         self._bound.append(registry)
         registry.on_remove(self.forget_worker)
+
+    def on_placement(self, listener: Callable[[RoutingRequest, str], None]) -> None:
+        """Call ``listener(request, worker_url)`` for every selection that other routers
+        sharing this policy's knowledge may not know of: all but a cache hit on the only
+        worker holding the matched prefix.
+
+        Such a hit adds the request's tail to a prefix that, as far as the fleet knows,
+        only that worker holds: another router holding the prefix routes the same request,
+        or its continuation, there already. Leaving these out keeps a fleet's traffic
+        (and every replica's tree inserts) to what changes routing; the cost is that after
+        the prefix gains a second holder, a conversation begun before it has a tail only
+        this router knows, and its next turn may reach the other holder through another
+        replica (one re-prefill of the conversation tail, not of the shared prefix).
+        """
+        self._placement_listeners.append(listener)
 
     def forget_worker(self, worker: Worker) -> None:
         for tree in self._trees.values():
@@ -180,6 +196,7 @@ class CacheAwarePolicy:
                 elif load < lowest:
                     lowest = load
             imbalanced = self._imbalanced(highest, lowest)
+        sole_holder = False
         if imbalanced:
             decision = "balanced"
             chosen = least_loaded(candidates, self._rng)
@@ -195,6 +212,7 @@ class CacheAwarePolicy:
                         decision = "cache_hit"
                         pool = holders
                         matched = match.length
+                        sole_holder = len(match.tenants) == 1
             chosen = least_loaded(pool, self._rng)
             if matched and count > 1 and self.spill:
                 load = chosen._load + chosen.external_load
@@ -212,6 +230,9 @@ class CacheAwarePolicy:
         decisions[decision] = decisions.get(decision, 0) + 1
         if key:
             tree.insert(key, chosen.url)
+            if self._placement_listeners and not (sole_holder and decision == "cache_hit"):
+                for listener in self._placement_listeners:
+                    listener(request, chosen.url)
         return chosen
 
     def _spill(
