@@ -68,23 +68,26 @@ def free_port() -> int:
 class RedisServer:
     """A throwaway ``redis-server`` process on a loopback port; restartable on that port."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
+        self.password = password
+        secret = "" if password is None else f":{password}@"
+        self.url = f"redis://{secret}{HOST}:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         assert REDIS_SERVER is not None
+        auth = [] if self.password is None else ["--requirepass", self.password]
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *auth],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
         import redis
 
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1)
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, password=self.password)
         deadline = time.monotonic() + 10
         try:
             while True:
@@ -276,6 +279,32 @@ async def test_a_policy_with_only_learn_is_taught_one_decision_at_a_time(
         ("ids", "m", True, urls[0]),
     ]
     assert policies[0].learned == []
+
+
+async def test_a_password_protected_redis_is_used_and_a_wrong_password_never_logged(
+    fleet_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(password="s3cret-pw")
+    server.start()
+    try:
+        urls = ["http://10.0.0.1:1"]
+        a, b = (replica(urls, server.url, fleet_name) for _ in range(2))
+        wrong = replica(urls, server.url.replace("s3cret-pw", "wrong-pw"), fleet_name)
+        assert a.fleet is not None and b.fleet is not None and wrong.fleet is not None
+        with caplog.at_level(logging.WARNING, logger="cache_router.fleet"):
+            async with anyio.create_task_group() as group:
+                for state in (a.fleet, b.fleet, wrong.fleet):
+                    group.start_soon(state.run)
+                a.fleet.share(RoutingRequest("a prompt", "m"), urls[0])
+                await wait_until(lambda: b.fleet.applied == 1 and wrong.fleet.outages >= 1)
+                assert a.fleet.connected and b.fleet.connected and not wrong.fleet.connected
+                assert wrong.fleet.applied == 0
+                group.cancel_scope.cancel()
+        logged = "\n".join(record.getMessage() for record in caplog.records)
+        assert "is unreachable" in logged
+        assert "wrong-pw" not in logged and "s3cret-pw" not in logged
+    finally:
+        server.stop()
 
 
 async def test_shared_prefixes_keep_the_hit_rate_of_a_single_replica(
