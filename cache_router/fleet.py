@@ -248,11 +248,8 @@ class RedisFleetState(FleetState):
         self._pending: deque[_Decision] = deque(maxlen=max_pending)
         # A policy that says which of its decisions are news (the cache-aware one) reports
         # them itself; otherwise every routed request is shared.
-        on_placement: Callable[[Callable[[RoutingRequest, str], None]], None] | None
-        on_placement = getattr(policy, "on_placement", None)
-        self._policy_reports = self._teach is not None and on_placement is not None
-        if on_placement is not None and self._policy_reports:
-            on_placement(self.share)
+        self._on_placement: _Subscribe | None = getattr(policy, "on_placement", None)
+        self._policy_reports = self._teach is not None and self._on_placement is not None
         self._board = external_load_board(registry)
         self._client: Any = None
         self._stale_client: Any = None
@@ -337,6 +334,12 @@ class RedisFleetState(FleetState):
         """
         if not on_asyncio():
             raise RuntimeError("RedisFleetState needs asyncio (redis.asyncio), not trio")
+        # Subscribed while running only: a stopped fleet leaves nothing in the policy.
+        unsubscribe = (
+            self._on_placement(self.share)
+            if self._on_placement is not None and self._policy_reports
+            else None
+        )
         task_status.started()
         try:
             while True:
@@ -352,6 +355,8 @@ class RedisFleetState(FleetState):
                 await anyio.sleep(max(0.0, started + self.flush_interval - time.monotonic()))
                 await self._wait_for(self.flush_batch, started + self.max_flush_interval)
         finally:
+            if unsubscribe is not None:
+                unsubscribe()
             with anyio.CancelScope(shield=True):
                 self._board.clear_source(self.SOURCE)
                 await self._leave()
@@ -599,6 +604,9 @@ class RedisFleetState(FleetState):
         """Add the ``<prefix>_fleet_*`` series to ``metrics`` (read at scrape time)."""
         metrics.collector_registry.register(_FleetCollector(metrics.prefix, self))
 
+
+# A policy's on_placement: subscribes a listener, returns its unsubscribe function.
+_Subscribe = Callable[[Callable[[RoutingRequest, str], None]], Callable[[], None]]
 
 # Teaches a policy decisions of one model and key kind: (model, tokens, [(key, url)...]).
 _Teacher = Callable[[str | None, bool, list[tuple[str, str]]], None]

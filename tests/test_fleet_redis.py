@@ -250,6 +250,29 @@ async def test_decisions_reach_the_other_replicas_and_late_starters_catch_up(
         group.cancel_scope.cancel()
 
 
+async def test_the_policy_reports_its_news_to_a_running_fleet_only(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    registry = WorkerRegistry(["http://10.0.0.1:1", "http://10.0.0.2:1"])
+    policy = CacheAwarePolicy(seed=1)
+    state = RedisFleetState(registry, policy, redis_server.url, fleet=fleet_name, **FAST)  # type: ignore[arg-type]
+    workers = list(registry)
+    policy.select(RoutingRequest("not running yet", None), workers)
+    assert state.pending == 0
+    async with anyio.create_task_group() as group:
+        await group.start(state.run)
+        policy.select(RoutingRequest("a first prompt", None), workers)  # a miss: news
+        await wait_until(lambda: state.published == 1)
+        ticks = state.ticks
+        # A hit on the prompt's only holder: not news.
+        policy.select(RoutingRequest("a first prompt, continued", None), workers)
+        await wait_until(lambda: state.ticks > ticks + 1)
+        assert (state.published, state.pending) == (1, 0)
+        group.cancel_scope.cancel()
+    policy.select(RoutingRequest("stopped", None), workers)  # nothing left subscribed
+    assert state.pending == 0
+
+
 async def test_a_policy_with_only_learn_is_taught_one_decision_at_a_time(
     redis_server: RedisServer, fleet_name: str
 ) -> None:

@@ -128,7 +128,7 @@ class CacheAwarePolicy:
         self._bound.append(registry)
         registry.on_remove(self.forget_worker)
 
-    def on_placement(self, listener: Callable[[RoutingRequest, str], None]) -> None:
+    def on_placement(self, listener: Callable[[RoutingRequest, str], None]) -> Callable[[], None]:
         """Call ``listener(request, worker_url)`` for every selection that other routers
         sharing this policy's knowledge may not know of: all but a cache hit on the only
         worker holding the matched prefix.
@@ -140,8 +140,17 @@ class CacheAwarePolicy:
         the prefix gains a second holder, a conversation begun before it has a tail only
         this router knows, and its next turn may reach the other holder through another
         replica (one re-prefill of the conversation tail, not of the shared prefix).
+
+        Returns a function that unsubscribes ``listener`` (idempotent).
         """
-        self._placement_listeners.append(listener)
+        listeners = self._placement_listeners
+        listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in listeners:
+                listeners.remove(listener)
+
+        return unsubscribe
 
     def forget_worker(self, worker: Worker) -> None:
         for tree in self._trees.values():
