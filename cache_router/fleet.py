@@ -9,8 +9,10 @@ fires at N times the configured threshold.
 :class:`FleetState` is the interface and the in-process default (share nothing).
 :class:`RedisFleetState` shares both through Redis, off the request path:
 
-* it is a :class:`~cache_router.events.RouterEvents` listener: ``request_routed`` appends
-  the decision to an in-memory buffer (a deque append; the request never waits on Redis);
+* on the request path, the routing decisions that are news to the other replicas (the
+  cache-aware policy says which, through ``on_placement``; with another policy, every
+  ``request_routed``) are appended to an in-memory buffer (a deque append; the request
+  never waits on Redis);
 * it is a background task: every ``flush_interval`` (50 ms; see :meth:`RedisFleetState.run`
   for the optional batching wait) one pipeline publishes the buffered decisions to a stream,
   refreshes this replica's per-worker in-flight counts under a key that expires after
@@ -353,7 +355,8 @@ class RedisFleetState(FleetState):
                         self._quiet = 0
                     continue
                 await anyio.sleep(max(0.0, started + self.flush_interval - time.monotonic()))
-                await self._wait_for(self.flush_batch, started + self.max_flush_interval)
+                if self.max_flush_interval > self.flush_interval:
+                    await self._wait_for(self.flush_batch, started + self.max_flush_interval)
         finally:
             if unsubscribe is not None:
                 unsubscribe()
