@@ -298,8 +298,8 @@ class CacheAwarePolicy:
         """:meth:`learn` for a batch of ``(key, worker_url)`` of one model and key kind.
 
         Replicas sharing decisions apply each other's in batches; one tree lookup and one
-        clock read per batch keep that cheap (it runs for every request of every other
-        replica).
+        clock read per batch keep that cheap (it runs for every decision the other
+        replicas share).
         """
         self.tree(model, tokens).insert_many(decisions)
 
