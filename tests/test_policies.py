@@ -18,7 +18,7 @@ from cache_router.policies import (
     RoutingRequest,
     least_loaded,
 )
-from cache_router.policies.cache_aware import SPILL_MIN_MARGIN
+from cache_router.policies.cache_aware import REANNOUNCE_EVERY, SPILL_MIN_MARGIN
 from cache_router.registry import Lease, Worker, WorkerRegistry
 from cache_router.tree import PrefixMatch, encode_tokens
 
@@ -936,3 +936,19 @@ def test_a_spilled_hit_is_news() -> None:
     assert policy.select(request(HOT_KEY), [a, b, c]) is b
     assert policy.decisions["spilled"] == 1
     assert reported == [b.url]
+
+
+def test_one_sole_holder_hit_in_so_many_is_reported_for_late_joiners() -> None:
+    registry = fleet(2)
+    policy = CacheAwarePolicy(seed=1)
+    reported: list[str] = []
+    policy.on_placement(lambda routed, url: reported.append(routed.key))
+    policy.select(request(SHARED), registry.workers)  # a miss: news
+    for i in range(2 * REANNOUNCE_EVERY):
+        policy.select(request(SHARED + f" {i}"), registry.workers)
+    assert policy.decisions["cache_hit"] == 2 * REANNOUNCE_EVERY
+    assert reported == [
+        SHARED,
+        SHARED + f" {REANNOUNCE_EVERY - 1}",
+        SHARED + f" {2 * REANNOUNCE_EVERY - 1}",
+    ]

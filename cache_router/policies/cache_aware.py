@@ -40,6 +40,11 @@ TreeKey = tuple[str | None, bool]
 #: gate that fired on it would scatter prefixes while the fleet is nearly idle.
 SPILL_MIN_MARGIN = 4.0
 
+#: One in this many hits on a prefix's only holder is reported to placement listeners all
+#: the same, so a replica that joined late (or lost the stream's history) learns where the
+#: busy prefixes live within a few dozen requests on them.
+REANNOUNCE_EVERY = 64
+
 
 class CacheAwarePolicy:
     """Route to the worker most likely to hold the request's prefix in its KV cache.
@@ -116,6 +121,7 @@ class CacheAwarePolicy:
         self._next_trim = clock() + eviction_interval if eviction_interval else float("inf")
         self._bound: list[WorkerRegistry] = []
         self._placement_listeners: list[Callable[[RoutingRequest, str], None]] = []
+        self._quiet_hits = 0  # sole-holder hits not reported since the last re-announcement
         #: How each selection was decided: ``cache_hit``, ``cache_miss`` or ``balanced``;
         #: with the spill gate also ``spilled_warm`` and ``spilled`` (hits the gate moved),
         #: each key added on its first occurrence. Every selection counts exactly once.
@@ -131,7 +137,8 @@ class CacheAwarePolicy:
     def on_placement(self, listener: Callable[[RoutingRequest, str], None]) -> Callable[[], None]:
         """Call ``listener(request, worker_url)`` for every selection that other routers
         sharing this policy's knowledge may not know of: all but a cache hit on the only
-        worker holding the matched prefix.
+        worker holding the matched prefix (of those, one in :data:`REANNOUNCE_EVERY` is
+        reported all the same, for routers that joined late).
 
         Such a hit adds the request's tail to a prefix that, as far as the fleet knows,
         only that worker holds: another router holding the prefix routes the same request,
@@ -151,6 +158,15 @@ class CacheAwarePolicy:
                 listeners.remove(listener)
 
         return unsubscribe
+
+    def _is_news(self, sole_holder_hit: bool) -> bool:
+        if not sole_holder_hit:
+            return True
+        self._quiet_hits += 1
+        if self._quiet_hits < REANNOUNCE_EVERY:
+            return False
+        self._quiet_hits = 0
+        return True
 
     def forget_worker(self, worker: Worker) -> None:
         for tree in self._trees.values():
@@ -239,7 +255,7 @@ class CacheAwarePolicy:
         decisions[decision] = decisions.get(decision, 0) + 1
         if key:
             tree.insert(key, chosen.url)
-            if self._placement_listeners and not (sole_holder and decision == "cache_hit"):
+            if self._placement_listeners and self._is_news(sole_holder and decision == "cache_hit"):
                 for listener in self._placement_listeners:
                     listener(request, chosen.url)
         return chosen
