@@ -644,6 +644,15 @@ def _add_scale_out_flags(serve: argparse.ArgumentParser) -> None:
         help="a replica silent this long is gone, and its load forgotten",
     )
     group.add_argument(
+        "--fleet-max-flush-secs",
+        type=_bounded(float, 0.001),
+        default=None,
+        metavar="SECS",
+        help="longest wait between two exchanges with Redis, between 0.05 (the shortest) "
+        "and the heartbeat; a decision to share starts one at once (default: 0.2, or the "
+        "heartbeat if shorter)",
+    )
+    group.add_argument(
         "--engine-load-poll-secs",
         type=_bounded(float, 0.0),
         default=0.0,
@@ -692,6 +701,7 @@ def _add_scale_out(
                 fleet=args.fleet_name,
                 heartbeat=args.fleet_heartbeat_secs,
                 ttl=args.fleet_ttl_secs,
+                max_flush_interval=args.fleet_max_flush_secs,
             )
         except ImportError as exc:
             raise ValueError(str(exc)) from None

@@ -78,6 +78,10 @@ logger = logging.getLogger("cache_router.fleet")
 #: to one exchange per heartbeat, until it routes a request again.
 IDLE_AFTER_TICKS = 10
 
+#: Longest wait between two exchanges of a replica that routes requests but has nothing
+#: to publish (seconds): the lag of the load counts and of the others' decisions then.
+DEFAULT_MAX_FLUSH_INTERVAL = 0.2
+
 #: Decisions carried by one stream entry at most. One entry per flush carries them all:
 #: Redis and every reader then handle one command and one reply per flush instead of one
 #: per decision (per-command costs dominated when each decision was an entry of its own).
@@ -160,9 +164,10 @@ class RedisFleetState(FleetState):
         flush_interval: shortest time between two exchanges (publishing decisions and
             reading the others' state).
         max_flush_interval: longest time between two exchanges while the replica routes
-            requests (default: ``flush_interval``, no batching wait); in between, an
-            exchange starts once ``flush_batch`` decisions wait. A trade of propagation
-            lag for CPU at low request rates, see ``docs/scale-out.md``.
+            requests (default 0.2 s, or ``heartbeat`` if shorter); in between, an exchange
+            starts as soon as ``flush_batch`` decisions (default 1) wait to be published.
+            Setting it to ``flush_interval`` exchanges every ``flush_interval``: the least
+            lag, for about twice the fleet's CPU (see ``docs/scale-out.md``).
         stream_maxlen: decisions kept in the stream (approximately, and fewer under light
             traffic: the stream keeps ``stream_maxlen / 32`` entries of up to 32 decisions
             each), which bounds both a late starter's catch-up and Redis memory (at most
@@ -191,7 +196,7 @@ class RedisFleetState(FleetState):
         ttl: float = 3.0,
         flush_interval: float = 0.05,
         max_flush_interval: float | None = None,
-        flush_batch: int = 16,
+        flush_batch: int = 1,
         stream_maxlen: int = 100_000,
         max_key_chars: int = DEFAULT_MAX_KEY_CHARS,
         max_pending: int = 10_000,
@@ -210,7 +215,7 @@ class RedisFleetState(FleetState):
         if not heartbeat > 0 or not flush_interval > 0 or not timeout > 0:
             raise ValueError("heartbeat, flush_interval and timeout must be positive")
         if max_flush_interval is None:
-            max_flush_interval = flush_interval
+            max_flush_interval = max(flush_interval, min(DEFAULT_MAX_FLUSH_INTERVAL, heartbeat))
         if not flush_interval <= max_flush_interval <= heartbeat:
             raise ValueError("max_flush_interval must be between flush_interval and heartbeat")
         if not ttl > heartbeat:
@@ -285,9 +290,8 @@ class RedisFleetState(FleetState):
         path."""
         if self._teach is not None and not self._policy_reports:
             self.share(request, worker.url)
-        if self._wake is not None and len(self._pending) >= self._wake_at:
-            self._wake.set()
-            self._wake = None
+        else:
+            self._wake_if_due()
 
     def share(self, request: RoutingRequest, worker_url: str) -> None:
         """Buffer one routing decision for the other replicas (the next exchange
@@ -299,6 +303,12 @@ class RedisFleetState(FleetState):
             if len(pending) == pending.maxlen:
                 self.dropped += 1
             pending.append((worker_url, request.model, request.tokens, request.key))
+        self._wake_if_due()
+
+    def _wake_if_due(self) -> None:
+        if self._wake is not None and len(self._pending) >= self._wake_at:
+            self._wake.set()
+            self._wake = None
 
     @property
     def idle(self) -> bool:
@@ -317,13 +327,14 @@ class RedisFleetState(FleetState):
     ) -> None:
         """Exchange state with Redis until cancelled; reconnect with backoff.
 
-        Exchanges are ``flush_interval`` apart. With ``max_flush_interval`` longer than
-        that, a replica then waits for ``flush_batch`` decisions to publish, but no longer
-        than ``max_flush_interval`` after the last exchange: each exchange costs about
-        the same whatever it carries, so this bounds the fleet's CPU per request at low
-        request rates (at most one exchange per ``flush_batch`` requests or per
-        ``max_flush_interval``), at the price of a longer propagation lag there; a busy
-        replica fills a batch within ``flush_interval`` and is unaffected.
+        Exchanges are at least ``flush_interval`` (50 ms) apart. The next one starts as
+        soon as ``flush_batch`` decisions (1) wait to be published, and at the latest
+        ``max_flush_interval`` (200 ms) after the last: news leaves within 50 ms, while a
+        replica with none to publish -- most of the time, since hits on a prefix's only
+        holder are not news -- exchanges five times a second instead of twenty. Each
+        exchange costs about the same whatever it carries (a round trip to Redis and its
+        wake-ups), and at 4 replicas saturated this halved the fleet's CPU overhead; the
+        price is up to 200 ms before a replica hears of the others' news and load changes.
 
         A replica with nothing to publish and nothing new to read for
         :data:`IDLE_AFTER_TICKS` exchanges slows down to one per ``heartbeat`` (an idle

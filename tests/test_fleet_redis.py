@@ -635,9 +635,29 @@ def test_serve_workers_hands_its_arguments_to_each_process(
     app = cli.app_from_env()
     (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
     assert state in app._events.listeners
+    assert (state.max_flush_interval, state.flush_batch) == (0.2, 1)  # the defaults
     os.environ.pop(cli.SERVE_ARGS_ENV)
     with pytest.raises(RuntimeError):
         cli.app_from_env()
+
+
+def test_serve_passes_the_longest_exchange_wait_and_refuses_one_beyond_the_heartbeat() -> None:
+    from cache_router import cli
+
+    def fleet_of(*flags: str) -> RedisFleetState:
+        args = cli.build_parser().parse_args(
+            ["serve", "--worker-urls", "http://10.0.0.1:1", "--redis-url",
+             "redis://127.0.0.1:1/0", *flags]
+        )  # fmt: skip
+        app = cli._router_app(args, WorkerRegistry(args.worker_urls))
+        (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
+        return state
+
+    assert fleet_of("--fleet-max-flush-secs", "0.05").max_flush_interval == 0.05
+    # Without the flag, a short heartbeat caps the default.
+    assert fleet_of("--fleet-heartbeat-secs", "0.1").max_flush_interval == 0.1
+    with pytest.raises(ValueError, match="max_flush_interval"):
+        fleet_of("--fleet-max-flush-secs", "0.9")  # beyond the 0.5 s heartbeat
 
 
 async def test_an_idle_replica_slows_down_and_its_next_request_wakes_it(
