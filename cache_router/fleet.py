@@ -13,8 +13,9 @@ fires at N times the configured threshold.
   cache-aware policy says which, through ``on_placement``; with another policy, every
   ``request_routed``) are appended to an in-memory buffer (a deque append; the request
   never waits on Redis);
-* it is a background task: every ``flush_interval`` (50 ms; see :meth:`RedisFleetState.run`
-  for the optional batching wait) one pipeline publishes the buffered decisions to a stream,
+* it is a background task: as soon as a decision waits (but at least 50 ms after the last
+  exchange), else every 200 ms (see :meth:`RedisFleetState.run`), one pipeline publishes
+  the buffered decisions to a stream,
   refreshes this replica's per-worker in-flight counts under a key that expires after
   ``ttl`` unless refreshed, reads the other live replicas' counts (``Worker.external_load``
   becomes their sum, through the registry's
