@@ -168,7 +168,7 @@ class RedisFleetState(FleetState):
             requests (default 0.2 s, or ``heartbeat`` if shorter); in between, an exchange
             starts as soon as ``flush_batch`` decisions (default 1) wait to be published.
             Setting it to ``flush_interval`` exchanges every ``flush_interval``: the least
-            lag, for about twice the fleet's CPU (see ``docs/scale-out.md``).
+            lag, for more CPU at low request rates (see ``docs/scale-out.md``).
         stream_maxlen: decisions kept in the stream (approximately, and fewer under light
             traffic: the stream keeps ``stream_maxlen / 32`` entries of up to 32 decisions
             each), which bounds both a late starter's catch-up and Redis memory (at most
