@@ -55,7 +55,7 @@ from starlette.routing import Route
 
 from cache_router.auth import bearer_matches
 from cache_router.errors import error_body
-from cache_router.load_source import load_source
+from cache_router.load_source import LOCAL, load_source
 from cache_router.metrics import circuit_state
 from cache_router.proxy import send_json_error
 from cache_router.registry import Lease, Worker, WorkerRegistry, normalize_url
@@ -103,7 +103,7 @@ def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[
         "circuit": circuit_state(worker),
         "load": worker.load,
         "external_load": worker.external_load,
-        "load_source": "local" if registry is None else load_source(registry, worker),
+        "load_source": LOCAL if registry is None else load_source(registry, worker),
         "processed": worker.processed,
     }
 

@@ -54,10 +54,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOAD_FORMATS",
+    "LOCAL",
     "EngineLoadPoller",
     "ExternalLoadBoard",
     "LoadFormat",
     "external_load_board",
+    "load_source",
     "parse_sglang_load",
     "parse_vllm_metrics",
 ]
