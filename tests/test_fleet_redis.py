@@ -526,13 +526,17 @@ async def test_redis_down_or_stalled_changes_nothing_clients_see(
             async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
                 sent = 0
 
-                async def burst(count: int) -> None:
+                async def burst(count: int, news: bool = False) -> None:
+                    """Shared prefixes; with `news`, prefixes only the receiving router has
+                    seen, so each replica has placements to share (hits on a sole holder are
+                    not shared)."""
                     nonlocal sent
                     statuses: list[int] = []
 
                     async def one(i: int) -> None:
                         router = router_urls[i % 2]
-                        body = completion(f"shared prefix {i % 3} " * 20 + str(i))
+                        topic = f"new to router {i % 2} at {sent}" if news else "shared prefix"
+                        body = completion(f"{topic} {i % 3} " * 20 + str(i))
                         statuses.append(
                             (await client.post(f"{router}/v1/completions", json=body)).status_code
                         )
@@ -553,7 +557,7 @@ async def test_redis_down_or_stalled_changes_nothing_clients_see(
                 redis_server.start()  # same port: the replicas reconnect by themselves
                 await wait_until(lambda: all(state.connected for state in states))
                 applied = [state.applied for state in states]
-                await burst(20)
+                await burst(20, news=True)
                 await wait_until(
                     lambda: all(s.applied > n for s, n in zip(states, applied, strict=True))
                 )
