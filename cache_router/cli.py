@@ -618,10 +618,12 @@ def _add_scale_out_flags(serve: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--redis-url",
-        default=None,
+        default=os.environ.get("CACHE_ROUTER_REDIS_URL"),
         metavar="URL",
         help="share routing decisions and in-flight counts with the other replicas through "
-        "this Redis (redis://host:port/db); needs 'cache_router[redis]'",
+        "this Redis (redis://[:password@]host:port/db, rediss:// for TLS; default: "
+        "$CACHE_ROUTER_REDIS_URL, which keeps a password out of the process list); "
+        "needs 'cache_router[redis]'",
     )
     group.add_argument(
         "--fleet-name",

@@ -55,7 +55,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -129,13 +129,20 @@ def _import_redis() -> Any:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for log messages."""
+    """``url`` without its passwords, for log messages: the one in the address and any
+    query parameter redis-py takes one from (``?password=``, ``?ssl_password=``)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    if "password" in parts.query:
+        query = [
+            (name, "***" if "password" in name else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
 
 
 def _auto_replica_id() -> str:

@@ -65,29 +65,64 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """A throwaway ``redis-server`` process on a loopback port; restartable on that port."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
 
-    def __init__(self, password: str | None = None) -> None:
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> TlsFiles:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("openssl is not installed: no certificates for the TLS test")
+        files = cls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+        ca_key, request, extensions = (directory / n for n in ("ca.key", "server.csr", "san"))
+        extensions.write_text(f"subjectAltName=IP:{HOST}\n")
+        for argv in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
+             "-out", files.ca, "-days", "1", "-subj", "/CN=cache_router test CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", files.key,
+             "-out", request, "-subj", f"/CN={HOST}"],
+            ["x509", "-req", "-in", request, "-CA", files.ca, "-CAkey", ca_key,
+             "-CAcreateserial", "-out", files.cert, "-days", "1", "-extfile", extensions],
+        ):  # fmt: skip
+            subprocess.run([openssl, *map(str, argv)], check=True, capture_output=True)
+        return files
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` process on a loopback port; restartable on that port.
+    With ``tls`` it listens for TLS only and its URL names the CA to trust."""
+
+    def __init__(self, password: str | None = None, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
         self.password = password
+        self.tls = tls
         secret = "" if password is None else f":{password}@"
-        self.url = f"redis://{secret}{HOST}:{self.port}/0"
+        scheme, trust = ("redis", "") if tls is None else ("rediss", f"?ssl_ca_certs={tls.ca}")
+        self.url = f"{scheme}://{secret}{HOST}:{self.port}/0{trust}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         assert REDIS_SERVER is not None
         auth = [] if self.password is None else ["--requirepass", self.password]
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                      "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                      "--tls-ca-cert-file", str(self.tls.ca)]  # fmt: skip
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", *auth],
+            [REDIS_SERVER, *listen, "--bind", HOST, "--save", "", "--appendonly", "no", *auth],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-        )  # fmt: skip
+        )
         import redis
 
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, password=self.password)
+        client = self.client(timeout=1)
         deadline = time.monotonic() + 10
         try:
             while True:
@@ -113,10 +148,10 @@ class RedisServer:
                 process.kill()
                 process.wait(5)
 
-    def client(self) -> Any:
+    def client(self, timeout: float = 2) -> Any:
         import redis
 
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=2)
+        return redis.Redis.from_url(self.url, socket_timeout=timeout)
 
 
 @pytest.fixture
@@ -326,6 +361,38 @@ async def test_a_password_protected_redis_is_used_and_a_wrong_password_never_log
         logged = "\n".join(record.getMessage() for record in caplog.records)
         assert "is unreachable" in logged
         assert "wrong-pw" not in logged and "s3cret-pw" not in logged
+    finally:
+        server.stop()
+
+
+async def test_a_tls_redis_is_used_and_an_untrusted_certificate_is_an_outage(
+    fleet_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rediss://`` with the CA in the URL; without it (only the system's trust store), or
+    speaking plain text to the TLS port, the replica routes alone and says why."""
+    server = RedisServer(tls=TlsFiles.create(tmp_path))
+    server.start()
+    try:
+        urls = ["http://10.0.0.1:1"]
+        no_ca = server.url.split("?")[0]
+        connecting = [server.url, server.url, no_ca, no_ca.replace("rediss:", "redis:")]
+        states = [RedisFleetState(WorkerRegistry(urls), CacheAwarePolicy(), url,
+                                  fleet=fleet_name, **FAST) for url in connecting]  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="cache_router.fleet"):
+            async with anyio.create_task_group() as group:
+                for state in states:
+                    group.start_soon(state.run)
+                states[0].share(RoutingRequest("a prompt", "m"), urls[0])
+                await wait_until(
+                    lambda: states[1].applied == 1 and all(s.outages >= 1 for s in states[2:])
+                )
+                assert [s.connected for s in states] == [True, True, False, False]
+                assert [s.applied for s in states[2:]] == [0, 0]
+                assert server.client().scard(states[0].replicas_key) == 2
+                group.cancel_scope.cancel()
+        logged = "\n".join(record.getMessage() for record in caplog.records)
+        assert "CERTIFICATE_VERIFY_FAILED" in logged
+        assert logged.count("is unreachable") == 2
     finally:
         server.stop()
 
@@ -602,6 +669,10 @@ def test_settings_and_the_in_process_default() -> None:
     assert FleetState().connected
     assert redact_url("redis://user:secret@h:6379/0") == "redis://user:***@h:6379/0"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert (
+        redact_url("rediss://:pw@h/0?ssl_ca_certs=/etc/ca.pem&ssl_password=k&password=p")
+        == "rediss://:***@h/0?ssl_ca_certs=/etc/ca.pem&ssl_password=***&password=***"
+    )
 
 
 def test_serve_workers_hands_its_arguments_to_each_process(
@@ -643,6 +714,22 @@ def test_serve_workers_hands_its_arguments_to_each_process(
     os.environ.pop(cli.SERVE_ARGS_ENV)
     with pytest.raises(RuntimeError):
         cli.app_from_env()
+
+
+def test_serve_reads_the_redis_url_from_the_environment_unless_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A password in the URL stays out of the process list when it comes from the
+    environment; the flag still wins."""
+    from cache_router import cli
+
+    argv = ["serve", "--worker-urls", "http://10.0.0.1:1"]
+    monkeypatch.delenv("CACHE_ROUTER_REDIS_URL", raising=False)
+    assert cli.build_parser().parse_args(argv).redis_url is None
+    monkeypatch.setenv("CACHE_ROUTER_REDIS_URL", "rediss://:pw@10.0.0.9:6380/0")
+    assert cli.build_parser().parse_args(argv).redis_url == "rediss://:pw@10.0.0.9:6380/0"
+    given = [*argv, "--redis-url", "redis://10.0.0.8:6379/1"]
+    assert cli.build_parser().parse_args(given).redis_url == "redis://10.0.0.8:6379/1"
 
 
 def test_serve_passes_the_longest_exchange_wait_and_refuses_one_beyond_the_heartbeat() -> None:
