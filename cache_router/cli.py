@@ -312,8 +312,9 @@ def _add_serve(commands: Any) -> None:
     )
     serve.add_argument(
         "--api-key",
-        default=None,
-        help="sent to every worker as 'Authorization: Bearer KEY' (as SGLang's router does)",
+        default=os.environ.get("CACHE_ROUTER_WORKER_API_KEY"),
+        help="sent to every worker as 'Authorization: Bearer KEY' (as SGLang's router does; "
+        "default: $CACHE_ROUTER_WORKER_API_KEY)",
     )
     serve.add_argument(
         "--router-api-key",

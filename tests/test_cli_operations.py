@@ -23,6 +23,28 @@ def test_operations_flags_default_to_sglangs_and_stay_off() -> None:
     assert not args.disable_retries and not args.disable_circuit_breaker
 
 
+@pytest.mark.parametrize(
+    ("flag", "variable", "attribute"),
+    [
+        ("--api-key", "CACHE_ROUTER_WORKER_API_KEY", "api_key"),
+        ("--router-api-key", "CACHE_ROUTER_API_KEY", "router_api_key"),
+        ("--admin-api-key", "CACHE_ROUTER_ADMIN_API_KEY", "admin_api_key"),
+        ("--redis-url", "CACHE_ROUTER_REDIS_URL", "redis_url"),
+    ],
+)
+def test_secrets_come_from_the_environment_unless_a_flag_is_given(
+    monkeypatch: pytest.MonkeyPatch, flag: str, variable: str, attribute: str
+) -> None:
+    """Out of the process list when they come from the environment; the flag still wins."""
+    argv = ["serve", "--worker-urls", "http://127.0.0.1:1"]
+    monkeypatch.delenv(variable, raising=False)
+    assert getattr(build_parser().parse_args(argv), attribute) is None
+    monkeypatch.setenv(variable, "from-the-environment")
+    assert getattr(build_parser().parse_args(argv), attribute) == "from-the-environment"
+    given = build_parser().parse_args([*argv, flag, "from-the-flag"])
+    assert getattr(given, attribute) == "from-the-flag"
+
+
 def test_keys_admin_api_and_metrics_through_a_real_server() -> None:
     engine = SimulatedEngine(name="engine-a", decode_seconds_per_token=0)
     with (

@@ -716,22 +716,6 @@ def test_serve_workers_hands_its_arguments_to_each_process(
         cli.app_from_env()
 
 
-def test_serve_reads_the_redis_url_from_the_environment_unless_given(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A password in the URL stays out of the process list when it comes from the
-    environment; the flag still wins."""
-    from cache_router import cli
-
-    argv = ["serve", "--worker-urls", "http://10.0.0.1:1"]
-    monkeypatch.delenv("CACHE_ROUTER_REDIS_URL", raising=False)
-    assert cli.build_parser().parse_args(argv).redis_url is None
-    monkeypatch.setenv("CACHE_ROUTER_REDIS_URL", "rediss://:pw@10.0.0.9:6380/0")
-    assert cli.build_parser().parse_args(argv).redis_url == "rediss://:pw@10.0.0.9:6380/0"
-    given = [*argv, "--redis-url", "redis://10.0.0.8:6379/1"]
-    assert cli.build_parser().parse_args(given).redis_url == "redis://10.0.0.8:6379/1"
-
-
 def test_serve_passes_the_longest_exchange_wait_and_refuses_one_beyond_the_heartbeat() -> None:
     from cache_router import cli
 
