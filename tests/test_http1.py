@@ -1,0 +1,386 @@
+"""The HTTP/1.1 upstream client against scripted engines on real loopback sockets.
+
+Each engine here is a few lines of asyncio that answer byte for byte what a test needs --
+including what no well-behaved server sends -- so every framing, failure and pool rule is
+exercised on the wire, not through a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+pytest.importorskip("httptools")
+
+from cache_router.http1 import HIGH_WATER, Http1Client
+from cache_router.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+class Engine:
+    """A loopback server running ``handler`` per connection; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.url = ""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def engine(handler: Handler) -> AsyncIterator[Engine]:
+    scripted = Engine(handler)
+    server = await asyncio.start_server(scripted._serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    scripted.url = f"http://127.0.0.1:{port}"
+    try:
+        yield scripted
+    finally:
+        server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request: the head, then a content-length body if announced."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+def answering(*responses: bytes, close: bool = False) -> Handler:
+    """Answer each request in turn with the next response; then close if ``close``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for response in responses:
+            await read_request(reader)
+            writer.write(response)
+            await writer.drain()
+        if not close:
+            await reader.read()  # until the client closes
+
+    return handler
+
+
+@asynccontextmanager
+async def client(**options: Any) -> AsyncIterator[Http1Client]:
+    settings: dict[str, Any] = {
+        "connect_timeout": 5.0,
+        "read_timeout": 5.0,
+        "pool_timeout": 5.0,
+        "max_connections": 100,
+        "max_idle_connections": 10,
+        "keepalive_expiry": 5.0,
+        "fallback": _no_fallback,
+    }
+    settings.update(options)
+    made = Http1Client(**settings)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+def _no_fallback() -> UpstreamClient:
+    raise AssertionError("no fallback client expected")
+
+
+async def body_of(response: UpstreamResponse) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in response.chunks()])
+    finally:
+        await response.aclose()
+
+
+async def get(made: Http1Client, url: str, method: str = "GET") -> tuple[int, bytes]:
+    response = await made.send(method, url, [], b"")
+    return response.status, await body_of(response)
+
+
+# -- framing -----------------------------------------------------------------------------
+
+
+async def test_requests_reuse_one_keep_alive_connection_and_are_written_as_given() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_request(reader))
+            writer.write(OK)
+
+    async with engine(handler) as scripted, client() as made:
+        headers = [(b"content-type", b"application/json"), (b"x-trace", b"a b")]
+        for body in (b'{"a": 1}', b"", b"x"):
+            response = await made.send("POST", scripted.url + "/v1/x?q=%2F", headers, body)
+            assert (response.status, await body_of(response)) == (200, b"ok")
+        assert await get(made, scripted.url + "/health") == (200, b"ok")
+    assert scripted.connections == 1
+    host = scripted.url.removeprefix("http://").encode()
+    assert seen[0] == (
+        b"POST /v1/x?q=%2F HTTP/1.1\r\nhost: " + host + b"\r\ncontent-type: application/json"
+        b'\r\nx-trace: a b\r\ncontent-length: 8\r\n\r\n{"a": 1}'
+    )
+    assert b"content-length: 0\r\n" in seen[1]  # a POST says its body is empty
+    assert b"content-length" not in seen[3]  # a GET without a body says nothing
+
+
+async def test_chunked_and_close_delimited_bodies_and_bodiless_statuses() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"
+    )
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
+    until_close = b"HTTP/1.0 200 OK\r\n\r\nall of it"
+    answers = answering(chunked, no_content, until_close, close=True)
+    async with engine(answers) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [], b"")
+        assert await body_of(response) == b"hello world"
+        assert [name for name, _ in response.headers] == [b"transfer-encoding"]
+        assert await get(made, scripted.url + "/") == (204, b"")
+        assert await get(made, scripted.url + "/") == (200, b"all of it")
+        # The close ended that connection: the next request opens another.
+        assert await get(made, scripted.url + "/") == (200, b"hello world")
+    assert scripted.connections == 2
+
+
+async def test_head_answers_end_at_the_headers_and_interim_answers_are_skipped() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"
+    interim = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + OK
+    async with (
+        engine(answering(head)) as heads,
+        engine(answering(interim)) as hints,
+        client() as made,
+    ):
+        with anyio.fail_after(2):  # a HEAD must not wait for 1000 bytes that never come
+            assert await get(made, heads.url + "/", "HEAD") == (200, b"")
+        response = await made.send("GET", hints.url + "/", [], b"")
+        assert response.status == 200
+        assert [name for name, _ in response.headers] == [b"content-length"]
+        assert await body_of(response) == b"ok"
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+async def test_refused_connection_is_a_connect_failure() -> None:
+    async with engine(answering()) as scripted:
+        url = scripted.url
+    async with client() as made:
+        with pytest.raises(UpstreamError) as caught:
+            await made.send("GET", url + "/", [], b"")
+    assert (caught.value.kind, caught.value.connect) == ("broken", True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "while_reading_body"),
+    [
+        (b"", False),  # closed before answering
+        (b"NOT HTTP AT ALL\r\n\r\n", False),  # garbage
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", True),  # cut mid-body
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", True),
+        (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", False),
+    ],
+)
+async def test_broken_answers_fail_as_broken(answer: bytes, while_reading_body: bool) -> None:
+    async with engine(answering(answer, close=True)) as scripted, client() as made:
+        with pytest.raises(UpstreamError) as caught:
+            await get(made, scripted.url + "/")
+    assert (caught.value.kind, caught.value.connect) == ("broken", False)
+
+
+async def test_an_engine_that_never_answers_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async def stalls_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+        await reader.read()
+
+    async with (
+        engine(silent) as quiet,
+        engine(stalls_mid_body) as stalling,
+        client(read_timeout=0.2) as made,
+    ):
+        for url in (quiet.url, stalling.url):
+            with pytest.raises(UpstreamError) as caught:
+                await get(made, url + "/")
+            assert (caught.value.kind, caught.value.connect) == ("timeout", False)
+
+
+async def test_closing_before_the_end_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        if await reader.read() == b"":
+            closed.set()
+
+    async with engine(streams) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [], b"")
+        async for chunk in response.chunks():
+            assert chunk == b"abc"
+            break
+        await response.aclose()
+        with anyio.fail_after(5):
+            await closed.wait()  # the engine sees the client go
+
+
+@pytest.mark.parametrize(
+    ("after_the_answer", "then_close"),
+    [
+        (b"", True),  # keep-alive announced, then closed anyway (an idle timeout)
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nextra", False),  # an unasked answer
+    ],
+)
+async def test_a_connection_the_engine_closed_or_spoke_on_unasked_is_not_reused(
+    after_the_answer: bytes, then_close: bool
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK + after_the_answer)
+        await writer.drain()
+        if not then_close:
+            await reader.read()
+
+    async with engine(handler) as scripted, client() as made:
+        assert await get(made, scripted.url + "/") == (200, b"ok")
+        await asyncio.sleep(0.1)
+        # A fresh connection, and never the stray answer taken for this request's.
+        assert await get(made, scripted.url + "/") == (200, b"ok")
+    assert scripted.connections == 2
+
+
+# -- what reaches the wire ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/a b", []),
+        ("/a\r\nx-injected: 1", []),
+        ("/a\x00", []),
+        ("/", [(b"x-a", b"1\r\nx-injected: 1")]),
+        ("/", [(b"x-a", b"1\rx-injected: 1")]),
+        ("/", [(b"x-a\nx-injected", b"1")]),
+    ],
+)
+async def test_line_breaks_and_control_characters_never_reach_the_engine(
+    target: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    async with engine(answering(OK)) as scripted, client() as made:
+        with pytest.raises(UpstreamError):
+            await made.send("GET", scripted.url + target, headers, b"")
+    assert scripted.connections == 0  # refused before a connection was even made
+
+
+async def test_https_goes_to_the_fallback_client() -> None:
+    calls: list[str] = []
+
+    class Fallback:
+        name = "fallback"
+        is_closed = False
+
+        async def send(self, method: str, url: str, headers: Any, body: bytes) -> Any:
+            calls.append(url)
+            raise UpstreamError("broken", "fallback reached", connect=True)
+
+        async def aclose(self) -> None:
+            calls.append("closed")
+
+    async with client(fallback=Fallback) as made:
+        with pytest.raises(UpstreamError, match="fallback reached"):
+            await made.send("GET", "https://10.0.0.1:443/v1/models", [], b"")
+    assert calls == ["https://10.0.0.1:443/v1/models", "closed"]
+
+
+# -- pool and backpressure ---------------------------------------------------------------
+
+
+async def test_the_connection_cap_queues_requests_and_times_out_the_wait() -> None:
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await release.wait()
+            writer.write(OK)
+
+    async with engine(slow) as scripted, client(max_connections=1, pool_timeout=0.2) as made:
+        first = asyncio.ensure_future(get(made, scripted.url + "/"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(UpstreamError) as caught:
+            await get(made, scripted.url + "/")  # no connection comes free in 0.2 s
+        assert (caught.value.kind, caught.value.connect) == ("timeout", True)
+        second = asyncio.ensure_future(get(made, scripted.url + "/"))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await first == (200, b"ok") and await second == (200, b"ok")
+    assert scripted.connections == 1
+
+
+async def test_a_slow_reader_pauses_the_engine_connection() -> None:
+    size = 8 * HIGH_WATER
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+        await reader.read()
+
+    async with engine(firehose) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [], b"")
+        connection = response._connection  # type: ignore[attr-defined]
+        received = 0
+        most_buffered = 0
+        async for chunk in response.chunks():
+            received += len(chunk)
+            await asyncio.sleep(0.02)  # a slow client
+            most_buffered = max(most_buffered, connection.buffered)
+        await response.aclose()
+    assert received == size
+    # Reading stopped at the high-water mark (plus the one socket read that crossed it)
+    # instead of buffering the whole answer.
+    assert most_buffered <= HIGH_WATER + 256 * 1024 < size
+
+
+async def test_the_middleware_default_is_this_client_on_asyncio() -> None:
+    from starlette.applications import Starlette
+
+    from cache_router import CacheRouterMiddleware, WorkerRegistry
+
+    async with engine(answering(OK)) as scripted:
+        router = CacheRouterMiddleware(Starlette(), WorkerRegistry([scripted.url]))
+        try:
+            transport = httpx.ASGITransport(app=router)
+            async with httpx.AsyncClient(transport=transport, base_url="http://r") as asgi:
+                answer = await asgi.post("/v1/completions", json={"prompt": "hi"})
+            assert (answer.status_code, answer.text) == (200, "ok")
+            assert router.upstream.transport_name == "http1"
+        finally:
+            await router.aclose()
