@@ -311,6 +311,14 @@ def _add_serve(commands: Any) -> None:
         "--disable-circuit-breaker", action="store_true", help="no per-worker circuit breakers"
     )
     serve.add_argument(
+        "--upstream-transport",
+        choices=("auto", "http1", "aiohttp", "httpx"),
+        default=os.environ.get("CACHE_ROUTER_UPSTREAM_TRANSPORT", "auto"),
+        help="client for talking to workers: auto (http1 for http:// workers when httptools "
+        "is installed, else aiohttp, else httpx), or one of them by name (default: "
+        "$CACHE_ROUTER_UPSTREAM_TRANSPORT, else auto)",
+    )
+    serve.add_argument(
         "--api-key",
         default=os.environ.get("CACHE_ROUTER_WORKER_API_KEY"),
         help="sent to every worker as 'Authorization: Bearer KEY' (as SGLang's router does; "
@@ -529,6 +537,7 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
             connect=min(10.0, seconds), read=seconds, write=min(60.0, seconds), pool=60.0
         ),
         total_timeout=seconds,
+        transport=args.upstream_transport,
     )
 
 

@@ -145,7 +145,8 @@ class CacheRouterMiddleware:
         max_body_size: larger bodies get 413 before any routing.
         timeout: httpx timeouts per phase (connect, read between chunks, write, pool).
         total_timeout: limit on a whole exchange, streaming included; None for no limit.
-        transport: ``"auto"``, ``"aiohttp"``, ``"httpx"`` or an httpx transport instance.
+        transport: ``"auto"``, ``"http1"``, ``"aiohttp"``, ``"httpx"`` or an httpx
+            transport instance (see :class:`cache_router.proxy.Upstream`).
         upstream_headers: headers set on every upstream request, replacing the client's
             (e.g. ``{"authorization": "Bearer <engine key>"}``).
         drop_request_headers: further client header names never sent upstream.

@@ -40,7 +40,7 @@ __all__ = [
     "send_json_error",
 ]
 
-TransportChoice = Literal["auto", "httpx", "aiohttp"] | httpx.AsyncBaseTransport
+TransportChoice = Literal["auto", "http1", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 
 #: Long generations stream for minutes: no read timeout shorter than the whole request.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=60.0)
@@ -145,8 +145,9 @@ class Upstream:
     ) -> None:
         if not isinstance(transport, httpx.AsyncBaseTransport) and transport not in (
             "auto",
-            "httpx",
+            "http1",
             "aiohttp",
+            "httpx",
         ):
             raise ValueError(f"unknown transport {transport!r}")
         self._transport_choice = transport
@@ -158,7 +159,7 @@ class Upstream:
 
     @property
     def transport_name(self) -> str:
-        """``aiohttp`` or ``httpx`` once the client exists, else what was asked for."""
+        """``http1``, ``aiohttp`` or ``httpx`` once the client exists, else what was asked for."""
         if self._client is not None:
             return self._client.name
         choice = self._transport_choice
@@ -177,13 +178,36 @@ class Upstream:
         if choice == "httpx":
             return HttpxClient(self._timeout, self._limits)
         if not self._on_asyncio:
-            if choice == "aiohttp":
-                raise RuntimeError("the aiohttp transport runs only on asyncio")
+            if choice != "auto":
+                raise RuntimeError(f"the {choice} transport runs only on asyncio")
             return HttpxClient(self._timeout, self._limits)
+        if choice == "aiohttp":
+            return self._aiohttp_client(required=True)
+        try:
+            from cache_router.http1 import Http1Client
+        except ImportError:
+            if choice == "http1":
+                raise RuntimeError(
+                    "transport='http1' needs httptools (pip install 'cache_router[fast]')"
+                ) from None
+            return self._aiohttp_client(required=False)
+        timeout, limits = self._timeout, self._limits
+        return Http1Client(
+            connect_timeout=timeout.connect,
+            read_timeout=timeout.read,
+            pool_timeout=timeout.pool,
+            max_connections=limits.max_connections,
+            max_idle_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            fallback=lambda: self._aiohttp_client(required=False),  # for https:// engines
+        )
+
+    def _aiohttp_client(self, *, required: bool) -> UpstreamClient:
+        """aiohttp's client; without aiohttp, httpx's unless aiohttp was ``required``."""
         try:
             return AiohttpClient(self._timeout, self._limits)
         except ImportError:
-            if choice == "aiohttp":
+            if required:
                 raise RuntimeError(
                     "transport='aiohttp' needs aiohttp (pip install 'cache_router[fast]')"
                 ) from None

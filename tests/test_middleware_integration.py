@@ -3,8 +3,8 @@
 Every server runs on 127.0.0.1 in a background thread (``cache_router.testing.serve_app``);
 the client runs in the test's own event loop. Engines are ``MockEngine`` instances whose
 faults are chosen per request with ``x-mock-*`` headers, which the router forwards like any
-other header. The lifecycle tests run on both upstream transports: ``auto`` (aiohttp, the
-production default) and ``httpx``.
+other header. The lifecycle tests run on each upstream transport: ``auto`` (the HTTP/1.1
+client, the production default), ``aiohttp`` and ``httpx``.
 
 Load is read from the router's registry from the test thread; the router's own thread may
 still be finishing a request when the client has seen its end, so settled state is awaited
@@ -45,7 +45,7 @@ from cache_router.types import ASGIApp, Receive, Scope, Send
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
-TRANSPORTS = ["auto", "httpx"]
+TRANSPORTS = ["auto", "aiohttp", "httpx"]
 TRANSPARENT_ALLOW = "DELETE, GET, HEAD, PATCH, POST, PUT"
 
 
@@ -219,7 +219,7 @@ def chat(content: str, **extra: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
 
 
-# -- forwarding and the lease lifecycle, on both transports ------------------------------
+# -- forwarding and the lease lifecycle, on each transport -------------------------------
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
