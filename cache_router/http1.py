@@ -466,7 +466,8 @@ def _serialize(
     """The request head and body; refuses what would let anything else onto the wire."""
     if _BAD_TARGET.search(target) is not None:
         raise UpstreamError("broken", "request target with a control character", connect=True)
-    lines = [f"{method} {target} HTTP/1.1".encode("ascii"), b"host: " + host]
+    # latin-1: the query string arrives as bytes decoded that way, and leaves byte for byte.
+    lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"host: " + host]
     lines += [name + b": " + value for name, value in headers]
     if body or method in _BODY_METHODS:
         lines.append(b"content-length: %d" % len(body))

@@ -135,6 +135,8 @@ async def test_requests_reuse_one_keep_alive_connection_and_are_written_as_given
             response = await made.send("POST", scripted.url + "/v1/x?q=%2F", headers, body)
             assert (response.status, await body_of(response)) == (200, b"ok")
         assert await get(made, scripted.url + "/health") == (200, b"ok")
+        # The middleware decodes the query as latin-1; it leaves byte for byte.
+        assert await get(made, scripted.url + "/q?name=caf\xc3\xa9") == (200, b"ok")
     assert scripted.connections == 1
     host = scripted.url.removeprefix("http://").encode()
     assert seen[0] == (
@@ -143,6 +145,7 @@ async def test_requests_reuse_one_keep_alive_connection_and_are_written_as_given
     )
     assert b"content-length: 0\r\n" in seen[1]  # a POST says its body is empty
     assert b"content-length" not in seen[3]  # a GET without a body says nothing
+    assert seen[4].startswith("GET /q?name=café HTTP/1.1\r\n".encode())
 
 
 async def test_chunked_and_close_delimited_bodies_and_bodiless_statuses() -> None:
