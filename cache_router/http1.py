@@ -220,6 +220,8 @@ class _Response:
 
     __slots__ = ("_connection", "_read_timeout", "_released", "headers", "status")
 
+    aclose_waits = False  # returning a connection to the pool, or closing it, is synchronous
+
     def __init__(self, connection: _Connection, read_timeout: float | None) -> None:
         self._connection = connection
         self._read_timeout = read_timeout

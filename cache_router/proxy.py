@@ -18,7 +18,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import anyio
@@ -156,6 +156,7 @@ class Upstream:
         self._limits = limits
         self._client: UpstreamClient | None = None
         self._on_asyncio = False
+        self._clock: Callable[[], float] = anyio.current_time
 
     @property
     def transport_name(self) -> str:
@@ -168,6 +169,11 @@ class Upstream:
     def client(self) -> UpstreamClient:
         if self._client is None:
             self._on_asyncio = on_asyncio()
+            # The clock cancel-scope deadlines use, read directly: anyio.current_time()
+            # looks the event loop library up on every call.
+            self._clock = (
+                asyncio.get_running_loop().time if self._on_asyncio else anyio.current_time
+            )
             self._client = self._make_client()
         return self._client
 
@@ -250,7 +256,7 @@ class Upstream:
             total = self._total_timeout
             # One cancel scope per exchange serves both ends: its deadline is the total
             # timeout, and the disconnect watcher cancels it when the client goes.
-            deadline = math.inf if total is None else anyio.current_time() + total
+            deadline = math.inf if total is None else self._clock() + total
             if self._on_asyncio:
                 await self._watched_on_asyncio(exchange, client, receive, deadline)
             else:
@@ -355,8 +361,11 @@ class Upstream:
             exchange.failure.__cause__ = exc
         finally:
             lease.release()
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            if response.aclose_waits:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            else:
+                await response.aclose()  # never suspends: no cancellation can cut it short
 
     async def _timed_out(self, exchange: _Exchange) -> None:
         """The total timeout cut the exchange: 504 if nothing was sent, else cut the stream."""

@@ -67,6 +67,12 @@ class UpstreamResponse(Protocol):
         """End the exchange; before the body's end this closes the connection."""
         ...
 
+    @property
+    def aclose_waits(self) -> bool:
+        """True if :meth:`aclose` may suspend, so the caller must shield it from
+        cancellation; False if it never does, so nothing can cut it short."""
+        ...
+
 
 class UpstreamClient(Protocol):
     name: str
@@ -94,6 +100,8 @@ def _httpx_failure(exc: httpx.HTTPError) -> UpstreamError:
 
 class _HttpxResponse:
     __slots__ = ("_response", "headers", "status")
+
+    aclose_waits = True
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -172,6 +180,8 @@ def _aiohttp_failure(exc: BaseException) -> UpstreamError:
 
 class _AiohttpResponse:
     __slots__ = ("_done", "_response", "headers", "status")
+
+    aclose_waits = False  # release() and close() are synchronous
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response

@@ -232,6 +232,20 @@ async def test_an_engine_that_never_answers_times_out() -> None:
             assert (caught.value.kind, caught.value.connect) == ("timeout", False)
 
 
+async def test_closing_never_suspends_so_the_relay_needs_no_shield() -> None:
+    """The relay skips its shielded cancel scope for responses whose ``aclose_waits`` is
+    False: finishing or cutting an exchange must complete in one step, mid-body too."""
+    async with engine(answering(OK, OK)) as scripted, client() as made:
+        for read_body in (True, False):
+            response = await made.send("GET", scripted.url + "/", [], b"")
+            if read_body:
+                assert [chunk async for chunk in response.chunks()] == [b"ok"]
+            assert response.aclose_waits is False
+            closing = response.aclose()
+            with pytest.raises(StopIteration):
+                closing.send(None)  # done on the first step: it never awaited anything
+
+
 async def test_closing_before_the_end_closes_the_connection() -> None:
     closed = asyncio.Event()
 
