@@ -46,6 +46,10 @@ __all__ = ["Http1Client"]
 #: answer to a slow client holds in memory (plus the one socket read that crossed it).
 HIGH_WATER = 256 * 1024
 
+#: Most header bytes (names and values) an answer may carry: an engine's are a few hundred
+#: bytes; one that sends endless headers is broken, and must not grow the router's memory.
+MAX_HEADER_BYTES = 64 * 1024
+
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -67,6 +71,7 @@ class _Connection(asyncio.Protocol):
         self.head = False  # a HEAD request: the answer has no body whatever it says
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
         self.headers_done = False
         self.framed = False  # content-length or chunked: the body's end is known
         self.complete = False
@@ -124,6 +129,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.headers_done:
             return  # trailers (or a stray answer's headers): not forwarded
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise ValueError("response headers too large")  # fails the parse: see data_received
         self.headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length" or lowered == b"transfer-encoding":
@@ -136,6 +144,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.headers = []
+            self.header_bytes = 0
             self.framed = False
             return
         self.status = status

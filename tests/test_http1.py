@@ -18,13 +18,14 @@ import pytest
 
 pytest.importorskip("httptools")
 
-from cache_router.http1 import HIGH_WATER, Http1Client
+from cache_router.http1 import HIGH_WATER, MAX_HEADER_BYTES, Http1Client
 from cache_router.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+ENDLESS_HEADERS = b"x-pad: %s\r\n" % (b"p" * 1000) * (MAX_HEADER_BYTES // 1000 + 1)
 
 
 class Engine:
@@ -203,13 +204,18 @@ async def test_refused_connection_is_a_connect_failure() -> None:
         (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", True),  # cut mid-body
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", True),
         (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\n" + ENDLESS_HEADERS + b"\r\n", False),  # kept from memory
     ],
 )
 async def test_broken_answers_fail_as_broken(answer: bytes, while_reading_body: bool) -> None:
+    """Each fails where it breaks: before the answer starts, or while its body is read."""
     async with engine(answering(answer, close=True)) as scripted, client() as made:
+        started: UpstreamResponse | None = None
         with pytest.raises(UpstreamError) as caught:
-            await get(made, scripted.url + "/")
+            started = await made.send("GET", scripted.url + "/", [], b"")
+            await body_of(started)
     assert (caught.value.kind, caught.value.connect) == ("broken", False)
+    assert (started is not None) == while_reading_body
 
 
 async def test_an_engine_that_never_answers_times_out() -> None:
