@@ -44,9 +44,10 @@ def test_routes_and_releases_on_each_backend(backend: str, transport: str) -> No
         assert transport_name == "httpx"
 
 
-def test_aiohttp_transport_refused_on_trio() -> None:
+@pytest.mark.parametrize("asyncio_only", ["aiohttp", "http1"])
+def test_asyncio_only_transports_refused_on_trio(asyncio_only: str) -> None:
     registry = WorkerRegistry([ENGINE])
-    router = CacheRouterMiddleware(Starlette(), registry, transport="aiohttp")
+    router = CacheRouterMiddleware(Starlette(), registry, transport=asyncio_only)  # type: ignore[arg-type]
 
     async def main() -> int:
         transport = httpx.ASGITransport(app=router)
