@@ -48,7 +48,12 @@ DEFAULT_TOTAL_TIMEOUT = 1800.0
 #: Engine answers worth another worker (SGLang's router retries exactly these).
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _NO_EVENTS = RouterEvents()
-DEFAULT_LIMITS = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
+# Idle connections are reused for 4 s at most: uvicorn, which SGLang and vLLM serve with,
+# closes them after 5 s, and a request sent on a connection the engine is closing that
+# moment fails before any answer (and is retried elsewhere, losing its cache affinity).
+DEFAULT_LIMITS = httpx.Limits(
+    max_connections=2048, max_keepalive_connections=512, keepalive_expiry=4.0
+)
 
 #: Headers that describe one hop, never the message (RFC 9110 7.6.1), plus the ones the
 #: proxy recomputes itself.

@@ -297,6 +297,26 @@ async def test_a_connection_the_engine_closed_or_spoke_on_unasked_is_not_reused(
     assert scripted.connections == 2
 
 
+async def test_a_connection_idle_longer_than_the_expiry_is_not_reused() -> None:
+    """The engine would still take it, but may be closing it that very moment."""
+    async with engine(answering(OK, OK)) as scripted, client(keepalive_expiry=0.1) as made:
+        assert await get(made, scripted.url + "/") == (200, b"ok")
+        assert await get(made, scripted.url + "/") == (200, b"ok")  # within the expiry
+        await asyncio.sleep(0.2)
+        assert await get(made, scripted.url + "/") == (200, b"ok")
+    assert scripted.connections == 2
+
+
+def test_idle_connections_expire_before_uvicorns_keep_alive_closes_them() -> None:
+    """SGLang and vLLM serve with uvicorn, at its default keep-alive unless told otherwise."""
+    import uvicorn
+
+    from cache_router.proxy import DEFAULT_LIMITS
+
+    assert DEFAULT_LIMITS.keepalive_expiry is not None
+    assert DEFAULT_LIMITS.keepalive_expiry < uvicorn.Config(app=None).timeout_keep_alive
+
+
 # -- what reaches the wire ---------------------------------------------------------------
 
 
