@@ -20,10 +20,17 @@ there are no redirects, cookies or decompression. So this client does only the r
 requests on any loop but asyncio, which this client never sees (the caller picks httpx
 there).
 
-What reaches the wire is checked once, cheaply: a request target or header with a control
-character, or a CR or LF that would start a line of its own, is refused before anything is
-sent. Upstream of this, the middleware has already validated the path and filtered the
-headers; this is the last line, not the only one.
+What reaches the wire is checked once per request, cheaply: a request target with a space
+or a control character, or a header with a CR or LF that would start a line of its own, is
+refused before anything is sent. The rest is checked where it comes from: the ASGI server
+parses the client's header names and values, the middleware validates the path, drops the
+framing and hop-by-hop headers, and refuses malformed or framing ``upstream_headers`` at
+start-up. This is the last line, not the only one.
+
+Pool rules: at most ``max_connections`` open; at the cap, requests wait in arrival order
+(a newcomer never takes a connection ahead of one waiting) for at most ``pool_timeout``;
+an idle connection older than ``keepalive_expiry``, or one the engine has begun to close,
+is never reused; a body without length ends only at a clean close (a reset is an error).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
+from urllib.parse import quote
 
 import httptools
 
@@ -62,6 +70,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.eof = False  # the engine finished sending: a clean end, not a reset
         self.address: tuple[str, int] = ("", 0)
         self.idle_since = 0.0
         self.reset()
@@ -71,7 +80,8 @@ class _Connection(asyncio.Protocol):
         self.head = False  # a HEAD request: the answer has no body whatever it says
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
+        self.head_bytes = 0  # bytes fed to the parser before the headers were complete
+        self.header_bytes = 0  # names and values of the headers parsed so far
         self.headers_done = False
         self.framed = False  # content-length or chunked: the body's end is known
         self.complete = False
@@ -92,21 +102,32 @@ class _Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self._fail("the engine sent data outside any exchange")
             return
+        heading = not self.headers_done
+        if heading:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("the engine switched protocols")
         except httptools.HttpParserError as exc:
             self._fail(f"malformed response from the engine: {exc}")
+        else:
+            # Checked after parsing, so a read that ends the headers and carries body bytes
+            # too is not mistaken for an endless head. on_header counts the headers parsed;
+            # httptools buffers a header until it ends, so this bounds a single endless one.
+            if heading and not self.headers_done and self.head_bytes > MAX_HEADER_BYTES:
+                self._fail("the engine's response headers are too large")
 
     def eof_received(self) -> bool:
+        self.eof = True
+        self.closed = True  # not reusable from now on, though connection_lost comes later
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.active and not self.complete and self.error is None:
-            if self.headers_done and not self.framed:
-                self.complete = True  # a body delimited by the connection's end
+            if self.headers_done and not self.framed and self.eof and exc is None:
+                self.complete = True  # a body delimited by the engine closing, cleanly
                 self._wake()
             else:
                 reason = f": {exc}" if exc is not None else ""
@@ -134,7 +155,10 @@ class _Connection(asyncio.Protocol):
             raise ValueError("response headers too large")  # fails the parse: see data_received
         self.headers.append((name, value))
         lowered = name.lower()
-        if lowered == b"content-length" or lowered == b"transfer-encoding":
+        # Framed: the body's end is known. Any other transfer coding is read until close.
+        if lowered == b"content-length" or (
+            lowered == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked")
+        ):
             self.framed = True
 
     def on_headers_complete(self) -> None:
@@ -240,7 +264,7 @@ class _Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         connection = self._connection
-        while True:
+        while not self._released:
             if connection.buffer:
                 yield connection.take()
                 continue
@@ -249,6 +273,7 @@ class _Response:
             if connection.complete:
                 return
             await connection.wait(self._read_timeout)
+        raise UpstreamError("broken", "the response was closed")
 
     async def aclose(self) -> None:
         if not self._released:
@@ -271,6 +296,7 @@ class _Pool:
         self.max_idle = max_idle
         self.keepalive = keepalive
         self.waiting: deque[asyncio.Future[None]] = deque()
+        self.woken = 0  # waiters told to try again that have not run yet
         self.closed = False
 
     def reuse(self, address: tuple[str, int]) -> _Connection | None:
@@ -282,6 +308,9 @@ class _Pool:
         while idle:
             connection = idle.pop()
             if connection.closed:
+                continue
+            if connection.transport is None or connection.transport.is_closing():
+                connection.close()
                 continue
             if keepalive is not None and now - connection.idle_since > keepalive:
                 connection.close()  # older than the engine is likely to keep it
@@ -295,6 +324,7 @@ class _Pool:
             return False
         for idle in self.idle.values():
             while idle:
+                self.open.discard(idle[0])  # counted free for this caller, waking no one
                 idle.pop(0).close()  # the longest idle
                 if len(self.open) < self.max_connections:
                     return False
@@ -302,13 +332,22 @@ class _Pool:
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
         connection.active = False
-        if reusable and connection.keep_alive and not connection.closed and not self.closed:
+        if (
+            reusable
+            and connection.keep_alive
+            and not connection.closed
+            and not self.closed
+            # An early answer (a 413 before the body was read) with part of the request
+            # still unsent: the rest would reach the engine as the next request's start.
+            and connection.transport is not None
+            and connection.transport.get_write_buffer_size() == 0
+        ):
             idle = self.idle.setdefault(connection.address, [])
             if self.max_idle is None or len(idle) < self.max_idle:
                 connection.reset()
                 connection.idle_since = time.monotonic()
                 idle.append(connection)
-                self._wake_one()
+                self.wake_one()
                 return
         connection.close()
 
@@ -316,20 +355,28 @@ class _Pool:
         """``connection`` no longer counts against the cap; wake one request waiting."""
         if connection in self.open:
             self.open.discard(connection)
-            self._wake_one()
+            self.wake_one()
 
-    def _wake_one(self) -> None:
+    def wake_one(self) -> None:
+        """Let the longest waiting request try again (it counts as woken until it runs)."""
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self.woken += 1
                 return
+
+    def queue_first(self) -> bool:
+        """Whether a new request must queue behind requests already waiting or woken."""
+        return bool(self.waiting) or self.woken > 0
 
     def close(self) -> None:
         self.closed = True
         for connection in list(self.open):
             connection.close()
         self.idle.clear()
+        while self.waiting:  # each sees the pool closed
+            self.wake_one()
 
 
 class Http1Client:
@@ -377,8 +424,16 @@ class Http1Client:
         connection.active = True
         connection.head = method == "HEAD"
         try:
-            assert connection.transport is not None
-            connection.transport.writelines(request)
+            transport = connection.transport
+            if connection.closed or transport is None or transport.is_closing():
+                # Closed by the engine between the connect (or the pool) and now.
+                raise UpstreamError("broken", "the engine closed the connection", connect=True)
+            try:
+                transport.writelines(request)
+            except (OSError, RuntimeError) as exc:  # uvloop: RuntimeError on a closed one
+                raise UpstreamError(
+                    "broken", f"cannot write to the engine: {exc}", connect=True
+                ) from exc
             while not connection.headers_done:
                 if connection.error is not None:
                     raise connection.error
@@ -389,29 +444,47 @@ class Http1Client:
         return _Response(connection, self._read_timeout)
 
     async def _connection(self, address: tuple[str, int]) -> _Connection:
+        """A pooled connection to ``address``, else a new one if the cap allows, else the
+        first to come free: requests wait in arrival order, ``pool_timeout`` in all."""
         pool = self._pool
         if pool.closed:
             raise UpstreamError("broken", "the client is closed", connect=True)
-        connection = pool.reuse(address)
-        if connection is not None:
-            return connection
-        while pool.full():
-            waiter = pool.loop.create_future()
-            pool.waiting.append(waiter)
-            timer = (
-                None
-                if self._pool_timeout is None
-                else pool.loop.call_later(self._pool_timeout, _pool_expired, waiter)
-            )
-            try:
-                await waiter
-            finally:
-                if timer is not None:
-                    timer.cancel()
+        if not pool.queue_first():
             connection = pool.reuse(address)
             if connection is not None:
                 return connection
-        return await self._open(address)
+            if not pool.full():
+                return await self._open(address)
+        timeout = self._pool_timeout
+        deadline = None if timeout is None else pool.loop.time() + timeout
+        while True:
+            await self._wait_turn(deadline)
+            pool.woken -= 1
+            if pool.closed:
+                raise UpstreamError("broken", "the client is closed", connect=True)
+            connection = pool.reuse(address)
+            if connection is not None:
+                return connection
+            if not pool.full():
+                return await self._open(address)
+
+    async def _wait_turn(self, deadline: float | None) -> None:
+        """Queue until a connection comes free (or ``deadline``: a pool timeout)."""
+        pool = self._pool
+        waiter: asyncio.Future[None] = pool.loop.create_future()
+        pool.waiting.append(waiter)
+        timer = None if deadline is None else pool.loop.call_at(deadline, _pool_expired, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Woken, then cancelled before it could run: the turn goes to the next.
+                pool.woken -= 1
+                pool.wake_one()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _open(self, address: tuple[str, int]) -> _Connection:
         pool = self._pool
@@ -458,17 +531,24 @@ def _pool_expired(waiter: asyncio.Future[None]) -> None:
 
 
 def _origin(authority: str) -> tuple[tuple[str, int], bytes]:
-    """``(host, port)`` to connect to and the Host header for ``host[:port]``."""
-    host, port = authority, 80
+    """``(host, port)`` to connect to and the Host header for ``host[:port]``; a host name
+    beyond ASCII goes as IDNA (punycode), as browsers and aiohttp send it."""
+    host, port, suffix = authority, 80, ""
     if authority.startswith("["):  # [v6]:port
         end = authority.find("]")
         host, rest = authority[1:end], authority[end + 1 :]
         if rest.startswith(":"):
             port = int(rest[1:])
-    elif ":" in authority:
+        return (host, port), authority.encode("ascii")
+    if ":" in authority:
         name, _, number = authority.rpartition(":")
-        host, port = name, int(number)
-    return (host, port), authority.encode("ascii")
+        host, port, suffix = name, int(number), ":" + number
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise UpstreamError("broken", f"bad host name {host!r}: {exc}", connect=True) from exc
+    return (host, port), (host + suffix).encode("ascii")
 
 
 def _serialize(
@@ -478,14 +558,23 @@ def _serialize(
     if _BAD_TARGET.search(target) is not None:
         raise UpstreamError("broken", "request target with a control character", connect=True)
     # latin-1: the query string arrives as bytes decoded that way, and leaves byte for byte.
-    lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"host: " + host]
+    # Only a worker's own base path can hold more (``http://h/база``): sent as UTF-8 escapes.
+    try:
+        line = f"{method} {target} HTTP/1.1".encode("latin-1")
+    except UnicodeEncodeError:
+        escaped = "".join(char if ord(char) < 256 else quote(char) for char in target)
+        line = f"{method} {escaped} HTTP/1.1".encode("latin-1")
+    lines = [line]
     lines += [name + b": " + value for name, value in headers]
     if body or method in _BODY_METHODS:
         lines.append(b"content-length: %d" % len(body))
     head = b"\r\n".join(lines)
+    breaks = len(lines) - 1
+    if b"\r\nhost:" not in head:  # unless a configured Host override is among the headers
+        head = line + b"\r\nhost: " + host + head[len(line) :]
+        breaks += 1
     # One CR and one LF per line break, and no others: a header smuggling a line of its
     # own, or a bare CR some parsers take for one, is refused.
-    breaks = len(lines) - 1
     if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
         raise UpstreamError("broken", "request header with a line break", connect=True)
     return head + b"\r\n\r\n", body

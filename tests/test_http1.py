@@ -8,6 +8,8 @@ exercised on the wire, not through a mock.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -86,17 +88,7 @@ def answering(*responses: bytes, close: bool = False) -> Handler:
 
 @asynccontextmanager
 async def client(**options: Any) -> AsyncIterator[Http1Client]:
-    settings: dict[str, Any] = {
-        "connect_timeout": 5.0,
-        "read_timeout": 5.0,
-        "pool_timeout": 5.0,
-        "max_connections": 100,
-        "max_idle_connections": 10,
-        "keepalive_expiry": 5.0,
-        "fallback": _no_fallback,
-    }
-    settings.update(options)
-    made = Http1Client(**settings)
+    made = Http1Client(**{**CLIENT_SETTINGS, **options})
     try:
         yield made
     finally:
@@ -105,6 +97,17 @@ async def client(**options: Any) -> AsyncIterator[Http1Client]:
 
 def _no_fallback() -> UpstreamClient:
     raise AssertionError("no fallback client expected")
+
+
+CLIENT_SETTINGS: dict[str, Any] = {
+    "connect_timeout": 5.0,
+    "read_timeout": 5.0,
+    "pool_timeout": 5.0,
+    "max_connections": 100,
+    "max_idle_connections": 10,
+    "keepalive_expiry": 5.0,
+    "fallback": _no_fallback,
+}
 
 
 async def body_of(response: UpstreamResponse) -> bytes:
@@ -147,6 +150,19 @@ async def test_requests_reuse_one_keep_alive_connection_and_are_written_as_given
     assert b"content-length: 0\r\n" in seen[1]  # a POST says its body is empty
     assert b"content-length" not in seen[3]  # a GET without a body says nothing
     assert seen[4].startswith("GET /q?name=café HTTP/1.1\r\n".encode())
+
+
+async def test_a_configured_host_header_replaces_the_clients_own() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(OK)
+
+    async with engine(handler) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [(b"host", b"engine.internal")], b"")
+        assert await body_of(response) == b"ok"
+    assert seen[0] == b"GET / HTTP/1.1\r\nhost: engine.internal\r\n\r\n"
 
 
 async def test_chunked_and_close_delimited_bodies_and_bodiless_statuses() -> None:
@@ -315,6 +331,126 @@ def test_idle_connections_expire_before_uvicorns_keep_alive_closes_them() -> Non
 
     assert DEFAULT_LIMITS.keepalive_expiry is not None
     assert DEFAULT_LIMITS.keepalive_expiry < uvicorn.Config(app=None).timeout_keep_alive
+
+
+async def test_an_engine_that_closes_a_fresh_connection_fails_it_at_once() -> None:
+    """Closed before or as the request is written: an error now, not a read timeout."""
+
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pass  # Engine closes the connection on return
+
+    async with engine(closes) as scripted, client(read_timeout=60) as made:
+        for _ in range(3):
+            with anyio.fail_after(5), pytest.raises(UpstreamError) as caught:
+                await get(made, scripted.url + "/")
+            assert caught.value.kind == "broken"
+
+
+async def test_a_reset_ends_a_close_delimited_body_as_an_error_not_as_its_end() -> None:
+    """Only a clean close ends a body without length; a reset means it was cut."""
+
+    async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\ndata: partial")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+
+    async with engine(resets) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [], b"")
+        received = []
+        with pytest.raises(UpstreamError):
+            async for chunk in response.chunks():
+                received.append(chunk)
+        await response.aclose()
+    assert received == [b"data: partial"]
+
+
+@pytest.mark.parametrize("transfer_coding", [b"identity", b"gzip"])
+async def test_a_body_in_another_transfer_coding_ends_with_the_connection(
+    transfer_coding: bytes,
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: %s\r\n\r\nall of it" % transfer_coding
+    async with engine(answering(answer, close=True)) as scripted, client() as made:
+        assert await get(made, scripted.url + "/") == (200, b"all of it")
+
+
+async def test_requests_queued_at_the_cap_are_served_before_newcomers() -> None:
+    """At the connection cap, a freed connection goes to the request that waited longest,
+    not to one that arrived as it came free; the wait is bounded by the pool timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.005)
+            writer.write(OK)
+
+    async with engine(handler) as scripted, client(max_connections=1, pool_timeout=2) as made:
+        stop = asyncio.Event()
+
+        async def steady() -> int:
+            served = 0
+            while not stop.is_set():  # the next request starts as the last one ends
+                await get(made, scripted.url + "/")
+                served += 1
+            return served
+
+        traffic = asyncio.ensure_future(steady())
+        await asyncio.sleep(0.05)
+        with anyio.fail_after(1):
+            assert await get(made, scripted.url + "/") == (200, b"ok")
+        stop.set()
+        assert await traffic > 0
+
+
+async def test_a_request_woken_then_cancelled_passes_its_turn_on() -> None:
+    gate = asyncio.Event()
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await gate.wait()
+            gate.clear()
+            writer.write(OK)
+
+    async with engine(gated) as scripted, client(max_connections=1, pool_timeout=3) as made:
+        holder = asyncio.ensure_future(made.send("GET", scripted.url + "/", [], b""))
+        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(get(made, scripted.url + "/"))
+        second = asyncio.ensure_future(get(made, scripted.url + "/"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        held = await holder
+        assert await body_of(held) == b"ok"  # frees the connection: the first waiter's turn
+        first.cancel()  # ...but its client leaves before it runs
+        asyncio.get_running_loop().call_later(0.1, gate.set)
+        with anyio.fail_after(1):  # not the 3 s pool timeout
+            assert await second == (200, b"ok")
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
+async def test_closing_the_client_fails_the_requests_waiting_for_a_connection() -> None:
+    gate = asyncio.Event()
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await gate.wait()
+
+    async with engine(gated) as scripted:
+        made = Http1Client(**{**CLIENT_SETTINGS, "max_connections": 1})
+        holder = asyncio.ensure_future(made.send("GET", scripted.url + "/", [], b""))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(made.send("GET", scripted.url + "/", [], b""))
+        await asyncio.sleep(0.05)
+        await made.aclose()
+        for request in (holder, waiting):
+            with anyio.fail_after(2), pytest.raises(UpstreamError):
+                await request
+        assert scripted.connections == 1  # the waiting request opened no new connection
+        gate.set()
 
 
 # -- what reaches the wire ---------------------------------------------------------------
