@@ -33,6 +33,7 @@ from cache_router.proxy import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
+    HOP_BY_HOP_HEADERS,
     REQUEST_DROP,
     RelayResult,
     TransportChoice,
@@ -111,6 +112,27 @@ _UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
 # Characters left as they are when the decoded path is quoted again for the engine; "%" is
 # not among them, so a decoded "%2e" reaches the engine as "%252e", never as ".".
 _PATH_SAFE = "/:@!$&'()*+,;=~"
+
+#: A header name (RFC 9110 token) and a header value (visible characters, spaces, tabs).
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+#: Set by the upstream client itself: an override would contradict the request's framing.
+_FRAMING_HEADERS = HOP_BY_HOP_HEADERS | {b"content-length"}
+
+
+def _checked_overrides(headers: Mapping[str, str]) -> dict[bytes, bytes]:
+    """``upstream_headers`` as wire bytes; refuses, once at start-up, what no request may
+    carry: a malformed name or value (a line break would start a header of its own), or a
+    header that frames the message (``content-length``, ``transfer-encoding``, ...)."""
+    checked: dict[bytes, bytes] = {}
+    for name, value in headers.items():
+        raw_name, raw_value = name.lower().encode("latin-1"), value.encode("latin-1")
+        if not _HEADER_NAME.fullmatch(raw_name) or not _HEADER_VALUE.fullmatch(raw_value):
+            raise ValueError(f"upstream header {name!r} has a malformed name or value")
+        if raw_name in _FRAMING_HEADERS:
+            raise ValueError(f"upstream header {name!r} is set by the router itself")
+        checked[raw_name] = raw_value
+    return checked
 
 
 def _forbidden_path(path: str) -> str | None:
@@ -219,10 +241,7 @@ class CacheRouterMiddleware:
         self.upstream = Upstream(
             transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
         )
-        self._overrides = {
-            name.lower().encode("latin-1"): value.encode("latin-1")
-            for name, value in (upstream_headers or {}).items()
-        }
+        self._overrides = _checked_overrides(upstream_headers or {})
         self.api_key = api_key
         # The router's own client key is the router's business: never forward it to engines.
         key_headers = {b"authorization", b"x-api-key"} if api_key is not None else set()

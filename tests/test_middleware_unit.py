@@ -972,6 +972,25 @@ async def test_upstream_headers_override_and_dropped_headers(mock: respx.MockRou
         await router.middleware.aclose()
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-tenant": "a\r\nx-injected: 1"},  # a line break would start a header of its own
+        {"x-tenant": "a\nb"},
+        {"bad name": "v"},
+        {"": "v"},
+        {"content-length": "0"},  # framing is the upstream client's, not configurable
+        {"Transfer-Encoding": "chunked"},
+        {"connection": "close"},
+    ],
+)
+def test_upstream_headers_that_no_request_may_carry_are_refused_at_start_up(
+    headers: dict[str, str],
+) -> None:
+    with pytest.raises(ValueError, match="upstream header"):
+        CacheRouterMiddleware(None, WorkerRegistry([ENGINE_A]), upstream_headers=headers)  # type: ignore[arg-type]
+
+
 # -- paths -------------------------------------------------------------------------------
 
 
