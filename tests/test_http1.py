@@ -234,6 +234,20 @@ async def test_broken_answers_fail_as_broken(answer: bytes, while_reading_body: 
     assert (started is not None) == while_reading_body
 
 
+async def test_one_endless_header_is_cut_off_without_waiting_for_its_end() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-endless: ")
+        for _ in range(4 * MAX_HEADER_BYTES // 16384):
+            writer.write(b"p" * 16384)
+            await writer.drain()
+        await reader.read()  # and never ends it
+
+    async with engine(endless) as scripted, client(read_timeout=60) as made:
+        with anyio.fail_after(5), pytest.raises(UpstreamError, match="too large"):
+            await made.send("GET", scripted.url + "/", [], b"")
+
+
 async def test_an_engine_that_never_answers_times_out() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
