@@ -564,17 +564,18 @@ def _serialize(
     except UnicodeEncodeError:
         escaped = "".join(char if ord(char) < 256 else quote(char) for char in target)
         line = f"{method} {escaped} HTTP/1.1".encode("latin-1")
-    lines = [line]
+    lines = [line, b"host: " + host]
     lines += [name + b": " + value for name, value in headers]
     if body or method in _BODY_METHODS:
         lines.append(b"content-length: %d" % len(body))
+    lines += (b"", b"")  # the blank line that ends the head
     head = b"\r\n".join(lines)
-    breaks = len(lines) - 1
-    if b"\r\nhost:" not in head:  # unless a configured Host override is among the headers
-        head = line + b"\r\nhost: " + host + head[len(line) :]
-        breaks += 1
+    if head.count(b"\r\nhost:") > 1:  # a configured Host override replaces ours (rare)
+        del lines[1]
+        head = b"\r\n".join(lines)
     # One CR and one LF per line break, and no others: a header smuggling a line of its
     # own, or a bare CR some parsers take for one, is refused.
+    breaks = len(lines) - 1
     if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
         raise UpstreamError("broken", "request header with a line break", connect=True)
-    return head + b"\r\n\r\n", body
+    return head, body
