@@ -1,0 +1,847 @@
+"""``RouterConfig``: every setting of the production router, in one immutable value.
+
+One value, built once at start-up, carries what ``cache-router serve`` and a library user
+need to assemble the same router: the worker list, the policy's knobs, health checks,
+breakers, retries, admission, the admin API, the server and scale-out. It is read from up
+to four sources, highest precedence first:
+
+1. the command line: only the flags the user gave (``cli=`` of :meth:`RouterConfig.load`);
+2. the environment: ``CACHE_ROUTER_<FIELD>`` (each field declares its variable; the
+   historical names keep working, e.g. ``CACHE_ROUTER_WORKER_API_KEY`` for ``api_key``);
+3. a TOML, YAML or JSON file (``file=``, else ``$CACHE_ROUTER_CONFIG``);
+4. the defaults, which are SGLang's router's where it has the same flag.
+
+Field names are the ``serve`` flags' argparse ``dest`` so that flag, variable and file key
+map one to one. Every value is checked once, when the instance is built (``__post_init__``),
+and all problems are reported together in one :class:`ConfigError` naming each option and
+the source it came from: a typo in a variable or a file key is an error, not a silently
+ignored setting.
+
+Why stdlib dataclasses and not pydantic-settings: the project depends on starlette, httpx
+and anyio only, the checks needed here (bounds, choices, URLs, path prefixes) are a few
+lines each, and a frozen slotted dataclass is a plain value that compares, hashes and
+survives ``to_dict``/``from_dict`` across the ``--workers`` process boundary.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from cache_router.app import POLICY_NAMES
+from cache_router.fleet import redact_url
+from cache_router.load_source import LOAD_FORMATS
+from cache_router.registry import normalize_url
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "LOG_LEVELS",
+    "OPTIONS",
+    "TRANSPORTS",
+    "ConfigError",
+    "Option",
+    "RouterConfig",
+]
+
+#: Prefix of every environment variable the router reads.
+ENV_PREFIX = "CACHE_ROUTER_"
+#: Environment variable naming the configuration file when no ``--config`` is given.
+CONFIG_ENV = "CACHE_ROUTER_CONFIG"
+#: ``CACHE_ROUTER_*`` variables that are not options, so never reported as unknown: the
+#: config file, the serialized config of ``--workers`` processes, the benchmark launcher.
+OTHER_ENV = frozenset({CONFIG_ENV, "CACHE_ROUTER_SERVE_ARGS", "CACHE_ROUTER_LAUNCHER"})
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TRANSPORTS = ("auto", "http1", "aiohttp", "httpx")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_FLEET_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_MIN_FLUSH = 0.05  # RedisFleetState's flush_interval: max_flush_interval may not be shorter
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
+
+
+class ConfigError(ValueError):
+    """One or more rejected settings; ``problems`` lists each, naming option and source."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = tuple(problems)
+        if len(problems) == 1:
+            message = problems[0]
+        else:
+            message = f"{len(problems)} configuration errors:\n  " + "\n  ".join(problems)
+        super().__init__(message)
+
+
+def _meta(
+    help: str,
+    *,
+    env: str | None = None,
+    flag: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> dict[str, Any]:
+    """A field's metadata; ``env`` and ``flag`` default to the names derived from it."""
+    return {
+        "help": help,
+        "env": env,
+        "flag": flag,
+        "low": low,
+        "high": high,
+        "choices": choices,
+        "secret": secret,
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
+class RouterConfig:
+    """The router's configuration; see the module docstring and docs/configuration.md.
+
+    Build it directly (``RouterConfig(worker_urls=["http://10.0.0.1:8000"])``) or with
+    :meth:`load`. Lists are stored as tuples; worker URLs normalized and deduplicated.
+    """
+
+    # -- workers and the server -----------------------------------------------------------
+    worker_urls: tuple[str, ...] = field(
+        metadata=_meta("engine base URLs, e.g. http://10.0.0.1:8000")
+    )
+    host: str = field(default="127.0.0.1", metadata=_meta("address to listen on"))
+    port: int = field(default=30000, metadata=_meta("port to listen on", low=0, high=65535))
+    workers: int = field(
+        default=1,
+        metadata=_meta(
+            "router processes on the same port, each with its own state (share it with redis_url)",
+            low=1,
+            high=512,
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_meta(
+            "router and server log level (debug also logs every request)", choices=LOG_LEVELS
+        ),
+    )
+    timeout_keep_alive: float = field(
+        default=5.0,
+        metadata=_meta("seconds an idle client connection is kept open", low=0.001),
+    )
+    limit_concurrency: int | None = field(
+        default=None,
+        metadata=_meta(
+            "client connections the server accepts at once; beyond, 503 (none: no limit)",
+            low=1,
+        ),
+    )
+    header_read_timeout: float = field(
+        default=10.0,
+        metadata=_meta("seconds a client may take to send a request's headers", low=0.001),
+    )
+    # -- routing policy -------------------------------------------------------------------
+    policy: str = field(
+        default="cache_aware",
+        metadata=_meta("how a worker is chosen (see docs/policies.md)", choices=POLICY_NAMES),
+    )
+    cache_threshold: float = field(
+        default=0.3,
+        metadata=_meta(
+            "cache_aware: matched share of the prompt above which the match decides",
+            low=0.0,
+            high=1.0,
+        ),
+    )
+    balance_abs_threshold: int = field(
+        default=64,
+        metadata=_meta(
+            "cache_aware: balance by load when max_load - min_load exceeds this ...", low=0
+        ),
+    )
+    balance_rel_threshold: float = field(
+        default=1.5,
+        metadata=_meta("... and max_load exceeds min_load times this", low=1.0),
+    )
+    eviction_interval_secs: float = field(
+        default=120.0,
+        metadata=_meta(
+            "cache_aware: seconds between prefix-tree trims (0: trim on insert only)", low=0.0
+        ),
+    )
+    max_tree_size: int = field(
+        default=2**26,
+        metadata=_meta("cache_aware: characters (tokens) the prefix tree may hold", low=1),
+    )
+    no_spill: bool = field(
+        default=False,
+        metadata=_meta(
+            "cache_aware: SGLang's rules exactly, without the per-request spill gate that "
+            "moves a hot prefix off an overloaded holder"
+        ),
+    )
+    max_routing_key_length: int = field(
+        default=32768,
+        metadata=_meta(
+            "longest routing key: characters for text keys, tokens for token keys", low=1
+        ),
+    )
+    # -- requests and workers -------------------------------------------------------------
+    max_payload_size: int = field(
+        default=512 * 1024 * 1024,
+        metadata=_meta("largest request body in bytes (413 above)", low=1),
+    )
+    request_timeout_secs: float = field(
+        default=1800.0,
+        metadata=_meta("limit on one whole exchange with a worker, streaming included", low=0.001),
+    )
+    transparent_prefixes: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "path prefixes forwarded as they are (any method), e.g. /inference",
+            flag="--transparent-prefix",
+        ),
+    )
+    upstream_transport: str = field(
+        default="auto",
+        metadata=_meta(
+            "client for talking to workers: auto (http1 for http:// workers when httptools "
+            "is installed, else aiohttp, else httpx), or one of them by name",
+            choices=TRANSPORTS,
+        ),
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_meta(
+            "sent to every worker as 'Authorization: Bearer KEY'",
+            env="CACHE_ROUTER_WORKER_API_KEY",
+            secret=True,
+        ),
+    )
+    router_api_key: str | None = field(
+        default=None,
+        metadata=_meta("clients must present this key", env="CACHE_ROUTER_API_KEY", secret=True),
+    )
+    disable_model_discovery: bool = field(
+        default=False,
+        metadata=_meta("do not ask the workers which models they serve"),
+    )
+    worker_allow: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "hosts the admin API may add workers on (empty: the hosts of the startup workers)"
+        ),
+    )
+    # -- health checks --------------------------------------------------------------------
+    health_check_interval_secs: float = field(
+        default=60.0,
+        metadata=_meta("seconds between active health checks of every worker", low=0.001),
+    )
+    health_check_timeout_secs: float = field(
+        default=5.0, metadata=_meta("a health check slower than this fails", low=0.001)
+    )
+    health_failure_threshold: int = field(
+        default=3,
+        metadata=_meta("consecutive failed checks before a worker gets no more requests", low=1),
+    )
+    health_success_threshold: int = field(
+        default=2,
+        metadata=_meta(
+            "consecutive passed checks before an unhealthy worker gets requests again", low=1
+        ),
+    )
+    health_check_endpoint: str = field(
+        default="/health", metadata=_meta("path of the health check on each worker")
+    )
+    wait_for_workers: float = field(
+        default=0.0,
+        metadata=_meta(
+            "wait up to this many seconds for every worker to pass a health check before "
+            "serving, and exit with an error if one does not (0: do not wait)",
+            low=0.0,
+        ),
+    )
+    # -- retries and circuit breakers -----------------------------------------------------
+    retry_max_retries: int = field(
+        default=3,
+        metadata=_meta(
+            "attempts per request, the first included, before the first byte reaches the client",
+            low=1,
+        ),
+    )
+    disable_retries: bool = field(default=False, metadata=_meta("one attempt per request"))
+    cb_failure_threshold: int = field(
+        default=10, metadata=_meta("consecutive failures that open a breaker", low=1)
+    )
+    cb_success_threshold: int = field(
+        default=3, metadata=_meta("half-open successes that close it again", low=1)
+    )
+    cb_timeout_duration_secs: float = field(
+        default=60.0,
+        metadata=_meta("seconds an open breaker waits before letting requests try again", low=0.0),
+    )
+    disable_circuit_breaker: bool = field(
+        default=False, metadata=_meta("no per-worker circuit breakers")
+    )
+    # -- admission ------------------------------------------------------------------------
+    max_concurrent_requests: int = field(
+        default=-1,
+        metadata=_meta(
+            "requests in flight through the router before queueing (-1: no limit)", low=-1
+        ),
+    )
+    queue_size: int = field(
+        default=100, metadata=_meta("requests that may wait for a slot; beyond, 429", low=0)
+    )
+    queue_timeout_secs: float = field(
+        default=60.0, metadata=_meta("longest wait for a slot; then 429", low=0.0)
+    )
+    # -- admin API ------------------------------------------------------------------------
+    admin_prefix: str | None = field(
+        default=None,
+        metadata=_meta(
+            "serve the worker admin API (and /metrics when prometheus-client is installed) "
+            "under this path, e.g. /router (none: off)"
+        ),
+    )
+    admin_api_key: str | None = field(default=None, metadata=_meta("admin API key", secret=True))
+    admin_allow_unauthenticated: bool = field(
+        default=False, metadata=_meta("serve the admin API without a key")
+    )
+    # -- scale-out ------------------------------------------------------------------------
+    redis_url: str | None = field(
+        default=None,
+        metadata=_meta(
+            "share routing decisions and in-flight counts with the other replicas through "
+            "this Redis (redis://[:password@]host:port/db, rediss:// for TLS)",
+            secret=True,
+        ),
+    )
+    fleet_name: str = field(
+        default="default", metadata=_meta("replicas with the same fleet name share state")
+    )
+    fleet_heartbeat_secs: float = field(
+        default=0.5,
+        metadata=_meta(
+            "a replica re-publishes its in-flight counts at least this often", low=0.001
+        ),
+    )
+    fleet_ttl_secs: float = field(
+        default=3.0,
+        metadata=_meta("a replica silent this long is gone, and its load forgotten", low=0.001),
+    )
+    fleet_max_flush_secs: float | None = field(
+        default=None,
+        metadata=_meta(
+            "longest wait between two exchanges with Redis, between 0.05 and the heartbeat "
+            "(none: 0.2, or the heartbeat if shorter)",
+            low=0.001,
+        ),
+    )
+    engine_load_poll_secs: float = field(
+        default=0.0,
+        metadata=_meta(
+            "ask each engine for its load this often and balance on it (0: off)", low=0.0
+        ),
+    )
+    engine_load_format: str = field(
+        default="sglang",
+        metadata=_meta(
+            "sglang: GET /get_load; vllm: GET /metrics (num_requests_running + waiting)",
+            choices=tuple(LOAD_FORMATS),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        context = _CONTEXT.get()
+        values = {name: getattr(self, name) for name in OPTIONS}
+        origins = context.origins if context is not None else _EMPTY
+        raws = context.raws if context is not None else _EMPTY
+        checked, problems = _check(values, origins, raws, "RouterConfig(...)")
+        if problems:
+            raise ConfigError(problems)
+        for name, value in checked.items():
+            if value is not values[name]:
+                object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={_redacted(OPTIONS[name], getattr(self, name))!r}" for name in OPTIONS
+        )
+        return f"RouterConfig({shown})"
+
+    # -- sources -------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        cli: Mapping[str, Any] = _EMPTY,
+        env: Mapping[str, str] | None = None,
+        file: str | Path | None = None,
+    ) -> RouterConfig:
+        """The configuration from ``cli`` > ``env`` > ``file`` > the defaults.
+
+        ``cli`` holds only the values the user gave explicitly, keyed by argparse dest,
+        already parsed. ``env`` defaults to ``os.environ``. ``file`` defaults to
+        ``$CACHE_ROUTER_CONFIG``. Raises :class:`ConfigError` listing every problem.
+        """
+        environ: Mapping[str, str] = os.environ if env is None else env
+        if file is None and environ.get(CONFIG_ENV):
+            file = environ[CONFIG_ENV]
+        values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        raws: dict[str, Any] = {}
+        problems: list[str] = []
+        if file is not None:
+            label = str(file)
+            for name, value in _read_file(Path(file), problems).items():
+                values[name], origins[name], raws[name] = value, label, value
+        for name, text, variable in _env_values(environ, problems):
+            try:
+                values[name] = _from_text(OPTIONS[name], text)
+            except _Invalid as exc:
+                problems.append(_problem(name, variable, exc, text))
+                values.pop(name, None)
+            origins[name], raws[name] = variable, text
+        unknown = [key for key in cli if key not in OPTIONS]
+        problems += [_unknown(key, "the command line", list(OPTIONS)) for key in unknown]
+        for name, value in cli.items():
+            if name in OPTIONS:
+                option = OPTIONS[name]
+                values[name], origins[name], raws[name] = value, option.flag, value
+        return cls._build(values, origins, raws, problems)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RouterConfig:
+        """The configuration ``to_dict`` produced (or any mapping of field names)."""
+        problems = [_unknown(key, "from_dict", list(OPTIONS)) for key in data if key not in OPTIONS]
+        values = {name: value for name, value in data.items() if name in OPTIONS}
+        return cls._build(values, dict.fromkeys(values, "from_dict"), values, problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-safe (tuples become lists). Secrets included: handle with care."""
+        data = {name: getattr(self, name) for name in OPTIONS}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in data.items()}
+
+    def replace(self, **changes: Any) -> RouterConfig:
+        """A checked copy with ``changes`` applied."""
+        unknown = [name for name in changes if name not in OPTIONS]
+        if unknown:
+            raise ConfigError([_unknown(name, "replace()", list(OPTIONS)) for name in unknown])
+        origins = {name: "replace()" for name in changes}
+        token = _CONTEXT.set(_Context(origins, changes))
+        try:
+            return dataclasses.replace(self, **changes)
+        finally:
+            _CONTEXT.reset(token)
+
+    @classmethod
+    def _build(
+        cls,
+        values: dict[str, Any],
+        origins: dict[str, str],
+        raws: Mapping[str, Any],
+        problems: list[str],
+    ) -> RouterConfig:
+        """Build from checked-out sources; ``problems`` found so far are reported together
+        with the checks' own."""
+        if "worker_urls" not in values and "worker_urls" not in origins:
+            problems.append(
+                "worker_urls: required; give --worker-urls, "
+                f"{OPTIONS['worker_urls'].env} or worker_urls in the config file"
+            )
+        if problems:  # report the remaining checks' findings too, then stop
+            problems += _check(values, origins, raws, "default")[1]
+            raise ConfigError(problems)
+        token = _CONTEXT.set(_Context(origins, raws))
+        try:
+            return cls(**values)
+        finally:
+            _CONTEXT.reset(token)
+
+
+# -- options: the fields' metadata, read once -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """What the configuration knows about one field (for the loaders, the docs, a CLI)."""
+
+    name: str
+    flag: str
+    env: str
+    kind: type  # int, float, bool or str; of the items for a list
+    is_list: bool
+    optional: bool
+    default: Any  # dataclasses.MISSING when required
+    help: str
+    low: float | None
+    high: float | None
+    choices: tuple[str, ...] | None
+    secret: bool
+
+    @property
+    def type_name(self) -> str:
+        name = f"list[{self.kind.__name__}]" if self.is_list else self.kind.__name__
+        return f"{name} | None" if self.optional else name
+
+
+def _options() -> dict[str, Option]:
+    hints = get_type_hints(RouterConfig)
+    options: dict[str, Option] = {}
+    for spec in dataclasses.fields(RouterConfig):
+        hint = hints[spec.name]
+        args = get_args(hint)
+        optional = get_origin(hint) in (Union, types.UnionType) and type(None) in args
+        if optional:
+            hint = next(arg for arg in args if arg is not type(None))
+        is_list = get_origin(hint) is tuple
+        kind = get_args(hint)[0] if is_list else hint
+        meta = spec.metadata
+        options[spec.name] = Option(
+            name=spec.name,
+            flag=meta["flag"] or "--" + spec.name.replace("_", "-"),
+            env=meta["env"] or ENV_PREFIX + spec.name.upper(),
+            kind=kind,
+            is_list=is_list,
+            optional=optional,
+            default=spec.default,
+            help=meta["help"],
+            low=meta["low"],
+            high=meta["high"],
+            choices=meta["choices"],
+            secret=meta["secret"],
+        )
+    return options
+
+
+#: Every field's :class:`Option`, in declaration order.
+OPTIONS: Mapping[str, Option] = types.MappingProxyType(_options())
+_BY_ENV = {option.env: name for name, option in OPTIONS.items()}
+
+
+# -- parsing and checking -------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """One value's problem, before it is given the option's name and source."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    origins: Mapping[str, str]
+    raws: Mapping[str, Any]
+
+
+# Where the values being built come from, so that __post_init__ can name the source.
+_CONTEXT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
+    "cache_router_config_context", default=None
+)
+
+
+def _from_text(option: Option, text: str) -> Any:
+    """Parse an environment variable's value as ``option``'s type."""
+    stripped = text.strip()
+    if option.optional and stripped.lower() in ("", "none"):
+        return None
+    if option.is_list:
+        return tuple(item for item in re.split(r"[,\s]+", stripped) if item)
+    if option.kind is bool:
+        word = stripped.lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise _Invalid("expected one of 1/0, true/false, yes/no, on/off")
+    if option.kind in (int, float):
+        try:
+            return option.kind(stripped)
+        except ValueError:
+            raise _Invalid(f"expected {option.kind.__name__}") from None
+    return text
+
+
+def _coerce(option: Option, value: Any) -> Any:
+    """``value`` (from Python, a file or JSON) as ``option``'s type, or ``_Invalid``."""
+    if value is None and option.optional:
+        return None
+    if option.is_list:
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise _Invalid("expected a list of strings")
+    if option.kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid("expected true or false")
+    if option.kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Invalid("expected an integer")
+    if option.kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Invalid("expected a number")
+    if isinstance(value, str):
+        return value
+    raise _Invalid("expected a string")
+
+
+def _path_prefix(text: str) -> str:
+    if not text.startswith("/") or not text.strip("/"):
+        raise _Invalid("not a path prefix (expected e.g. /inference)")
+    return text
+
+
+def _value(option: Option, value: Any) -> Any:
+    """``value`` coerced, range- and choice-checked and normalized for ``option``."""
+    value = _coerce(option, value)
+    if value is None:
+        return None
+    if option.kind is float and not math.isfinite(value):
+        raise _Invalid("must be a finite number")
+    if option.low is not None and (
+        value < option.low or (option.high is not None and value > option.high)
+    ):
+        if option.high is None:
+            raise _Invalid(f"must be >= {option.low:g}")
+        raise _Invalid(f"must be between {option.low:g} and {option.high:g}")
+    if option.choices is not None and value not in option.choices:
+        raise _Invalid(f"must be one of {', '.join(option.choices)}")
+    check = _CHECKS.get(option.name)
+    return value if check is None else check(value)
+
+
+def _worker_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
+    if not urls:
+        raise _Invalid("needs at least one worker URL")
+    try:
+        return tuple(dict.fromkeys(normalize_url(url) for url in urls))
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_path_prefix(prefix) for prefix in prefixes)
+
+
+def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    if any(not item.strip() or any(char.isspace() for char in item) for item in patterns):
+        raise _Invalid("patterns must be non-empty and contain no whitespace")
+    return patterns
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise _Invalid("must not be empty")
+    return text
+
+
+def _secret(text: str) -> str:
+    if not text or any(char.isspace() or not char.isprintable() for char in text):
+        raise _Invalid("must be non-empty, without whitespace or control characters")
+    return text
+
+
+def _fleet_name(name: str) -> str:
+    if not _FLEET_NAME.fullmatch(name):
+        raise _Invalid("may only use letters, digits and _ . : -")
+    return name
+
+
+def _redis_url(url: str) -> str:
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in _REDIS_SCHEMES:
+        raise _Invalid("must start with redis://, rediss:// or unix://")
+    return url
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "worker_urls": _worker_urls,
+    "host": _non_empty,
+    "transparent_prefixes": _prefixes,
+    "health_check_endpoint": _path_prefix,
+    "admin_prefix": _path_prefix,
+    "worker_allow": _patterns,
+    "api_key": _secret,
+    "router_api_key": _secret,
+    "admin_api_key": _secret,
+    "redis_url": _redis_url,
+    "fleet_name": _fleet_name,
+}
+
+
+def _redacted(option: Option, value: Any) -> Any:
+    """``value`` fit for a repr or an error message."""
+    if not option.secret or value is None:
+        return value
+    if option.name == "redis_url" and isinstance(value, str):
+        try:
+            return redact_url(value)
+        except ValueError:
+            return "***"
+    return "***"
+
+
+def _problem(name: str, origin: str, exc: _Invalid, raw: Any) -> str:
+    return f"{name} (from {origin}): {exc}, got {_redacted(OPTIONS[name], raw)!r}"
+
+
+def _check(
+    values: Mapping[str, Any],
+    origins: Mapping[str, str],
+    raws: Mapping[str, Any],
+    fallback: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """``values`` checked and normalized, and the problems found (all of them)."""
+    checked: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in values.items():
+        try:
+            checked[name] = _value(OPTIONS[name], value)
+        except _Invalid as exc:
+            problems.append(_problem(name, origins.get(name, fallback), exc, raws.get(name, value)))
+    problems += _cross_checks(checked, origins, fallback)
+    return checked, problems
+
+
+def _cross_checks(
+    values: Mapping[str, Any], origins: Mapping[str, str], fallback: str
+) -> list[str]:
+    """The rules between fields, those that today fail later, when the router is built."""
+
+    def get(name: str) -> Any:
+        return values.get(name, OPTIONS[name].default)
+
+    def where(name: str) -> str:
+        if name in origins:
+            return origins[name]
+        return "default" if get(name) == OPTIONS[name].default else fallback
+
+    problems: list[str] = []
+    if get("redis_url") is not None:
+        heartbeat, ttl = get("fleet_heartbeat_secs"), get("fleet_ttl_secs")
+        if not ttl > heartbeat:
+            problems.append(
+                f"fleet_ttl_secs (from {where('fleet_ttl_secs')}): must be longer than "
+                f"fleet_heartbeat_secs ({heartbeat:g}, from {where('fleet_heartbeat_secs')}), "
+                f"got {ttl!r}"
+            )
+        flush = get("fleet_max_flush_secs")
+        if flush is not None and not _MIN_FLUSH <= flush <= heartbeat:
+            problems.append(
+                f"fleet_max_flush_secs (from {where('fleet_max_flush_secs')}): must be "
+                f"between {_MIN_FLUSH} and fleet_heartbeat_secs ({heartbeat:g}, from "
+                f"{where('fleet_heartbeat_secs')}), got {flush!r}"
+            )
+    return problems
+
+
+def _unknown(key: str, source: str, known: list[str], name: str | None = None) -> str:
+    """``key`` is not an option; ``name`` is what to match it on when not ``key`` itself."""
+    close = difflib.get_close_matches(name or key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown option {key!r} (from {source}){hint}"
+
+
+def _env_values(environ: Mapping[str, str], problems: list[str]) -> Iterator[tuple[str, str, str]]:
+    """(field, text, variable) for each option set in ``environ``; unknown
+    ``CACHE_ROUTER_*`` variables are added to ``problems``."""
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable in OTHER_ENV:
+            continue
+        name = _BY_ENV.get(variable)
+        if name is not None:
+            yield name, text, variable
+            continue
+        field_name = variable[len(ENV_PREFIX) :].lower()
+        if field_name in OPTIONS:  # CACHE_ROUTER_<FIELD> where the field declares another
+            close = [OPTIONS[field_name].env]
+        else:
+            close = difflib.get_close_matches(variable, list(_BY_ENV), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"unknown environment variable {variable}{hint}")
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def _parse_file(path: Path) -> Any:
+    """The file's content as Python data, by its suffix; ``_Invalid`` when unreadable."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            toml: Any = importlib.import_module(
+                "tomllib" if sys.version_info >= (3, 11) else "tomli"
+            )
+            with path.open("rb") as stream:
+                return toml.load(stream)
+        if suffix in (".yaml", ".yml"):
+            try:
+                yaml: Any = importlib.import_module("yaml")
+            except ImportError:
+                raise _Invalid(
+                    "reading YAML needs PyYAML: pip install pyyaml (or use a .toml file)"
+                ) from None
+            with path.open("rb") as stream:
+                return yaml.safe_load(stream)
+        if suffix == ".json":
+            with path.open("rb") as stream:
+                return json.load(stream)
+    except OSError as exc:
+        raise _Invalid(f"cannot read it: {exc.strerror or exc}") from None
+    except _Invalid:
+        raise
+    except Exception as exc:  # each format's own syntax error type
+        raise _Invalid(f"not valid {suffix[1:].upper()}: {exc}") from None
+    raise _Invalid("unknown file type: use .toml, .yaml, .yml or .json")
+
+
+def _flatten(
+    data: Mapping[str, Any], prefix: str, path: str, out: dict[str, tuple[str, Any]]
+) -> list[str]:
+    """Flat field names from ``data``: a table ``[health]`` with key ``check_interval_secs``
+    is ``health_check_interval_secs``; dashes in keys count as underscores."""
+    problems: list[str] = []
+    for key, value in data.items():
+        name = prefix + str(key).replace("-", "_")
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(value, Mapping):
+            problems += _flatten(value, name + "_", where, out)
+        elif name in out:
+            problems.append(f"{name} is given twice, as {out[name][0]} and as {where}")
+        else:
+            out[name] = (where, value)
+    return problems
+
+
+def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
+    """The options in the file at ``path`` (problems are added to ``problems``)."""
+    try:
+        data = _parse_file(path)
+    except _Invalid as exc:
+        problems.append(f"config file {path}: {exc}")
+        return {}
+    if data is None:  # an empty YAML file
+        return {}
+    if not isinstance(data, Mapping):
+        problems.append(f"config file {path}: expected a table of options at the top level")
+        return {}
+    flat: dict[str, tuple[str, Any]] = {}
+    problems += [f"config file {path}: {text}" for text in _flatten(data, "", "", flat)]
+    values: dict[str, Any] = {}
+    for name, (key, value) in flat.items():
+        if name in OPTIONS:
+            values[name] = value
+        else:
+            problems.append(_unknown(key, str(path), list(OPTIONS), name))
+    return values
