@@ -88,24 +88,25 @@ def test_an_open_admin_api_is_refused_on_non_loopback_binds(host: str, refused: 
     assert cli._admin_exposure(serve_args("--host", host)) is None  # no admin API at all
 
 
-def test_serve_refuses_to_start_open_on_all_interfaces() -> None:
+def test_serve_refuses_to_start_open_on_a_public_address() -> None:
+    """A real process: one line, exit 2. The address is TEST-NET-1, which no interface
+    here has, so should the refusal ever regress the bind fails instead of exposing us."""
     environment = {key: value for key, value in os.environ.items() if key != ENV_KEY}
     with closed_port() as dead:
         result = subprocess.run(
             [sys.executable, "-m", "cache_router", "serve", "--worker-urls",
-             f"http://127.0.0.1:{dead}", "--host", "0.0.0.0", "--admin-prefix", "/router"],
+             f"http://127.0.0.1:{dead}", "--host", "192.0.2.1", "--admin-prefix", "/router"],
             capture_output=True,
             text=True,
             timeout=30,
             cwd=ROOT,
             env=environment,
         )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("cache-router serve: error: the admin API (/router) has no key")
     assert "--admin-allow-unauthenticated" in lines[0]
-    assert "Traceback" not in result.stderr
 
 
 class _FakeServer:
@@ -128,6 +129,17 @@ class _FakeUvicorn:
     @staticmethod
     def Config(app: Any, **options: Any) -> dict[str, Any]:
         return {"app": app, **options}
+
+
+def test_serve_refuses_to_start_open_on_all_interfaces(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "_import_uvicorn", lambda: _FakeUvicorn)
+    _FakeServer.configs.clear()
+    argv = ["serve", "--worker-urls", "http://127.0.0.1:1", "--host", "0.0.0.0"]
+    assert main([*argv, "--admin-prefix", "/router"]) == 2
+    assert _FakeServer.configs == []
+    assert "--admin-allow-unauthenticated" in capsys.readouterr().err
 
 
 def test_serve_starts_open_on_all_interfaces_when_told_to_and_warns(
