@@ -25,8 +25,14 @@ notifications, never polls. A drain goes on if the admin client disconnects.
 
 Adding can wait for the worker to come up: with ``wait_healthy_secs`` the worker is polled
 with ``GET {url}{startup_health_path}`` until it answers 200, and is registered only then
-(503 if it never does). Note that the admin API makes the router send that request to any
-URL it is given: protect the API with ``api_key`` wherever its clients are not trusted.
+(503 if it never does). The 503 says only "not ready"; why (refused, timed out, which
+status) goes to the log, so the API cannot be used to tell closed ports from open ones.
+
+Every URL added is first checked against an allow-list of hosts
+(:mod:`cache_router.allowlist`): the hosts of the registry's workers when the app is built,
+plus ``worker_allow``. Anything else gets 403 before the router sends it a single byte,
+since an added worker gets health probes and traffic carrying the engine API key. Protect
+the API with ``api_key`` too wherever its clients are not trusted.
 
 Every error is an OpenAI-shaped JSON body; with ``api_key`` set, every route (including
 unknown paths and ``/metrics``) answers 401 unless the request carries the key (see
@@ -41,9 +47,12 @@ prefix and ``path`` left whole; a ``path`` already stripped of the prefix works 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -53,6 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cache_router.allowlist import HostAllowList, url_host
 from cache_router.auth import bearer_matches
 from cache_router.errors import error_body
 from cache_router.load_source import LOCAL, load_source
@@ -65,6 +75,8 @@ if TYPE_CHECKING:
     from cache_router.metrics import PrometheusMetrics
 
 __all__ = ["MAX_ADMIN_BODY", "AdminApp", "AdminError", "worker_info"]
+
+logger = logging.getLogger("cache_router.admin")
 
 #: Largest admin request body accepted; the API takes a few small JSON fields.
 MAX_ADMIN_BODY = 64 * 1024
@@ -129,6 +141,9 @@ class AdminApp:
         startup_health_path: path polled on a new worker when the add asks to wait.
         drain_timeout: default bound, in seconds, on waiting for a removed worker's
             in-flight requests; the worker is removed when it passes even if some remain.
+        worker_allow: host patterns and CIDRs (see :mod:`cache_router.allowlist`) that
+            added workers may point at, beyond the hosts of the registry's workers at
+            construction (always allowed). Empty: only those hosts; ``["*"]``: any host.
     """
 
     def __init__(
@@ -139,6 +154,7 @@ class AdminApp:
         metrics: PrometheusMetrics | None = None,
         startup_health_path: str = "/health",
         drain_timeout: float = 300.0,
+        worker_allow: Iterable[str] = (),
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty; pass None to leave the API open")
@@ -146,6 +162,13 @@ class AdminApp:
             raise ValueError("startup_health_path must start with '/'")
         if not 0 <= drain_timeout < math.inf:
             raise ValueError("drain_timeout must be a finite number of seconds >= 0")
+        startup_hosts: list[str] = []
+        for worker in registry:
+            try:
+                startup_hosts.append(str(url_host(worker.url)))
+            except ValueError:  # a host no URL could match again; nothing to allow
+                continue
+        self.worker_allow = HostAllowList([*startup_hosts, *worker_allow])
         self.registry = registry
         self.metrics = metrics
         self.startup_health_path = startup_health_path
@@ -246,13 +269,15 @@ class AdminApp:
     ) -> Worker:
         """Validate and register a worker, first waiting for it to be healthy if asked.
 
-        Raises :class:`AdminError`: 400 for a malformed URL or field, 409 if the URL is
-        registered (or being added), 503 if the worker is not healthy in time.
+        Raises :class:`AdminError`: 400 for a malformed URL or field, 403 for a host off
+        the allow-list, 409 if the URL is registered (or being added), 503 if the worker
+        is not healthy in time.
         """
         if not isinstance(url, str):
             raise _bad_request("url must be a string", "invalid_url")
         try:
             url = normalize_url(url)
+            host = url_host(url)
         except ValueError as exc:
             raise _bad_request(str(exc), "invalid_url") from None
         if model is not None and (not isinstance(model, str) or not model):
@@ -260,6 +285,14 @@ class AdminApp:
         wait = 0.0
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
+        if not self.worker_allow.allows(host):
+            raise AdminError(
+                403,
+                f"worker host {urlsplit(url).hostname!r} is not on this router's worker "
+                "allow-list (--worker-allow)",
+                "permission_error",
+                "worker_not_allowed",
+            )
         self._check_free(url)
         if wait > 0:
             self._adding.add(url)
@@ -268,9 +301,12 @@ class AdminApp:
             finally:
                 self._adding.discard(url)
             if failure is not None:
+                # The reason stays in the log: refused, timed out or "status 404" would
+                # tell a caller which ports are open on the worker's host.
+                logger.warning("worker %s not ready within %g s: %s", url, wait, failure)
                 raise AdminError(
                     503,
-                    f"worker {url} was not healthy within {wait:g} s ({failure})",
+                    f"worker not ready within {wait:g} s; the router's log says why",
                     "service_unavailable",
                     "worker_unhealthy",
                 )

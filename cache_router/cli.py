@@ -27,6 +27,7 @@ import httpx
 
 from cache_router import __version__
 from cache_router.admin import AdminApp
+from cache_router.allowlist import HostAllowList, parse_host
 from cache_router.app import POLICY_NAMES, create_router_app, make_policy
 from cache_router.events import RouterEvents
 from cache_router.health import CircuitBreakers, HealthChecker
@@ -87,6 +88,14 @@ def _worker_url(text: str) -> str:
         return normalize_url(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _allow_pattern(text: str) -> str:
+    try:
+        HostAllowList([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _bounded(kind: type[int] | type[float], low: float, high: float | None = None) -> Any:
@@ -345,6 +354,23 @@ def _add_serve(commands: Any) -> None:
         help="admin API key (default: $CACHE_ROUTER_ADMIN_API_KEY)",
     )
     serve.add_argument(
+        "--admin-allow-unauthenticated",
+        action="store_true",
+        help="serve the admin API without --admin-api-key on a non-loopback --host "
+        "(refused otherwise): anyone who reaches the port can then add and remove workers",
+    )
+    serve.add_argument(
+        "--worker-allow",
+        action="extend",
+        nargs="+",
+        type=_allow_pattern,
+        default=[],
+        metavar="PATTERN",
+        help="hosts the admin API may add workers on, beyond those of --worker-urls: "
+        "names (engine-1.internal), name patterns (engine-*.internal), addresses or CIDRs "
+        "(10.0.0.0/8), or * for any host",
+    )
+    serve.add_argument(
         "--wait-for-workers",
         type=_bounded(float, 0.0),
         default=0.0,
@@ -512,7 +538,12 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         metrics = _metrics(registry, policy)
         if metrics is not None:
             events.append(metrics)
-        admin = AdminApp(registry, api_key=args.admin_api_key, metrics=metrics)
+        admin = AdminApp(
+            registry,
+            api_key=args.admin_api_key,
+            metrics=metrics,
+            worker_allow=args.worker_allow,
+        )
     background: list[Any] = [checker]
     _add_scale_out(args, registry, policy, events, background, metrics)  # issue #7
     limit = args.max_concurrent_requests
@@ -541,6 +572,35 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        address = parse_host(host)
+    except ValueError:
+        return False
+    return address == "localhost" if isinstance(address, str) else address.is_loopback
+
+
+def _admin_exposure(args: argparse.Namespace) -> str | None:
+    """Why ``serve`` must not start with this admin API setting, else None; warns when
+    the admin API runs without a key."""
+    if args.admin_prefix is None or args.admin_api_key is not None:
+        return None
+    if not _is_loopback(args.host) and not args.admin_allow_unauthenticated:
+        return (
+            f"the admin API ({args.admin_prefix}) has no key and --host {args.host} is not "
+            "loopback: set --admin-api-key (or $CACHE_ROUTER_ADMIN_API_KEY), or pass "
+            "--admin-allow-unauthenticated"
+        )
+    logger.warning(
+        "THE ADMIN API IS UNAUTHENTICATED: anyone who reaches http://%s:%d%s can add and "
+        "remove workers; set --admin-api-key",
+        args.host,
+        args.port,
+        args.admin_prefix,
+    )
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -554,6 +614,10 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    refusal = _admin_exposure(args)
+    if refusal is not None:
+        print(f"cache-router serve: error: {refusal}", file=sys.stderr)
+        return 2
     urls: list[str] = list(dict.fromkeys(args.worker_urls))
     registry = WorkerRegistry(urls)
     try:

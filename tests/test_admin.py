@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 A = "http://engine-a.test:8000"
 B = "http://engine-b.test:8001"
 KEY = "s3cret-admin-key"
+LOOPBACK = ["127.0.0.1"]
 
 
 def enc(url: str) -> str:
@@ -84,7 +85,7 @@ async def admin() -> AsyncIterator[Admin]:
     registry.add(B, model="m-b")
     policy = CacheAwarePolicy(seed=0)
     policy.bind(registry)
-    app = AdminApp(registry)
+    app = AdminApp(registry, worker_allow=["*.test"])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
         yield Admin(registry, policy, app, client)
@@ -185,7 +186,7 @@ async def test_unknown_workers_routes_and_methods_get_json_errors(admin: Admin) 
 @pytest.mark.parametrize("style", ["mount", "full_path", "stripped_path"])
 async def test_works_under_a_prefix(style: str) -> None:
     registry = WorkerRegistry([A])
-    admin = AdminApp(registry)
+    admin = AdminApp(registry, worker_allow=["engine-b.test"])
     if style == "mount":
         transport = httpx.ASGITransport(app=Starlette(routes=[Mount("/router", app=admin)]))
         path = "/router/workers"
@@ -440,7 +441,7 @@ def test_bearer_matches() -> None:
 )
 async def test_api_key_guards_every_route(headers: dict[str, str], status: int) -> None:
     registry = WorkerRegistry([A])
-    app = AdminApp(registry, api_key=KEY)
+    app = AdminApp(registry, api_key=KEY, worker_allow=["engine-*.test"])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://router", headers=headers
@@ -477,7 +478,7 @@ def test_constructor_refuses_bad_settings() -> None:
 async def test_add_waits_for_a_real_engine_to_be_healthy() -> None:
     engine = MockEngine(name="e1")
     registry = WorkerRegistry()
-    app = AdminApp(registry, startup_health_path="/ready")
+    app = AdminApp(registry, startup_health_path="/ready", worker_allow=LOOPBACK)
     transport = httpx.ASGITransport(app=app)
     with serve_app(engine) as url:
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
@@ -488,33 +489,144 @@ async def test_add_waits_for_a_real_engine_to_be_healthy() -> None:
 
 
 @pytest.mark.anyio
-async def test_add_answers_503_when_the_worker_never_gets_healthy() -> None:
+async def test_a_failed_readiness_wait_answers_the_same_whatever_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused, 404 or 503: one answer, so the API is no port scanner; the log says why."""
     registry = WorkerRegistry()
-    app = AdminApp(registry)
+    app = AdminApp(registry, worker_allow=LOOPBACK)
     transport = httpx.ASGITransport(app=app)
+    missing = MockEngine(name="missing", behaviour=Behaviour(status=404))
     sick = MockEngine(name="sick", behaviour=Behaviour(status=503))
-    with serve_app(sick) as sick_url:
+    closed = closed_port_url()
+    caplog.set_level("WARNING", logger="cache_router.admin")
+    with serve_apps([missing, sick]) as (missing_url, sick_url):
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-            refused = await client.post(
-                "/workers", json={"url": closed_port_url(), "wait_healthy_secs": 0.3}
+            refused = await client.post("/workers", json={"url": closed, "wait_healthy_secs": 0.3})
+            not_found = await client.post(
+                "/workers", json={"url": missing_url, "wait_healthy_secs": 0.3}
             )
             unhealthy = await client.post(
                 "/add_worker", params={"url": sick_url, "wait_healthy_secs": "0.3"}
             )
-    assert_error(refused, 503, "worker_unhealthy")
-    assert "ConnectError" in refused.json()["error"]["message"]
-    assert_error(unhealthy, 503, "worker_unhealthy")
-    assert "status 503" in unhealthy.json()["error"]["message"]
-    assert len(sick.requests) >= 1
-    assert all(path == "/health" for path in sick.paths())
+    for answer in (refused, not_found, unhealthy):
+        assert_error(answer, 503, "worker_unhealthy")
+    assert refused.content == not_found.content == unhealthy.content
+    assert "not ready" in refused.json()["error"]["message"]
+    logged = {record.getMessage() for record in caplog.records}
+    assert any(closed in line and "ConnectError" in line for line in logged), logged
+    assert any(missing_url in line and "status 404" in line for line in logged), logged
+    assert any(sick_url in line and "status 503" in line for line in logged), logged
+    assert missing.requests and sick.requests
+    assert all(path == "/health" for path in missing.paths() + sick.paths())
     assert len(registry) == 0
+
+
+# -- the worker allow-list ------------------------------------------------------------------
+
+#: Ways of writing 127.0.0.1 (or a name for it) that the HTTP clients connect with.
+LOOPBACK_SPELLINGS = (
+    "127.0.0.1",
+    "127.1",
+    "0x7f.1",
+    "0X7F.0.0.1",
+    "0177.0.0.1",
+    "127.000.000.001",
+    "2130706433",
+    "0x7f000001",
+    "127.0.0.1.",
+    "[::ffff:127.0.0.1]",
+    "[::ffff:7f00:1]",
+    "[0:0:0:0:0:FFFF:7F00:1]",
+    "localhost",
+    "LOCALHOST",
+    "localhost.",
+)
+
+
+@pytest.mark.anyio
+async def test_hosts_off_the_allow_list_are_refused_before_any_request() -> None:
+    engine = MockEngine(name="target")
+    registry = WorkerRegistry([A])
+    app = AdminApp(registry, worker_allow=["10.0.0.0/8", "engine-*.internal", "fd00::/8"])
+    transport = httpx.ASGITransport(app=app)
+    with serve_app(engine) as url:
+        port = url.rsplit(":", 1)[1]
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            for host in LOOPBACK_SPELLINGS:
+                target = f"http://{host}:{port}"
+                answers = (
+                    await client.post("/workers", json={"url": target, "wait_healthy_secs": 1}),
+                    await client.post("/add_worker", params={"url": target}),
+                )
+                for answer in answers:
+                    assert_error(answer, 403, "worker_not_allowed")
+                    message = answer.json()["error"]["message"]
+                    assert host.lower().strip("[]") in message
+                    # Nothing about the network or the list itself.
+                    for leak in ("10.0.0.0", "engine-*", "loopback", "private", "127.0.0.1/"):
+                        assert leak not in message
+            # Credentials in the URL are refused outright, whatever the host.
+            sneaky = await client.post(
+                "/workers", json={"url": f"http://engine-1.internal@127.0.0.1:{port}"}
+            )
+            assert_error(sneaky, 400, "invalid_url")
+    assert engine.requests == []
+    assert [worker.url for worker in registry] == [A]
+
+
+@pytest.mark.anyio
+async def test_listed_networks_names_and_patterns_are_accepted() -> None:
+    engine = MockEngine(name="target")
+    registry = WorkerRegistry(["http://127.0.0.1:1"])
+    app = AdminApp(registry, worker_allow=["engine-*.internal", "fd00::/8", "localhost"])
+    transport = httpx.ASGITransport(app=app)
+    with serve_app(engine) as url:
+        port = url.rsplit(":", 1)[1]
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            # The startup worker's host is allowed on any port, however it is spelled.
+            for host in ("127.1", "[::ffff:127.0.0.1]"):
+                target = f"http://{host}:{port}"
+                added = await client.post("/workers", json={"url": target, "wait_healthy_secs": 5})
+                assert added.status_code == 201, added.text
+                assert (await client.delete(f"/workers/{enc(target)}")).status_code == 200
+            for target in (
+                "http://ENGINE-7.internal.:9",
+                "http://engine-.internal:9",
+                "http://[fd00::1]:9",
+                f"http://localhost:{port}",
+            ):
+                added = await client.post("/add_worker", params={"url": target})
+                assert added.status_code == 200, (target, added.text)
+            for target in ("http://engine-7.evil.internal:9", "http://xengine-7.internal:9"):
+                assert_error(
+                    await client.post("/workers", json={"url": target}), 403, "worker_not_allowed"
+                )
+    assert engine.paths() == ["/health", "/health"]
+
+
+@pytest.mark.anyio
+async def test_the_default_allow_list_is_the_startup_workers_hosts() -> None:
+    registry = WorkerRegistry(["http://localhost:1", "http://10.0.0.7:30000"])
+    app = AdminApp(registry)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+        for target in ("http://localhost:2", "http://012.0.0.7:1", "http://[::ffff:a00:7]:3"):
+            assert (await client.post("/workers", json={"url": target})).status_code == 201
+        # Names are never resolved: 127.0.0.1 is not "localhost", nor 10.0.0.8 its neighbour.
+        for target in ("http://127.0.0.1:2", "http://10.0.0.8:1"):
+            assert_error(
+                await client.post("/workers", json={"url": target}), 403, "worker_not_allowed"
+            )
+    with pytest.raises(ValueError, match="CIDR"):
+        AdminApp(WorkerRegistry(), worker_allow=["10.0.0.*"])
 
 
 @pytest.mark.anyio
 async def test_a_worker_being_added_is_not_added_twice() -> None:
     engine = MockEngine(name="slow", behaviour=Behaviour(hang=True))
     registry = WorkerRegistry()
-    app = AdminApp(registry)
+    app = AdminApp(registry, worker_allow=LOOPBACK)
     transport = httpx.ASGITransport(app=app)
     answers: list[httpx.Response] = []
     try:
