@@ -118,7 +118,7 @@ class RadixTree:
         low_water: float = 0.9,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._join(_forest_of_one(self, max_size, low_water, clock))
+        self._join(_lone_budget(max_size, low_water, clock))
 
     def _join(self, forest: RadixForest[Any]) -> None:
         """Start empty, drawing on ``forest``'s budget and clock."""
@@ -466,7 +466,8 @@ class RadixForest(Generic[Name]):
 
     A tree handle from :meth:`tree` is good until its tree leaves the forest; ask again
     rather than keeping it. A dropped tree lives on alone with a budget of its own, so
-    writes through a stale handle never escape the forest's count or corrupt it.
+    writes through a stale handle never escape the forest's count or corrupt it, and it is
+    freed as soon as the last handle goes.
     """
 
     def __init__(
@@ -483,7 +484,7 @@ class RadixForest(Generic[Name]):
         self._clock = clock
         self._trees: dict[Name, RadixTree] = {}
         self._size = 0
-        self._drop_empty = True
+        self._lone = False  # the budget of one tree it does not hold (see _lone_budget)
 
     @property
     def size(self) -> int:
@@ -531,17 +532,19 @@ class RadixForest(Generic[Name]):
     def _evict(self, goal: int, keep: RadixTree | None) -> None:
         """Evict across all trees down to ``goal`` characters, then drop the empty trees,
         except ``keep``: the tree whose insert is still running keeps its place."""
+        if self._lone:
+            if keep is not None:
+                _evict_lru([keep], self._size - goal)
+            return
         _evict_lru(list(self._trees.values()), self._size - goal)
         self._drop_empty_trees(keep)
 
     def _drop_empty_trees(self, keep: RadixTree | None) -> None:
-        if not self._drop_empty:
-            return
         trees = self._trees
         empty = [name for name, tree in trees.items() if not tree._size and tree is not keep]
         for name in empty:
             tree = trees.pop(name)
-            tree._forest = _forest_of_one(tree, self.max_size, self.low_water, self._clock)
+            tree._forest = _lone_budget(self.max_size, self.low_water, self._clock)
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if a tree or the shared count disagrees with the nodes
@@ -553,11 +556,12 @@ class RadixForest(Generic[Name]):
         assert total == self._size, f"forest size {self._size} != counted {total}"
 
 
-def _forest_of_one(
-    tree: RadixTree, max_size: int, low_water: float, clock: Callable[[], float]
-) -> RadixForest[None]:
-    """A budget for ``tree`` alone (which must be empty): a forest that never drops it."""
+def _lone_budget(max_size: int, low_water: float, clock: Callable[[], float]) -> RadixForest[None]:
+    """The budget of one tree that is in no forest (made alone, or dropped from one).
+
+    It holds no reference to its tree: a tree and its budget referring to each other would
+    wait for the cyclic garbage collector, and a dropped tree's node lists with them.
+    """
     forest: RadixForest[None] = RadixForest(max_size, low_water=low_water, clock=clock)
-    forest._drop_empty = False
-    forest._trees[None] = tree
+    forest._lone = True
     return forest

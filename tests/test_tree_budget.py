@@ -7,6 +7,9 @@ least-recently-used eviction across trees, and no empty tree kept.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,6 +156,26 @@ def test_a_lone_tree_keeps_its_own_budget() -> None:
     tree.insert("y" * 30, "w")
     assert tree.size == 30 and tree.max_size == 100
     tree.check_invariants()
+
+
+def test_trees_are_freed_without_the_cycle_collector() -> None:
+    """A tree and its budget must not refer to each other: a dropped tree's node lists would
+    wait for a full collection."""
+    gc.disable()
+    try:
+        lone = RadixTree(100)
+        lone.insert("key", "w")
+        lone_ref = weakref.ref(lone)
+        del lone
+        assert lone_ref() is None
+        forest: RadixForest[str] = RadixForest(100, low_water=0.5, clock=FakeClock())
+        forest.tree("old").insert("o" * 60, "w")
+        dropped = weakref.ref(forest.tree("old"))
+        forest.tree("new").insert("n" * 50, "w")  # 110 > 100: "old" is evicted and dropped
+        assert forest.get("old") is None
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 @settings(max_examples=60, deadline=None)
