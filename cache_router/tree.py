@@ -6,7 +6,9 @@ prefix with it is likely to find that prefix still cached on W. This is the "app
 tree" of SGLang's router, with two differences that matter in production:
 
 * ``max_size`` is one budget for the whole tree, shared by every tenant. A per-tenant budget
-  lets the tree grow with the fleet until the router runs out of memory.
+  lets the tree grow with the fleet until the router runs out of memory. Several trees (one
+  per model) can share one budget too, in a :class:`RadixForest`: a per-tree budget lets
+  the router's memory grow with the number of model names clients send.
 * ``prefix_match`` reports *every* tenant holding the deepest matched node, so the caller
   can pick the least loaded of them instead of an arbitrary first one.
 
@@ -20,17 +22,21 @@ moment without a background task; trimming well below the budget means the O(n l
 runs once per ``(1 - low_water) * max_size`` inserted characters, not on every insert. The
 tree therefore never holds more than ``max_size`` plus the new characters of the one insert
 that crossed it (the documented slack). :meth:`trim` runs the same sweep on demand, for
-callers that prefer to pay for it on their own schedule.
+callers that prefer to pay for it on their own schedule. In a forest the sweep spans every
+tree of the forest, and a tree it empties leaves the forest.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-__all__ = ["MAX_TOKEN_ID", "PrefixMatch", "RadixTree", "encode_tokens"]
+__all__ = ["MAX_TOKEN_ID", "PrefixMatch", "RadixForest", "RadixTree", "encode_tokens"]
+
+Name = TypeVar("Name", bound=Hashable)
 
 #: Largest token id :func:`encode_tokens` accepts (the largest Unicode code point).
 MAX_TOKEN_ID = 0x10FFFF
@@ -112,13 +118,12 @@ class RadixTree:
         low_water: float = 0.9,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_size <= 0:
-            raise ValueError("max_size must be positive")
-        if not 0.0 < low_water <= 1.0:
-            raise ValueError("low_water must be in (0, 1]")
-        self.max_size = max_size
-        self.low_water = low_water
-        self._clock = clock
+        self._join(_lone_budget(max_size, low_water, clock))
+
+    def _join(self, forest: RadixForest[Any]) -> None:
+        """Start empty, drawing on ``forest``'s budget and clock."""
+        self._forest = forest
+        self._clock = forest._clock
         # Node id -> edge label from the parent (the root's is empty).
         self._text: list[str] = [""]
         self._parent: list[int] = [_NO_PARENT]
@@ -131,6 +136,20 @@ class RadixTree:
         self._free: list[int] = []
         self._size = 0
         self._tenant_sizes: dict[str, int] = {}
+
+    @property
+    def max_size(self) -> int:
+        """The character budget this tree draws on (shared with its forest's other trees)."""
+        return self._forest.max_size
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        self._forest.max_size = _checked_max_size(value)
+
+    @property
+    def low_water(self) -> float:
+        """Share of ``max_size`` an eviction sweep trims down to."""
+        return self._forest.low_water
 
     # -- reading -------------------------------------------------------------------------
 
@@ -241,8 +260,10 @@ class RadixTree:
         tenant_sizes[tenant] = tenant_size
         if added:
             self._size += added
-            if self._size > self.max_size:
-                self._evict(int(self.max_size * self.low_water))
+            forest = self._forest
+            forest._size += added
+            if forest._size > forest.max_size:
+                forest._evict(forest._low_water_size(), keep=self)
 
     def _new_node(self, text: str, parent: int, tenants: dict[str, float], now: float) -> int:
         """A node id holding these fields and no children: a freed one, else a new row."""
@@ -309,31 +330,15 @@ class RadixTree:
                 stack.extend((child, False) for child in children[node].values())
 
     def trim(self, target: int | None = None) -> int:
-        """Evict LRU leaves until the tree holds at most ``target`` characters.
+        """Evict this tree's LRU leaves until it holds at most ``target`` characters.
 
         ``target`` defaults to ``low_water * max_size``. Returns the characters removed.
+        (:meth:`RadixForest.trim` trims a forest's trees together.)
         """
-        goal = int(self.max_size * self.low_water) if target is None else max(0, target)
+        goal = self._forest._low_water_size() if target is None else max(0, target)
         before = self._size
-        if before > goal:
-            self._evict(goal)
+        _evict_lru([self], before - goal)
         return before - self._size
-
-    def _evict(self, goal: int) -> None:
-        """Remove least recently used leaves (any tenant) until ``size <= goal``.
-
-        Leaf-first keeps the invariant that a node's tenants include its children's, and a
-        parent left childless becomes a candidate in turn.
-        """
-        last_access = self._last_access
-        heap = [(last_access[leaf], leaf) for leaf in self._leaves()]
-        heapq.heapify(heap)
-        while self._size > goal and heap:
-            _, leaf = heapq.heappop(heap)
-            parent = self._parent[leaf]
-            self._delete_leaf(leaf)
-            if parent != _ROOT and not self._children[parent]:
-                heapq.heappush(heap, (last_access[parent], parent))
 
     def _leaves(self) -> Iterator[int]:
         children = self._children
@@ -346,14 +351,15 @@ class RadixTree:
             else:
                 yield node
 
-    def _delete_leaf(self, leaf: int) -> None:
-        """Unlink a childless node, take its characters off every size it counted in, and
-        free its id."""
+    def _delete_leaf(self, leaf: int) -> int:
+        """Unlink a childless node, take its characters off every size it counted in, free
+        its id, and return its length."""
         assert leaf != _ROOT and not self._children[leaf]
         text = self._text[leaf]
         del self._children[self._parent[leaf]][text[0]]
         length = len(text)
         self._size -= length
+        self._forest._size -= length
         sizes = self._tenant_sizes
         for tenant in self._tenants[leaf]:
             remaining = sizes[tenant] - length
@@ -365,6 +371,7 @@ class RadixTree:
         self._parent[leaf] = _NO_PARENT
         self._tenants[leaf] = {}
         self._free.append(leaf)
+        return length
 
     # -- introspection for tests and tools -----------------------------------------------
 
@@ -413,3 +420,148 @@ class RadixTree:
                 found.append((text, frozenset(self._tenants[node])))
             stack.extend((child, text) for child in below.values())
         return found
+
+
+def _checked_max_size(max_size: int) -> int:
+    if max_size <= 0:
+        raise ValueError("max_size must be positive")
+    return max_size
+
+
+def _evict_lru(trees: Sequence[RadixTree], excess: int) -> None:
+    """Remove the least recently used leaves of ``trees``, oldest first whichever tree holds
+    them, until ``excess`` characters are gone (or nothing is left).
+
+    Leaf-first keeps the invariant that a node's tenants include its children's, and a
+    parent left childless becomes a candidate in turn. Equal times go to the earlier tree.
+    """
+    if excess <= 0:
+        return
+    heap = [
+        (tree._last_access[leaf], index, leaf)
+        for index, tree in enumerate(trees)
+        for leaf in tree._leaves()
+    ]
+    heapq.heapify(heap)
+    while excess > 0 and heap:
+        _, index, leaf = heapq.heappop(heap)
+        tree = trees[index]
+        parent = tree._parent[leaf]
+        excess -= tree._delete_leaf(leaf)
+        if parent != _ROOT and not tree._children[parent]:
+            heapq.heappush(heap, (tree._last_access[parent], index, parent))
+
+
+class RadixForest(Generic[Name]):
+    """Radix trees under names (one per model and key kind) that share one LRU budget.
+
+    ``max_size`` bounds the characters of all trees together, with the same slack as a
+    single tree: one insert's new characters. An insert that crosses it evicts the least
+    recently used leaves of *every* tree, so a model nobody asks for any more gives way to
+    the ones in use, and a tree left empty -- by eviction or by :meth:`remove_tenant` --
+    leaves the forest. Names come from clients (the request's ``model``), so neither the
+    characters nor the number of trees may grow with the number of names they send: the
+    budget bounds the first, and since every kept tree holds at least one character, it
+    bounds the second as well.
+
+    A tree handle from :meth:`tree` is good until its tree leaves the forest; ask again
+    rather than keeping it. A dropped tree lives on alone with a budget of its own, so
+    writes through a stale handle never escape the forest's count or corrupt it, and it is
+    freed as soon as the last handle goes.
+    """
+
+    def __init__(
+        self,
+        max_size: int = 2**26,
+        *,
+        low_water: float = 0.9,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0.0 < low_water <= 1.0:
+            raise ValueError("low_water must be in (0, 1]")
+        self.max_size = _checked_max_size(max_size)
+        self.low_water = low_water
+        self._clock = clock
+        self._trees: dict[Name, RadixTree] = {}
+        self._size = 0
+        self._lone = False  # the budget of one tree it does not hold (see _lone_budget)
+
+    @property
+    def size(self) -> int:
+        """Characters held by all trees together (the quantity ``max_size`` bounds)."""
+        return self._size
+
+    @property
+    def trees(self) -> Mapping[Name, RadixTree]:
+        """The live trees by name (a read-only view; it changes as trees come and go)."""
+        return self._trees
+
+    def get(self, name: Name) -> RadixTree | None:
+        """The tree called ``name``, or None: looking up creates nothing."""
+        return self._trees.get(name)
+
+    def tree(self, name: Name) -> RadixTree:
+        """The tree called ``name``, created empty on first use."""
+        tree = self._trees.get(name)
+        if tree is None:
+            tree = RadixTree.__new__(RadixTree)
+            tree._join(self)
+            self._trees[name] = tree
+        return tree
+
+    def trim(self, target: int | None = None) -> int:
+        """Evict LRU leaves across all trees until they hold at most ``target`` characters.
+
+        ``target`` defaults to ``low_water * max_size``. Empty trees leave the forest.
+        Returns the characters removed.
+        """
+        goal = self._low_water_size() if target is None else max(0, target)
+        before = self._size
+        self._evict(goal, keep=None)
+        return before - self._size
+
+    def remove_tenant(self, tenant: str) -> None:
+        """Forget ``tenant`` in every tree; trees left empty leave the forest."""
+        for tree in self._trees.values():
+            tree.remove_tenant(tenant)
+        self._drop_empty_trees(keep=None)
+
+    def _low_water_size(self) -> int:
+        return int(self.max_size * self.low_water)
+
+    def _evict(self, goal: int, keep: RadixTree | None) -> None:
+        """Evict across all trees down to ``goal`` characters, then drop the empty trees,
+        except ``keep``: the tree whose insert is still running keeps its place."""
+        if self._lone:
+            if keep is not None:
+                _evict_lru([keep], self._size - goal)
+            return
+        _evict_lru(list(self._trees.values()), self._size - goal)
+        self._drop_empty_trees(keep)
+
+    def _drop_empty_trees(self, keep: RadixTree | None) -> None:
+        trees = self._trees
+        empty = [name for name, tree in trees.items() if not tree._size and tree is not keep]
+        for name in empty:
+            tree = trees.pop(name)
+            tree._forest = _lone_budget(self.max_size, self.low_water, self._clock)
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if a tree or the shared count disagrees with the nodes
+        (tests and debugging, never the hot path)."""
+        for tree in self._trees.values():
+            assert tree._forest is self, "a tree draws on another forest's budget"
+            tree.check_invariants()
+        total = sum(tree._size for tree in self._trees.values())
+        assert total == self._size, f"forest size {self._size} != counted {total}"
+
+
+def _lone_budget(max_size: int, low_water: float, clock: Callable[[], float]) -> RadixForest[None]:
+    """The budget of one tree that is in no forest (made alone, or dropped from one).
+
+    It holds no reference to its tree: a tree and its budget referring to each other would
+    wait for the cyclic garbage collector, and a dropped tree's node lists with them.
+    """
+    forest: RadixForest[None] = RadixForest(max_size, low_water=low_water, clock=clock)
+    forest._lone = True
+    return forest

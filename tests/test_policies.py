@@ -452,16 +452,17 @@ def test_eviction_interval_trims_all_trees_on_the_injected_clock() -> None:
     clock = FakeClock()
     registry = fleet(2)
     policy = CacheAwarePolicy(max_tree_size=1000, eviction_interval=10.0, clock=clock, seed=0)
-    for tree in (policy.tree(), policy.tree("m")):
-        for i in range(95):
-            tree.insert(chr(0x100 + i) + "x" * 9, "http://w0:8000")  # 950 chars, under budget
-    assert policy.tree_size == 1900
+    for model in (None, "m"):
+        for i in range(95):  # 2 x 475 = 950 chars, under the budget the trees share
+            policy.tree(model).insert(chr(0x100 + i) + "x" * 4, "http://w0:8000")
+    assert policy.tree_size == 950
     clock.now += 9.0
     policy.select(request(), registry.workers)
-    assert policy.tree_size == 1900  # not yet due
+    assert policy.tree_size == 950  # not yet due
     clock.now += 1.0
     policy.select(request(), registry.workers)
-    assert policy.tree().size <= 900 and policy.tree("m").size <= 900  # low-water mark
+    assert 850 < policy.tree_size <= 900  # both trees together, to the low-water mark
+    policy.forest.check_invariants()
     # The next trim is due a full interval later.
     for tree in (policy.tree(), policy.tree("m")):
         for i in range(5):

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from cache_router.errors import NoAvailableWorker
 from cache_router.policies.base import RoutingRequest, least_loaded
 from cache_router.registry import Worker, WorkerRegistry
-from cache_router.tree import RadixTree
+from cache_router.tree import RadixForest, RadixTree
 
 __all__ = ["SPILL_MIN_MARGIN", "CacheAwarePolicy"]
 
@@ -81,10 +81,14 @@ class CacheAwarePolicy:
     the fleet holds a hot prefix, the fleet mean is the holders' own load and no holder
     ever looks hot, while the idle rest wait for the fleet-wide rule's gap of 64.
 
-    One :class:`RadixTree` of at most ``max_tree_size`` characters is kept per model (and
-    apart for token-id keys). Trees trim themselves on insert; in addition, every
-    ``eviction_interval`` seconds the next selection trims all trees to their low-water
-    mark, so a busy router pays for eviction at a predictable rate (0 disables this).
+    One :class:`RadixTree` is kept per model (and apart for token-id keys), and all of them
+    share one budget of ``max_tree_size`` characters (a :class:`RadixForest`): the model
+    name comes from the client, and a budget per tree would let memory grow with the
+    number of names sent. Eviction takes the least recently used leaves of any tree, and a
+    tree left empty is dropped. Trees trim themselves on insert; in addition, every
+    ``eviction_interval`` seconds the next selection trims them to the low-water mark, so
+    a busy router pays for eviction at a predictable rate (0 disables this). A request is
+    looked up without creating a tree: only a key that is recorded makes one.
     """
 
     def __init__(
@@ -117,7 +121,8 @@ class CacheAwarePolicy:
         self.spill = spill
         self._rng = random.Random(seed)
         self._clock = clock
-        self._trees: dict[TreeKey, RadixTree] = {}
+        self._forest: RadixForest[TreeKey] = RadixForest(max_tree_size, clock=clock)
+        self._trees = self._forest.trees
         self._next_trim = clock() + eviction_interval if eviction_interval else float("inf")
         self._bound: list[WorkerRegistry] = []
         self._placement_listeners: list[Callable[[RoutingRequest, str], None]] = []
@@ -169,21 +174,24 @@ class CacheAwarePolicy:
         return True
 
     def forget_worker(self, worker: Worker) -> None:
-        for tree in self._trees.values():
-            tree.remove_tenant(worker.url)
+        self._forest.remove_tenant(worker.url)
 
     def tree(self, model: str | None = None, tokens: bool = False) -> RadixTree:
-        """The prefix tree for ``model`` (created on first use)."""
-        key = (model, tokens)
-        tree = self._trees.get(key)
-        if tree is None:
-            tree = self._trees[key] = RadixTree(self.max_tree_size, clock=self._clock)
-        return tree
+        """The prefix tree for ``model`` (created on first use).
+
+        Ask again rather than keeping it: a tree that empties leaves the policy.
+        """
+        return self._forest.tree((model, tokens))
+
+    @property
+    def forest(self) -> RadixForest[TreeKey]:
+        """All trees by ``(model, tokens)``, and their shared budget."""
+        return self._forest
 
     @property
     def tree_size(self) -> int:
         """Characters held over all trees."""
-        return sum(tree.size for tree in self._trees.values())
+        return self._forest.size
 
     def is_imbalanced(self, candidates: Sequence[Worker]) -> bool:
         loads = [worker._load + worker.external_load for worker in candidates]
@@ -205,7 +213,8 @@ class CacheAwarePolicy:
         if self._next_trim <= self._clock():
             self._trim_all()
         key = request.key
-        tree = self.tree(request.model, request.tokens)
+        tree_key = (request.model, request.tokens)
+        tree = self._trees.get(tree_key)
         count = len(candidates)
         total = lowest = 0
         imbalanced = False
@@ -229,7 +238,7 @@ class CacheAwarePolicy:
             decision = "cache_miss"
             pool = candidates
             matched = 0
-            if key:
+            if key and tree is not None:
                 match = tree.prefix_match(key)
                 if match.length / len(key) > self.cache_threshold:
                     holders = [worker for worker in candidates if worker.url in match.tenants]
@@ -247,6 +256,7 @@ class CacheAwarePolicy:
                 if ahead > SPILL_MIN_MARGIN or ahead > self.balance_abs_threshold:
                     margin = self.spill_margin(total / count)
                     if ahead > margin:
+                        assert tree is not None  # a hit came from it
                         chosen, decision = self._spill(
                             tree, key, matched, candidates, chosen, load, total, margin
                         )
@@ -254,6 +264,8 @@ class CacheAwarePolicy:
         decisions = self.decisions
         decisions[decision] = decisions.get(decision, 0) + 1
         if key:
+            if tree is None:
+                tree = self._forest.tree(tree_key)
             tree.insert(key, chosen.url)
             if self._placement_listeners and self._is_news(sole_holder and decision == "cache_hit"):
                 for listener in self._placement_listeners:
@@ -306,7 +318,7 @@ class CacheAwarePolicy:
         learns, so this replica's tree knows where those prefixes are cached.
         """
         if request.key:
-            self.tree(request.model, request.tokens).insert(request.key, worker_url)
+            self._forest.tree((request.model, request.tokens)).insert(request.key, worker_url)
 
     def learn_many(
         self, model: str | None, tokens: bool, decisions: Iterable[tuple[str, str]]
@@ -317,9 +329,8 @@ class CacheAwarePolicy:
         clock read per batch keep that cheap (it runs for every decision the other
         replicas share).
         """
-        self.tree(model, tokens).insert_many(decisions)
+        self._forest.tree((model, tokens)).insert_many(decisions)
 
     def _trim_all(self) -> None:
-        for tree in self._trees.values():
-            tree.trim()
+        self._forest.trim()
         self._next_trim = self._clock() + self.eviction_interval
