@@ -424,6 +424,7 @@ class CacheRouterMiddleware:
                     receive=receive,
                     send=send,
                     response_headers=echo,
+                    request_id=echo[0][1],
                     may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
                     events=self._events,
                 )
