@@ -3,10 +3,14 @@
 A slot is held, like the load lease, until the response body ends, so a cap of N means at
 most N engine exchanges in flight however long they stream. Requests beyond the cap wait in
 a queue of at most ``queue_size``; past it, or after ``queue_timeout`` seconds of waiting,
-they are refused with 429 and ``Retry-After``.
+they are refused with 429 and ``Retry-After``. A request whose client leaves while it
+waits leaves the queue at once: otherwise clients that connect, queue and vanish would
+hold every place until the timeout, and real clients would be refused.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -45,11 +49,16 @@ class Admission:
     def in_flight(self) -> int:
         return self.max_concurrent - self._slots.value
 
-    async def enter(self) -> None:
-        """Take a slot, waiting in the queue if need be; raise :class:`Overloaded`."""
+    async def enter(self, client_gone: Callable[[], Awaitable[object]] | None = None) -> bool:
+        """Take a slot, waiting in the queue if need be; raise :class:`Overloaded`.
+
+        While queued, ``client_gone()`` is awaited alongside: if it returns first, the
+        request leaves the queue without a slot and this returns False. True means a slot
+        is held, to be given back with :meth:`leave`.
+        """
         if self._slots.value > 0 and not self.waiting:
             await self._slots.acquire()
-            return
+            return True
         if self.waiting >= self.queue_size:
             self.rejected += 1
             raise Overloaded(
@@ -58,13 +67,41 @@ class Admission:
             )
         self.waiting += 1
         try:
-            with anyio.move_on_after(self.queue_timeout):
-                await self._slots.acquire()
-                return
+            acquired = await self._wait(client_gone)
         finally:
             self.waiting -= 1
-        self.rejected += 1
-        raise Overloaded(f"request waited {self.queue_timeout:g}s for a slot; retry later")
+        if acquired is None:
+            self.rejected += 1
+            raise Overloaded(f"request waited {self.queue_timeout:g}s for a slot; retry later")
+        return acquired
+
+    async def _wait(self, client_gone: Callable[[], Awaitable[object]] | None) -> bool | None:
+        """A slot (True), the client gone first (False) or the queue timeout (None)."""
+        if client_gone is None:
+            return await self._acquire_in_time() or None
+        gone = acquired = False
+        async with anyio.create_task_group() as group:
+
+            async def watch(until_gone: Callable[[], Awaitable[object]]) -> None:
+                nonlocal gone
+                await until_gone()
+                gone = True
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch, client_gone)
+            acquired = await self._acquire_in_time()
+            group.cancel_scope.cancel()
+        if gone:
+            if acquired:
+                self._slots.release()  # the slot came as the client went: pass it on
+            return False
+        return acquired or None
+
+    async def _acquire_in_time(self) -> bool:
+        with anyio.move_on_after(self.queue_timeout):
+            await self._slots.acquire()
+            return True
+        return False
 
     def leave(self) -> None:
         self._slots.release()

@@ -16,6 +16,7 @@ Anything else gets an OpenAI-shaped 404.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,8 @@ from cache_router.policies import (
     RoundRobinPolicy,
 )
 from cache_router.registry import Worker, WorkerRegistry
+
+logger = logging.getLogger("cache_router")
 
 __all__ = ["MODELS_TIMEOUT", "POLICY_NAMES", "create_router_app", "make_policy", "readiness"]
 
@@ -142,10 +145,12 @@ def _probe_app(registry: WorkerRegistry) -> Starlette:
                 for entry in await _ask_models(asked):
                     entries.setdefault(entry["id"], entry)
             except (httpx.HTTPError, ValueError, RuntimeError) as exc:
+                # The detail names the worker (httpx says "for url ..."): log only.
+                logger.warning("listing models failed: %s", exc)
                 if not entries:
                     return _error(
                         503,
-                        f"could not list the fleet's models: {exc}",
+                        "could not list the fleet's models; retry later",
                         "service_unavailable",
                         "no_available_worker",
                     )

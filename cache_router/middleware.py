@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -342,7 +343,9 @@ class CacheRouterMiddleware:
             body = await self._validate(route, scope, receive, raw_headers)
             routing = self._routing_request(route, body, raw_headers)
             if self.admission is not None:
-                await self.admission.enter()
+                # A client that leaves while queued gives its place up at once.
+                if not await self.admission.enter(partial(_until_gone, receive)):
+                    raise _ClientGone
                 admitted = True
             result = await self._dispatch(scope, receive, send, routing, body, raw_headers, echo)
             status = result.status or 0
@@ -424,6 +427,7 @@ class CacheRouterMiddleware:
                     receive=receive,
                     send=send,
                     response_headers=echo,
+                    request_id=echo[0][1],
                     may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
                     events=self._events,
                 )
@@ -539,18 +543,21 @@ class CacheRouterMiddleware:
         return NoAvailableWorker("no healthy worker is available; retry later")
 
 
+async def _until_gone(receive: Receive) -> None:
+    """Return when the client disconnects; for a request whose body has been read whole,
+    so the next ASGI message can only be the disconnect."""
+    if (await receive())["type"] != "http.disconnect":
+        await anyio.sleep_forever()  # anything else: nothing left to watch
+
+
 async def _sleep_unless_gone(seconds: float, receive: Receive) -> None:
     """Sleep ``seconds`` (a retry backoff); raise :class:`_ClientGone` as soon as the client
-    disconnects instead of finding out when the next attempt starts.
-
-    The body has been read whole, so the next ASGI message can only be the disconnect.
-    """
+    disconnects instead of finding out when the next attempt starts."""
     if seconds <= 0:
         return
     with anyio.move_on_after(seconds):
-        if (await receive())["type"] == "http.disconnect":
-            raise _ClientGone
-        await anyio.sleep_forever()  # anything else: nothing left to watch
+        await _until_gone(receive)
+        raise _ClientGone
 
 
 def _log_decision(

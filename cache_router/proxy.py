@@ -15,8 +15,10 @@ aiohttp, with ``transport="httpx"`` or an httpx transport instance, httpx is use
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
@@ -29,7 +31,13 @@ from cache_router.errors import error_body
 from cache_router.events import RouterEvents
 from cache_router.registry import Lease
 from cache_router.types import Headers, Receive, Send
-from cache_router.upstream import AiohttpClient, HttpxClient, UpstreamClient, UpstreamError
+from cache_router.upstream import (
+    AiohttpClient,
+    HttpxClient,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -39,6 +47,8 @@ __all__ = [
     "UpstreamAborted",
     "send_json_error",
 ]
+
+logger = logging.getLogger("cache_router")
 
 TransportChoice = Literal["auto", "http1", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 
@@ -74,6 +84,32 @@ HOP_BY_HOP_HEADERS = frozenset(
 REQUEST_DROP = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"expect", b"x-request-id"}
 # uvicorn and other servers add their own date and server headers; two of each confuse clients.
 _RESPONSE_DROP = HOP_BY_HOP_HEADERS | {b"date", b"server", b"x-request-id"}
+
+
+#: Bytes an ASGI server refuses in a response head (uvicorn raises in ``send``, and the
+#: client gets an empty reply): in a name, anything but an RFC 9110 token character; in a
+#: value, control characters other than tab.
+_BAD_NAME_BYTE = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def malformed_head(status: int, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """Why an engine's status and headers cannot be relayed as they are, or None.
+
+    Parsers differ in what they let through (aiohttp and httpx pass a status of 600 or a
+    NUL in a value on), and a custom transport may pass anything, so the relay checks
+    every answer once itself. A 1xx is refused too: the parsers skip interim answers, so
+    one that arrives here is an upgrade or a final answer no client would take as one.
+    Names and values are joined so each needs one regex search, not one per header.
+    """
+    if not 200 <= status <= 599:
+        return f"status {status} is not a final HTTP status"
+    names = [name for name, _ in headers]
+    if b"" in names or _BAD_NAME_BYTE.search(b"".join(names)):
+        return "an empty header name or one with a byte outside an HTTP token"
+    if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in headers])):
+        return "a header value with a control byte"
+    return None
 
 
 class UpstreamAborted(Exception):
@@ -240,6 +276,7 @@ class Upstream:
         receive: Receive,
         send: Send,
         response_headers: Headers = (),
+        request_id: bytes = b"",
         may_retry: bool = False,
         events: RouterEvents = _NO_EVENTS,
     ) -> RelayResult:
@@ -252,10 +289,16 @@ class Upstream:
         With ``may_retry``, a connect failure or a retryable status (408, 429, 500, 502,
         503, 504) is not sent to the client: the result says ``retry`` and the caller may
         try another worker. Whatever happens, ``lease`` is released before this returns.
+
+        A status or header the client's server could not send (see :func:`malformed_head`)
+        fails the exchange like a broken connection. An error the client gets says what
+        failed in general terms and names ``request_id``; the engine's address and the
+        failure's detail go to the log only.
         """
         exchange = _Exchange(method, url, headers, body, lease, send, response_headers)
         exchange.may_retry = may_retry
         exchange.events = events
+        exchange.request_id = request_id
         try:
             client = self.client()
             total = self._total_timeout
@@ -317,21 +360,12 @@ class Upstream:
                 exchange.method, exchange.url, exchange.headers, exchange.body
             )
         except UpstreamError as exc:
-            lease.release()
-            exchange.finished = True
-            events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
-            # Nothing came back: the request never reached the engine (connect), or the
-            # connection broke before any answer (an engine dying, a keep-alive connection
-            # it had closed) -- as with a 502, another worker may take it. A timeout is not
-            # retried: the engine may still be working on it.
-            if exchange.may_retry and (exc.connect or exc.kind == "broken"):
-                result.retry = "connect failure" if exc.connect else f"no answer ({exc})"
-            elif exc.kind == "timeout":
-                await exchange.error(504, f"upstream {worker.url} timed out", "upstream_timeout")
-            else:
-                await exchange.error(
-                    502, f"upstream {worker.url} unreachable: {exc}", "upstream_unreachable"
-                )
+            await self._unanswered(exchange, exc)
+            return
+        problem = malformed_head(response.status, response.headers)
+        if problem is not None:
+            await _close(response)  # before the body's end: the connection is not reused
+            await self._unanswered(exchange, UpstreamError("broken", f"malformed: {problem}"))
             return
         status = response.status
         events.upstream_answered(worker, status, time.perf_counter() - sent_at)
@@ -366,11 +400,27 @@ class Upstream:
             exchange.failure.__cause__ = exc
         finally:
             lease.release()
-            if response.aclose_waits:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-            else:
-                await response.aclose()  # never suspends: no cancellation can cut it short
+            await _close(response)
+
+    async def _unanswered(self, exchange: _Exchange, exc: UpstreamError) -> None:
+        """No usable answer came back: retry elsewhere if allowed, else 502 or 504."""
+        worker = exchange.lease.worker
+        exchange.lease.release()
+        exchange.finished = True
+        exchange.events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
+        # Nothing came back: the request never reached the engine (connect), or the
+        # connection broke before any answer (an engine dying, a keep-alive connection
+        # it had closed) -- as with a 502, another worker may take it. A timeout is not
+        # retried: the engine may still be working on it.
+        if exchange.may_retry and (exc.connect or exc.kind == "broken"):
+            exchange.result.retry = "connect failure" if exc.connect else f"no answer ({exc})"
+            return
+        what = "timed out" if exc.kind == "timeout" else "unreachable"
+        _log_failure(exchange, what, exc)
+        if exc.kind == "timeout":
+            await exchange.error(504, "timed out", "upstream_timeout")
+        else:
+            await exchange.error(502, "unreachable", "upstream_unreachable")
 
     async def _timed_out(self, exchange: _Exchange) -> None:
         """The total timeout cut the exchange: 504 if nothing was sent, else cut the stream."""
@@ -382,7 +432,8 @@ class Upstream:
                 f"upstream {worker.url} exceeded the request timeout"
             )
         else:
-            await exchange.error(504, f"upstream {worker.url} timed out", "upstream_timeout")
+            _log_failure(exchange, "timed out", "the total request timeout passed")
+            await exchange.error(504, "timed out", "upstream_timeout")
 
 
 class RelayResult:
@@ -412,6 +463,7 @@ class _Exchange:
         "lease",
         "may_retry",
         "method",
+        "request_id",
         "response_headers",
         "result",
         "send",
@@ -441,14 +493,36 @@ class _Exchange:
         #: The exchange ran to an end of its own (not cut by the deadline or the client).
         self.finished = False
         self.client_gone = False
+        self.request_id = b""
         self.result = RelayResult()
 
-    async def error(self, status: int, message: str, code: str) -> None:
+    async def error(self, status: int, what: str, code: str) -> None:
+        """Answer ``status``; the message says ``upstream <what>`` and the request id."""
         error_type = "upstream_timeout" if status == 504 else "upstream_error"
+        message = f"upstream {what}; request id {self.request_id.decode('latin-1')}"
         await send_json_error(
             self.send, status, message, error_type, code, headers=self.response_headers
         )
         self.result.status = status
+
+
+def _log_failure(exchange: _Exchange, what: str, detail: object) -> None:
+    logger.warning(
+        "request %s: upstream %s %s: %s",
+        exchange.request_id.decode("latin-1"),
+        exchange.lease.worker.url,
+        what,
+        detail,
+    )
+
+
+async def _close(response: UpstreamResponse) -> None:
+    """End an exchange; shielded when closing may suspend, so it always completes."""
+    if response.aclose_waits:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+    else:
+        await response.aclose()  # never suspends: no cancellation can cut it short
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

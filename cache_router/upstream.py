@@ -6,7 +6,10 @@ connection so the engine sees the client go), and a classification of failures i
 "never reached the engine" (safe to retry), "timed out" and "broke".
 
 * :class:`HttpxClient` works with any httpx transport, on asyncio and trio; it is what the
-  tests mock with respx and what custom transports plug into.
+  tests mock with respx and what custom transports plug into. httpx's own pool would
+  hand bytes an engine sent after a complete answer (read with its tail) to the next
+  request on that connection as its answer; :func:`_refuse_reuse_if_surplus` closes such a
+  connection instead.
 * :class:`cache_router.http1.Http1Client` (its own module) is the default on asyncio for
   ``http://`` engines when httptools is installed: a fifth less router CPU than aiohttp.
 * :class:`AiohttpClient` serves ``https://`` engines there, and is the default when
@@ -23,6 +26,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import h11
 import httpx
 
 if TYPE_CHECKING:
@@ -109,14 +113,41 @@ class _HttpxResponse:
         self.headers = response.headers.raw
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        # The stream itself, not aiter_raw(): that hands the connection back to the pool
+        # at the body's end, before it could be checked for surplus bytes.
+        stream = self._response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
         try:
-            async for chunk in self._response.aiter_raw():
+            async for chunk in stream:
                 yield chunk
         except httpx.HTTPError as exc:
             raise _httpx_failure(exc) from exc
+        _refuse_reuse_if_surplus(stream)
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+#: From an httpx response stream of httpx's own transport down to httpcore's HTTP/1.1
+#: connection state (httpx 0.27-0.28, httpcore 1.x); private names, so a miss is allowed.
+_H11_PATH = ("_stream", "_httpcore_stream", "_stream", "_connection", "_h11_state")
+
+
+def _refuse_reuse_if_surplus(stream: httpx.AsyncByteStream) -> None:
+    """After a complete body: if the engine sent more than the answer, fail the
+    connection so httpcore closes it when the response closes, instead of parsing the
+    surplus as the next request's answer. Bytes that arrive later, while the connection
+    idles, httpcore itself notices (the socket is readable) and closes it.
+
+    httpcore keeps what it read past the answer in its h11 state (``trailing_data``);
+    ``send_failed`` is h11's public way to mark it unusable. Custom transports have no
+    such state and keep their own rules.
+    """
+    state: object = stream
+    for name in _H11_PATH:
+        state = getattr(state, name, None)
+    if isinstance(state, h11.Connection) and state.trailing_data[0]:
+        state.send_failed()
 
 
 class HttpxClient:
