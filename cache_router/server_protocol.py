@@ -45,6 +45,16 @@ logger = logging.getLogger("cache_router.server")
 #: front, and makes a slow-head attacker reconnect every ten seconds.
 DEFAULT_HEADER_READ_TIMEOUT = 10.0
 
+
+class _Discarding(list[tuple[bytes, bytes]]):
+    """Where trailer fields go: nowhere."""
+
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        pass
+
+
+_DROPPED_TRAILERS = _Discarding()
+
 _OVERLOADED = "the router is at its connection limit; retry shortly"
 
 
@@ -80,7 +90,7 @@ class RouterHttpProtocol(HttpToolsProtocol):
         self.limit_concurrency = None
         self._header_read_timeout = header_read_timeout
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_complete = False
+        self._in_head = False
 
     # -- header-read timeout ---------------------------------------------------------------
 
@@ -113,29 +123,35 @@ class RouterHttpProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Armed only for a head still unfinished after a read: a head that arrives whole
+        # (nearly all of them) costs no timer.
+        if self._in_head and self._head_timer is None:
+            self._arm_head_timer()
+
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_complete = False
-        self._arm_head_timer()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head_complete:
-            return  # a trailer field: never part of scope["headers"]
-        super().on_header(name, value)
+        self._in_head = True
 
     def on_headers_complete(self) -> None:
-        self._head_complete = True
+        self._in_head = False
         self._disarm_head_timer()
         limit = self._connection_limit
         if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
             super().on_headers_complete()
-            return
-        logger.warning("concurrency limit of %d reached: answering 503", limit)
-        app = self.app
-        self.app = _overloaded  # for this one request (uvicorn reads it once, right here)
-        try:
-            super().on_headers_complete()
-        finally:
-            self.app = app
+        else:
+            logger.warning("concurrency limit of %d reached: answering 503", limit)
+            app = self.app
+            self.app = _overloaded  # for this request only: uvicorn reads it once, here
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        if not self.parser.should_upgrade():
+            # From here on the parser reports trailer fields through on_header, which
+            # appends them to self.headers: until now the very list the app holds as
+            # scope["headers"]. The next message begins with a fresh list.
+            self.headers = _DROPPED_TRAILERS
