@@ -14,6 +14,7 @@ never a traceback: exit 2 for bad usage (argparse's convention), 1 for runtime f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -382,6 +383,7 @@ def _add_serve(commands: Any) -> None:
         ),
     )
     _add_scale_out_flags(serve)  # scale-out (issue #7): see the block below
+    _add_server_limit_flags(serve)  # slow and greedy clients (issue #11): see the block below
 
 
 def _add_demo(commands: Any) -> None:
@@ -664,6 +666,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=args.log_level == "debug",
         lifespan="on",
         server_header=False,
+        **_server_options(args),
     )
     server = uvicorn.Server(config)
     server.run()
@@ -810,6 +813,7 @@ def _serve_workers(args: argparse.Namespace, uvicorn: Any, unreachable: list[str
         access_log=args.log_level == "debug",
         lifespan="on",
         server_header=False,
+        **_server_options(args),
     )
     return 0
 
@@ -841,6 +845,90 @@ def app_from_env() -> Any:
 
 
 # -- end of scale-out -----------------------------------------------------------------------
+
+
+# -- server limits (issue #11): slow and greedy clients --------------------------------------
+# The uvicorn settings that bound what one client can hold: a header-read timeout (enforced
+# by cache_router.server_protocol, which also keeps chunked-request trailers out of the
+# headers), the keep-alive idle time, and a cap on connections and requests in progress.
+
+#: File descriptors kept for everything but client and engine sockets (listener, logs,
+#: health checks, Redis, the event loop's own).
+_FD_RESERVE = 64
+
+
+def _default_limit_concurrency() -> int:
+    """Half the process's open-file limit, less a reserve: each request in progress holds a
+    client socket and an engine socket, so beyond this the router would fail engine
+    connects (EMFILE) mid-request instead of answering 503 up front."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 4096
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(64, (soft - _FD_RESERVE) // 2)
+
+
+def _add_server_limit_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "server limits", "what one client may hold open (see docs/operations.md, Security)"
+    )
+    group.add_argument(
+        "--timeout-keep-alive",
+        type=_bounded(float, 0.0),
+        default=5.0,
+        metavar="SECS",
+        help="close an idle keep-alive connection after SECS",
+    )
+    group.add_argument(
+        "--limit-concurrency",
+        type=_bounded(int, 0),
+        default=None,
+        metavar="N",
+        help="answer 503 to a request when N connections are open or N requests in "
+        "progress (default: half the open-file limit, less 64; 0: no limit)",
+    )
+    group.add_argument(
+        "--header-read-timeout",
+        type=_bounded(float, 0.0),
+        default=None,
+        metavar="SECS",
+        help="close a connection whose request head is not complete SECS after its first "
+        "byte (default: 10; 0: no limit)",
+    )
+
+
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The uvicorn settings for the flags above (single process and ``--workers`` alike:
+    a partial of a module-level class pickles into the worker processes)."""
+    limit = args.limit_concurrency
+    if limit is None:
+        limit = _default_limit_concurrency()
+    options: dict[str, Any] = {
+        "timeout_keep_alive": args.timeout_keep_alive,
+        "limit_concurrency": limit or None,
+    }
+    try:
+        from cache_router.server_protocol import RouterHttpProtocol
+    except ImportError:  # uvicorn without httptools: h11 keeps trailers apart, no timeout
+        logger.warning(
+            "httptools is not installed: serving with h11, without --header-read-timeout "
+            "(pip install 'cache_router[serve]')"
+        )
+        options["http"] = "h11"
+        return options
+    seconds = args.header_read_timeout
+    options["http"] = (
+        RouterHttpProtocol  # its default: DEFAULT_HEADER_READ_TIMEOUT
+        if seconds is None
+        else functools.partial(RouterHttpProtocol, header_read_timeout=seconds or None)
+    )
+    return options
+
+
+# -- end of server limits --------------------------------------------------------------------
 
 
 # -- demo -----------------------------------------------------------------------------------

@@ -333,7 +333,10 @@ class CacheRouterMiddleware:
 
     async def _route(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        # A copy taken before any await: under a server that appends chunked-request trailers
+        # to this list while the body is read (uvicorn's httptools protocol), none of them
+        # reaches the engine or overrides what the router sets. See server_protocol.
+        raw_headers: list[tuple[bytes, bytes]] = list(scope["headers"])
         request_id = _header(raw_headers, b"x-request-id") or new_request_id().encode()
         echo = ((b"x-request-id", request_id),)
         status = 0

@@ -1,0 +1,236 @@
+"""The server protocol ``serve`` runs (``cache_router.server_protocol``), over raw sockets.
+
+A router (``CacheRouterMiddleware``) is served by a real uvicorn on 127.0.0.1 in front of a
+``MockEngine`` that records the headers it got. Requests are written byte for byte on raw
+sockets, so the chunked trailers and the half-sent heads are exactly what a hostile client
+sends: in the same write as the head and body, and in a write of their own later on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+from mock_engine import MockEngine
+from starlette.applications import Starlette
+from test_cli import serve_process
+
+from cache_router.cli import _server_options, build_parser
+from cache_router.middleware import CacheRouterMiddleware
+from cache_router.registry import WorkerRegistry
+from cache_router.server_protocol import DEFAULT_HEADER_READ_TIMEOUT, RouterHttpProtocol
+from cache_router.testing import serve_app
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+BODY = b'{"prompt": "trailers", "max_tokens": 1}'
+#: Fields a hostile client appends as trailers: a tenant switch, a spoofed client address,
+#: and a Connection field that would delete a header the gateway in front set.
+TRAILER = b"x-tenant: victim\r\nx-forwarded-for: 203.0.113.9\r\nconnection: x-user\r\n"
+
+
+@contextmanager
+def router(http: Any, **config: Any) -> Iterator[tuple[str, MockEngine]]:
+    """A router served with the ``http`` protocol in front of one recording engine."""
+    engine = MockEngine(name="echo")
+    with ExitStack() as stack:
+        engine_url = stack.enter_context(serve_app(engine))
+        middleware = CacheRouterMiddleware(Starlette(), WorkerRegistry([engine_url]))
+        url = stack.enter_context(serve_app(middleware, lifespan="on", http=http, **config))
+        stack.callback(engine.release)
+        yield url, engine
+
+
+async def connect(url: str) -> SocketStream:
+    host, port = url.removeprefix("http://").split(":")
+    return await anyio.connect_tcp(host, int(port))
+
+
+async def read_to_end(stream: SocketStream) -> bytes:
+    """Everything until the server closes (bounded by the caller's deadline)."""
+    data = bytearray()
+    while True:
+        try:
+            data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return bytes(data)
+
+
+def head(target: str = "/v1/completions", *extra: str) -> bytes:
+    lines = [
+        f"POST {target} HTTP/1.1",
+        "host: router",
+        "content-type: application/json",
+        "x-user: alice",  # set by the gateway in front of the router
+        "x-tenant: acme",
+        *extra,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+async def trailer_request(url: str, *, later: bool) -> bytes:
+    """A chunked request whose trailer comes in the same write, or once the body is read."""
+    start = head("/v1/completions", "transfer-encoding: chunked", "connection: close")
+    end = b"0\r\n" + TRAILER + b"\r\n"
+    with anyio.fail_after(15):
+        async with await connect(url) as stream:
+            if later:
+                await stream.send(start + chunked(BODY))
+                await anyio.sleep(0.3)  # the router is now reading the body
+                await stream.send(end)
+            else:
+                await stream.send(start + chunked(BODY) + end)
+            return await read_to_end(stream)
+
+
+def relayed(engine: MockEngine) -> list[Any]:
+    """The requests the router relayed (not its health checks)."""
+    return [seen for seen in engine.requests if seen.method == "POST"]
+
+
+def assert_no_trailer_reached(engine: MockEngine, answer: bytes) -> None:
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    (seen,) = relayed(engine)
+    assert seen.body == BODY
+    assert [value for name, value in seen.headers if name == "x-tenant"] == ["acme"]
+    assert seen.header("x-forwarded-for") is None
+    assert seen.header("x-user") == "alice"
+
+
+# -- trailers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same-write", "sent-later"])
+@pytest.mark.parametrize("http", [RouterHttpProtocol, "h11"], ids=["ours", "h11"])
+async def test_trailer_fields_never_reach_the_engine(http: Any, later: bool) -> None:
+    """Ours freezes the header list at the end of the head; uvicorn's h11 protocol keeps
+    trailers apart by itself. (uvicorn's plain httptools protocol fails the same-write case:
+    the trailer is in ``scope["headers"]`` before the app first runs.)"""
+    with router(http) as (url, engine):
+        assert_no_trailer_reached(engine, await trailer_request(url, later=later))
+
+
+async def test_middleware_copies_the_headers_before_reading_the_body() -> None:
+    """Defence in depth under a server that appends trailers to ``scope["headers"]`` while
+    the body is read (uvicorn's own httptools protocol): the middleware works on a copy."""
+    with router("httptools") as (url, engine):
+        assert_no_trailer_reached(engine, await trailer_request(url, later=True))
+
+
+# -- slow heads --------------------------------------------------------------------------------
+
+
+async def test_half_sent_heads_are_closed_after_the_header_read_timeout() -> None:
+    protocol = functools.partial(RouterHttpProtocol, header_read_timeout=0.5)
+    with router(protocol) as (url, engine), anyio.fail_after(15):
+        async with await connect(url) as silent, await connect(url) as slow:
+            await slow.send(b"POST /v1/completions HTTP/1.1\r\nhost: router\r\n")
+            await anyio.sleep(0.3)
+            await slow.send(b"x-more: 1\r\n")  # trickling bytes do not restart the clock
+            assert await read_to_end(slow) == b""
+            assert await read_to_end(silent) == b""  # never sent a byte
+        # On a keep-alive connection the clock starts again with the next head.
+        async with await connect(url) as stream:
+            await stream.send(head("/v1/completions", f"content-length: {len(BODY)}") + BODY)
+            first = await stream.receive()
+            assert first.startswith(b"HTTP/1.1 200")
+            await stream.send(b"POST /v1/completions HTTP/1.1\r\n")
+            rest = await read_to_end(stream)
+            assert b"HTTP/1.1" not in rest  # the half-sent second head got no answer
+        assert len(relayed(engine)) == 1
+
+
+async def test_a_slow_body_after_a_complete_head_is_not_cut() -> None:
+    """The timeout is for the head only; the body may take its time."""
+    protocol = functools.partial(RouterHttpProtocol, header_read_timeout=0.3)
+    start = head("/v1/completions", f"content-length: {len(BODY)}", "connection: close")
+    with router(protocol) as (url, engine), anyio.fail_after(15):
+        async with await connect(url) as stream:
+            await stream.send(start)
+            await anyio.sleep(0.8)
+            await stream.send(BODY)
+            assert (await read_to_end(stream)).startswith(b"HTTP/1.1 200")
+        assert relayed(engine)[0].body == BODY
+
+
+# -- concurrency limit ---------------------------------------------------------------------------
+
+
+async def test_beyond_the_concurrency_limit_the_answer_is_a_json_503() -> None:
+    request = head("/v1/completions", f"content-length: {len(BODY)}", "connection: close") + BODY
+    with router(RouterHttpProtocol, limit_concurrency=3) as (url, engine), anyio.fail_after(15):
+        async with await connect(url) as one, await connect(url) as two:
+            await one.send(b"P")  # two connections held open, heads unfinished
+            await two.send(b"P")
+            await anyio.sleep(0.2)
+            async with await connect(url) as third:
+                await third.send(request)
+                answer = await read_to_end(third)
+        status, _, payload = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 503")
+        assert b"connection: close" in status.lower()
+        error = json.loads(payload)["error"]
+        assert (error["type"], error["code"]) == ("service_unavailable", "server_overloaded")
+        assert relayed(engine) == []
+        async with await connect(url) as stream:  # the held connections are gone
+            await stream.send(request)
+            assert (await read_to_end(stream)).startswith(b"HTTP/1.1 200")
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def test_serve_flags_and_their_defaults() -> None:
+    args = build_parser().parse_args(["serve", "--worker-urls", "http://127.0.0.1:1"])
+    options = _server_options(args)
+    assert options["http"] is RouterHttpProtocol  # its default timeout applies
+    assert DEFAULT_HEADER_READ_TIMEOUT == 10.0
+    assert options["timeout_keep_alive"] == 5.0
+    assert options["limit_concurrency"] >= 64  # from the open-file limit
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--worker-urls",
+            "http://127.0.0.1:1",
+            "--timeout-keep-alive",
+            "2",
+            "--limit-concurrency",
+            "0",
+            "--header-read-timeout",
+            "3",
+        ]
+    )
+    options = _server_options(args)
+    assert options["timeout_keep_alive"] == 2.0
+    assert options["limit_concurrency"] is None  # 0: no limit
+    assert options["http"].func is RouterHttpProtocol
+    assert options["http"].keywords == {"header_read_timeout": 3.0}
+    args.header_read_timeout = 0.0
+    assert _server_options(args)["http"].keywords == {"header_read_timeout": None}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serve_runs_the_protocol_in_every_process(workers: str) -> None:
+    """``--workers N`` hands the protocol to each uvicorn process too."""
+    engine = MockEngine(name="echo")
+    with (
+        serve_app(engine) as engine_url,
+        serve_process(
+            "--worker-urls", engine_url, "--workers", workers, "--header-read-timeout", "0.5"
+        ) as served,
+    ):
+        assert_no_trailer_reached(engine, await trailer_request(served.url, later=False))
+        with anyio.fail_after(15):
+            async with await connect(served.url) as slow:
+                await slow.send(b"POST /v1/completions HTTP/1.1\r\n")
+                assert await read_to_end(slow) == b""
