@@ -893,10 +893,10 @@ def _add_server_limit_flags(serve: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--header-read-timeout",
         type=_bounded(float, 0.0),
-        default=None,
+        default=10.0,
         metavar="SECS",
         help="close a connection whose request head is not complete SECS after its first "
-        "byte (default: 10; 0: no limit)",
+        "byte (0: no limit)",
     )
 
 
@@ -919,11 +919,8 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         )
         options["http"] = "h11"
         return options
-    seconds = args.header_read_timeout
-    options["http"] = (
-        RouterHttpProtocol  # its default: DEFAULT_HEADER_READ_TIMEOUT
-        if seconds is None
-        else functools.partial(RouterHttpProtocol, header_read_timeout=seconds or None)
+    options["http"] = functools.partial(
+        RouterHttpProtocol, header_read_timeout=args.header_read_timeout or None
     )
     return options
 

@@ -139,18 +139,21 @@ class RouterConfig:
     )
     timeout_keep_alive: float = field(
         default=5.0,
-        metadata=_meta("seconds an idle client connection is kept open", low=0.001),
+        metadata=_meta("seconds an idle client connection is kept open", low=0.0),
     )
     limit_concurrency: int | None = field(
         default=None,
         metadata=_meta(
-            "client connections the server accepts at once; beyond, 503 (none: no limit)",
-            low=1,
+            "client connections or requests in progress before the server answers 503 "
+            "(none: half the open-file limit, less 64; 0: no limit)",
+            low=0,
         ),
     )
     header_read_timeout: float = field(
         default=10.0,
-        metadata=_meta("seconds a client may take to send a request's headers", low=0.001),
+        metadata=_meta(
+            "seconds a client may take to send a request's headers (0: no limit)", low=0.0
+        ),
     )
     # -- routing policy -------------------------------------------------------------------
     policy: str = field(

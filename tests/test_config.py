@@ -330,7 +330,7 @@ BAD_VALUES: list[tuple[str, str, Any, str]] = [
     ("cache_threshold", "1.5", 1.5, "must be between 0 and 1"),
     ("max_concurrent_requests", "-2", -2, "must be >= -1"),
     ("workers", "0", 0, "must be between 1 and 512"),
-    ("limit_concurrency", "0", 0, "must be >= 1"),
+    ("limit_concurrency", "-1", -1, "must be >= 0"),
     ("request_timeout_secs", "nan", float("nan"), "must be a finite number"),
     ("policy", "fastest", "fastest", "must be one of cache_aware, round_robin"),
     ("upstream_transport", "h2", "h2", "must be one of auto, http1, aiohttp, httpx"),
