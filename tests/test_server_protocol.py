@@ -193,7 +193,8 @@ async def test_beyond_the_concurrency_limit_the_answer_is_a_json_503() -> None:
 def test_serve_flags_and_their_defaults() -> None:
     args = build_parser().parse_args(["serve", "--worker-urls", "http://127.0.0.1:1"])
     options = _server_options(args)
-    assert options["http"] is RouterHttpProtocol  # its default timeout applies
+    assert options["http"].func is RouterHttpProtocol
+    assert options["http"].keywords == {"header_read_timeout": DEFAULT_HEADER_READ_TIMEOUT}
     assert DEFAULT_HEADER_READ_TIMEOUT == 10.0
     assert options["timeout_keep_alive"] == 5.0
     assert options["limit_concurrency"] >= 64  # from the open-file limit
