@@ -4,9 +4,9 @@
 convention). Its routes, relative to that prefix:
 
 =================================  ===================================================
-``GET /workers``                   every worker: url, model, healthy, draining, circuit,
-                                   load, external_load, load_source, processed (a JSON
-                                   array)
+``GET /workers``                   every worker: url, model, models, healthy, draining,
+                                   circuit, load, external_load, load_source, processed
+                                   (a JSON array)
 ``GET /workers/{url}``             one worker (``url`` percent-encoded); 404 if unknown
 ``POST /workers``                  ``{"url", "model"?, "wait_healthy_secs"?}``; 201
 ``DELETE /workers/{url}``          drain, then remove; ``?timeout=`` seconds overrides
@@ -25,7 +25,10 @@ notifications, never polls. A drain goes on if the admin client disconnects.
 
 Adding can wait for the worker to come up: with ``wait_healthy_secs`` the worker is polled
 with ``GET {url}{startup_health_path}`` until it answers 200, and is registered only then
-(503 if it never does). Note that the admin API makes the router send that request to any
+(503 if it never does). A worker added without a model is asked which models it serves
+before it is registered, when the app has a ``discovery``
+(:class:`~cache_router.models.ModelDiscovery`), so its first requests are already checked
+against them. Note that the admin API makes the router send that request to any
 URL it is given: protect the API with ``api_key`` wherever its clients are not trusted.
 
 Every error is an OpenAI-shaped JSON body; with ``api_key`` set, every route (including
@@ -63,6 +66,7 @@ from cache_router.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from cache_router.metrics import PrometheusMetrics
+    from cache_router.models import ModelDiscovery
 
 __all__ = ["MAX_ADMIN_BODY", "AdminApp", "AdminError", "worker_info"]
 
@@ -94,10 +98,14 @@ def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[
     requests; ``external_load`` the others it knows of (other replicas', or what the
     engine reports beyond ours), and ``load_source`` says where that figure comes from:
     ``local`` (none), ``engine`` or ``fleet`` (see :mod:`cache_router.load_source`).
+    ``models`` lists the models requests may ask for here (the given ``model`` or the
+    discovered ones), null while any model is accepted.
     """
+    models = worker.models
     return {
         "url": worker.url,
         "model": worker.model,
+        "models": None if models is None else list(models),
         "healthy": worker.healthy,
         "draining": worker.draining,
         "circuit": circuit_state(worker),
@@ -129,6 +137,8 @@ class AdminApp:
         startup_health_path: path polled on a new worker when the add asks to wait.
         drain_timeout: default bound, in seconds, on waiting for a removed worker's
             in-flight requests; the worker is removed when it passes even if some remain.
+        discovery: asks a worker added without a model which models it serves (share the
+            health checker's, ``HealthChecker.discovery``); None: such workers serve any.
     """
 
     def __init__(
@@ -139,6 +149,7 @@ class AdminApp:
         metrics: PrometheusMetrics | None = None,
         startup_health_path: str = "/health",
         drain_timeout: float = 300.0,
+        discovery: ModelDiscovery | None = None,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty; pass None to leave the API open")
@@ -150,6 +161,7 @@ class AdminApp:
         self.metrics = metrics
         self.startup_health_path = startup_health_path
         self.drain_timeout = drain_timeout
+        self.discovery = discovery
         self._api_key = api_key
         self._adding: set[str] = set()
         self._drains: dict[Worker, _Drain] = {}
@@ -261,10 +273,15 @@ class AdminApp:
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
         self._check_free(url)
-        if wait > 0:
+        discovery = self.discovery if model is None else None
+        models: tuple[str, ...] | str | None = None
+        if wait > 0 or discovery is not None:
             self._adding.add(url)
             try:
-                failure = await self._wait_healthy(url, wait)
+                failure = None if wait <= 0 else await self._wait_healthy(url, wait)
+                if failure is None and discovery is not None:
+                    async with httpx.AsyncClient(trust_env=False) as client:
+                        models = await discovery.probe(client, url)
             finally:
                 self._adding.discard(url)
             if failure is not None:
@@ -275,7 +292,11 @@ class AdminApp:
                     "worker_unhealthy",
                 )
             self._check_free(url)
-        return self.registry.add(url, model)
+        worker = self.registry.add(url, model)
+        if discovery is not None and models is not None:
+            # In the same step as the add: no request sees the worker serving any model.
+            discovery.record(worker, models)
+        return worker
 
     async def drain(self, worker: Worker, timeout: float) -> bool:
         """Stop new requests to ``worker``, wait up to ``timeout`` seconds for its load to

@@ -113,6 +113,7 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
         {
             "url": A,
             "model": None,
+            "models": None,
             "healthy": True,
             "draining": False,
             "circuit": None,
@@ -124,6 +125,7 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
         {
             "url": B,
             "model": "m-b",
+            "models": ["m-b"],
             "healthy": False,
             "draining": False,
             "circuit": "half_open",
@@ -213,6 +215,7 @@ async def test_post_adds_a_worker(admin: Admin) -> None:
     assert response.json() == {
         "url": "http://new.test:9",
         "model": "m",
+        "models": ["m"],
         "healthy": True,
         "draining": False,
         "circuit": None,
