@@ -783,7 +783,10 @@ def _discoverer(discovery: ModelDiscovery) -> Callable[[httpx.AsyncClient, str],
 
 
 def _serve_workers(
-    args: argparse.Namespace, uvicorn: Any, unreachable: list[str], registry: WorkerRegistry
+    args: argparse.Namespace,
+    uvicorn: Any,
+    unreachable: list[str],
+    registry: WorkerRegistry | None = None,
 ) -> int:
     """Run ``args.workers`` uvicorn processes, each building its app with
     :func:`app_from_env` from the arguments passed in :data:`SERVE_ARGS_ENV`."""
@@ -794,7 +797,7 @@ def _serve_workers(
             args.workers,
         )
     # Each process starts with what the start-up probe learnt: reachability and models.
-    models = {w.url: w.discovered_models for w in registry if w.discovered_models is not None}
+    models = {w.url: w.discovered_models for w in registry or () if w.discovered_models is not None}
     os.environ[SERVE_ARGS_ENV] = json.dumps(
         {**vars(args), "_unreachable": unreachable, "_models": models}
     )

@@ -547,3 +547,22 @@ def test_serve_discovers_at_startup_and_can_be_told_not_to() -> None:
         for engine in engines:
             assert "/v1/models" not in engine.paths()
             assert "/get_model_info" not in engine.paths()
+
+
+def test_worker_processes_start_with_the_models_found_at_startup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cache_router import cli
+
+    class FakeUvicorn:
+        @staticmethod
+        def run(app: str, **options: Any) -> None:
+            pass
+
+    monkeypatch.setenv(cli.SERVE_ARGS_ENV, "restored by monkeypatch at teardown")
+    args = cli.build_parser().parse_args(["serve", "--worker-urls", A, B, "--workers", "2"])
+    registry = WorkerRegistry([A, B])
+    registry.set_models(registry.workers[0], ["llama"])
+    assert cli._serve_workers(args, FakeUvicorn, [], registry) == 0
+    app = cli.app_from_env()
+    assert [worker.models for worker in app.registry] == [("llama",), None]
