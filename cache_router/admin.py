@@ -4,9 +4,9 @@
 convention). Its routes, relative to that prefix:
 
 =================================  ===================================================
-``GET /workers``                   every worker: url, model, healthy, draining, circuit,
-                                   load, external_load, load_source, processed (a JSON
-                                   array)
+``GET /workers``                   every worker: url, model, models, healthy, draining,
+                                   circuit, load, external_load, load_source, processed
+                                   (a JSON array)
 ``GET /workers/{url}``             one worker (``url`` percent-encoded); 404 if unknown
 ``POST /workers``                  ``{"url", "model"?, "wait_healthy_secs"?}``; 201
 ``DELETE /workers/{url}``          drain, then remove; ``?timeout=`` seconds overrides
@@ -34,6 +34,9 @@ plus ``worker_allow``. Anything else gets 403 before the router sends it a singl
 since an added worker gets health probes and traffic carrying the engine API key. Protect
 the API with ``api_key`` too wherever its clients are not trusted.
 
+A worker added without a model is asked which models it serves before it is registered,
+when the app has a ``discovery`` (:class:`~cache_router.models.ModelDiscovery`), so its
+first requests are already checked against them.
 Every error is an OpenAI-shaped JSON body; with ``api_key`` set, every route (including
 unknown paths and ``/metrics``) answers 401 unless the request carries the key (see
 :mod:`cache_router.auth`).
@@ -73,6 +76,7 @@ from cache_router.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from cache_router.metrics import PrometheusMetrics
+    from cache_router.models import ModelDiscovery
 
 __all__ = ["MAX_ADMIN_BODY", "AdminApp", "AdminError", "worker_info"]
 
@@ -106,10 +110,14 @@ def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[
     requests; ``external_load`` the others it knows of (other replicas', or what the
     engine reports beyond ours), and ``load_source`` says where that figure comes from:
     ``local`` (none), ``engine`` or ``fleet`` (see :mod:`cache_router.load_source`).
+    ``models`` lists the models requests may ask for here (the given ``model`` or the
+    discovered ones), null while any model is accepted.
     """
+    models = worker.models
     return {
         "url": worker.url,
         "model": worker.model,
+        "models": None if models is None else list(models),
         "healthy": worker.healthy,
         "draining": worker.draining,
         "circuit": circuit_state(worker),
@@ -144,6 +152,8 @@ class AdminApp:
         worker_allow: host patterns and CIDRs (see :mod:`cache_router.allowlist`) that
             added workers may point at, beyond the hosts of the registry's workers at
             construction (always allowed). Empty: only those hosts; ``["*"]``: any host.
+        discovery: asks a worker added without a model which models it serves (share the
+            health checker's, ``HealthChecker.discovery``); None: such workers serve any.
     """
 
     def __init__(
@@ -155,6 +165,7 @@ class AdminApp:
         startup_health_path: str = "/health",
         drain_timeout: float = 300.0,
         worker_allow: Iterable[str] = (),
+        discovery: ModelDiscovery | None = None,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty; pass None to leave the API open")
@@ -173,6 +184,7 @@ class AdminApp:
         self.metrics = metrics
         self.startup_health_path = startup_health_path
         self.drain_timeout = drain_timeout
+        self.discovery = discovery
         self._api_key = api_key
         self._adding: set[str] = set()
         self._drains: dict[Worker, _Drain] = {}
@@ -294,10 +306,15 @@ class AdminApp:
                 "worker_not_allowed",
             )
         self._check_free(url)
-        if wait > 0:
+        discovery = self.discovery if model is None else None
+        models: tuple[str, ...] | str | None = None
+        if wait > 0 or discovery is not None:
             self._adding.add(url)
             try:
-                failure = await self._wait_healthy(url, wait)
+                failure = None if wait <= 0 else await self._wait_healthy(url, wait)
+                if failure is None and discovery is not None:
+                    async with httpx.AsyncClient(trust_env=False) as client:
+                        models = await discovery.probe(client, url)
             finally:
                 self._adding.discard(url)
             if failure is not None:
@@ -311,7 +328,11 @@ class AdminApp:
                     "worker_unhealthy",
                 )
             self._check_free(url)
-        return self.registry.add(url, model)
+        worker = self.registry.add(url, model)
+        if discovery is not None and models is not None:
+            # In the same step as the add: no request sees the worker serving any model.
+            discovery.record(worker, models)
+        return worker
 
     async def drain(self, worker: Worker, timeout: float) -> bool:
         """Stop new requests to ``worker``, wait up to ``timeout`` seconds for its load to

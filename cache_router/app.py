@@ -9,18 +9,15 @@ Starlette app, which answers:
 * ``GET /readiness`` and ``GET /health`` -- 200 ``{"status": "ready", "healthy_workers": n,
   "total_workers": m}`` while at least one worker may take requests, else 503 with
   ``"status": "not_ready"`` and the same fields (a traffic probe);
-* ``GET /v1/models`` -- the OpenAI model list of the fleet (see :func:`create_router_app`).
-
-Anything else gets an OpenAI-shaped 404.
+Anything else gets an OpenAI-shaped 404. ``GET /v1/models`` is the middleware's own
+(``serve_models``): it lists the models the registry knows without asking an engine.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -36,17 +33,12 @@ from cache_router.policies import (
     RandomPolicy,
     RoundRobinPolicy,
 )
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.registry import WorkerRegistry
 
-logger = logging.getLogger("cache_router")
-
-__all__ = ["MODELS_TIMEOUT", "POLICY_NAMES", "create_router_app", "make_policy", "readiness"]
+__all__ = ["POLICY_NAMES", "create_router_app", "make_policy", "readiness"]
 
 #: Policy names as SGLang's router spells them (``--policy``).
 POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two")
-
-#: How long ``GET /v1/models`` waits for a worker that has to be asked for its models.
-MODELS_TIMEOUT = 5.0
 
 
 def readiness(registry: WorkerRegistry) -> tuple[int, dict[str, Any]]:
@@ -101,25 +93,6 @@ def make_policy(
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
 
 
-def _model_entry(model: str) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": 0, "owned_by": "cache_router"}
-
-
-async def _ask_models(worker: Worker) -> list[dict[str, Any]]:
-    """The ``data`` of ``worker``'s own ``GET /v1/models``; raises on any failure.
-
-    A client per call on purpose: this endpoint is not on the request path, and a client
-    that lives only here needs no lifespan to be closed.
-    """
-    async with httpx.AsyncClient(timeout=MODELS_TIMEOUT, trust_env=False) as client:
-        response = await client.get(f"{worker.url}/v1/models")
-        response.raise_for_status()
-        data = response.json().get("data")
-    if not isinstance(data, list):
-        raise ValueError("the worker's /v1/models answer has no data list")
-    return [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
-
-
 def _error(status: int, message: str, error_type: str, code: str) -> Response:
     return Response(
         error_body(message, error_type, code), status_code=status, media_type="application/json"
@@ -133,28 +106,6 @@ def _probe_app(registry: WorkerRegistry) -> Starlette:
     async def ready(request: Request) -> Response:
         status, body = readiness(registry)
         return JSONResponse(body, status_code=status)
-
-    async def models(request: Request) -> Response:
-        entries = {model: _model_entry(model) for model in registry.models()}
-        unnamed = [worker for worker in registry.workers if worker.model is None]
-        if unnamed:
-            asked = next((worker for worker in unnamed if worker.available), None)
-            try:
-                if asked is None:
-                    raise RuntimeError("no healthy worker without a configured model")
-                for entry in await _ask_models(asked):
-                    entries.setdefault(entry["id"], entry)
-            except (httpx.HTTPError, ValueError, RuntimeError) as exc:
-                # The detail names the worker (httpx says "for url ..."): log only.
-                logger.warning("listing models failed: %s", exc)
-                if not entries:
-                    return _error(
-                        503,
-                        "could not list the fleet's models; retry later",
-                        "service_unavailable",
-                        "no_available_worker",
-                    )
-        return JSONResponse({"object": "list", "data": list(entries.values())})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Starlette raises HTTPException for unknown paths (404) and methods (405).
@@ -175,7 +126,6 @@ def _probe_app(registry: WorkerRegistry) -> Starlette:
             Route("/liveness", liveness, methods=["GET"]),
             Route("/readiness", ready, methods=["GET"]),
             Route("/health", ready, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error},
     )
@@ -188,7 +138,7 @@ def create_router_app(
     transparent_prefixes: Iterable[str] = (),
     **middleware_options: Any,
 ) -> CacheRouterMiddleware:
-    """A complete router ASGI app: probes and model list, and every inference route.
+    """A complete router ASGI app: probes, model list and every inference route.
 
     ``registry`` and ``policy`` (default :class:`~cache_router.CacheAwarePolicy`) are
     shared with the caller, who may add or remove workers while the app runs.
@@ -196,10 +146,9 @@ def create_router_app(
     (``max_body_size``, ``timeout``, ``total_timeout``, ``transport``, ``typed_routes``,
     ``upstream_headers``, ...).
 
-    ``GET /v1/models`` lists the models named by registered workers; when some workers were
-    registered without a model, the first healthy one of them is asked for its own list on
-    each call (nothing is cached, so a redeployed engine shows its new model at once). If
-    that fails and no worker names a model, the answer is 503.
+    ``GET /v1/models`` lists the models the registry knows: those workers were registered
+    with and those discovered from them (a ``HealthChecker`` discovers them on its checks).
+    No engine is asked per call; a worker whose models are unknown adds nothing to the list.
 
     The returned middleware exposes ``registry`` and ``policy``; it closes its upstream
     connections on lifespan shutdown, or call ``await app.aclose()``.

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -33,6 +33,7 @@ from cache_router.app import POLICY_NAMES, create_router_app, make_policy
 from cache_router.events import RouterEvents
 from cache_router.health import CircuitBreakers, HealthChecker
 from cache_router.metrics import PrometheusMetrics
+from cache_router.models import ModelDiscovery
 from cache_router.registry import WorkerRegistry, normalize_url
 from cache_router.retry import RetryConfig
 
@@ -372,6 +373,13 @@ def _add_serve(commands: Any) -> None:
         "(10.0.0.0/8), or * for any host",
     )
     serve.add_argument(
+        "--disable-model-discovery",
+        action="store_true",
+        help="do not ask workers which models they serve (GET /v1/models, else "
+        "/get_model_info) at start-up, when added and on health checks; then every worker "
+        "takes requests for any model and /v1/models lists none",
+    )
+    serve.add_argument(
         "--wait-for-workers",
         type=_bounded(float, 0.0),
         default=0.0,
@@ -461,8 +469,19 @@ async def _probe(client: httpx.AsyncClient, url: str, path: str) -> str | None:
     return None
 
 
-async def _probe_all(urls: Sequence[str], path: str, wait: float) -> dict[str, str]:
-    """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons."""
+async def _probe_all(
+    urls: Sequence[str],
+    path: str,
+    wait: float,
+    reached: Callable[[httpx.AsyncClient, str], Awaitable[None]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons.
+
+    ``headers`` go with every probe (the engine key, as on health checks);
+    ``reached(client, url)`` runs for each worker once it answers (model discovery), so
+    the first requests find the fleet as it is.
+    """
     deadline = time.monotonic() + wait
     failing: dict[str, str] = {}
 
@@ -470,10 +489,14 @@ async def _probe_all(urls: Sequence[str], path: str, wait: float) -> dict[str, s
         reason = await _probe(client, url, path)
         if reason is None:
             failing.pop(url, None)
+            if reached is not None:
+                await reached(client, url)
         else:
             failing[url] = reason
 
-    async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        timeout=_PROBE_TIMEOUT, trust_env=False, headers=headers
+    ) as client:
         pending = list(urls)
         while True:
             async with anyio.create_task_group() as group:
@@ -516,6 +539,7 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         spill=not args.no_spill,
     )
     seconds = float(args.request_timeout_secs)
+    engine_headers = _engine_headers(args)
     checker = HealthChecker(
         registry,
         interval=args.health_check_interval_secs,
@@ -523,6 +547,8 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         failure_threshold=args.health_failure_threshold,
         success_threshold=args.health_success_threshold,
         path=args.health_check_endpoint,
+        headers=engine_headers,
+        discover_models=not args.disable_model_discovery,
     )
     events: list[RouterEvents] = []
     if not args.disable_circuit_breaker:
@@ -545,6 +571,7 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
             api_key=args.admin_api_key,
             metrics=metrics,
             worker_allow=args.worker_allow,
+            discovery=checker.discovery,
         )
     background: list[Any] = [checker]
     _add_scale_out(args, registry, policy, events, background, metrics)  # issue #7
@@ -558,9 +585,7 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         max_concurrent_requests=None if limit < 0 else max(limit, 1),
         queue_size=args.queue_size,
         queue_timeout=float(args.queue_timeout_secs),
-        upstream_headers=None
-        if args.api_key is None
-        else {"authorization": f"Bearer {args.api_key}"},
+        upstream_headers=engine_headers,
         api_key=args.router_api_key,
         admin=admin,
         admin_prefix=args.admin_prefix or "/router",
@@ -628,7 +653,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cache-router serve: error: {exc}", file=sys.stderr)
         return 2
 
-    unreachable = anyio.run(_probe_all, urls, args.health_check_endpoint, args.wait_for_workers)
+    discovery = _discovery(app)
+    unreachable = anyio.run(
+        _probe_all,
+        urls,
+        args.health_check_endpoint,
+        args.wait_for_workers,
+        None if discovery is None else _discoverer(discovery),
+        _engine_headers(args),
+    )
     for url, reason in unreachable.items():
         logger.warning(
             "worker %s is not reachable (%s); no requests go there until it passes "
@@ -657,7 +690,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.port,
     )
     if args.workers > 1:  # scale-out (issue #7): N processes, see the block below
-        return _serve_workers(args, uvicorn, list(unreachable))
+        return _serve_workers(args, uvicorn, list(unreachable), registry)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -793,7 +826,34 @@ def _add_scale_out(
         register_load_metrics(metrics, registry)
 
 
-def _serve_workers(args: argparse.Namespace, uvicorn: Any, unreachable: list[str]) -> int:
+def _engine_headers(args: argparse.Namespace) -> dict[str, str] | None:
+    """What every request to an engine carries: its API key, if one was given."""
+    return None if args.api_key is None else {"authorization": f"Bearer {args.api_key}"}
+
+
+def _discovery(app: Any) -> ModelDiscovery | None:
+    """The health checker's model discovery, shared by the start-up probe."""
+    for task in app.background:
+        if isinstance(task, HealthChecker):
+            return task.discovery
+    return None
+
+
+def _discoverer(discovery: ModelDiscovery) -> Callable[[httpx.AsyncClient, str], Awaitable[None]]:
+    async def discover(client: httpx.AsyncClient, url: str) -> None:
+        worker = discovery.registry.get(url)
+        if worker is not None:
+            await discovery.discover(client, worker)
+
+    return discover
+
+
+def _serve_workers(
+    args: argparse.Namespace,
+    uvicorn: Any,
+    unreachable: list[str],
+    registry: WorkerRegistry | None = None,
+) -> int:
     """Run ``args.workers`` uvicorn processes, each building its app with
     :func:`app_from_env` from the arguments passed in :data:`SERVE_ARGS_ENV`."""
     if args.redis_url is None:
@@ -802,7 +862,11 @@ def _serve_workers(args: argparse.Namespace, uvicorn: Any, unreachable: list[str
             "and load counts, so they will not share what they learn",
             args.workers,
         )
-    os.environ[SERVE_ARGS_ENV] = json.dumps({**vars(args), "_unreachable": unreachable})
+    # Each process starts with what the start-up probe learnt: reachability and models.
+    models = {w.url: w.discovered_models for w in registry or () if w.discovered_models is not None}
+    os.environ[SERVE_ARGS_ENV] = json.dumps(
+        {**vars(args), "_unreachable": unreachable, "_models": models}
+    )
     uvicorn.run(
         "cache_router.cli:app_from_env",
         factory=True,
@@ -830,6 +894,7 @@ def app_from_env() -> Any:
         raise RuntimeError(f"app_from_env needs ${SERVE_ARGS_ENV} (set by serve --workers)")
     values = json.loads(raw)
     unreachable = values.pop("_unreachable", [])
+    discovered = values.pop("_models", {})
     args = argparse.Namespace(**values)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -841,6 +906,10 @@ def app_from_env() -> Any:
         worker = registry.get(url)
         if worker is not None:
             worker.healthy = False
+    for url, models in discovered.items():
+        worker = registry.get(url)
+        if worker is not None:
+            registry.set_models(worker, models)
     return _router_app(args, registry)
 
 

@@ -7,6 +7,8 @@ different ways, so a router wants both:
   flips ``Worker.healthy`` after a run of consecutive failures or successes. It notices a
   dead worker even when no traffic goes there, and brings it back once it answers again,
   but it only sees the world once per interval.
+  A worker that passes its check and was registered without a model is also asked which
+  models it serves (:class:`~cache_router.models.ModelDiscovery`), on the same client.
 * :class:`CircuitBreaker` (one per worker, attached as ``Worker.breaker`` by
   :class:`CircuitBreakers`) watches the real requests through the middleware's
   :class:`~cache_router.events.RouterEvents` hooks and stops traffic within a few failed
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Literal
 
@@ -30,6 +32,7 @@ import anyio.abc
 import httpx
 
 from cache_router.events import RouterEvents
+from cache_router.models import ModelDiscovery
 from cache_router.periodic import every
 from cache_router.registry import Worker, WorkerRegistry
 
@@ -70,6 +73,12 @@ class HealthChecker:
 
     ``client`` is used as given and never closed here; without one the checker makes its
     own on first use and closes it when :meth:`run` ends or on :meth:`aclose`.
+
+    ``headers`` go with every check (e.g. the engines' API key). With ``discover_models``
+    (the default) a worker that passes a check and was registered without a model is then
+    asked which models it serves, with the same client and headers; ``discovery`` is the
+    :class:`~cache_router.models.ModelDiscovery` doing it (None without), to share with
+    the admin API.
     """
 
     def __init__(
@@ -82,6 +91,8 @@ class HealthChecker:
         success_threshold: int = 2,
         path: str = "/health",
         client: httpx.AsyncClient | None = None,
+        headers: Mapping[str, str] | None = None,
+        discover_models: bool = True,
     ) -> None:
         if not interval > 0:
             raise ValueError("interval must be positive")
@@ -97,6 +108,10 @@ class HealthChecker:
         self.failure_threshold = failure_threshold
         self.success_threshold = success_threshold
         self.path = path
+        self.headers = dict(headers or {})
+        self.discovery = (
+            ModelDiscovery(registry, headers=headers, timeout=timeout) if discover_models else None
+        )
         self._client = client
         self._owns_client = client is None
         self._streaks: dict[Worker, _Streak] = {}
@@ -126,7 +141,9 @@ class HealthChecker:
         # engine trickling its answer out byte by byte still fails in time.
         with anyio.move_on_after(self.timeout):
             try:
-                response = await client.get(worker.url + self.path, timeout=self.timeout)
+                response = await client.get(
+                    worker.url + self.path, headers=self.headers, timeout=self.timeout
+                )
             except Exception as exc:  # refused, reset, bad answer: all mean "not healthy"
                 return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if 200 <= response.status_code < 300:
@@ -135,7 +152,10 @@ class HealthChecker:
         return f"no answer within {self.timeout:g}s"
 
     async def _check(self, worker: Worker) -> None:
-        self.record(worker, await self.probe(worker))
+        failure = await self.probe(worker)
+        self.record(worker, failure)
+        if failure is None and self.discovery is not None:
+            await self.discovery.discover(self._get_client(), worker)
 
     def record(self, worker: Worker, failure: str | None) -> None:
         """Count one check outcome (``failure`` None for a success) and flip health."""

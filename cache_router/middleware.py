@@ -9,11 +9,16 @@ matched (typed or transparent):
 3. take a load lease on that worker (``WorkerRegistry.acquire``, the only way load moves);
 4. relay the exchange; the relay's ``finally`` releases the lease when the body ends.
 
+A request naming a model no registered worker serves is refused in step 1 (404
+``model_not_found``), so an unknown model reaches no policy and takes no load. ``GET
+/v1/models`` is answered from the models the registry knows, with the client key checked.
+
 Requests for other paths, websockets and lifespan events go to the wrapped app untouched.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -41,6 +46,7 @@ from cache_router.proxy import (
     Upstream,
     filter_headers,
     new_request_id,
+    send_json,
     send_json_error,
 )
 from cache_router.registry import Worker, WorkerRegistry
@@ -63,6 +69,11 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 TYPED_METHODS = frozenset({"POST"})
 TRANSPARENT_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _JSON_CONTENT_TYPE = b"application/json"
+#: The OpenAI model list, answered by the middleware itself (``serve_models``).
+MODELS_PATH = "/v1/models"
+_MODELS_METHODS = frozenset({"GET", "HEAD"})
+#: How much of an unknown model name the 404 repeats back.
+_SHOWN_MODEL_CHARS = 200
 
 
 class BackgroundTask(Protocol):
@@ -183,6 +194,8 @@ class CacheRouterMiddleware:
             prefix in ``root_path``, as under Starlette's ``Mount``.
         api_key: when set, routed requests must carry it (``Authorization: Bearer`` or
             ``x-api-key``; compared in constant time) or get 401; it is not forwarded.
+        serve_models: answer ``GET /v1/models`` with the models the registry knows (given
+            or discovered), behind ``api_key``; False leaves that path to the wrapped app.
     """
 
     def __init__(
@@ -209,6 +222,7 @@ class CacheRouterMiddleware:
         admin: ASGIApp | None = None,
         admin_prefix: str = "/router",
         api_key: str | None = None,
+        serve_models: bool = True,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -244,6 +258,9 @@ class CacheRouterMiddleware:
         )
         self._overrides = _checked_overrides(upstream_headers or {})
         self.api_key = api_key
+        self.serve_models = serve_models
+        self._listed: tuple[str, ...] | None = None
+        self._listing = b""
         # The router's own client key is the router's business: never forward it to engines.
         key_headers = {b"authorization", b"x-api-key"} if api_key is not None else set()
         self._request_drop = (
@@ -270,6 +287,9 @@ class CacheRouterMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
+            if path == MODELS_PATH and self.serve_models:
+                await self._answer_models(scope, send)
+                return
             route = self.route_for(path)
             if route is not None:
                 await self._route(route, scope, receive, send)
@@ -355,14 +375,7 @@ class CacheRouterMiddleware:
             first_byte = result.first_byte
         except _Rejected as rejected:
             status = rejected.status
-            await send_json_error(
-                send,
-                rejected.status,
-                rejected.message,
-                rejected.error_type,
-                rejected.code,
-                headers=(*rejected.headers, *echo),
-            )
+            await _send_rejected(send, rejected, echo)
         except RouterError as error:
             status = error.status
             await send_json_error(
@@ -449,9 +462,33 @@ class CacheRouterMiddleware:
             await _sleep_unless_gone(self.retry.backoff(attempt), receive)
             attempt += 1
 
-    async def _validate(
-        self, route: _Route, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]
-    ) -> bytes:
+    async def _answer_models(self, scope: Scope, send: Send) -> None:
+        """The OpenAI model list of the fleet, from the registry: no engine is asked."""
+        method: str = scope["method"]
+        try:
+            self._check_key(scope["headers"])
+            if method not in _MODELS_METHODS:
+                raise _Rejected(
+                    405,
+                    f"method {method} is not allowed on {MODELS_PATH}",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                    headers=((b"allow", b"GET, HEAD"),),
+                )
+        except _Rejected as rejected:
+            await _send_rejected(send, rejected)
+            return
+        models = self.registry.known_models
+        if models is not self._listed:  # rebuilt only when the fleet's models changed
+            entries = [
+                {"id": model, "object": "model", "created": 0, "owned_by": "cache_router"}
+                for model in models
+            ]
+            self._listing = json.dumps({"object": "list", "data": entries}).encode()
+            self._listed = models
+        await send_json(send, 200, self._listing, head=method == "HEAD")
+
+    def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         if self.api_key is not None and not bearer_matches(headers, self.api_key):
             raise _Rejected(
                 401,
@@ -460,6 +497,11 @@ class CacheRouterMiddleware:
                 "invalid_api_key",
                 headers=((b"www-authenticate", b"Bearer"),),
             )
+
+    async def _validate(
+        self, route: _Route, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]
+    ) -> bytes:
+        self._check_key(headers)
         method: str = scope["method"]
         if method not in route.methods:
             raise _Rejected(
@@ -534,13 +576,18 @@ class CacheRouterMiddleware:
         except BodyError as error:
             raise _Rejected(400, str(error), "invalid_request_error", "invalid_prompt") from None
         model = parsed.get("model") if parsed is not None else None
-        if model is not None and not isinstance(model, str):
-            raise _Rejected(400, "model must be a string", "invalid_request_error", "invalid_model")
+        if model is not None:
+            if not isinstance(model, str):
+                raise _Rejected(
+                    400, "model must be a string", "invalid_request_error", "invalid_model"
+                )
+            if not self.registry.serves_model(model):
+                raise _unknown_model(model)
         return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
 
     def _no_candidate(self, model: str | None) -> RouterError:
         if model is not None and not self.registry.serves_model(model):
-            return UnknownModel(f"no worker serves model {model!r}")
+            return _unknown_model(model)
         if not len(self.registry):
             return NoAvailableWorker("no workers are registered")
         return NoAvailableWorker("no healthy worker is available; retry later")
@@ -551,6 +598,22 @@ async def _until_gone(receive: Receive) -> None:
     so the next ASGI message can only be the disconnect."""
     if (await receive())["type"] != "http.disconnect":
         await anyio.sleep_forever()  # anything else: nothing left to watch
+
+
+def _unknown_model(model: str) -> UnknownModel:
+    # The name is the client's: repeat a bounded part of it, not a megabyte.
+    return UnknownModel(f"no worker serves model {model[:_SHOWN_MODEL_CHARS]!r}")
+
+
+async def _send_rejected(send: Send, rejected: _Rejected, echo: Headers = ()) -> None:
+    await send_json_error(
+        send,
+        rejected.status,
+        rejected.message,
+        rejected.error_type,
+        rejected.code,
+        headers=(*rejected.headers, *echo),
+    )
 
 
 async def _sleep_unless_gone(seconds: float, receive: Receive) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "REQUEST_DROP",
     "Upstream",
     "UpstreamAborted",
+    "send_json",
     "send_json_error",
 ]
 
@@ -153,7 +154,13 @@ async def send_json_error(
     headers: Headers = (),
 ) -> None:
     """Answer with an OpenAI-shaped JSON error."""
-    body = error_body(message, error_type, code)
+    await send_json(send, status, error_body(message, error_type, code), headers=headers)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, *, headers: Headers = (), head: bool = False
+) -> None:
+    """Answer with a JSON ``body`` (only its length for a HEAD request)."""
     await send(
         {
             "type": "http.response.start",
@@ -165,7 +172,7 @@ async def send_json_error(
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
 
 class Upstream:

@@ -5,6 +5,11 @@ retry that decremented twice, a health checker that reset counters to zero, a ca
 request that never decremented. Here ``Worker.load`` is read-only; it moves only through
 :meth:`WorkerRegistry.acquire`, which returns a :class:`Lease` whose :meth:`Lease.release`
 gives the unit back exactly once however many times it is called.
+
+The registry also knows which models each worker serves -- the model it was given, or the
+models discovered from the engine (see :mod:`cache_router.models`; the registry itself
+makes no requests) -- so a request for a model no worker serves is refused with one
+dictionary lookup, before it can reach a policy or take load.
 """
 
 from __future__ import annotations
@@ -62,22 +67,31 @@ class Worker:
     ``load`` is the number of requests this router has forwarded to the worker and not yet
     finished; ``processed`` counts every request ever dispatched to it. Both are read-only
     here: they change through leases only.
+
+    ``model`` is the model the worker was registered with, or None; ``discovered_models``
+    those its engine reported (:meth:`WorkerRegistry.set_models`). A worker with neither
+    serves any model. Both are read-only: the registry keeps an index over them.
     """
 
     __slots__ = (
+        "_discovered",
         "_load",
+        "_model",
         "_processed",
+        "_served",
         "breaker",
         "draining",
         "external_load",
         "healthy",
-        "model",
         "url",
     )
 
     def __init__(self, url: str, model: str | None = None) -> None:
         self.url = normalize_url(url)
-        self.model = model
+        self._model = model
+        self._discovered: tuple[str, ...] | None = None
+        #: What :meth:`serves` looks up: None while any model is served.
+        self._served: frozenset[str] | None = None if model is None else frozenset((model,))
         self.healthy = True
         #: Set while a worker is being removed gracefully: no new requests, old ones finish.
         self.draining = False
@@ -89,6 +103,23 @@ class Worker:
         self.external_load = 0
         self._load = 0
         self._processed = 0
+
+    @property
+    def model(self) -> str | None:
+        """The model given at registration (never replaced by discovery)."""
+        return self._model
+
+    @property
+    def discovered_models(self) -> tuple[str, ...] | None:
+        """The models the engine last reported, or None if never discovered."""
+        return self._discovered
+
+    @property
+    def models(self) -> tuple[str, ...] | None:
+        """The models this worker is known to serve; None when it serves any model."""
+        if self._model is not None:
+            return (self._model,)
+        return self._discovered
 
     @property
     def load(self) -> int:
@@ -113,8 +144,9 @@ class Worker:
         )
 
     def serves(self, model: str | None) -> bool:
-        """A worker registered without a model serves any model."""
-        return self.model is None or model is None or self.model == model
+        """Whether requests for ``model`` may come here (any model, when none is known)."""
+        served = self._served
+        return served is None or model is None or model in served
 
     def __repr__(self) -> str:
         return (
@@ -189,6 +221,11 @@ class WorkerRegistry:
         self._removal_listeners: list[WorkerListener] = []
         self._addition_listeners: list[WorkerListener] = []
         self._lease_listeners: list[Callable[[Lease], None]] = []
+        #: The models known to be served, in registration order, and how many workers
+        #: serve any model; rebuilt whenever a worker or its models change.
+        self._known_models: dict[str, None] = {}
+        self._listed_models: tuple[str, ...] = ()
+        self._open_workers = 0
         for url in urls:
             self.add(url, model=model)
 
@@ -215,6 +252,7 @@ class WorkerRegistry:
             raise ValueError(f"worker {worker.url} is already registered")
         self._workers[worker.url] = worker
         self._snapshot = (*self._snapshot, worker)
+        self._index_models()
         for listener in self._addition_listeners:
             listener(worker)
         return worker
@@ -226,6 +264,7 @@ class WorkerRegistry:
             raise KeyError(f"no worker registered at {url!r}")
         del self._workers[worker.url]
         self._snapshot = tuple(w for w in self._snapshot if w is not worker)
+        self._index_models()
         for listener in self._removal_listeners:
             listener(worker)
         return worker
@@ -242,17 +281,55 @@ class WorkerRegistry:
         """Call ``listener(lease)`` whenever a lease is released (metrics, drain waits)."""
         self._lease_listeners.append(listener)
 
-    def models(self) -> list[str]:
-        """Models named by registered workers, in registration order."""
-        seen: dict[str, None] = {}
+    def set_models(self, worker: Worker, models: Iterable[str] | None) -> bool:
+        """Record the models ``worker``'s engine reports, replacing earlier ones (a
+        redeployed engine may serve another model); None makes it serve any model again.
+
+        Returns whether anything changed. A worker no longer registered is left alone (a
+        discovery may finish after its removal); one registered with a model keeps it.
+        """
+        if self._workers.get(worker.url) is not worker:
+            return False
+        if worker._model is not None:
+            raise ValueError(f"worker {worker.url} was registered with model {worker._model!r}")
+        discovered = None if models is None else tuple(dict.fromkeys(models))
+        if discovered == worker._discovered:
+            return False
+        worker._discovered = discovered
+        worker._served = None if discovered is None else frozenset(discovered)
+        self._index_models()
+        return True
+
+    def _index_models(self) -> None:
+        known: dict[str, None] = {}
+        open_workers = 0
         for worker in self._snapshot:
-            if worker.model is not None:
-                seen.setdefault(worker.model, None)
-        return list(seen)
+            models = worker.models
+            if models is None:
+                open_workers += 1
+            else:
+                known.update(dict.fromkeys(models))
+        self._known_models = known
+        self._listed_models = tuple(known)
+        self._open_workers = open_workers
+
+    @property
+    def known_models(self) -> tuple[str, ...]:
+        """Every model some registered worker is known to serve, in registration order.
+
+        The same tuple object until the fleet's models change, so a caller may cache
+        what it derives from it (the router's ``/v1/models`` answer does).
+        """
+        return self._listed_models
+
+    def models(self) -> list[str]:
+        """Models named by registered workers or discovered from them (a copy)."""
+        return list(self._listed_models)
 
     def serves_model(self, model: str | None) -> bool:
-        """Whether any registered worker (healthy or not) serves ``model``."""
-        return any(worker.serves(model) for worker in self._snapshot)
+        """Whether any registered worker (healthy or not) serves ``model``: a lookup, since
+        it runs on every request that names a model."""
+        return model is None or self._open_workers > 0 or model in self._known_models
 
     def candidates(self, model: str | None = None) -> Sequence[Worker]:
         """Available workers that serve ``model`` (all available workers when it is None)."""
@@ -261,7 +338,7 @@ class WorkerRegistry:
         return [
             worker
             for worker in self._snapshot
-            if worker.available and (worker.model is None or worker.model == model)
+            if worker.available and (worker._served is None or model in worker._served)
         ]
 
     def acquire(self, worker: Worker) -> Lease:

@@ -114,6 +114,7 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
         {
             "url": A,
             "model": None,
+            "models": None,
             "healthy": True,
             "draining": False,
             "circuit": None,
@@ -125,6 +126,7 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
         {
             "url": B,
             "model": "m-b",
+            "models": ["m-b"],
             "healthy": False,
             "draining": False,
             "circuit": "half_open",
@@ -214,6 +216,7 @@ async def test_post_adds_a_worker(admin: Admin) -> None:
     assert response.json() == {
         "url": "http://new.test:9",
         "model": "m",
+        "models": ["m"],
         "healthy": True,
         "draining": False,
         "circuit": None,

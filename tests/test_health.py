@@ -213,7 +213,9 @@ async def test_timeout_is_a_failure_and_does_not_hold_up_other_workers() -> None
     engines = HangingEngines({A})
     registry = WorkerRegistry([A, B, C])
     async with httpx.AsyncClient(transport=httpx.MockTransport(engines.handle)) as client:
-        checker = HealthChecker(registry, timeout=0.05, failure_threshold=2, client=client)
+        checker = HealthChecker(
+            registry, timeout=0.05, failure_threshold=2, client=client, discover_models=False
+        )
         with anyio.fail_after(5):
             await rounds(checker, 2)
         # All three were checked together; B and C answered while A was still hanging.

@@ -1091,7 +1091,6 @@ async def test_query_string_forwarded_unchanged_on_typed_route(
         "/inferenc",
         "/Inference/v1/generate",
         "/other/inference/v1/generate",
-        "/v1/models",
         "/generate/extra",
         "/v1/completions/",
         "/health",

@@ -202,8 +202,11 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def generation_requests(engine: MockEngine) -> int:
-    """Requests that reached ``engine`` other than health checks."""
-    return sum(1 for path in engine.paths() if path != "/health")
+    """Requests that reached ``engine`` other than health checks and model discovery."""
+    return sum(1 for path in engine.paths() if path not in _CHECK_PATHS)
+
+
+_CHECK_PATHS = frozenset({"/health", "/v1/models", "/get_model_info"})
 
 
 def assert_overloaded(response: httpx.Response) -> None:
