@@ -438,6 +438,10 @@ class Http1Client:
                 if connection.error is not None:
                     raise connection.error
                 await connection.wait(self._read_timeout)
+            if connection.error is not None:
+                # The read that ended the head also broke the body (a malformed chunk size):
+                # fail now, while the relay can still answer 502, not after a 200 it cuts.
+                raise connection.error
         except BaseException:
             self._pool.release(connection, reusable=False)
             raise

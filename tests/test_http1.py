@@ -577,3 +577,23 @@ async def test_the_middleware_default_is_this_client_on_asyncio() -> None:
             assert router.upstream.transport_name == "http1"
         finally:
             await router.aclose()
+
+
+@pytest.mark.parametrize(
+    "bad_body",
+    [
+        b"zz\r\nhello\r\n0\r\n\r\n",  # not a hex size
+        b"5 x\r\nhello\r\n0\r\n\r\n",  # garbage after the size
+        b"5\r\nhelloXX0\r\n\r\n",  # the chunk does not end where its size says
+    ],
+)
+async def test_a_malformed_chunk_in_the_heads_read_fails_before_the_answer(
+    bad_body: bytes,
+) -> None:
+    """The error is known when the head is: fail then, so the relay answers 502 (and may
+    retry) instead of starting a 200 it must cut."""
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + bad_body
+    async with engine(answering(answer)) as scripted, client() as made:
+        with pytest.raises(UpstreamError) as caught:
+            await made.send("GET", scripted.url + "/", [], b"")
+    assert (caught.value.kind, caught.value.connect) == ("broken", False)
