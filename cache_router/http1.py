@@ -206,7 +206,9 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _fail(self, message: str, *, close: bool = True) -> None:
-        if self.error is None:
+        # Broken bytes after a whole answer (in the read that ended it) spoil the connection,
+        # not the answer: it is delivered, and the connection closed.
+        if self.error is None and not self.complete:
             self.error = UpstreamError("broken", message)
         if close:
             self.close()

@@ -307,6 +307,9 @@ async def test_closing_before_the_end_closes_the_connection() -> None:
     [
         (b"", True),  # keep-alive announced, then closed anyway (an idle timeout)
         (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nextra", False),  # an unasked answer
+        # Not even an answer: the one asked for is whole all the same, and is delivered.
+        (b"garbage\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: zz\r\n\r\n", False),
     ],
 )
 async def test_a_connection_the_engine_closed_or_spoke_on_unasked_is_not_reused(
