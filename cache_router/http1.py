@@ -156,10 +156,14 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
         lowered = name.lower()
         # Framed: the body's end is known. Any other transfer coding is read until close.
-        if lowered == b"content-length" or (
-            lowered == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked")
-        ):
+        if lowered == b"content-length":
             self.framed = True
+        elif lowered == b"transfer-encoding":
+            if self.framed:
+                # A coding after chunked (or chunked twice) breaks RFC 9112 7, and parsers
+                # disagree on where such a body ends: refused, not guessed at.
+                raise ValueError("a transfer coding after chunked")
+            self.framed = value.lower().rstrip().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
         if self.headers_done:

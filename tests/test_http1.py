@@ -385,6 +385,22 @@ async def test_a_reset_ends_a_close_delimited_body_as_an_error_not_as_its_end() 
     assert received == [b"data: partial"]
 
 
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"transfer-encoding: chunked\r\ntransfer-encoding: chunked",  # chunked twice
+        b"transfer-encoding: chunked\r\ntransfer-encoding: gzip",  # chunked, then more
+    ],
+)
+async def test_a_coding_after_chunked_is_refused(codings: bytes) -> None:
+    """Chunked must be the last coding, applied once (RFC 9112 7): other parsers read such
+    a body's end elsewhere, so it is refused, not guessed at."""
+    answer = b"HTTP/1.1 200 OK\r\n%s\r\n\r\n0\r\n\r\n" % codings
+    async with engine(answering(answer)) as scripted, client() as made:
+        with pytest.raises(UpstreamError, match="malformed"):
+            await get(made, scripted.url + "/")
+
+
 @pytest.mark.parametrize("transfer_coding", [b"identity", b"gzip"])
 async def test_a_body_in_another_transfer_coding_ends_with_the_connection(
     transfer_coding: bytes,
