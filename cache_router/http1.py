@@ -153,6 +153,9 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             raise ValueError("response headers too large")  # fails the parse: see data_received
+        # llhttp strips the whitespace before a value, not after it; neither is part of the
+        # value (RFC 9110 5.5), and a server that validates what it sends would refuse it.
+        value = value.rstrip(b" \t")
         self.headers.append((name, value))
         lowered = name.lower()
         # Framed: the body's end is known. Any other transfer coding is read until close.
@@ -163,7 +166,7 @@ class _Connection(asyncio.Protocol):
                 # A coding after chunked (or chunked twice) breaks RFC 9112 7, and parsers
                 # disagree on where such a body ends: refused, not guessed at.
                 raise ValueError("a transfer coding after chunked")
-            self.framed = value.lower().rstrip().endswith(b"chunked")
+            self.framed = value.lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
         if self.headers_done:

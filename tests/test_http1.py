@@ -385,6 +385,14 @@ async def test_a_reset_ends_a_close_delimited_body_as_an_error_not_as_its_end() 
     assert received == [b"data: partial"]
 
 
+async def test_whitespace_around_header_values_is_not_part_of_them() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nx-a:  a b \t\r\ncontent-length: 2 \r\n\r\nok"
+    async with engine(answering(answer)) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [], b"")
+        assert await body_of(response) == b"ok"
+    assert list(response.headers) == [(b"x-a", b"a b"), (b"content-length", b"2")]
+
+
 @pytest.mark.parametrize(
     "codings",
     [
