@@ -173,6 +173,10 @@ class _Connection(asyncio.Protocol):
             return
         status = self.parser.get_status_code()
         if status < 200:
+            if status < 100:
+                # Not an interim answer: taking the next one for the answer would read the
+                # engine out of step.
+                raise ValueError(f"status {status}")  # fails the parse: see data_received
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.headers = []
             self.header_bytes = 0

@@ -221,6 +221,7 @@ async def test_refused_connection_is_a_connect_failure() -> None:
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", True),
         (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\n" + ENDLESS_HEADERS + b"\r\n", False),  # kept from memory
+        (b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n" + OK, False),  # not interim
     ],
 )
 async def test_broken_answers_fail_as_broken(answer: bytes, while_reading_body: bool) -> None:
