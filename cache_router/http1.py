@@ -157,11 +157,12 @@ class _Connection(asyncio.Protocol):
         # value (RFC 9110 5.5), and a server that validates what it sends would refuse it.
         value = value.rstrip(b" \t")
         self.headers.append((name, value))
-        lowered = name.lower()
         # Framed: the body's end is known. Any other transfer coding is read until close.
-        if lowered == b"content-length":
+        # (Most names are neither, and their length says so without lowering them.)
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
             self.framed = True
-        elif lowered == b"transfer-encoding":
+        elif size == 17 and name.lower() == b"transfer-encoding":
             if self.framed:
                 # A coding after chunked (or chunked twice) breaks RFC 9112 7, and parsers
                 # disagree on where such a body ends: refused, not guessed at.
