@@ -9,7 +9,8 @@ waiting for bytes; status, headers and body; whether the connection may carry an
 request -- must agree, except where :data:`DIFFERENCES` says why ours differs on purpose.
 
 No timing decides a verdict: "still waiting" is seen as every written byte received and
-the exchange parked on its connection, not as a read timeout.
+the exchange parked on its connection, not as a read timeout. CI runs 250 examples from a
+fixed seed; ``HTTP1_DIFF_EXAMPLES=5000`` runs that many from a random one (a deeper search).
 """
 
 from __future__ import annotations
@@ -510,12 +511,6 @@ DIFFERENCES = [
         ("reject",),
         "the same Content-Length twice (or as a list): RFC 9112 6.3 lets a recipient take the "
         "one value or reject the answer; llhttp rejects, which an engine never needs",
-    ),
-    Difference(
-        "switch",
-        ("reject",),
-        "a 101 to a request that asked for no upgrade: h11 skips it as one more interim "
-        "answer; llhttp takes the connection as switched, and a relay can do nothing with it",
     ),
     Difference(
         "te-other",
