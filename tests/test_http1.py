@@ -625,3 +625,21 @@ async def test_a_malformed_chunk_in_the_heads_read_fails_before_the_answer(
         with pytest.raises(UpstreamError) as caught:
             await made.send("GET", scripted.url + "/", [], b"")
     assert (caught.value.kind, caught.value.connect) == ("broken", False)
+
+
+async def test_through_the_middleware_a_malformed_chunk_in_the_heads_read_is_a_502() -> None:
+    from starlette.applications import Starlette
+
+    from cache_router import CacheRouterMiddleware, WorkerRegistry
+
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    async with engine(answering(answer, close=True)) as scripted:
+        router = CacheRouterMiddleware(Starlette(), WorkerRegistry([scripted.url]))
+        try:
+            transport = httpx.ASGITransport(app=router)
+            async with httpx.AsyncClient(transport=transport, base_url="http://r") as asgi:
+                answered = await asgi.post("/v1/completions", json={"prompt": "hi"})
+            assert answered.status_code == 502
+            assert set(answered.json()["error"]) >= {"message", "type", "code"}
+        finally:
+            await router.aclose()
