@@ -153,19 +153,31 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             raise ValueError("response headers too large")  # fails the parse: see data_received
+        # llhttp strips the whitespace before a value, not after it; neither is part of the
+        # value (RFC 9110 5.5), and a server that validates what it sends would refuse it.
+        value = value.rstrip(b" \t")
         self.headers.append((name, value))
-        lowered = name.lower()
         # Framed: the body's end is known. Any other transfer coding is read until close.
-        if lowered == b"content-length" or (
-            lowered == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked")
-        ):
+        # (Most names are neither, and their length says so without lowering them.)
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
             self.framed = True
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            if self.framed:
+                # A coding after chunked (or chunked twice) breaks RFC 9112 7, and parsers
+                # disagree on where such a body ends: refused, not guessed at.
+                raise ValueError("a transfer coding after chunked")
+            self.framed = value.lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
         if self.headers_done:
             return
         status = self.parser.get_status_code()
         if status < 200:
+            if status < 100:
+                # Not an interim answer: taking the next one for the answer would read the
+                # engine out of step.
+                raise ValueError(f"status {status}")  # fails the parse: see data_received
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.headers = []
             self.header_bytes = 0
@@ -206,7 +218,9 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _fail(self, message: str, *, close: bool = True) -> None:
-        if self.error is None:
+        # Broken bytes after a whole answer (in the read that ended it) spoil the connection,
+        # not the answer: it is delivered, and the connection closed.
+        if self.error is None and not self.complete:
             self.error = UpstreamError("broken", message)
         if close:
             self.close()
@@ -438,6 +452,10 @@ class Http1Client:
                 if connection.error is not None:
                     raise connection.error
                 await connection.wait(self._read_timeout)
+            if connection.error is not None:
+                # The read that ended the head also broke the body (a malformed chunk size):
+                # fail now, while the relay can still answer 502, not after a 200 it cuts.
+                raise connection.error
         except BaseException:
             self._pool.release(connection, reusable=False)
             raise

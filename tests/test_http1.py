@@ -221,6 +221,7 @@ async def test_refused_connection_is_a_connect_failure() -> None:
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", True),
         (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\n" + ENDLESS_HEADERS + b"\r\n", False),  # kept from memory
+        (b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n" + OK, False),  # not interim
     ],
 )
 async def test_broken_answers_fail_as_broken(answer: bytes, while_reading_body: bool) -> None:
@@ -307,6 +308,9 @@ async def test_closing_before_the_end_closes_the_connection() -> None:
     [
         (b"", True),  # keep-alive announced, then closed anyway (an idle timeout)
         (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nextra", False),  # an unasked answer
+        # Not even an answer: the one asked for is whole all the same, and is delivered.
+        (b"garbage\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: zz\r\n\r\n", False),
     ],
 )
 async def test_a_connection_the_engine_closed_or_spoke_on_unasked_is_not_reused(
@@ -380,6 +384,30 @@ async def test_a_reset_ends_a_close_delimited_body_as_an_error_not_as_its_end() 
                 received.append(chunk)
         await response.aclose()
     assert received == [b"data: partial"]
+
+
+async def test_whitespace_around_header_values_is_not_part_of_them() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nx-a:  a b \t\r\ncontent-length: 2 \r\n\r\nok"
+    async with engine(answering(answer)) as scripted, client() as made:
+        response = await made.send("GET", scripted.url + "/", [], b"")
+        assert await body_of(response) == b"ok"
+    assert list(response.headers) == [(b"x-a", b"a b"), (b"content-length", b"2")]
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"transfer-encoding: chunked\r\ntransfer-encoding: chunked",  # chunked twice
+        b"transfer-encoding: chunked\r\ntransfer-encoding: gzip",  # chunked, then more
+    ],
+)
+async def test_a_coding_after_chunked_is_refused(codings: bytes) -> None:
+    """Chunked must be the last coding, applied once (RFC 9112 7): other parsers read such
+    a body's end elsewhere, so it is refused, not guessed at."""
+    answer = b"HTTP/1.1 200 OK\r\n%s\r\n\r\n0\r\n\r\n" % codings
+    async with engine(answering(answer)) as scripted, client() as made:
+        with pytest.raises(UpstreamError, match="malformed"):
+            await get(made, scripted.url + "/")
 
 
 @pytest.mark.parametrize("transfer_coding", [b"identity", b"gzip"])
@@ -575,5 +603,43 @@ async def test_the_middleware_default_is_this_client_on_asyncio() -> None:
                 answer = await asgi.post("/v1/completions", json={"prompt": "hi"})
             assert (answer.status_code, answer.text) == (200, "ok")
             assert router.upstream.transport_name == "http1"
+        finally:
+            await router.aclose()
+
+
+@pytest.mark.parametrize(
+    "bad_body",
+    [
+        b"zz\r\nhello\r\n0\r\n\r\n",  # not a hex size
+        b"5 x\r\nhello\r\n0\r\n\r\n",  # garbage after the size
+        b"5\r\nhelloXX0\r\n\r\n",  # the chunk does not end where its size says
+    ],
+)
+async def test_a_malformed_chunk_in_the_heads_read_fails_before_the_answer(
+    bad_body: bytes,
+) -> None:
+    """The error is known when the head is: fail then, so the relay answers 502 (and may
+    retry) instead of starting a 200 it must cut."""
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + bad_body
+    async with engine(answering(answer)) as scripted, client() as made:
+        with pytest.raises(UpstreamError) as caught:
+            await made.send("GET", scripted.url + "/", [], b"")
+    assert (caught.value.kind, caught.value.connect) == ("broken", False)
+
+
+async def test_through_the_middleware_a_malformed_chunk_in_the_heads_read_is_a_502() -> None:
+    from starlette.applications import Starlette
+
+    from cache_router import CacheRouterMiddleware, WorkerRegistry
+
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    async with engine(answering(answer, close=True)) as scripted:
+        router = CacheRouterMiddleware(Starlette(), WorkerRegistry([scripted.url]))
+        try:
+            transport = httpx.ASGITransport(app=router)
+            async with httpx.AsyncClient(transport=transport, base_url="http://r") as asgi:
+                answered = await asgi.post("/v1/completions", json={"prompt": "hi"})
+            assert answered.status_code == 502
+            assert set(answered.json()["error"]) >= {"message", "type", "code"}
         finally:
             await router.aclose()
