@@ -299,7 +299,7 @@ async def test_admin_add_discovers_before_the_worker_takes_requests() -> None:
         # A listener sees the worker the moment it is registered: already discovered.
         registry.on_add(lambda worker: added.append(worker))
         discovery = ModelDiscovery(registry, headers={"authorization": f"Bearer {ENGINE_KEY}"})
-        app = AdminApp(registry, discovery=discovery)
+        app = AdminApp(registry, discovery=discovery, worker_allow=["127.0.0.1", "given.test"])
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             answer = await client.post("/workers", json={"url": engine_url})
