@@ -10,6 +10,7 @@ real disconnects across sockets are covered in ``test_middleware_integration.py`
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,13 @@ import httpx
 import pytest
 import respx
 
+from cache_router import middleware as middleware_module
 from cache_router.middleware import CacheRouterMiddleware
 from cache_router.policies import CacheAwarePolicy, RoutingRequest
 from cache_router.proxy import UpstreamAborted
 from cache_router.registry import Lease, Worker, WorkerRegistry
 from cache_router.retry import RetryConfig
+from cache_router.routing_key import parse_routing_fields
 from cache_router.tree import encode_tokens
 from cache_router.types import Message, Receive, Scope, Send
 
@@ -560,9 +563,114 @@ def test_constructor_rejects_bad_options() -> None:
     registry = WorkerRegistry([ENGINE_A])
     with pytest.raises(ValueError):
         CacheRouterMiddleware(WrappedApp(), registry, max_body_size=0)
+    with pytest.raises(ValueError):
+        CacheRouterMiddleware(WrappedApp(), registry, max_routing_key_length=0)
     for prefix in ("inference", "/", "/a/../b", "/a\\b"):
         with pytest.raises(ValueError):
             CacheRouterMiddleware(WrappedApp(), registry, transparent_prefixes=[prefix])
+
+
+# -- the routing key's length and large bodies --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/v1/completions", {"prompt": "x" * 100}, ("x" * 8, False)),
+        ("/generate", {"input_ids": list(range(100))}, (encode_tokens(range(8)), True)),
+        ("/v1/chat/completions", {"messages": [{"content": "ab" * 50}]}, ("ab" * 4, False)),
+        ("/inference/raw", "a plain text body, not JSON", ("a plain ", False)),
+    ],
+)
+async def test_routing_key_is_cut_to_max_routing_key_length(
+    mock: respx.MockRouter, path: str, body: object, expected: tuple[str, bool]
+) -> None:
+    router = make_router(max_routing_key_length=8)
+    upstream = mock.post(f"{ENGINE_A}{path}").respond(200, json={})
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    result = await call(router.middleware, "POST", path, body=raw)
+    assert result.status == 200
+    assert upstream.calls.last.request.content == raw
+    (seen,) = router.policy.requests
+    assert (seen.key, seen.tokens) == expected
+    assert router.policy.inner.tree_size == 8  # the tree holds the cut key, nothing more
+    router.assert_settled()
+    await router.middleware.aclose()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/inference/v1/completions"])
+async def test_large_body_is_keyed_from_its_head_and_forwarded_whole(
+    mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    threads: list[int] = []
+
+    def skim(body: bytes, limit: int) -> dict[str, Any]:
+        threads.append(threading.get_ident())
+        return parse_routing_fields(body, limit)
+
+    def whole(body: bytes) -> dict[str, Any]:
+        raise AssertionError("a large body was parsed whole")
+
+    monkeypatch.setattr(middleware_module, "parse_routing_fields", skim)
+    monkeypatch.setattr(middleware_module, "parse_json_object", whole)
+    router = make_router(max_routing_key_length=1000)
+    upstream = mock.post(f"{ENGINE_A}{path}").respond(200, json={})
+    raw = b'{"prompt": [' + b"3, " * 1_000_000 + b'3], "model": "m", "stream": false}'
+    # Arriving in pieces, as from a socket: joined once, off the event loop.
+    chunks = [raw[index : index + 65536] for index in range(0, len(raw), 65536)]
+    result = await call(
+        router.middleware,
+        "POST",
+        path,
+        chunks=chunks,
+        headers=[(b"content-type", b"application/json")],
+    )
+    assert result.status == 200
+    assert upstream.calls.last.request.content == raw
+    (seen,) = router.policy.requests
+    assert (seen.key, seen.tokens, seen.model) == (encode_tokens([3] * 1000), True, "m")
+    assert threads and threading.get_ident() not in threads  # parsed off the event loop
+    router.assert_settled()
+    await router.middleware.aclose()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": [' + b"1," * 1_000_000 + b"1]",  # cut short
+        b'{"prompt": [' + b"1," * 1_000_000 + b'1], "x": [1,,2]}',  # broken after the key
+        b'{"prompt": [1, "x", ' + b"1," * 1_000_000 + b"1]}",  # no token list
+        b"[" + b"1," * 1_000_000 + b"1]",  # not an object
+    ],
+)
+async def test_large_malformed_body_is_400_and_leaves_nothing(
+    mock: respx.MockRouter, raw: bytes
+) -> None:
+    router = make_router()
+    anything = mock.route().respond(200)
+    result = await call(
+        router.middleware,
+        "POST",
+        "/v1/completions",
+        body=raw,
+        headers=[(b"content-type", b"application/json")],
+    )
+    assert result.status == 400
+    assert result.json()["error"]["code"] in ("invalid_json", "invalid_prompt")
+    assert not anything.called
+    router.assert_untouched()
+    await router.middleware.aclose()
+
+
+async def test_custom_extractor_sees_the_whole_large_body(mock: respx.MockRouter) -> None:
+    # Only the built-in extractors are known to read nothing but the routing fields.
+    router = make_router(typed_routes={"/custom": lambda body: (body["tenant"], False)})
+    mock.post(f"{ENGINE_A}/custom").respond(200, json={})
+    raw = b'{"pad": "' + b"p" * 2_000_000 + b'", "tenant": "acme"}'
+    result = await call(router.middleware, "POST", "/custom", body=raw)
+    assert result.status == 200
+    assert router.policy.requests[0].key == "acme"
+    await router.middleware.aclose()
 
 
 # -- models and availability -------------------------------------------------------------
