@@ -264,6 +264,81 @@ _WHITESPACE = b" \t\r\n"
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 #: A list's first element, when it is an integer.
 _FIRST_INTEGER = re.compile(rb"\[\s*-?[0-9]+\s*[,\]]")
+#: Long runs of these bytes (a list of numbers) are checked apart from the rest, piece by
+#: piece, so that no single call into the parser holds the GIL for long.
+_NUMBER_BYTES = b"0123456789-+.eE \t\r\n,"
+_BLOCK = 1 << 20
+_PIECE = 1 << 20
+#: Stands in for a cut-out run: a number in a list, but a raw newline, which no JSON string
+#: may hold, if the run was inside a string after all.
+_STAND_IN = b"0\n"
+
+
+def _intact(limit: int) -> int:
+    """Bytes at the start of a run of numbers that stay in place: more than any key of
+    ``limit`` reads (:func:`_tokens_head` reads no further)."""
+    return max(2 * _BLOCK, 2 * (limit + 2) * _CHAR_BYTES)
+
+
+def _skim(body: bytes, intact: int) -> Any:
+    """``_SKIM.decode(body)``, with each long run of numbers checked on its own in pieces.
+
+    A run (whole 1 MiB blocks of digits, signs, commas, whitespace) is cut out after its
+    first ``intact`` bytes and replaced by :data:`_STAND_IN`; the rest of the body is
+    skimmed, then the run is checked as numbers, a piece at a time. A run that was inside a
+    string makes the skim fail on the stand-in, and the whole body is skimmed in one pass.
+    """
+    cuts = _number_runs(body, intact)
+    if not cuts:
+        return _SKIM.decode(body)
+    parts: list[bytes | memoryview] = []
+    view = memoryview(body)
+    position = 0
+    for start, end in cuts:
+        parts += (view[position:start], _STAND_IN)
+        position = end
+    parts.append(view[position:])
+    try:
+        fields = _SKIM.decode(b"".join(parts))
+    except msgspec.DecodeError:
+        return _SKIM.decode(body)  # a run inside a string, or a broken body: one pass decides
+    for start, end in cuts:
+        _check_numbers(body, start, end)
+    return fields
+
+
+def _number_runs(body: bytes, intact: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each long run of numbers to check apart: from just after a comma
+    to a comma, leaving the run's first ``intact`` bytes where they are."""
+    cuts: list[tuple[int, int]] = []
+    run = -1
+    for block in range(0, len(body) + _BLOCK, _BLOCK):
+        if block < len(body) and not body[block : block + _BLOCK].translate(None, _NUMBER_BYTES):
+            run = block if run < 0 else run
+            continue
+        if run >= 0:
+            end = min(block, len(body))
+            start = body.find(b",", run + intact, end)
+            stop = body.rfind(b",", start + 1, end) if start >= 0 else -1
+            if stop - start > _BLOCK:
+                cuts.append((start + 1, stop))
+            run = -1
+    return cuts
+
+
+def _check_numbers(body: bytes, start: int, end: int) -> None:
+    """Raise ``msgspec.DecodeError`` unless ``body[start:end]`` is numbers between commas."""
+    view = memoryview(body)
+    position = start
+    while position < end:
+        stop = end
+        if end - position > _PIECE:
+            found = body.rfind(b",", position, position + _PIECE)
+            stop = found if found > position else end
+        if stop == position:
+            raise msgspec.DecodeError("JSON is malformed: a list with an empty element")
+        _NUMBERS.decode(b"".join((b"[", view[position:stop], b"]")))
+        position = stop + 1
 
 
 def parse_routing_fields(body: bytes, limit: int) -> dict[str, Any]:
@@ -281,9 +356,10 @@ def parse_routing_fields(body: bytes, limit: int) -> dict[str, Any]:
     """
     if msgspec is None:  # pragma: no cover - depends on the environment
         return parse_json_object(body)
-    view = memoryview(body)[3:] if body[:3] == _BOM else body
+    if body[:3] == _BOM:
+        body = body[3:]  # a copy, for the rare body that starts with a byte-order mark
     try:
-        fields = _SKIM.decode(view)
+        fields = _skim(body, _intact(limit))
     except msgspec.ValidationError:
         raise BodyError("request body must be a JSON object") from None
     except (msgspec.DecodeError, RecursionError) as exc:
@@ -385,13 +461,14 @@ def _string_head(raw: memoryview, window: int) -> str:
 def _tokens_head(raw: memoryview, limit: int) -> list[Any]:
     """The first ``limit`` elements of the list ``raw`` starts with (fewer when it has
     fewer), decoded from a slice that ends at the list's first ``]`` or else at a comma;
-    whitespace may double the slice.
+    whitespace may double the slice, up to :func:`_intact` bytes (a list padded beyond
+    that keys on fewer elements).
 
     The slice parses when the elements are numbers; when it does not, a list that starts
     with an integer holds something else, which no token list may (:class:`BodyError`),
     and a list that starts with anything else is no token list (``[]``).
     """
-    size = limit * 8 + 64
+    size, most = limit * 8 + 64, _intact(limit)
     while True:
         piece = bytes(raw[:size])
         close = piece.find(b"]")
@@ -403,9 +480,11 @@ def _tokens_head(raw: memoryview, limit: int) -> list[Any]:
                 if _FIRST_INTEGER.match(piece):
                     raise BodyError("token ids must be a list of non-negative integers") from None
                 return []
-            if close >= 0 or len(values) >= limit:
+            if close >= 0 or len(values) >= limit or size >= most:
                 return list(values[:limit])
-        size *= 2
+        elif size >= most:
+            return []
+        size = min(size * 2, most)
 
 
 if msgspec is not None:  # pragma: no branch
@@ -427,6 +506,7 @@ if msgspec is not None:  # pragma: no branch
         text: msgspec.Raw = msgspec.Raw()
 
     _SKIM = msgspec.json.Decoder(_RoutingFields)
+    _NUMBERS = msgspec.json.Decoder(msgspec.Raw)
     _MESSAGE = msgspec.json.Decoder(_MessageFields)
     # A list's first MAX_KEY_ITEMS elements: an array-like struct ignores the rest.
     _Head = msgspec.defstruct(

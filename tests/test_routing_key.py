@@ -344,7 +344,7 @@ def assert_same_keys(raw: bytes, limit: int) -> None:
         assert cut(extract, skimmed, limit) == cut(extract, whole, limit), extract.__name__
 
 
-_text = st.text(max_size=150)
+_text = st.one_of(st.text(max_size=150), st.text(alphabet="0123456789, -", max_size=150))
 _tokens = st.lists(st.integers(0, 300_000), max_size=120)
 _prompt = st.one_of(
     _text,
@@ -381,15 +381,61 @@ _fields = st.fixed_dictionaries(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(fields=_fields, ascii_only=st.booleans(), limit=st.integers(1, 12))
+@given(
+    fields=_fields,
+    ascii_only=st.booleans(),
+    limit=st.integers(1, 12),
+    block=st.sampled_from([None, 16, 64]),
+)
 def test_skimmed_fields_give_the_same_cut_key_as_the_whole_body(
-    fields: dict[str, Any], ascii_only: bool, limit: int
+    fields: dict[str, Any], ascii_only: bool, limit: int, block: int | None
 ) -> None:
     # With a small limit, most of these bodies are larger than the skim's windows, so the
     # heads (strings cut inside escapes, surrogate pairs and UTF-8; token lists cut at a
-    # comma) are what is compared.
+    # comma) are what is compared. With small blocks, runs of numbers are cut out and
+    # checked apart, including runs inside strings (which must not be refused).
     raw = json.dumps(fields, ensure_ascii=ascii_only).encode()
-    assert_same_keys(raw, limit)
+    with pytest.MonkeyPatch.context() as patch:
+        if block is not None:
+            patch.setattr(routing_key, "_BLOCK", block)
+            patch.setattr(routing_key, "_PIECE", block // 2)
+        assert_same_keys(raw, limit)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        b"1,,2",
+        b"1,01,2",
+        b"1,1.,2",
+        b"1,+1,2",
+        b"1,1e,2",
+        b"1,-,2",
+        b"1,1 2,3",
+        b"1,--1,2",
+    ],
+)
+def test_runs_of_numbers_checked_apart_are_still_checked(
+    monkeypatch: pytest.MonkeyPatch, run: bytes
+) -> None:
+    monkeypatch.setattr(routing_key, "_BLOCK", 16)
+    monkeypatch.setattr(routing_key, "_PIECE", 8)
+    for where in range(0, 400, 7):
+        numbers = b"3," * where + run + b",4" * (400 - where)
+        raw = b'{"prompt": [' + numbers + b'], "model": "m"}'
+        assert routing_key._number_runs(raw, routing_key._intact(1))  # cut out, checked apart
+        with pytest.raises(BodyError, match="not valid JSON"):
+            parse_routing_fields(raw, 1)
+        with pytest.raises(BodyError):
+            parse_json_object(raw)
+
+
+def test_a_run_of_numbers_inside_a_string_is_a_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing_key, "_BLOCK", 16)
+    raw = b'{"padding": "' + b"1,,01," * 200 + b'", "text": "' + b"9, " * 300 + b'"}'
+    assert routing_key._number_runs(raw, routing_key._intact(1))
+    assert parse_routing_fields(raw, 2)["text"][:2] == "9,"
+    assert_same_keys(raw, 2)
 
 
 def test_skimmed_token_list_is_decoded_only_as_far_as_the_key() -> None:
