@@ -3,8 +3,9 @@
     python -m benchmarks.large_body [--sizes-mib 64 128] [--paths /generate /v1/completions]
 
 Starts a mock engine (it drains the body and answers a small JSON) and ``cache-router
-serve`` in front of it, both on 127.0.0.1. For each size and path it sends one
-``{"prompt":[1,1,...]}`` body of that size while another client polls ``GET /liveness``
+serve`` in front of it, both on 127.0.0.1. For each shape, size and path it sends one
+``{"prompt":[1,1,...]}`` body of that size (``--shapes nested strings``: lists or strings
+in the list) while another client polls ``GET /liveness``
 every 10 ms over a kept-alive connection, and samples the router's RSS every 2 ms.
 Prints one row per body: the peak RSS growth over the idle router as a multiple of the
 body size, the longest the polling client waited for one answer, the router's CPU
@@ -59,11 +60,20 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def payload(size: int) -> bytes:
-    """``{"prompt":[1,1,...,1]}`` of exactly ``size`` bytes (``size`` even, >= 14)."""
-    head, tail = b'{"prompt":[', b"1]}"
-    count = (size - len(head) - len(tail)) // 2
-    body = head + b"1," * count + tail
+#: Body shapes: the prompt's list elements and the last one.
+SHAPES = {
+    "tokens": (b"1,", b"1"),  # token ids: the common large body, and the densest numbers
+    "nested": (b"[1],", b"[1]"),  # lists in a list: skimmed in one pass
+    "strings": (b'"a",', b'"a"'),
+}
+
+
+def payload(size: int, shape: str = "tokens") -> bytes:
+    """``{"prompt":[1,1,...,1]}`` (or another :data:`SHAPES` list) of ``size`` bytes."""
+    element, last = SHAPES[shape]
+    head, tail = b'{"prompt":[', last + b"]}"
+    count = (size - len(head) - len(tail)) // len(element)
+    body = head + element * count + tail
     return body + b" " * (size - len(body))
 
 
@@ -104,8 +114,8 @@ class RssSampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def measure(router: Managed, port: int, path: str, size: int) -> dict[str, Any]:
-    body = payload(size)
+def measure(router: Managed, port: int, path: str, size: int, shape: str) -> dict[str, Any]:
+    body = payload(size, shape)
     idle = rss_bytes(router.pid)
     sampler, poller = RssSampler(router.pid), Poller(port, "/liveness")
     sampler.start()
@@ -129,6 +139,7 @@ def measure(router: Managed, port: int, path: str, size: int) -> dict[str, Any]:
     poller.join(5)
     sampler.join(5)
     return {
+        "shape": shape,
         "path": path,
         "size": size,
         "status": status,
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--paths", nargs="+", default=["/generate", "/v1/completions"])
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=["tokens"])
     parser.add_argument("--engine-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine_port:
@@ -163,14 +175,15 @@ def main(argv: list[str] | None = None) -> None:
         _wait(f"http://{HOST}:{engine_port}/", engine)
         with Managed(router_argv, "router", log_dir=log_dir) as router:
             _wait(f"http://{HOST}:{router_port}/liveness", router)
-            for size_mib in args.sizes_mib:
-                for path in args.paths:
-                    rows.append(measure(router, router_port, path, size_mib * MIB))
-    print(f"{'path':<16} {'body':>8} {'status':>6} {'peak RSS / body':>15} "
+            for shape in args.shapes:
+                for size_mib in args.sizes_mib:
+                    for path in args.paths:
+                        rows.append(measure(router, router_port, path, size_mib * MIB, shape))
+    print(f"{'shape':<8} {'path':<16} {'body':>8} {'status':>6} {'peak RSS / body':>15} "
           f"{'max wait (ms)':>13} {'polls':>5} {'router CPU s':>12} {'wall s':>7}")  # fmt: skip
     for row in rows:
         print(
-            f"{row['path']:<16} {row['size'] // MIB:>5} MiB {row['status']:>6} "
+            f"{row['shape']:<8} {row['path']:<16} {row['size'] // MIB:>5} MiB {row['status']:>6} "
             f"{row['rss_x']:>14.2f}x {row['max_wait_ms']:>13.0f} {row['polls']:>5} "
             f"{row['cpu']:>12.2f} {row['wall']:>7.2f}"
         )
