@@ -536,14 +536,15 @@ class CacheRouterMiddleware:
         self, route: _Route, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> RoutingRequest:
         parsed: dict[str, Any] | None = None
+        large = len(body) > LARGE_BODY and route.bounded
         if route.requires_json:
             try:
-                parsed = self._parse(route, body)
+                parsed = self._parse(body) if large else parse_json_object(body)
             except BodyError as error:
                 raise _Rejected(400, str(error), "invalid_request_error", "invalid_json") from None
         elif body[:1] == b"{" or _is_json(headers):
             try:
-                parsed = self._parse(route, body)
+                parsed = self._parse(body) if large else parse_json_object(body)
             except BodyError:
                 parsed = None
         limit = self.max_routing_key_length
@@ -563,11 +564,9 @@ class CacheRouterMiddleware:
             raise _Rejected(400, "model must be a string", "invalid_request_error", "invalid_model")
         return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
 
-    def _parse(self, route: _Route, body: bytes) -> dict[str, Any]:
-        """The body as JSON: whole when small, only its routing fields when large."""
-        if route.bounded and len(body) > LARGE_BODY:
-            return parse_routing_fields(body, self.max_routing_key_length)
-        return parse_json_object(body)
+    def _parse(self, body: bytes) -> dict[str, Any]:
+        """A large body's routing fields only (a small one is parsed whole)."""
+        return parse_routing_fields(body, self.max_routing_key_length)
 
     def _no_candidate(self, model: str | None) -> RouterError:
         if model is not None and not self.registry.serves_model(model):

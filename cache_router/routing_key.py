@@ -11,8 +11,9 @@ fields in a fixed order. Two rules matter more than the rest:
 Parsing uses ``orjson`` when it is installed (several times faster on long prompts) and the
 standard library otherwise; both accept exactly JSON. A large body is never turned into
 Python objects whole: :func:`parse_routing_fields` (with ``msgspec`` installed) checks its
-syntax in one pass and decodes only a bounded head of the fields a key is made of, so its
-cost does not grow with a prompt the key would cut anyway.
+syntax without building objects, in pieces that hold the GIL briefly, and decodes only a
+bounded head of the fields a key is made of, so its memory does not grow with a prompt the
+key would cut anyway.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json as _json
 import re
 from collections.abc import Callable, Mapping
-from itertools import islice
 from typing import Any
 
 from cache_router.tree import encode_tokens
@@ -95,19 +95,26 @@ def _parse(body: bytes | memoryview) -> Any:
     try:
         return _loads(body)
     except (_JSONError, UnicodeDecodeError, RecursionError) as exc:
-        if _SECOND_OPINION and _stdlib_might_accept(exc, body):
-            try:
-                return _json.loads(bytes(body), parse_constant=_not_json)
-            except (ValueError, RecursionError):
-                pass
-        raise BodyError(f"request body is not valid JSON: {exc}") from None
+        return _second_opinion(exc, body)
+
+
+def _second_opinion(error: Exception, body: bytes | memoryview) -> Any:
+    if _SECOND_OPINION and _stdlib_might_accept(error, body):
+        try:
+            return _json.loads(bytes(body), parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            pass
+    raise BodyError(f"request body is not valid JSON: {error}") from None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Parse ``body`` as a JSON object or raise :class:`BodyError` saying why not."""
     if not body:
         raise BodyError("request body is empty; expected a JSON object")
-    value = _parse(body)
+    try:
+        value = _loads(body)
+    except (_JSONError, UnicodeDecodeError, RecursionError) as exc:
+        value = _second_opinion(exc, body)
     if not isinstance(value, dict):
         raise BodyError(f"request body must be a JSON object, not {type(value).__name__}")
     return value
@@ -149,7 +156,9 @@ def _content_text(content: object) -> str:
         return content
     if isinstance(content, list):
         parts: list[str] = []
-        for part in islice(content, MAX_KEY_ITEMS):
+        if len(content) > MAX_KEY_ITEMS:
+            content = content[:MAX_KEY_ITEMS]
+        for part in content:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, dict):
@@ -165,7 +174,9 @@ def _messages_text(messages: object) -> str:
     if not isinstance(messages, list):
         return ""
     texts: list[str] = []
-    for message in islice(messages, MAX_KEY_ITEMS):
+    if len(messages) > MAX_KEY_ITEMS:
+        messages = messages[:MAX_KEY_ITEMS]
+    for message in messages:
         if isinstance(message, dict):
             text = _content_text(message.get("content"))
             if text:
@@ -334,6 +345,8 @@ def _check_numbers(body: bytes, start: int, end: int) -> None:
         stop = end
         if end - position > _PIECE:
             found = body.rfind(b",", position, position + _PIECE)
+            if found <= position:  # one long number: to the comma after it
+                found = body.find(b",", position + _PIECE, end)
             stop = found if found > position else end
         if stop == position:
             raise msgspec.DecodeError("JSON is malformed: a list with an empty element")
@@ -346,10 +359,11 @@ def parse_routing_fields(body: bytes, limit: int) -> dict[str, Any]:
     ``limit`` characters (or tokens) and :data:`MAX_KEY_ITEMS` messages can use.
 
     For bodies too large to turn into Python objects whole: with ``msgspec`` installed the
-    whole body is checked to be a JSON object in one pass in C, without building objects,
-    and every other field is skipped; the key fields are decoded from bounded slices of the
-    body. The built-in extractors (:data:`BOUNDED_EXTRACTORS`) give the same key, once cut
-    to ``limit``, as on the whole body. Without ``msgspec`` this is
+    whole body is checked to be a JSON object in C, without building objects (long runs of
+    numbers apart, see :func:`_skim`), and every other field is skipped; the key fields
+    are decoded from bounded slices of the body. The built-in extractors
+    (:data:`BOUNDED_EXTRACTORS`) give the same key, once cut to ``limit``, as on the whole
+    body. Without ``msgspec`` this is
     :func:`parse_json_object`. In a skimmed body, token ids past the key are not checked
     (the engine checks them), nor is UTF-8 in skipped strings; a lone surrogate escape
     anywhere is refused, as ``msgspec`` does.

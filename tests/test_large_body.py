@@ -99,3 +99,14 @@ def test_max_routing_key_length_flag_reaches_the_middleware() -> None:
     assert app.max_routing_key_length == 100
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-routing-key-length", "0"])
+
+
+def test_the_large_body_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    # Smoke-sized, so benchmarks/large_body.py never rots; its numbers are not asserted.
+    from benchmarks import large_body
+
+    large_body.main(["--sizes-mib", "2", "--paths", "/v1/completions", "--shapes", "tokens"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[:5] for row in rows if row[:1] == ["tokens"]] == [
+        ["tokens", "/v1/completions", "2", "MiB", "200"]
+    ]
