@@ -33,6 +33,7 @@ from cache_router.app import POLICY_NAMES, create_router_app, make_policy
 from cache_router.events import RouterEvents
 from cache_router.health import CircuitBreakers, HealthChecker
 from cache_router.metrics import PrometheusMetrics
+from cache_router.middleware import DEFAULT_MAX_ROUTING_KEY_LENGTH
 from cache_router.models import ModelDiscovery
 from cache_router.registry import WorkerRegistry, normalize_url
 from cache_router.retry import RetryConfig
@@ -286,6 +287,13 @@ def _add_serve(commands: Any) -> None:
             metavar=metavar,
             help=text,
         )
+    serve.add_argument(
+        "--max-routing-key-length",
+        type=_bounded(int, 1, None),
+        default=DEFAULT_MAX_ROUTING_KEY_LENGTH,
+        metavar="N",
+        help="characters (tokens for token ids) of a prompt that route it and enter the tree",
+    )
     serve.add_argument(
         "--transparent-prefix",
         dest="transparent_prefixes",
@@ -591,6 +599,7 @@ def _router_app(args: argparse.Namespace, registry: WorkerRegistry) -> Any:
         admin_prefix=args.admin_prefix or "/router",
         transparent_prefixes=args.transparent_prefixes,
         max_body_size=args.max_payload_size,
+        max_routing_key_length=args.max_routing_key_length,
         timeout=httpx.Timeout(
             connect=min(10.0, seconds), read=seconds, write=min(60.0, seconds), pool=60.0
         ),

@@ -52,20 +52,32 @@ from cache_router.proxy import (
 from cache_router.registry import Worker, WorkerRegistry
 from cache_router.retry import RetryConfig
 from cache_router.routing_key import (
+    BOUNDED_EXTRACTORS,
     DEFAULT_TYPED_ROUTES,
     BodyError,
     KeyExtractor,
     RoutingKey,
     generic_key,
     parse_json_object,
+    parse_routing_fields,
 )
 from cache_router.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "TRANSPARENT_METHODS", "CacheRouterMiddleware"]
+__all__ = [
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_ROUTING_KEY_LENGTH",
+    "LARGE_BODY",
+    "TRANSPARENT_METHODS",
+    "CacheRouterMiddleware",
+]
 
 logger = logging.getLogger("cache_router")
 
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_ROUTING_KEY_LENGTH = 32768
+#: Bodies above this many bytes are keyed from their routing fields alone
+#: (:func:`parse_routing_fields`), in a worker thread.
+LARGE_BODY = 1024 * 1024
 TYPED_METHODS = frozenset({"POST"})
 TRANSPARENT_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 _JSON_CONTENT_TYPE = b"application/json"
@@ -103,7 +115,7 @@ class _ClientGone(Exception):
 class _Route:
     """How one intercepted request is validated and keyed."""
 
-    __slots__ = ("allow_header", "extract", "label", "methods", "requires_json")
+    __slots__ = ("allow_header", "bounded", "extract", "label", "methods", "requires_json")
 
     def __init__(
         self,
@@ -118,6 +130,8 @@ class _Route:
         self.allow_header = ", ".join(sorted(methods)).encode()
         self.extract = extract
         self.requires_json = requires_json
+        # Whether a large body may be keyed from its routing fields alone.
+        self.bounded = extract is None or extract in BOUNDED_EXTRACTORS
 
 
 _UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
@@ -196,6 +210,8 @@ class CacheRouterMiddleware:
             ``x-api-key``; compared in constant time) or get 401; it is not forwarded.
         serve_models: answer ``GET /v1/models`` with the models the registry knows (given
             or discovered), behind ``api_key``; False leaves that path to the wrapped app.
+        max_routing_key_length: the routing key (and what goes into the prefix tree) is
+            cut to this many characters, or tokens for token ids.
     """
 
     def __init__(
@@ -223,6 +239,7 @@ class CacheRouterMiddleware:
         admin_prefix: str = "/router",
         api_key: str | None = None,
         serve_models: bool = True,
+        max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -232,6 +249,9 @@ class CacheRouterMiddleware:
         if max_body_size <= 0:
             raise ValueError("max_body_size must be positive")
         self.max_body_size = max_body_size
+        if max_routing_key_length <= 0:
+            raise ValueError("max_routing_key_length must be positive")
+        self.max_routing_key_length = max_routing_key_length
         routes = DEFAULT_TYPED_ROUTES if typed_routes is None else typed_routes
         self._typed = {
             path: _Route(path, TYPED_METHODS, extract, requires_json=True)
@@ -364,7 +384,13 @@ class CacheRouterMiddleware:
         admitted = False
         try:
             body = await self._validate(route, scope, receive, raw_headers)
-            routing = self._routing_request(route, body, raw_headers)
+            if len(body) > LARGE_BODY:
+                # Off the event loop: the skim is C code, but the key's slices are not.
+                routing = await anyio.to_thread.run_sync(
+                    self._routing_request, route, body, raw_headers
+                )
+            else:
+                routing = self._routing_request(route, body, raw_headers)
             if self.admission is not None:
                 # A client that leaves while queued gives its place up at once.
                 if not await self.admission.enter(partial(_until_gone, receive)):
@@ -542,6 +568,9 @@ class CacheRouterMiddleware:
                 break
         if len(chunks) == 1:
             return chunks[0]
+        if size > LARGE_BODY:
+            # bytes.join lets go of the GIL while it copies a large result.
+            return await anyio.to_thread.run_sync(b"".join, chunks)
         return b"".join(chunks)
 
     def _too_large(self) -> _Rejected:
@@ -556,23 +585,27 @@ class CacheRouterMiddleware:
         self, route: _Route, body: bytes, headers: list[tuple[bytes, bytes]]
     ) -> RoutingRequest:
         parsed: dict[str, Any] | None = None
+        large = len(body) > LARGE_BODY and route.bounded
         if route.requires_json:
             try:
-                parsed = parse_json_object(body)
+                parsed = self._parse(body) if large else parse_json_object(body)
             except BodyError as error:
                 raise _Rejected(400, str(error), "invalid_request_error", "invalid_json") from None
         elif body[:1] == b"{" or _is_json(headers):
             try:
-                parsed = parse_json_object(body)
+                parsed = self._parse(body) if large else parse_json_object(body)
             except BodyError:
                 parsed = None
+        limit = self.max_routing_key_length
         try:
             if parsed is None:
                 # Not JSON: the raw bytes are the key. latin-1 maps bytes to characters 1:1.
-                key: RoutingKey = (body.decode("latin-1"), False)
+                key: RoutingKey = (body[:limit].decode("latin-1"), False)
             else:
                 extract = route.extract or generic_key
                 key = extract(parsed)
+                if len(key[0]) > limit:
+                    key = (key[0][:limit], key[1])
         except BodyError as error:
             raise _Rejected(400, str(error), "invalid_request_error", "invalid_prompt") from None
         model = parsed.get("model") if parsed is not None else None
@@ -584,6 +617,10 @@ class CacheRouterMiddleware:
             if not self.registry.serves_model(model):
                 raise _unknown_model(model)
         return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
+
+    def _parse(self, body: bytes) -> dict[str, Any]:
+        """A large body's routing fields only (a small one is parsed whole)."""
+        return parse_routing_fields(body, self.max_routing_key_length)
 
     def _no_candidate(self, model: str | None) -> RouterError:
         if model is not None and not self.registry.serves_model(model):

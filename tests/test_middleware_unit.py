@@ -10,6 +10,7 @@ real disconnects across sockets are covered in ``test_middleware_integration.py`
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,13 @@ import httpx
 import pytest
 import respx
 
+from cache_router import middleware as middleware_module
 from cache_router.middleware import CacheRouterMiddleware
 from cache_router.policies import CacheAwarePolicy, RoutingRequest
 from cache_router.proxy import UpstreamAborted
 from cache_router.registry import Lease, Worker, WorkerRegistry
 from cache_router.retry import RetryConfig
+from cache_router.routing_key import parse_routing_fields
 from cache_router.tree import encode_tokens
 from cache_router.types import Message, Receive, Scope, Send
 
@@ -244,6 +247,12 @@ async def call(
     return Exchange(status, out_headers, b"".join(out_body), calls)
 
 
+async def post_json_bytes(router: Router, path: str, **options: Any) -> Exchange:
+    """POST raw bytes (``body=`` or ``chunks=``) declared as JSON, through :func:`call`."""
+    json_type = [(b"content-type", b"application/json")]
+    return await call(router.middleware, "POST", path, headers=json_type, **options)
+
+
 def assert_openai_error(payload: Any, code: str) -> None:
     assert set(payload) == {"error"}
     error = payload["error"]
@@ -460,6 +469,12 @@ async def test_transparent_routes_forward_allowed_methods(
         (b"null", "invalid_json"),
         (b'{"prompt": [1, -5], "input_ids": [1, -5]}', "invalid_prompt"),
         (b'{"prompt": "x", "model": 7}', "invalid_model"),
+        # Large bodies, keyed from a skim of their routing fields:
+        (b'{"prompt": [' + b"1," * 1_000_000 + b"1]", "invalid_json"),  # cut short
+        (b'{"prompt": [' + b"1," * 1_000_000 + b'1], "x": [1,,2]}', "invalid_json"),
+        (b'{"prompt": [' + b"1," * 1_000_000 + b'01], "x": 1}', "invalid_json"),
+        (b"[" + b"1," * 1_000_000 + b"1]", "invalid_json"),  # not an object
+        (b'{"prompt": [1, "x"], "input_ids": [1, "x", ' + b"1," * 10**6 + b"1]}", "invalid_prompt"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/completions", "/generate"])
@@ -467,13 +482,7 @@ async def test_typed_bad_body_is_400_and_never_forwarded(
     router: Router, mock: respx.MockRouter, path: str, raw: bytes, code: str
 ) -> None:
     anything = mock.route().respond(200)
-    result = await call(
-        router.middleware,
-        "POST",
-        path,
-        body=raw,
-        headers=[(b"content-type", b"application/json")],
-    )
+    result = await post_json_bytes(router, path, body=raw)
     assert result.status == 400
     assert_openai_error(result.json(), code)
     assert result.json()["error"]["type"] == "invalid_request_error"
@@ -560,9 +569,80 @@ def test_constructor_rejects_bad_options() -> None:
     registry = WorkerRegistry([ENGINE_A])
     with pytest.raises(ValueError):
         CacheRouterMiddleware(WrappedApp(), registry, max_body_size=0)
+    with pytest.raises(ValueError):
+        CacheRouterMiddleware(WrappedApp(), registry, max_routing_key_length=0)
     for prefix in ("inference", "/", "/a/../b", "/a\\b"):
         with pytest.raises(ValueError):
             CacheRouterMiddleware(WrappedApp(), registry, transparent_prefixes=[prefix])
+
+
+# -- the routing key's length and large bodies --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/v1/completions", {"prompt": "x" * 100}, ("x" * 8, False)),
+        ("/generate", {"input_ids": list(range(100))}, (encode_tokens(range(8)), True)),
+        ("/v1/chat/completions", {"messages": [{"content": "ab" * 50}]}, ("ab" * 4, False)),
+        ("/inference/raw", "a plain text body, not JSON", ("a plain ", False)),
+    ],
+)
+async def test_routing_key_is_cut_to_max_routing_key_length(
+    mock: respx.MockRouter, path: str, body: object, expected: tuple[str, bool]
+) -> None:
+    router = make_router(max_routing_key_length=8)
+    upstream = mock.post(f"{ENGINE_A}{path}").respond(200, json={})
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    result = await call(router.middleware, "POST", path, body=raw)
+    assert result.status == 200
+    assert upstream.calls.last.request.content == raw
+    (seen,) = router.policy.requests
+    assert (seen.key, seen.tokens) == expected
+    assert router.policy.inner.tree_size == 8  # the tree holds the cut key, nothing more
+    router.assert_settled()
+    await router.middleware.aclose()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/inference/v1/completions"])
+async def test_large_body_is_keyed_from_its_head_and_forwarded_whole(
+    mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    threads: list[int] = []
+
+    def skim(body: bytes, limit: int) -> dict[str, Any]:
+        threads.append(threading.get_ident())
+        return parse_routing_fields(body, limit)
+
+    def whole(body: bytes) -> dict[str, Any]:
+        raise AssertionError("a large body was parsed whole")
+
+    monkeypatch.setattr(middleware_module, "parse_routing_fields", skim)
+    monkeypatch.setattr(middleware_module, "parse_json_object", whole)
+    router = make_router(max_routing_key_length=1000)
+    upstream = mock.post(f"{ENGINE_A}{path}").respond(200, json={})
+    raw = b'{"prompt": [' + b"3, " * 1_000_000 + b'3], "model": "m", "stream": false}'
+    # Arriving in pieces, as from a socket: joined once, off the event loop.
+    chunks = [raw[index : index + 65536] for index in range(0, len(raw), 65536)]
+    result = await post_json_bytes(router, path, chunks=chunks)
+    assert result.status == 200
+    assert upstream.calls.last.request.content == raw
+    (seen,) = router.policy.requests
+    assert (seen.key, seen.tokens, seen.model) == (encode_tokens([3] * 1000), True, "m")
+    assert threads and threading.get_ident() not in threads  # parsed off the event loop
+    router.assert_settled()
+    await router.middleware.aclose()
+
+
+async def test_custom_extractor_sees_the_whole_large_body(mock: respx.MockRouter) -> None:
+    # Only the built-in extractors are known to read nothing but the routing fields.
+    router = make_router(typed_routes={"/custom": lambda body: (body["tenant"], False)})
+    mock.post(f"{ENGINE_A}/custom").respond(200, json={})
+    raw = b'{"pad": "' + b"p" * 2_000_000 + b'", "tenant": "acme"}'
+    result = await call(router.middleware, "POST", "/custom", body=raw)
+    assert result.status == 200
+    assert router.policy.requests[0].key == "acme"
+    await router.middleware.aclose()
 
 
 # -- models and availability -------------------------------------------------------------

@@ -10,13 +10,21 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from cache_router import routing_key
 from cache_router.routing_key import (
+    BOUNDED_EXTRACTORS,
     DEFAULT_TYPED_ROUTES,
+    MAX_KEY_ITEMS,
     BodyError,
+    KeyExtractor,
+    RoutingKey,
     chat_key,
     generic_key,
     parse_json_object,
+    parse_routing_fields,
 )
 from cache_router.tree import encode_tokens
 
@@ -292,3 +300,204 @@ def test_parse_json_object_refuses_non_json_constants(raw: bytes) -> None:
 def test_parse_json_object_survives_deep_nesting() -> None:
     with pytest.raises(BodyError):
         parse_json_object(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_a_body_orjson_refuses_as_malformed_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bytes] = []
+    loads = json.loads
+
+    def spy(body: bytes, **options: Any) -> Any:
+        seen.append(body)
+        return loads(body, **options)
+
+    monkeypatch.setattr(routing_key._json, "loads", spy)
+    for raw in (b'{"prompt": [1, 2,}', b'{"prompt": "x"', b'{"a": tru}', b"{" * 10):
+        with pytest.raises(BodyError, match="not valid JSON"):
+            parse_json_object(raw)
+    assert seen == []
+    # What the standard library might accept still gets its opinion (and is accepted).
+    assert parse_json_object(b'{"prompt": "\\ud83d"}') == {"prompt": "\ud83d"}
+    assert len(seen) == 1
+
+
+# -- large bodies: routing fields decoded only as far as the key reaches --------------------
+
+LIMIT = 5
+EXTRACTORS = sorted(BOUNDED_EXTRACTORS, key=lambda extract: extract.__name__)
+
+
+def cut(extract: KeyExtractor, parsed: dict[str, Any], limit: int) -> RoutingKey | str:
+    try:
+        key, tokens = extract(parsed)
+    except BodyError:
+        return "BodyError"
+    return key[:limit], tokens
+
+
+def assert_same_keys(raw: bytes, limit: int) -> None:
+    """Every built-in extractor gives the same key, cut to ``limit``, on the skimmed
+    fields as on the whole parsed body; the model is the same too."""
+    whole = parse_json_object(raw)
+    skimmed = parse_routing_fields(raw, limit)
+    assert skimmed.get("model") == whole.get("model")
+    for extract in EXTRACTORS:
+        assert cut(extract, skimmed, limit) == cut(extract, whole, limit), extract.__name__
+
+
+_text = st.one_of(st.text(max_size=150), st.text(alphabet="0123456789, -", max_size=150))
+_tokens = st.lists(st.integers(0, 300_000), max_size=120)
+_prompt = st.one_of(
+    _text,
+    _tokens,
+    st.lists(_text, min_size=1, max_size=3),
+    st.lists(_tokens, min_size=1, max_size=3),
+    st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=40),
+    st.dictionaries(st.text(max_size=3), _text, max_size=3),
+)
+_part = st.one_of(_text, st.fixed_dictionaries({"type": st.just("text"), "text": _text}))
+_message = st.one_of(
+    _text,
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system"]),
+            "content": st.one_of(_text, st.lists(_part, max_size=4)),
+        }
+    ),
+)
+_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.text(max_size=10),
+        "prompt": _prompt,
+        "text": _prompt,
+        "input_ids": _prompt,
+        "token_ids": _prompt,
+        "query": _prompt,
+        "input": st.one_of(_prompt, st.lists(_message, max_size=5)),
+        "messages": st.lists(_message, max_size=6),
+        "padding": _text,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fields=_fields,
+    ascii_only=st.booleans(),
+    limit=st.integers(1, 12),
+    block=st.sampled_from([None, 16, 64]),
+)
+def test_skimmed_fields_give_the_same_cut_key_as_the_whole_body(
+    fields: dict[str, Any], ascii_only: bool, limit: int, block: int | None
+) -> None:
+    # With a small limit, most of these bodies are larger than the skim's windows, so the
+    # heads (strings cut inside escapes, surrogate pairs and UTF-8; token lists cut at a
+    # comma) are what is compared. With small blocks, runs of numbers are cut out and
+    # checked apart, including runs inside strings (which must not be refused).
+    raw = json.dumps(fields, ensure_ascii=ascii_only).encode()
+    with pytest.MonkeyPatch.context() as patch:
+        if block is not None:
+            patch.setattr(routing_key, "_BLOCK", block)
+            patch.setattr(routing_key, "_PIECE", block // 2)
+        assert_same_keys(raw, limit)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        b"1,,2",
+        b"1,01,2",
+        b"1,1.,2",
+        b"1,+1,2",
+        b"1,1e,2",
+        b"1,-,2",
+        b"1,1 2,3",
+        b"1,--1,2",
+    ],
+)
+def test_runs_of_numbers_checked_apart_are_still_checked(
+    monkeypatch: pytest.MonkeyPatch, run: bytes
+) -> None:
+    monkeypatch.setattr(routing_key, "_BLOCK", 16)
+    monkeypatch.setattr(routing_key, "_PIECE", 8)
+    for where in range(0, 400, 7):
+        numbers = b"3," * where + run + b",4" * (400 - where)
+        raw = b'{"prompt": [' + numbers + b'], "model": "m"}'
+        assert routing_key._number_runs(raw, routing_key._intact(1))  # cut out, checked apart
+        with pytest.raises(BodyError, match="not valid JSON"):
+            parse_routing_fields(raw, 1)
+        with pytest.raises(BodyError):
+            parse_json_object(raw)
+
+
+def test_a_run_of_numbers_inside_a_string_is_a_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing_key, "_BLOCK", 16)
+    raw = b'{"padding": "' + b"1,,01," * 200 + b'", "text": "' + b"9, " * 300 + b'"}'
+    assert routing_key._number_runs(raw, routing_key._intact(1))
+    assert parse_routing_fields(raw, 2)["text"][:2] == "9,"
+    assert_same_keys(raw, 2)
+
+
+def test_skimmed_token_list_is_decoded_only_as_far_as_the_key() -> None:
+    raw = b'{"prompt": [' + b"7, " * 1_000_000 + b'7], "model": "m"}'
+    parsed = parse_routing_fields(raw, 1000)
+    assert parsed == {"prompt": [7] * 1000, "model": "m"}
+    assert_same_keys(raw, 1000)
+
+
+def test_skimmed_string_is_decoded_only_as_far_as_the_key() -> None:
+    raw = json.dumps({"text": "\U0001f600" * 100_000 + "tail"}).encode()  # 12-byte escapes
+    parsed = parse_routing_fields(raw, 50)
+    assert 50 < len(parsed["text"]) < 100
+    assert parsed["text"][:50] == "\U0001f600" * 50
+    assert_same_keys(raw, 50)
+
+
+def test_skimmed_fields_skip_what_no_key_reads() -> None:
+    raw = json.dumps({"sampling_params": {"n": list(range(100_000))}, "text": "hi"}).encode()
+    assert parse_routing_fields(raw, 10) == {"text": "hi"}
+
+
+def test_skimmed_messages_stop_after_max_key_items() -> None:
+    messages = [{"role": "user", "content": f"m{index}"} for index in range(MAX_KEY_ITEMS + 50)]
+    raw = json.dumps({"messages": messages}).encode()
+    limit = 3  # every window is smaller than the list, so the list is cut to its head
+    assert len(parse_routing_fields(raw, limit)["messages"]) == MAX_KEY_ITEMS
+    key, _ = chat_key(parse_json_object(raw))
+    assert key.split("\n") == [f"m{index}" for index in range(MAX_KEY_ITEMS)]
+    assert_same_keys(raw, 10_000)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": [1, 2, "x"' + b", 3" * 1000 + b"]}",
+        b'{"prompt": [1, 2, [3, 4]' + b", 3" * 1000 + b"]}",
+        b'{"prompt": [1, -2' + b", 3" * 1000 + b"]}",
+    ],
+)
+def test_skimmed_token_list_with_a_non_token_in_the_key_is_refused(raw: bytes) -> None:
+    with pytest.raises(BodyError):
+        DEFAULT_TYPED_ROUTES["/v1/completions"](parse_routing_fields(raw, 100))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"prompt": [' + b"1," * 1000 + b"1]", "not valid JSON"),
+        (b'{"prompt": "' + b"a" * 1000 + b'", "x": [1,,2]}', "not valid JSON"),
+        (b'{"prompt": "a", "x": NaN}', "not valid JSON"),
+        (b"[" + b"1," * 1000 + b"1]", "JSON object"),
+        (b'"just a string"', "JSON object"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_skim_refuses_what_is_not_a_json_object(raw: bytes, message: str) -> None:
+    with pytest.raises(BodyError, match=message):
+        parse_routing_fields(raw, 10)
+
+
+def test_skim_accepts_a_byte_order_mark_like_the_whole_parse() -> None:
+    raw = b'\xef\xbb\xbf{"prompt": "' + b"b" * 1000 + b'"}'
+    assert parse_routing_fields(raw, 4)["prompt"][:4] == "bbbb"
+    assert_same_keys(raw, 4)
