@@ -30,9 +30,6 @@ from test_resilience import (
     router,
 )
 
-from cache_router.app import create_router_app
-from cache_router.registry import WorkerRegistry
-
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 COMPLETIONS = "/v1/completions"
@@ -127,19 +124,6 @@ async def test_an_unreachable_engine_is_named_in_the_log_not_to_the_client(
         logged = [record.getMessage() for record in caplog.records]
         assert any("req-42" in line and dead in line for line in logged), logged
         served.assert_settled()
-
-
-async def test_a_failed_model_listing_names_no_worker(caplog: pytest.LogCaptureFixture) -> None:
-    failing = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
-    async with engine(answering(failing, close=True)) as scripted:
-        app = create_router_app(WorkerRegistry([scripted.url]))
-        transport = httpx.ASGITransport(app)
-        with caplog.at_level(logging.WARNING, "cache_router"):
-            async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
-                answer = await client.get("/v1/models", timeout=10)
-    assert answer.status_code == 503
-    assert scripted.url.rsplit(":", 1)[1] not in answer.text
-    assert any(scripted.url in record.getMessage() for record in caplog.records)
 
 
 # -- the httpx transport and bytes after a complete answer -------------------------------
