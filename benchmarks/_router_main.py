@@ -1,7 +1,7 @@
 """A minimal standalone cache_router, for the benchmarks when ``cache-router serve`` is absent.
 
 It takes the same flags as ``cache-router serve`` (the subset the benchmarks pass) and runs
-:func:`cache_router.app.create_router_app` under uvicorn with access logs off, so the
+:func:`cache_router.builder.create_router_app` under uvicorn with access logs off, so the
 harness can measure the router either way. ``python -m benchmarks.routers`` uses
 ``cache-router serve`` when the CLI is installed and this module otherwise (or when
 ``--cache-router-launcher module`` asks for it).
@@ -13,8 +13,9 @@ import argparse
 
 import uvicorn
 
-from cache_router.app import POLICY_NAMES, create_router_app, make_policy
-from cache_router.registry import WorkerRegistry
+from cache_router.builder import create_router_app
+from cache_router.core.policies import POLICY_NAMES, make_policy
+from cache_router.core.registry import WorkerRegistry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

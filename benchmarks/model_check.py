@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import timeit
 
-from cache_router.registry import WorkerRegistry
+from cache_router.core.registry import WorkerRegistry
 
 
 def _fleet(workers: int, models: int) -> WorkerRegistry:

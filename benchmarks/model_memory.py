@@ -60,8 +60,8 @@ def peak_rss_bytes() -> int:
 
 def run_one(budget: int, models: int, prompt_chars: int, fill: int, seed: int) -> dict[str, float]:
     """Route the workload in this process; return what it cost."""
-    from cache_router.policies import CacheAwarePolicy, RoutingRequest
-    from cache_router.registry import WorkerRegistry
+    from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
+    from cache_router.core.registry import WorkerRegistry
 
     rng = random.Random(seed)
     registry = WorkerRegistry([f"http://worker-{i}:8000" for i in range(8)])

@@ -31,7 +31,7 @@ from benchmarks.workloads import INSTANT_ENGINE, Overhead
 #: Substrings of a frame that put a sample into an area, checked leaf first.
 AREAS: tuple[tuple[str, str], ...] = (
     ("json", "JSON encode/decode"),
-    ("routing_key", "cache_router.routing_key"),
+    ("routing_key", "cache_router.core.routing_key"),
     ("cache_router/policies", "cache_router policy"),
     ("cache_router/tree", "cache_router tree"),
     ("cache_router/registry", "cache_router registry"),

@@ -1,4 +1,4 @@
-"""What :class:`cache_router.server_protocol.RouterHttpProtocol` costs per request.
+"""What :class:`cache_router.proxy.server_protocol.RouterHttpProtocol` costs per request.
 
 Run::
 
@@ -23,7 +23,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from cache_router.server_protocol import RouterHttpProtocol
+from cache_router.proxy.server_protocol import RouterHttpProtocol
 
 
 class _Sink(asyncio.Transport):

@@ -1,4 +1,4 @@
-"""Speed and memory of :class:`cache_router.tree.RadixTree` on a shared-prefix workload.
+"""Speed and memory of :class:`cache_router.core.tree.RadixTree` on a shared-prefix workload.
 
 Run::
 
@@ -54,7 +54,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from cache_router.tree import RadixTree
+from cache_router.core.tree import RadixTree
 
 ALPHABET = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,\n"
 # Map every byte value onto the 64-character alphabet (256 = 4 * 64, so it stays uniform).

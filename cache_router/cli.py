@@ -27,16 +27,17 @@ import anyio
 import httpx
 
 from cache_router import __version__
-from cache_router.admin import AdminApp
-from cache_router.allowlist import HostAllowList, parse_host
-from cache_router.app import POLICY_NAMES, create_router_app, make_policy
-from cache_router.events import RouterEvents
-from cache_router.health import CircuitBreakers, HealthChecker
-from cache_router.metrics import PrometheusMetrics
-from cache_router.middleware import DEFAULT_MAX_ROUTING_KEY_LENGTH
-from cache_router.models import ModelDiscovery
-from cache_router.registry import WorkerRegistry, normalize_url
-from cache_router.retry import RetryConfig
+from cache_router.builder import create_router_app
+from cache_router.core.events import RouterEvents
+from cache_router.core.policies import POLICY_NAMES, make_policy
+from cache_router.core.registry import WorkerRegistry, normalize_url
+from cache_router.core.retry import RetryConfig
+from cache_router.ops.admin import AdminApp
+from cache_router.ops.allowlist import HostAllowList, parse_host
+from cache_router.ops.health import CircuitBreakers, HealthChecker
+from cache_router.ops.metrics import PrometheusMetrics
+from cache_router.ops.models import ModelDiscovery
+from cache_router.proxy.middleware import DEFAULT_MAX_ROUTING_KEY_LENGTH
 
 __all__ = ["app_from_env", "build_parser", "main"]
 
@@ -799,9 +800,9 @@ def _add_scale_out(
     """Add the engine-load poller and the Redis fleet state the flags ask for.
 
     Both may run together: each worker's external load is then the larger of the two
-    estimates (``cache_router.load_source.ExternalLoadBoard``), never their sum.
+    estimates (``cache_router.ops.load_source.ExternalLoadBoard``), never their sum.
     """
-    from cache_router.load_source import EngineLoadPoller, register_load_metrics
+    from cache_router.ops.load_source import EngineLoadPoller, register_load_metrics
 
     sources = False
     if args.engine_load_poll_secs > 0:
@@ -812,7 +813,7 @@ def _add_scale_out(
         )
         sources = True
     if args.redis_url is not None:
-        from cache_router.fleet import RedisFleetState
+        from cache_router.ops.fleet import RedisFleetState
 
         try:
             fleet = RedisFleetState(
@@ -927,7 +928,7 @@ def app_from_env() -> Any:
 
 # -- server limits (issue #11): slow and greedy clients --------------------------------------
 # The uvicorn settings that bound what one client can hold: a header-read timeout (enforced
-# by cache_router.server_protocol, which also keeps chunked-request trailers out of the
+# by cache_router.proxy.server_protocol, which also keeps chunked-request trailers out of the
 # headers), the keep-alive idle time, and a cap on connections and requests in progress.
 
 #: File descriptors kept for everything but client and engine sockets (listener, logs,
@@ -989,7 +990,7 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         "limit_concurrency": limit or None,
     }
     try:
-        from cache_router.server_protocol import RouterHttpProtocol
+        from cache_router.proxy.server_protocol import RouterHttpProtocol
     except ImportError:  # uvicorn without httptools: h11 keeps trailers apart, no timeout
         logger.warning(
             "httptools is not installed: serving with h11, without --header-read-timeout "

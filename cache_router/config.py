@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from cache_router.app import POLICY_NAMES
-from cache_router.fleet import redact_url
-from cache_router.load_source import LOAD_FORMATS
-from cache_router.registry import normalize_url
+from cache_router.core.policies import POLICY_NAMES
+from cache_router.core.registry import normalize_url
+from cache_router.ops.fleet import redact_url
+from cache_router.ops.load_source import LOAD_FORMATS
 
 __all__ = [
     "CONFIG_ENV",
@@ -119,7 +119,11 @@ class RouterConfig:
 
     # -- workers and the server -----------------------------------------------------------
     worker_urls: tuple[str, ...] = field(
-        metadata=_meta("engine base URLs, e.g. http://10.0.0.1:8000")
+        default=(),
+        metadata=_meta(
+            "engine base URLs, e.g. http://10.0.0.1:8000 (required by load(); a library user "
+            "who brings a WorkerRegistry leaves it empty)"
+        ),
     )
     host: str = field(default="127.0.0.1", metadata=_meta("address to listen on"))
     port: int = field(default=30000, metadata=_meta("port to listen on", low=0, high=65535))
@@ -297,6 +301,13 @@ class RouterConfig:
     )
     disable_circuit_breaker: bool = field(
         default=False, metadata=_meta("no per-worker circuit breakers")
+    )
+    disable_health_check: bool = field(
+        default=False,
+        metadata=_meta(
+            "no active health checks (nor the model discovery they carry): workers stay "
+            "healthy until removed, and only breakers and retries route around failures"
+        ),
     )
     # -- admission ------------------------------------------------------------------------
     max_concurrent_requests: int = field(
@@ -625,8 +636,6 @@ def _value(option: Option, value: Any) -> Any:
 
 
 def _worker_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
-    if not urls:
-        raise _Invalid("needs at least one worker URL")
     try:
         return tuple(dict.fromkeys(normalize_url(url) for url in urls))
     except ValueError as exc:

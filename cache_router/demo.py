@@ -3,7 +3,7 @@
 It answers the one question a user of a cache-aware router has -- "does it matter for my
 traffic?" -- without a GPU: :class:`~cache_router.testing.SimulatedEngine` instances play
 the engines (their latency grows with the *uncached* part of each prompt and with their
-queue), a real router from :func:`~cache_router.app.create_router_app` sits in front of
+queue), a real router from :func:`~cache_router.builder.create_router_app` sits in front of
 them, and a client replays multi-turn conversations that share a few long system prompts,
 the traffic shape where prefix affinity pays. Every server listens on 127.0.0.1 only and
 runs in this process; each policy gets fresh engines so none inherits another's cache.
@@ -30,8 +30,9 @@ from typing import Any
 import anyio
 import httpx
 
-from cache_router.app import POLICY_NAMES, create_router_app, make_policy
-from cache_router.registry import WorkerRegistry
+from cache_router.builder import create_router_app
+from cache_router.core.policies import POLICY_NAMES, make_policy
+from cache_router.core.registry import WorkerRegistry
 
 __all__ = [
     "DEFAULT_POLICIES",

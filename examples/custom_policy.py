@@ -38,13 +38,13 @@ def main(sessions: int = 3, requests_per_session: int = 3) -> dict[str, set[str]
     from starlette.applications import Starlette
 
     from cache_router import WorkerRegistry
-    from cache_router.middleware import CacheRouterMiddleware
+    from cache_router.proxy.middleware import RoutingMiddleware
     from cache_router.testing import SimulatedEngine, serve_app, serve_apps
 
     engines = [SimulatedEngine(name=f"engine-{index}") for index in range(3)]
     reached: dict[str, set[str]] = {}
     with serve_apps(engines) as engine_urls:
-        app = CacheRouterMiddleware(
+        app = RoutingMiddleware(
             Starlette(), WorkerRegistry(engine_urls), SessionAffinityPolicy()
         )
         with (

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from cache_router import CacheAwarePolicy, WorkerRegistry
-from cache_router.middleware import CacheRouterMiddleware
+from cache_router.proxy.middleware import RoutingMiddleware
 
 
 def create_app(engine_urls: Sequence[str]) -> FastAPI:
@@ -41,7 +41,7 @@ def create_app(engine_urls: Sequence[str]) -> FastAPI:
         return {"received": payload.get("text", "")}
 
     app.add_middleware(
-        CacheRouterMiddleware,
+        RoutingMiddleware,
         registry=registry,
         policy=CacheAwarePolicy(),
         transparent_prefixes=["/inference"],

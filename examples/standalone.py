@@ -6,7 +6,7 @@ process. For real engines the whole program is::
 
     import uvicorn
     from cache_router import CacheAwarePolicy, WorkerRegistry
-    from cache_router.app import create_router_app
+    from cache_router.builder import create_router_app
 
     registry = WorkerRegistry(["http://10.0.0.1:30000", "http://10.0.0.2:30000"])
     uvicorn.run(create_router_app(registry, CacheAwarePolicy()), host="0.0.0.0", port=8080)
@@ -25,7 +25,7 @@ import argparse
 import httpx
 
 from cache_router import CacheAwarePolicy, WorkerRegistry
-from cache_router.app import create_router_app
+from cache_router.builder import create_router_app
 from cache_router.testing import SimulatedEngine, serve_app, serve_apps
 
 

@@ -23,13 +23,13 @@ from mock_engine import Behaviour, MockEngine, wait_until
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from cache_router.admin import AdminApp
-from cache_router.auth import bearer_matches, presented_keys
-from cache_router.events import RouterEvents
-from cache_router.load_source import external_load_board
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.policies import CacheAwarePolicy, RoutingRequest
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.events import RouterEvents
+from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.admin import AdminApp
+from cache_router.ops.load_source import external_load_board
+from cache_router.proxy.auth import bearer_matches, presented_keys
+from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.testing import serve_app, serve_apps
 
 pytestmark = pytest.mark.timeout(60)
@@ -502,7 +502,7 @@ async def test_a_failed_readiness_wait_answers_the_same_whatever_the_reason(
     missing = MockEngine(name="missing", behaviour=Behaviour(status=404))
     sick = MockEngine(name="sick", behaviour=Behaviour(status=503))
     closed = closed_port_url()
-    caplog.set_level("WARNING", logger="cache_router.admin")
+    caplog.set_level("WARNING", logger="cache_router.ops.admin")
     with serve_apps([missing, sick]) as (missing_url, sick_url):
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             refused = await client.post("/workers", json={"url": closed, "wait_healthy_secs": 0.3})
@@ -658,7 +658,7 @@ async def test_a_worker_being_added_is_not_added_twice() -> None:
 
 @dataclass
 class LiveRouter:
-    """A CacheRouterMiddleware with the admin API mounted at /router, on a real server."""
+    """A RoutingMiddleware with the admin API mounted at /router, on a real server."""
 
     url: str
     registry: WorkerRegistry
@@ -680,7 +680,7 @@ def live_router(
     registry = registry if registry is not None else WorkerRegistry(worker_urls)
     policy = policy if policy is not None else CacheAwarePolicy(seed=0)
     admin = AdminApp(registry, metrics=metrics)
-    app = CacheRouterMiddleware(
+    app = RoutingMiddleware(
         Starlette(routes=[Mount("/router", app=admin)]), registry, policy, events=events
     )
     # lifespan "on": the router's shutdown closes its upstream pool, as in production.

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cache_router.allowlist import HostAllowList, parse_host, url_host
+from cache_router.ops.allowlist import HostAllowList, parse_host, url_host
 
 LOCALHOST4 = ipaddress.IPv4Address("127.0.0.1")
 

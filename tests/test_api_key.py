@@ -7,14 +7,14 @@ import httpx
 import respx
 from starlette.applications import Starlette
 
-from cache_router import CacheRouterMiddleware, WorkerRegistry
+from cache_router import RoutingMiddleware, WorkerRegistry
 
 ENGINE = "http://engine.test:30000"
 
 
 def _run(headers: dict[str, str]) -> tuple[httpx.Response, list[httpx.Request], WorkerRegistry]:
     registry = WorkerRegistry([ENGINE])
-    router = CacheRouterMiddleware(Starlette(), registry, transport="httpx", api_key="s3cret")
+    router = RoutingMiddleware(Starlette(), registry, transport="httpx", api_key="s3cret")
     seen: list[httpx.Request] = []
 
     def engine(request: httpx.Request) -> httpx.Response:

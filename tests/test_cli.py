@@ -21,9 +21,11 @@ import httpx
 import pytest
 
 from cache_router import CacheAwarePolicy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
-from cache_router.app import POLICY_NAMES, create_router_app, make_policy, readiness
+from cache_router.builder import create_router_app
 from cache_router.cli import build_parser, main
-from cache_router.registry import WorkerRegistry
+from cache_router.core.policies import POLICY_NAMES, make_policy
+from cache_router.core.registry import WorkerRegistry
+from cache_router.ops.probes import readiness
 from cache_router.testing import SimulatedEngine, serve_app
 
 pytestmark = pytest.mark.timeout(60)

@@ -32,9 +32,9 @@ import anyio
 import httpx
 import pytest
 
-from cache_router import CacheAwarePolicy, CacheRouterMiddleware, RoutingRequest, WorkerRegistry
-from cache_router.fleet import FleetState, RedisFleetState, redact_url
-from cache_router.registry import Worker
+from cache_router import CacheAwarePolicy, RoutingMiddleware, RoutingRequest, WorkerRegistry
+from cache_router.core.registry import Worker
+from cache_router.ops.fleet import FleetState, RedisFleetState, redact_url
 from cache_router.testing import SimulatedEngine, serve_apps
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -178,7 +178,7 @@ class Replica:
     registry: WorkerRegistry
     policy: CacheAwarePolicy
     fleet: RedisFleetState | None
-    app: CacheRouterMiddleware
+    app: RoutingMiddleware
 
 
 def replica(urls: Sequence[str], redis_url: str | None, fleet: str, **policy: Any) -> Replica:
@@ -190,7 +190,7 @@ def replica(urls: Sequence[str], redis_url: str | None, fleet: str, **policy: An
         else RedisFleetState(registry, chosen, redis_url, fleet=fleet, **FAST)
     )  # type: ignore[arg-type]
     tasks = [] if state is None else [state]
-    app = CacheRouterMiddleware(SimulatedEngine(), registry, chosen, events=tasks, background=tasks)
+    app = RoutingMiddleware(SimulatedEngine(), registry, chosen, events=tasks, background=tasks)
     return Replica(registry, chosen, state, app)
 
 
@@ -349,7 +349,7 @@ async def test_a_password_protected_redis_is_used_and_a_wrong_password_never_log
         a, b = (replica(urls, server.url, fleet_name) for _ in range(2))
         wrong = replica(urls, server.url.replace("s3cret-pw", "wrong-pw"), fleet_name)
         assert a.fleet is not None and b.fleet is not None and wrong.fleet is not None
-        with caplog.at_level(logging.WARNING, logger="cache_router.fleet"):
+        with caplog.at_level(logging.WARNING, logger="cache_router.ops.fleet"):
             async with anyio.create_task_group() as group:
                 for state in (a.fleet, b.fleet, wrong.fleet):
                     group.start_soon(state.run)
@@ -378,7 +378,7 @@ async def test_a_tls_redis_is_used_and_an_untrusted_certificate_is_an_outage(
         connecting = [server.url, server.url, no_ca, no_ca.replace("rediss:", "redis:")]
         states = [RedisFleetState(WorkerRegistry(urls), CacheAwarePolicy(), url,
                                   fleet=fleet_name, **FAST) for url in connecting]  # fmt: skip
-        with caplog.at_level(logging.WARNING, logger="cache_router.fleet"):
+        with caplog.at_level(logging.WARNING, logger="cache_router.ops.fleet"):
             async with anyio.create_task_group() as group:
                 for state in states:
                     group.start_soon(state.run)
@@ -584,7 +584,7 @@ async def test_worker_processes_each_join_the_fleet_and_leave_on_shutdown(
 async def test_redis_down_or_stalled_changes_nothing_clients_see(
     redis_server: RedisServer, fleet_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="cache_router.fleet")
+    caplog.set_level(logging.WARNING, logger="cache_router.ops.fleet")
     fleet_engines = engines(2, decode_seconds_per_token=0.0005)
     with serve_apps(fleet_engines) as urls:
         replicas = [replica(urls, redis_server.url, fleet_name) for _ in range(2)]

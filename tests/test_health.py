@@ -16,11 +16,11 @@ import pytest
 import respx
 from starlette.applications import Starlette
 
-from cache_router.health import CircuitBreaker, CircuitBreakers, HealthChecker
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.policies import RoundRobinPolicy
-from cache_router.registry import Lease, WorkerRegistry
-from cache_router.retry import RetryConfig
+from cache_router.core.policies import RoundRobinPolicy
+from cache_router.core.registry import Lease, WorkerRegistry
+from cache_router.core.retry import RetryConfig
+from cache_router.ops.health import CircuitBreaker, CircuitBreakers, HealthChecker
+from cache_router.proxy.middleware import RoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
@@ -289,14 +289,14 @@ async def test_transitions_are_logged_at_warning(
     registry = WorkerRegistry([A])
     route = mock.get(f"{A}/health").mock(return_value=DOWN)
     checker = HealthChecker(registry, failure_threshold=1, success_threshold=1)
-    caplog.set_level(logging.WARNING, logger="cache_router.health")
+    caplog.set_level(logging.WARNING, logger="cache_router.ops.health")
     try:
         await rounds(checker, 2)  # one transition, not one line per failed check
         route.mock(return_value=OK)
         await rounds(checker, 2)
     finally:
         await checker.aclose()
-    messages = [r.getMessage() for r in caplog.records if r.name == "cache_router.health"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "cache_router.ops.health"]
     assert len(messages) == 2
     assert "unhealthy" in messages[0] and A in messages[0] and "status 503" in messages[0]
     assert "healthy again" in messages[1]
@@ -343,7 +343,7 @@ async def test_runs_with_the_middleware_lifespan(mock: respx.MockRouter) -> None
     registry = WorkerRegistry([A])
     mock.get(f"{A}/health").mock(return_value=DOWN)
     checker = HealthChecker(registry, interval=0.01, failure_threshold=1)
-    middleware = CacheRouterMiddleware(
+    middleware = RoutingMiddleware(
         Starlette(), registry, transport="httpx", background=[checker]
     )
     to_app, app_inbox = anyio.create_memory_object_stream[dict[str, str]](4)
@@ -549,7 +549,7 @@ def test_unhealthy_or_open_workers_are_not_candidates() -> None:
 
 
 def router_for(registry: WorkerRegistry, **options: object) -> httpx.AsyncClient:
-    middleware = CacheRouterMiddleware(
+    middleware = RoutingMiddleware(
         Starlette(),
         registry,
         RoundRobinPolicy(),

@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("httptools")
 
-from cache_router.http1 import HIGH_WATER, MAX_HEADER_BYTES, Http1Client
-from cache_router.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
+from cache_router.proxy.http1 import HIGH_WATER, MAX_HEADER_BYTES, Http1Client
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -345,7 +345,7 @@ def test_idle_connections_expire_before_uvicorns_keep_alive_closes_them() -> Non
     """SGLang and vLLM serve with uvicorn, at its default keep-alive unless told otherwise."""
     import uvicorn
 
-    from cache_router.proxy import DEFAULT_LIMITS
+    from cache_router.proxy.relay import DEFAULT_LIMITS
 
     assert DEFAULT_LIMITS.keepalive_expiry is not None
     assert DEFAULT_LIMITS.keepalive_expiry < uvicorn.Config(app=None).timeout_keep_alive
@@ -602,7 +602,7 @@ async def test_the_middleware_default_is_this_client_on_asyncio() -> None:
             async with httpx.AsyncClient(transport=transport, base_url="http://r") as asgi:
                 answer = await asgi.post("/v1/completions", json={"prompt": "hi"})
             assert (answer.status_code, answer.text) == (200, "ok")
-            assert router.upstream.transport_name == "http1"
+            assert router.routing.upstream.transport_name == "http1"
         finally:
             await router.aclose()
 

@@ -1,4 +1,4 @@
-"""cache_router.http1 against a reference: h11 reads the same engine answers.
+"""cache_router.proxy.http1 against a reference: h11 reads the same engine answers.
 
 Hypothesis generates answers, valid and broken (status lines, header bytes, framing,
 chunk sizes, 1xx, HEAD/204/304 bodies, early close), as the bytes an engine writes. The
@@ -30,8 +30,8 @@ h11 = pytest.importorskip("h11")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cache_router import http1  # noqa: E402
-from cache_router.upstream import UpstreamError  # noqa: E402
+from cache_router.proxy import http1  # noqa: E402
+from cache_router.proxy.clients import UpstreamError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 

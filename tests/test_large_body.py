@@ -15,11 +15,11 @@ import pytest
 from mock_engine import MockEngine
 
 from cache_router.cli import _router_app, build_parser
-from cache_router.middleware import LARGE_BODY, CacheRouterMiddleware
-from cache_router.policies import CacheAwarePolicy, RoutingRequest
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.core.tree import encode_tokens
+from cache_router.proxy.middleware import LARGE_BODY, RoutingMiddleware
 from cache_router.testing import serve_app
-from cache_router.tree import encode_tokens
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,7 +59,7 @@ def test_large_body_over_sockets_is_keyed_from_its_head_and_forwarded_whole(path
     with serve_app(engine) as engine_url:
         registry = WorkerRegistry([engine_url])
         policy = Recording()
-        router = CacheRouterMiddleware(
+        router = RoutingMiddleware(
             engine, registry, policy, transport="auto", max_routing_key_length=64
         )
         with serve_app(router) as router_url:
@@ -80,7 +80,7 @@ def test_large_malformed_body_over_sockets_is_400_and_never_forwarded() -> None:
     body = b'{"prompt":[' + b"1," * (LARGE_BODY * 2) + b"1]"  # the object is never closed
     with serve_app(engine) as engine_url:
         registry = WorkerRegistry([engine_url])
-        router = CacheRouterMiddleware(engine, registry, Recording(), transport="auto")
+        router = RoutingMiddleware(engine, registry, Recording(), transport="auto")
         with serve_app(router) as router_url:
             answer = _exchange(router_url, "/v1/completions", body)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]

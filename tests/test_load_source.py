@@ -17,9 +17,9 @@ import httpx
 import pytest
 import respx
 
-from cache_router import CacheRouterMiddleware, RoundRobinPolicy, WorkerRegistry
+from cache_router import RoundRobinPolicy, RoutingMiddleware, WorkerRegistry
 from cache_router.cli import _router_app, build_parser
-from cache_router.load_source import (
+from cache_router.ops.load_source import (
     EngineLoadPoller,
     ExternalLoadBoard,
     external_load_board,
@@ -308,8 +308,8 @@ def test_sources_combine_by_maximum_never_sum() -> None:
 
 
 async def test_metrics_show_external_load_and_its_source() -> None:
-    from cache_router.load_source import register_load_metrics
-    from cache_router.metrics import PrometheusMetrics
+    from cache_router.ops.load_source import register_load_metrics
+    from cache_router.ops.metrics import PrometheusMetrics
 
     registry = WorkerRegistry([A, B])
     metrics = PrometheusMetrics(registry)
@@ -384,7 +384,7 @@ async def test_real_engines_report_what_other_clients_hold() -> None:
     ]
     with serve_apps(engines) as urls:
         registry = WorkerRegistry(urls)
-        router = CacheRouterMiddleware(
+        router = RoutingMiddleware(
             SimulatedEngine(), registry, RoundRobinPolicy(), transport="httpx"
         )
         poller = EngineLoadPoller(registry, interval=0.05)  # aiohttp: the default here

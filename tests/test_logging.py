@@ -10,14 +10,14 @@ import pytest
 import respx
 from starlette.applications import Starlette
 
-from cache_router import CacheRouterMiddleware, WorkerRegistry
+from cache_router import RoutingMiddleware, WorkerRegistry
 
 ENGINE = "http://engine.test:30000"
 
 
 def _one_request() -> None:
     registry = WorkerRegistry([ENGINE])
-    router = CacheRouterMiddleware(Starlette(), registry, transport="httpx")
+    router = RoutingMiddleware(Starlette(), registry, transport="httpx")
 
     async def main() -> None:
         with respx.mock() as mock:

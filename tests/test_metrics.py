@@ -18,11 +18,11 @@ from mock_engine import MockEngine, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_admin import KEY, chat, closed_port_url, live_router, read_stream
 
-from cache_router.admin import AdminApp, worker_info
-from cache_router.health import CircuitBreaker
-from cache_router.metrics import DURATION_BUCKETS, PrometheusMetrics
-from cache_router.policies import CacheAwarePolicy, RoundRobinPolicy, RoutingRequest
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.policies import CacheAwarePolicy, RoundRobinPolicy, RoutingRequest
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.admin import AdminApp, worker_info
+from cache_router.ops.health import CircuitBreaker
+from cache_router.ops.metrics import DURATION_BUCKETS, PrometheusMetrics
 from cache_router.testing import serve_apps
 
 pytestmark = pytest.mark.timeout(60)

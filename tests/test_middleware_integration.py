@@ -1,4 +1,4 @@
-"""CacheRouterMiddleware over real sockets: uvicorn engines, a uvicorn router, real streams.
+"""RoutingMiddleware over real sockets: uvicorn engines, a uvicorn router, real streams.
 
 Every server runs on 127.0.0.1 in a background thread (``cache_router.testing.serve_app``);
 the client runs in the test's own event loop. Engines are ``MockEngine`` instances whose
@@ -37,11 +37,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.policies import CacheAwarePolicy, Policy, RoutingRequest
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.policies import CacheAwarePolicy, Policy, RoutingRequest
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
+from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.testing import serve_app, serve_apps
-from cache_router.types import ASGIApp, Receive, Scope, Send
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -67,7 +67,7 @@ class Fleet:
 
     engines: list[MockEngine]
     registry: WorkerRegistry
-    middleware: CacheRouterMiddleware
+    middleware: RoutingMiddleware
     url: str
     releases: list[str] = field(default_factory=list)
 
@@ -113,7 +113,7 @@ def running_fleet(
     with ExitStack() as stack:
         urls = stack.enter_context(serve_apps(apps))
         registry = WorkerRegistry([*urls, *extra_urls])
-        middleware = CacheRouterMiddleware(_wrapped_app(), registry, policy, **options)
+        middleware = RoutingMiddleware(_wrapped_app(), registry, policy, **options)
         releases: list[str] = []
         registry.on_release(lambda lease: releases.append(lease.worker.url))
         # lifespan "on": the router's shutdown closes its upstream pool, as in production.
@@ -586,7 +586,7 @@ async def test_engine_cookies_are_never_replayed_to_other_clients(transport: str
     with serve_apps([engine]) as urls:
         # A host name, not an IP: cookie jars only keep cookies for domains.
         worker = urls[0].replace("127.0.0.1", "localhost")
-        middleware = CacheRouterMiddleware(
+        middleware = RoutingMiddleware(
             _wrapped_app(),
             WorkerRegistry([worker]),
             transparent_prefixes=["/inference"],
@@ -666,7 +666,7 @@ async def test_mounted_in_fastapi_the_app_keeps_its_routes() -> None:
             return {"owner": "app"}
 
         app.add_middleware(
-            CacheRouterMiddleware,
+            RoutingMiddleware,
             registry=registry,
             policy=policy,
             transparent_prefixes=["/inference"],
@@ -1007,7 +1007,7 @@ async def test_mounted_with_starlette_middleware_list() -> None:
             routes=[Route("/", home)],
             middleware=[
                 Middleware(
-                    CacheRouterMiddleware, registry=registry, transparent_prefixes=["/inference"]
+                    RoutingMiddleware, registry=registry, transparent_prefixes=["/inference"]
                 )
             ],
         )

@@ -1,4 +1,4 @@
-"""CacheRouterMiddleware against mocked engines (respx): validation, routing, headers, paths.
+"""RoutingMiddleware against mocked engines (respx): validation, routing, headers, paths.
 
 The middleware runs in-process as an ASGI app. Requests go in either through
 ``httpx.ASGITransport`` or, where exact control of the scope matters (methods, raw paths,
@@ -20,15 +20,15 @@ import httpx
 import pytest
 import respx
 
-from cache_router import middleware as middleware_module
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.policies import CacheAwarePolicy, RoutingRequest
-from cache_router.proxy import UpstreamAborted
-from cache_router.registry import Lease, Worker, WorkerRegistry
-from cache_router.retry import RetryConfig
-from cache_router.routing_key import parse_routing_fields
-from cache_router.tree import encode_tokens
-from cache_router.types import Message, Receive, Scope, Send
+from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
+from cache_router.core.registry import Lease, Worker, WorkerRegistry
+from cache_router.core.retry import RetryConfig
+from cache_router.core.routing_key import parse_routing_fields
+from cache_router.core.tree import encode_tokens
+from cache_router.proxy import middleware as middleware_module
+from cache_router.proxy.asgi import Message, Receive, Scope, Send
+from cache_router.proxy.middleware import RoutingMiddleware
+from cache_router.proxy.relay import UpstreamAborted
 
 pytestmark = pytest.mark.anyio
 
@@ -92,7 +92,7 @@ class WrappedApp:
 
 @dataclass
 class Router:
-    middleware: CacheRouterMiddleware
+    middleware: RoutingMiddleware
     registry: WorkerRegistry
     policy: RecordingPolicy
     app: WrappedApp
@@ -129,7 +129,7 @@ def make_router(
     app = WrappedApp()
     options.setdefault("transparent_prefixes", ["/inference"])
     options.setdefault("transport", "httpx")
-    middleware = CacheRouterMiddleware(app, registry, policy, **options)
+    middleware = RoutingMiddleware(app, registry, policy, **options)
     router = Router(middleware, registry, policy, app)
     registry.on_release(router.releases.append)
     return router
@@ -568,12 +568,12 @@ async def test_invalid_content_length_is_400(
 def test_constructor_rejects_bad_options() -> None:
     registry = WorkerRegistry([ENGINE_A])
     with pytest.raises(ValueError):
-        CacheRouterMiddleware(WrappedApp(), registry, max_body_size=0)
+        RoutingMiddleware(WrappedApp(), registry, max_body_size=0)
     with pytest.raises(ValueError):
-        CacheRouterMiddleware(WrappedApp(), registry, max_routing_key_length=0)
+        RoutingMiddleware(WrappedApp(), registry, max_routing_key_length=0)
     for prefix in ("inference", "/", "/a/../b", "/a\\b"):
         with pytest.raises(ValueError):
-            CacheRouterMiddleware(WrappedApp(), registry, transparent_prefixes=[prefix])
+            RoutingMiddleware(WrappedApp(), registry, transparent_prefixes=[prefix])
 
 
 # -- the routing key's length and large bodies --------------------------------------------
@@ -1068,7 +1068,7 @@ def test_upstream_headers_that_no_request_may_carry_are_refused_at_start_up(
     headers: dict[str, str],
 ) -> None:
     with pytest.raises(ValueError, match="upstream header"):
-        CacheRouterMiddleware(None, WorkerRegistry([ENGINE_A]), upstream_headers=headers)  # type: ignore[arg-type]
+        RoutingMiddleware(None, WorkerRegistry([ENGINE_A]), upstream_headers=headers)  # type: ignore[arg-type]
 
 
 # -- paths -------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ import pytest
 from mock_engine import wait_until
 from test_cli import serve_process
 
-from cache_router.admin import AdminApp
-from cache_router.app import create_router_app
-from cache_router.health import HealthChecker
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.models import (
+from cache_router.builder import create_router_app
+from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.admin import AdminApp
+from cache_router.ops.health import HealthChecker
+from cache_router.ops.models import (
     MAX_MODEL_ID_LENGTH,
     MAX_MODELS,
     MAX_MODELS_ANSWER,
@@ -32,10 +33,9 @@ from cache_router.models import (
     ModelDiscovery,
     fetch_models,
 )
-from cache_router.policies import CacheAwarePolicy, RoutingRequest
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.proxy.asgi import Receive, Scope, Send
+from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.testing import SimulatedEngine, serve_apps
-from cache_router.types import Receive, Scope, Send
 
 A = "http://engine-a.test:8000"
 B = "http://engine-b.test:8000"
@@ -201,7 +201,7 @@ async def test_a_failure_is_logged_once_and_keeps_the_last_known_models(
     worker = registry.add(A)
     discovery = ModelDiscovery(registry)
     engines = Engines({})
-    caplog.set_level(logging.WARNING, logger="cache_router.models")
+    caplog.set_level(logging.WARNING, logger="cache_router.ops.models")
     async with engines.client() as client:
         for _ in range(3):
             await discovery.discover(client, worker)
@@ -349,14 +349,14 @@ class CountingPolicy(CacheAwarePolicy):
         return super().select(request, candidates)
 
 
-def _middleware(**options: Any) -> tuple[CacheRouterMiddleware, WorkerRegistry, CountingPolicy]:
+def _middleware(**options: Any) -> tuple[RoutingMiddleware, WorkerRegistry, CountingPolicy]:
     registry = WorkerRegistry()
     registry.set_models(registry.add(A), ["llama"])
     registry.add(B, model="qwen")
     policy = CountingPolicy(seed=0)
     options.setdefault("transport", "httpx")
     options.setdefault("transparent_prefixes", ["/inference"])
-    return CacheRouterMiddleware(_wrapped, registry, policy, **options), registry, policy
+    return RoutingMiddleware(_wrapped, registry, policy, **options), registry, policy
 
 
 async def _wrapped(scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from cache_router.errors import NoAvailableWorker
-from cache_router.policies import (
+from cache_router.core.errors import NoAvailableWorker
+from cache_router.core.policies import (
     BindsRegistry,
     CacheAwarePolicy,
     Policy,
@@ -18,9 +18,9 @@ from cache_router.policies import (
     RoutingRequest,
     least_loaded,
 )
-from cache_router.policies.cache_aware import REANNOUNCE_EVERY, SPILL_MIN_MARGIN
-from cache_router.registry import Lease, Worker, WorkerRegistry
-from cache_router.tree import PrefixMatch, encode_tokens
+from cache_router.core.policies.cache_aware import REANNOUNCE_EVERY, SPILL_MIN_MARGIN
+from cache_router.core.registry import Lease, Worker, WorkerRegistry
+from cache_router.core.tree import PrefixMatch, encode_tokens
 
 
 class FakeClock:

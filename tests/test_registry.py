@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from cache_router.registry import Lease, Worker, WorkerRegistry, normalize_url
+from cache_router.core.registry import Lease, Worker, WorkerRegistry, normalize_url
 
 BACKENDS = ["asyncio", "trio"]
 

@@ -31,12 +31,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from cache_router.events import RouterEvents
-from cache_router.health import CircuitBreakers, HealthChecker
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.policies import RoundRobinPolicy, RoutingRequest
-from cache_router.registry import Lease, Worker, WorkerRegistry
-from cache_router.retry import RetryConfig
+from cache_router.core.events import RouterEvents
+from cache_router.core.policies import RoundRobinPolicy, RoutingRequest
+from cache_router.core.registry import Lease, Worker, WorkerRegistry
+from cache_router.core.retry import RetryConfig
+from cache_router.ops.health import CircuitBreakers, HealthChecker
+from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.testing import BackgroundServer, serve_app, serve_apps
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -76,7 +76,7 @@ class Router:
 
     url: str
     registry: WorkerRegistry
-    middleware: CacheRouterMiddleware
+    middleware: RoutingMiddleware
     releases: list[Lease] = field(default_factory=list)
 
     def worker(self, url: str) -> Worker:
@@ -125,7 +125,7 @@ def router(
     if breakers is not None:
         options["events"] = [*options.get("events", ()), CircuitBreakers(registry, **breakers)]
     inner = Starlette(routes=[Route("/ping", _ping)])
-    middleware = CacheRouterMiddleware(inner, registry, **options)
+    middleware = RoutingMiddleware(inner, registry, **options)
     served = Router("", registry, middleware)
     registry.on_release(served.releases.append)
     with serve_app(middleware, lifespan="on") as url:

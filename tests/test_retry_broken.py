@@ -7,7 +7,7 @@ import httpx
 import respx
 from starlette.applications import Starlette
 
-from cache_router import CacheRouterMiddleware, RoundRobinPolicy, WorkerRegistry
+from cache_router import RoundRobinPolicy, RoutingMiddleware, WorkerRegistry
 
 A = "http://engine-a.test:30000"
 B = "http://engine-b.test:30000"
@@ -15,7 +15,7 @@ B = "http://engine-b.test:30000"
 
 def _run(first_error: Exception) -> tuple[httpx.Response, list[str], WorkerRegistry]:
     registry = WorkerRegistry([A, B])
-    router = CacheRouterMiddleware(
+    router = RoutingMiddleware(
         Starlette(), registry, policy=RoundRobinPolicy(), transport="httpx"
     )
     hosts: list[str] = []

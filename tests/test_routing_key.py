@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_router import routing_key
-from cache_router.routing_key import (
+from cache_router.core import routing_key
+from cache_router.core.routing_key import (
     BOUNDED_EXTRACTORS,
     DEFAULT_TYPED_ROUTES,
     MAX_KEY_ITEMS,
@@ -26,7 +26,7 @@ from cache_router.routing_key import (
     parse_json_object,
     parse_routing_fields,
 )
-from cache_router.tree import encode_tokens
+from cache_router.core.tree import encode_tokens
 
 
 def typed(path: str, body: dict[str, Any]) -> tuple[str, bool]:

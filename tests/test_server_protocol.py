@@ -1,6 +1,6 @@
-"""The server protocol ``serve`` runs (``cache_router.server_protocol``), over raw sockets.
+"""The server protocol ``serve`` runs (``cache_router.proxy.server_protocol``), over raw sockets.
 
-A router (``CacheRouterMiddleware``) is served by a real uvicorn on 127.0.0.1 in front of a
+A router (``RoutingMiddleware``) is served by a real uvicorn on 127.0.0.1 in front of a
 ``MockEngine`` that records the headers it got. Requests are written byte for byte on raw
 sockets, so the chunked trailers and the half-sent heads are exactly what a hostile client
 sends: in the same write as the head and body, and in a write of their own later on.
@@ -22,9 +22,9 @@ from starlette.applications import Starlette
 from test_cli import serve_process
 
 from cache_router.cli import _server_options, build_parser
-from cache_router.middleware import CacheRouterMiddleware
-from cache_router.registry import WorkerRegistry
-from cache_router.server_protocol import DEFAULT_HEADER_READ_TIMEOUT, RouterHttpProtocol
+from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.middleware import RoutingMiddleware
+from cache_router.proxy.server_protocol import DEFAULT_HEADER_READ_TIMEOUT, RouterHttpProtocol
 from cache_router.testing import serve_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -41,7 +41,7 @@ def router(http: Any, **config: Any) -> Iterator[tuple[str, MockEngine]]:
     engine = MockEngine(name="echo")
     with ExitStack() as stack:
         engine_url = stack.enter_context(serve_app(engine))
-        middleware = CacheRouterMiddleware(Starlette(), WorkerRegistry([engine_url]))
+        middleware = RoutingMiddleware(Starlette(), WorkerRegistry([engine_url]))
         url = stack.enter_context(serve_app(middleware, lifespan="on", http=http, **config))
         stack.callback(engine.release)
         yield url, engine

@@ -16,7 +16,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from cache_router.tree import MAX_TOKEN_ID, PrefixMatch, RadixTree, encode_tokens
+from cache_router.core.tree import MAX_TOKEN_ID, PrefixMatch, RadixTree, encode_tokens
 
 
 class FakeClock:

@@ -13,9 +13,9 @@ import weakref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_router.policies import CacheAwarePolicy, RoutingRequest
-from cache_router.registry import WorkerRegistry
-from cache_router.tree import RadixForest, RadixTree
+from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
+from cache_router.core.registry import WorkerRegistry
+from cache_router.core.tree import RadixForest, RadixTree
 
 
 class FakeClock:

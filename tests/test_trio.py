@@ -8,7 +8,7 @@ import pytest
 import respx
 from starlette.applications import Starlette
 
-from cache_router import CacheRouterMiddleware, WorkerRegistry
+from cache_router import RoutingMiddleware, WorkerRegistry
 
 ENGINE = "http://engine.test:30000"
 
@@ -17,7 +17,7 @@ ENGINE = "http://engine.test:30000"
 def test_routes_and_releases_on_each_backend(backend: str, transport: str) -> None:
     # respx mocks httpx's own transport; "auto" on trio must pick it by itself.
     registry = WorkerRegistry([ENGINE])
-    router = CacheRouterMiddleware(Starlette(), registry, transport=transport)  # type: ignore[arg-type]
+    router = RoutingMiddleware(Starlette(), registry, transport=transport)  # type: ignore[arg-type]
     seen_loads: list[int] = []
 
     def engine(request: httpx.Request) -> httpx.Response:
@@ -47,7 +47,7 @@ def test_routes_and_releases_on_each_backend(backend: str, transport: str) -> No
 @pytest.mark.parametrize("asyncio_only", ["aiohttp", "http1"])
 def test_asyncio_only_transports_refused_on_trio(asyncio_only: str) -> None:
     registry = WorkerRegistry([ENGINE])
-    router = CacheRouterMiddleware(Starlette(), registry, transport=asyncio_only)  # type: ignore[arg-type]
+    router = RoutingMiddleware(Starlette(), registry, transport=asyncio_only)  # type: ignore[arg-type]
 
     async def main() -> int:
         transport = httpx.ASGITransport(app=router)

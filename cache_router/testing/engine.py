@@ -34,8 +34,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from cache_router.errors import error_body
-from cache_router.tree import RadixTree, encode_tokens
+from cache_router.core.errors import error_body
+from cache_router.core.tree import RadixTree, encode_tokens
 
 __all__ = ["EngineStats", "SimulatedEngine"]
 

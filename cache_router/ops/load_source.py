@@ -9,7 +9,7 @@ not send; every policy balances on ``load + external_load``. Leases never touch
 of any source failing is the router's own counts: exactly the behaviour without it.
 
 Two sources exist: :class:`EngineLoadPoller` here (ask each engine how busy it is) and
-:class:`cache_router.fleet.RedisFleetState` (replicas publish their in-flight counts). Both
+:class:`cache_router.ops.fleet.RedisFleetState` (replicas publish their in-flight counts). Both
 write through the registry's :class:`ExternalLoadBoard`, which keeps one estimate per
 source and worker and sets ``external_load`` to the **largest** of them, never their sum:
 the engine's own count already includes the other replicas' requests, so adding the two
@@ -43,14 +43,14 @@ import anyio
 import anyio.abc
 import httpx
 
-from cache_router._loop import on_asyncio
-from cache_router.periodic import every
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core._loop import on_asyncio
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.periodic import every
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from cache_router.metrics import PrometheusMetrics
+    from cache_router.ops.metrics import PrometheusMetrics
 
 __all__ = [
     "LOAD_FORMATS",
@@ -64,7 +64,7 @@ __all__ = [
     "parse_vllm_metrics",
 ]
 
-logger = logging.getLogger("cache_router.load_source")
+logger = logging.getLogger("cache_router.ops.load_source")
 
 LoadFormat = Literal["sglang", "vllm"]
 #: Turns the body of a 2xx answer into the engine's load (raises ValueError if it cannot).

@@ -21,7 +21,7 @@ requests at the limit).
 uvicorn's h11 protocol keeps trailers apart on its own (they arrive in h11's
 ``EndOfMessage`` event, which uvicorn reads only as "body complete"), but enforces no
 header-read timeout either. Under your own uvicorn, pass this class:
-``uvicorn app:app --http cache_router.server_protocol:RouterHttpProtocol``.
+``uvicorn app:app --http cache_router.proxy.server_protocol:RouterHttpProtocol``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from cache_router.proxy import send_json_error
+from cache_router.proxy.relay import send_json_error
 
 __all__ = ["DEFAULT_HEADER_READ_TIMEOUT", "RouterHttpProtocol"]
 

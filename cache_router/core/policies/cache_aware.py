@@ -25,10 +25,10 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from cache_router.errors import NoAvailableWorker
-from cache_router.policies.base import RoutingRequest, least_loaded
-from cache_router.registry import Worker, WorkerRegistry
-from cache_router.tree import RadixForest, RadixTree
+from cache_router.core.errors import NoAvailableWorker
+from cache_router.core.policies.base import RoutingRequest, least_loaded
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.core.tree import RadixForest, RadixTree
 
 __all__ = ["SPILL_MIN_MARGIN", "CacheAwarePolicy"]
 

@@ -5,7 +5,7 @@ fields in a fixed order. Two rules matter more than the rest:
 
 * The key must start with the prompt. Routing on a serialized whole body (as one peer
   router does) makes every request "share a prefix" of field names.
-* Token ids are keyed as tokens (:func:`cache_router.tree.encode_tokens`), never as their
+* Token ids are keyed as tokens (:func:`cache_router.core.tree.encode_tokens`), never as their
   length or a lossy decimal join.
 
 Parsing uses ``orjson`` when it is installed (several times faster on long prompts) and the
@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from cache_router.tree import encode_tokens
+from cache_router.core.tree import encode_tokens
 
 try:  # pragma: no cover - depends on the environment
     from orjson import JSONDecodeError as _JSONError

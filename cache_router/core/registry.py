@@ -7,7 +7,7 @@ request that never decremented. Here ``Worker.load`` is read-only; it moves only
 gives the unit back exactly once however many times it is called.
 
 The registry also knows which models each worker serves -- the model it was given, or the
-models discovered from the engine (see :mod:`cache_router.models`; the registry itself
+models discovered from the engine (see :mod:`cache_router.ops.models`; the registry itself
 makes no requests) -- so a request for a model no worker serves is refused with one
 dictionary lookup, before it can reach a policy or take load.
 """

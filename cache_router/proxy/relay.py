@@ -5,7 +5,7 @@ the response body ends for whatever reason -- last byte sent, client gone, engin
 timeout, cancellation -- and the lease's own idempotence makes "exactly once" hold even if
 an outer safety net releases it again.
 
-The HTTP client underneath is a choice (:mod:`cache_router.upstream`). The default ("auto")
+The HTTP client underneath is a choice (:mod:`cache_router.proxy.clients`). The default ("auto")
 is aiohttp when it is installed and the loop is asyncio: measured at about a fifth of the
 router CPU per request of httpx's default pool, which scans every pooled connection per
 request, and well under the cost of httpx over an aiohttp transport. On trio, without
@@ -26,12 +26,12 @@ from typing import Literal
 import anyio
 import httpx
 
-from cache_router._loop import on_asyncio
-from cache_router.errors import error_body
-from cache_router.events import RouterEvents
-from cache_router.registry import Lease
-from cache_router.types import Headers, Receive, Send
-from cache_router.upstream import (
+from cache_router.core._loop import on_asyncio
+from cache_router.core.errors import error_body
+from cache_router.core.events import RouterEvents
+from cache_router.core.registry import Lease
+from cache_router.proxy.asgi import Headers, Receive, Send
+from cache_router.proxy.clients import (
     AiohttpClient,
     HttpxClient,
     UpstreamClient,
@@ -238,7 +238,7 @@ class Upstream:
         if choice == "aiohttp":
             return self._aiohttp_client(required=True)
         try:
-            from cache_router.http1 import Http1Client
+            from cache_router.proxy.http1 import Http1Client
         except ImportError:
             if choice == "http1":
                 raise RuntimeError(

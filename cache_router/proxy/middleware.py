@@ -1,4 +1,4 @@
-"""``CacheRouterMiddleware``: the ASGI entry point that turns an app into an LLM router.
+"""``RoutingMiddleware``: the ASGI entry point that turns an app into an LLM router.
 
 Every request it intercepts goes through the same steps, in this order, whichever route
 matched (typed or transparent):
@@ -30,12 +30,25 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from cache_router.admission import Admission
-from cache_router.auth import bearer_matches
-from cache_router.errors import NoAvailableWorker, RouterError, UnknownModel
-from cache_router.events import EventFanout, RouterEvents
-from cache_router.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
-from cache_router.proxy import (
+from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel
+from cache_router.core.events import EventFanout, RouterEvents
+from cache_router.core.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.core.retry import RetryConfig
+from cache_router.core.routing_key import (
+    BOUNDED_EXTRACTORS,
+    DEFAULT_TYPED_ROUTES,
+    BodyError,
+    KeyExtractor,
+    RoutingKey,
+    generic_key,
+    parse_json_object,
+    parse_routing_fields,
+)
+from cache_router.proxy.admission import Admission
+from cache_router.proxy.asgi import ASGIApp, Headers, Message, Receive, Scope, Send
+from cache_router.proxy.auth import bearer_matches
+from cache_router.proxy.relay import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
@@ -49,26 +62,13 @@ from cache_router.proxy import (
     send_json,
     send_json_error,
 )
-from cache_router.registry import Worker, WorkerRegistry
-from cache_router.retry import RetryConfig
-from cache_router.routing_key import (
-    BOUNDED_EXTRACTORS,
-    DEFAULT_TYPED_ROUTES,
-    BodyError,
-    KeyExtractor,
-    RoutingKey,
-    generic_key,
-    parse_json_object,
-    parse_routing_fields,
-)
-from cache_router.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_ROUTING_KEY_LENGTH",
     "LARGE_BODY",
     "TRANSPARENT_METHODS",
-    "CacheRouterMiddleware",
+    "RoutingMiddleware",
 ]
 
 logger = logging.getLogger("cache_router")
@@ -179,7 +179,7 @@ def _forbidden_path(path: str) -> str | None:
     return None
 
 
-class CacheRouterMiddleware:
+class RoutingMiddleware:
     """Route LLM requests across ``registry``'s workers with ``policy``.
 
     Parameters:
@@ -189,12 +189,12 @@ class CacheRouterMiddleware:
         transparent_prefixes: path prefixes forwarded as they are (any allowed method),
             e.g. ``["/inference"]``; matched on whole segments.
         typed_routes: exact POST paths and their key extractors; defaults to the OpenAI and
-            SGLang inference endpoints (:data:`cache_router.routing_key.DEFAULT_TYPED_ROUTES`).
+            SGLang inference endpoints (:data:`cache_router.core.routing_key.DEFAULT_TYPED_ROUTES`).
         max_body_size: larger bodies get 413 before any routing.
         timeout: httpx timeouts per phase (connect, read between chunks, write, pool).
         total_timeout: limit on a whole exchange, streaming included; None for no limit.
         transport: ``"auto"``, ``"http1"``, ``"aiohttp"``, ``"httpx"`` or an httpx
-            transport instance (see :class:`cache_router.proxy.Upstream`).
+            transport instance (see :class:`cache_router.proxy.relay.Upstream`).
         upstream_headers: headers set on every upstream request, replacing the client's
             (e.g. ``{"authorization": "Bearer <engine key>"}``).
         drop_request_headers: further client header names never sent upstream.

@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import httpx
 
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.registry import Worker, WorkerRegistry
 
 __all__ = [
     "MAX_MODELS",
@@ -37,7 +37,7 @@ __all__ = [
     "fetch_models",
 ]
 
-logger = logging.getLogger("cache_router.models")
+logger = logging.getLogger("cache_router.ops.models")
 
 #: Largest engine answer read while discovering models, in bytes.
 MAX_MODELS_ANSWER = 1024 * 1024

@@ -45,7 +45,7 @@ from urllib.parse import quote
 
 import httptools
 
-from cache_router.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
 
 __all__ = ["Http1Client"]
 

@@ -29,17 +29,17 @@ with ``GET {url}{startup_health_path}`` until it answers 200, and is registered 
 status) goes to the log, so the API cannot be used to tell closed ports from open ones.
 
 Every URL added is first checked against an allow-list of hosts
-(:mod:`cache_router.allowlist`): the hosts of the registry's workers when the app is built,
+(:mod:`cache_router.ops.allowlist`): the hosts of the registry's workers when the app is built,
 plus ``worker_allow``. Anything else gets 403 before the router sends it a single byte,
 since an added worker gets health probes and traffic carrying the engine API key. Protect
 the API with ``api_key`` too wherever its clients are not trusted.
 
 A worker added without a model is asked which models it serves before it is registered,
-when the app has a ``discovery`` (:class:`~cache_router.models.ModelDiscovery`), so its
+when the app has a ``discovery`` (:class:`~cache_router.ops.models.ModelDiscovery`), so its
 first requests are already checked against them.
 Every error is an OpenAI-shaped JSON body; with ``api_key`` set, every route (including
 unknown paths and ``/metrics``) answers 401 unless the request carries the key (see
-:mod:`cache_router.auth`).
+:mod:`cache_router.proxy.auth`).
 
 Mounting contract: routes are matched on ``scope["path"]`` with ``scope["root_path"]``
 stripped from its front, the ASGI convention Starlette's ``Mount("/router", app=admin)``
@@ -65,22 +65,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cache_router.allowlist import HostAllowList, url_host
-from cache_router.auth import bearer_matches
-from cache_router.errors import error_body
-from cache_router.load_source import LOCAL, load_source
-from cache_router.metrics import circuit_state
-from cache_router.proxy import send_json_error
-from cache_router.registry import Lease, Worker, WorkerRegistry, normalize_url
-from cache_router.types import Receive, Scope, Send
+from cache_router.core.errors import error_body
+from cache_router.core.registry import Lease, Worker, WorkerRegistry, normalize_url
+from cache_router.ops.allowlist import HostAllowList, url_host
+from cache_router.ops.load_source import LOCAL, load_source
+from cache_router.ops.metrics import circuit_state
+from cache_router.proxy.asgi import Receive, Scope, Send
+from cache_router.proxy.auth import bearer_matches
+from cache_router.proxy.relay import send_json_error
 
 if TYPE_CHECKING:
-    from cache_router.metrics import PrometheusMetrics
-    from cache_router.models import ModelDiscovery
+    from cache_router.ops.metrics import PrometheusMetrics
+    from cache_router.ops.models import ModelDiscovery
 
 __all__ = ["MAX_ADMIN_BODY", "AdminApp", "AdminError", "worker_info"]
 
-logger = logging.getLogger("cache_router.admin")
+logger = logging.getLogger("cache_router.ops.admin")
 
 #: Largest admin request body accepted; the API takes a few small JSON fields.
 MAX_ADMIN_BODY = 64 * 1024
@@ -109,7 +109,7 @@ def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[
     null when the worker has no breaker. ``load`` counts this router's in-flight
     requests; ``external_load`` the others it knows of (other replicas', or what the
     engine reports beyond ours), and ``load_source`` says where that figure comes from:
-    ``local`` (none), ``engine`` or ``fleet`` (see :mod:`cache_router.load_source`).
+    ``local`` (none), ``engine`` or ``fleet`` (see :mod:`cache_router.ops.load_source`).
     ``models`` lists the models requests may ask for here (the given ``model`` or the
     discovered ones), null while any model is accepted.
     """
@@ -149,7 +149,7 @@ class AdminApp:
         startup_health_path: path polled on a new worker when the add asks to wait.
         drain_timeout: default bound, in seconds, on waiting for a removed worker's
             in-flight requests; the worker is removed when it passes even if some remain.
-        worker_allow: host patterns and CIDRs (see :mod:`cache_router.allowlist`) that
+        worker_allow: host patterns and CIDRs (see :mod:`cache_router.ops.allowlist`) that
             added workers may point at, beyond the hosts of the registry's workers at
             construction (always allowed). Empty: only those hosts; ``["*"]``: any host.
         discovery: asks a worker added without a model which models it serves (share the

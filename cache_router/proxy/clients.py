@@ -10,7 +10,7 @@ connection so the engine sees the client go), and a classification of failures i
   hand bytes an engine sent after a complete answer (read with its tail) to the next
   request on that connection as its answer; :func:`_refuse_reuse_if_surplus` closes such a
   connection instead.
-* :class:`cache_router.http1.Http1Client` (its own module) is the default on asyncio for
+* :class:`cache_router.proxy.http1.Http1Client` (its own module) is the default on asyncio for
   ``http://`` engines when httptools is installed: a fifth less router CPU than aiohttp.
 * :class:`AiohttpClient` serves ``https://`` engines there, and is the default when
   httptools is missing. Measured behind uvicorn at concurrency 64, the httpx layers

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cache_router.policies.base import RoutingRequest
-from cache_router.registry import Worker
+from cache_router.core.registry import Worker
+from cache_router.core.request import RoutingRequest
 
 __all__ = ["EventFanout", "RouterEvents"]
 

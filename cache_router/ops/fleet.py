@@ -19,7 +19,7 @@ fires at N times the configured threshold.
   refreshes this replica's per-worker in-flight counts under a key that expires after
   ``ttl`` unless refreshed, reads the other live replicas' counts (``Worker.external_load``
   becomes their sum, through the registry's
-  :class:`~cache_router.load_source.ExternalLoadBoard`), and reads the stream from where it
+  :class:`~cache_router.ops.load_source.ExternalLoadBoard`), and reads the stream from where it
   left off, teaching the policy the other replicas' decisions (``policy.learn_many``, or
   ``policy.learn`` one by one).
 
@@ -60,20 +60,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import anyio.abc
 
-from cache_router._loop import on_asyncio
-from cache_router.events import RouterEvents
-from cache_router.load_source import external_load_board
-from cache_router.policies.base import RoutingRequest
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core._loop import on_asyncio
+from cache_router.core.events import RouterEvents
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.core.request import RoutingRequest
+from cache_router.ops.load_source import external_load_board
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from cache_router.metrics import PrometheusMetrics
+    from cache_router.ops.metrics import PrometheusMetrics
 
 __all__ = ["DEFAULT_MAX_KEY_CHARS", "FleetState", "RedisFleetState"]
 
-logger = logging.getLogger("cache_router.fleet")
+logger = logging.getLogger("cache_router.ops.fleet")
 
 #: Quiet exchanges (nothing published, nothing new read) after which a replica slows down
 #: to one exchange per heartbeat, until it routes a request again.
@@ -304,7 +304,7 @@ class RedisFleetState(FleetState):
     def share(self, request: RoutingRequest, worker_url: str) -> None:
         """Buffer one routing decision for the other replicas (the next exchange
         publishes it). The cache-aware policy calls this for its decisions that are news
-        (see :meth:`~cache_router.policies.cache_aware.CacheAwarePolicy.on_placement`);
+        (see :meth:`~cache_router.core.policies.cache_aware.CacheAwarePolicy.on_placement`);
         with another policy, every routed request is shared."""
         if request.key:
             pending = self._pending

@@ -20,35 +20,17 @@ Policies that keep per-worker state (like the cache-aware tree) may also impleme
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from cache_router.errors import NoAvailableWorker
-from cache_router.registry import Worker
+from cache_router.core.errors import NoAvailableWorker
+from cache_router.core.registry import Worker
+from cache_router.core.request import RoutingRequest
 
 if TYPE_CHECKING:
-    from cache_router.registry import WorkerRegistry
+    from cache_router.core.registry import WorkerRegistry
 
 __all__ = ["BindsRegistry", "Policy", "RoutingRequest", "least_loaded"]
-
-_NO_HEADERS: Mapping[str, str] = {}
-
-
-@dataclass(slots=True)
-class RoutingRequest:
-    """What a policy may route on.
-
-    ``key`` is the prompt text, or the prompt's token ids encoded with
-    :func:`cache_router.tree.encode_tokens` when ``tokens`` is true (the two kinds never
-    share a prefix tree). ``headers`` are the client's request headers, lower-cased names.
-    """
-
-    key: str = ""
-    model: str | None = None
-    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
-    tokens: bool = False
-
 
 @runtime_checkable
 class Policy(Protocol):

@@ -4,7 +4,7 @@ Two kinds of figures, collected two ways so that the request path pays for as li
 possible:
 
 * what happened (requests, retries, upstream failures, durations) is counted by the
-  :class:`~cache_router.events.RouterEvents` hooks, which the middleware calls per request;
+  :class:`~cache_router.core.events.RouterEvents` hooks, which the middleware calls per request;
   each hook is a dictionary lookup and one prometheus-client increment or observation,
   because label children are created once and cached;
 * what *is* (each worker's load, health and circuit state, the policy's decisions and tree
@@ -26,8 +26,8 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cache_router.events import RouterEvents
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.events import RouterEvents
+from cache_router.core.registry import Worker, WorkerRegistry
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -54,7 +54,7 @@ def _prometheus() -> Any:
         import prometheus_client.metrics_core
     except ImportError as exc:
         raise ImportError(
-            "cache_router.metrics needs prometheus-client: "
+            "cache_router.ops.metrics needs prometheus-client: "
             "pip install 'cache_router[metrics]' (or pip install prometheus-client)"
         ) from exc
     return prometheus_client
@@ -255,7 +255,7 @@ def circuit_state(worker: Worker) -> str | None:
     """The state name of ``worker``'s circuit breaker, or None when it has none.
 
     Read from the breaker's ``state`` attribute (``closed``, ``open``, ``half_open`` for
-    :class:`cache_router.health.CircuitBreaker`); ``allows_request`` is never called, since
+    :class:`cache_router.ops.health.CircuitBreaker`); ``allows_request`` is never called, since
     asking a half-open breaker may use up its trial request.
     """
     breaker = worker.breaker

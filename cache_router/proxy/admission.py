@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from cache_router.errors import RouterError
+from cache_router.core.errors import RouterError
 
 __all__ = ["Admission", "Overloaded"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from cache_router.errors import NoAvailableWorker
-from cache_router.policies.base import RoutingRequest
-from cache_router.registry import Worker
+from cache_router.core.errors import NoAvailableWorker
+from cache_router.core.registry import Worker
+from cache_router.core.request import RoutingRequest
 
 __all__ = ["PowerOfTwoPolicy", "RandomPolicy", "RoundRobinPolicy"]
 

@@ -8,10 +8,10 @@ different ways, so a router wants both:
   dead worker even when no traffic goes there, and brings it back once it answers again,
   but it only sees the world once per interval.
   A worker that passes its check and was registered without a model is also asked which
-  models it serves (:class:`~cache_router.models.ModelDiscovery`), on the same client.
+  models it serves (:class:`~cache_router.ops.models.ModelDiscovery`), on the same client.
 * :class:`CircuitBreaker` (one per worker, attached as ``Worker.breaker`` by
   :class:`CircuitBreakers`) watches the real requests through the middleware's
-  :class:`~cache_router.events.RouterEvents` hooks and stops traffic within a few failed
+  :class:`~cache_router.core.events.RouterEvents` hooks and stops traffic within a few failed
   requests, then lets it back after a cool-down.
 
 Neither touches load: ``Worker.load`` moves only through leases, and an in-flight request
@@ -31,14 +31,14 @@ import anyio
 import anyio.abc
 import httpx
 
-from cache_router.events import RouterEvents
-from cache_router.models import ModelDiscovery
-from cache_router.periodic import every
-from cache_router.registry import Worker, WorkerRegistry
+from cache_router.core.events import RouterEvents
+from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.models import ModelDiscovery
+from cache_router.ops.periodic import every
 
 __all__ = ["BreakerState", "CircuitBreaker", "CircuitBreakers", "HealthChecker"]
 
-logger = logging.getLogger("cache_router.health")
+logger = logging.getLogger("cache_router.ops.health")
 
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -77,7 +77,7 @@ class HealthChecker:
     ``headers`` go with every check (e.g. the engines' API key). With ``discover_models``
     (the default) a worker that passes a check and was registered without a model is then
     asked which models it serves, with the same client and headers; ``discovery`` is the
-    :class:`~cache_router.models.ModelDiscovery` doing it (None without), to share with
+    :class:`~cache_router.ops.models.ModelDiscovery` doing it (None without), to share with
     the admin API.
     """
 

@@ -1,0 +1,295 @@
+"""The composition root: one :class:`RouterConfig` in, one production router out.
+
+``cache-router serve``, ``cache-router demo``, ``--workers N`` processes and a FastAPI app
+that mounts the router all call :func:`build_router`, so each gets the same health checks,
+circuit breakers, retries, admission control, metrics, admin API and replica sharing,
+wired the same way. Nothing else in the package assembles these parts: the routing core,
+the proxy and the operations modules know nothing of each other's construction.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import httpx
+
+from cache_router.config import OPTIONS, RouterConfig
+from cache_router.core.events import RouterEvents
+from cache_router.core.policies import Policy, make_policy
+from cache_router.core.registry import WorkerRegistry
+from cache_router.core.retry import RetryConfig
+from cache_router.ops.admin import AdminApp
+from cache_router.ops.health import CircuitBreakers, HealthChecker
+from cache_router.ops.metrics import PrometheusMetrics
+from cache_router.ops.probes import probe_app
+from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
+from cache_router.proxy.middleware import BackgroundTask, RoutingMiddleware
+from cache_router.proxy.relay import TransportChoice
+
+__all__ = [
+    "CacheRouterMiddleware",
+    "Router",
+    "build_router",
+    "create_router_app",
+    "policy_from_config",
+]
+
+logger = logging.getLogger("cache_router")
+
+def policy_from_config(config: RouterConfig, seed: int | None = None) -> Policy:
+    return make_policy(
+        config.policy,
+        cache_threshold=config.cache_threshold,
+        balance_abs_threshold=config.balance_abs_threshold,
+        balance_rel_threshold=config.balance_rel_threshold,
+        eviction_interval=float(config.eviction_interval_secs),
+        max_tree_size=config.max_tree_size,
+        spill=not config.no_spill,
+        seed=seed,
+    )
+
+
+@dataclass(eq=False)
+class Router:
+    """Everything :func:`build_router` wired, for the caller to mount, run or inspect.
+
+    ``middleware(app)`` wraps an ASGI app (``app.add_middleware(router.middleware)`` in
+    FastAPI or Starlette); ``app()`` is the standalone router ``serve`` runs, the same
+    middleware around the liveness/readiness probes. The parts are exposed so a caller can
+    add workers, read metrics or test a piece on its own; they are shared by every app this
+    router wraps.
+    """
+
+    config: RouterConfig
+    registry: WorkerRegistry
+    policy: Policy
+    health: HealthChecker | None = None
+    breakers: CircuitBreakers | None = None
+    metrics: PrometheusMetrics | None = None
+    admin: AdminApp | None = None
+    events: list[RouterEvents] = field(default_factory=list)
+    background: list[BackgroundTask] = field(default_factory=list)
+    transport: TransportChoice | None = None
+
+    def middleware(self, app: ASGIApp, **options: Any) -> RoutingMiddleware:
+        """The routing middleware around ``app``.
+
+        ``options`` are :class:`~cache_router.proxy.middleware.RoutingMiddleware`
+        parameters that override what the configuration sets (``transport``,
+        ``typed_routes``, ``api_key``, ...); ``events`` and ``background`` given here run
+        besides the ones built, not instead.
+        """
+        config = self.config
+        seconds = float(config.request_timeout_secs)
+        limit = config.max_concurrent_requests
+        attempts = 1 if config.disable_retries else config.retry_max_retries
+        settings: dict[str, Any] = {
+            "transparent_prefixes": config.transparent_prefixes,
+            "max_body_size": config.max_payload_size,
+            "max_routing_key_length": config.max_routing_key_length,
+            "timeout": httpx.Timeout(
+                connect=min(10.0, seconds), read=seconds, write=min(60.0, seconds), pool=60.0
+            ),
+            "total_timeout": seconds,
+            "transport": self.transport or cast(TransportChoice, config.upstream_transport),
+            "upstream_headers": self.engine_headers,
+            "retry": RetryConfig(max_attempts=attempts),
+            "max_concurrent_requests": None if limit < 0 else max(limit, 1),
+            "queue_size": config.queue_size,
+            "queue_timeout": float(config.queue_timeout_secs),
+            "admin": self.admin,
+            "admin_prefix": config.admin_prefix or "/router",
+            "api_key": config.router_api_key,
+        }
+        events = [*self.events, *options.pop("events", ())]
+        background = [*self.background, *options.pop("background", ())]
+        settings.update(options)
+        return RoutingMiddleware(
+            app, self.registry, self.policy, events=events, background=background, **settings
+        )
+
+    def app(self, **options: Any) -> RoutingMiddleware:
+        """The standalone router: this middleware around the probe endpoints."""
+        return self.middleware(probe_app(self.registry), **options)
+
+    @property
+    def engine_headers(self) -> dict[str, str] | None:
+        key = self.config.api_key
+        return None if key is None else {"authorization": f"Bearer {key}"}
+
+
+def build_router(
+    config: RouterConfig,
+    *,
+    registry: WorkerRegistry | None = None,
+    policy: Policy | None = None,
+    events: Iterable[RouterEvents] = (),
+    background: Iterable[BackgroundTask] = (),
+    transport: TransportChoice | None = None,
+) -> Router:
+    """Wire a production router from ``config``.
+
+    ``registry`` and ``policy`` replace the ones ``config`` describes (``worker_urls``,
+    ``policy`` and its knobs), for callers that add workers at run time or bring a policy
+    of their own; ``events`` and ``background`` join the listeners and tasks built here.
+    Raises ``ValueError`` for a setting a part refuses.
+    """
+    if registry is None:
+        registry = WorkerRegistry(list(dict.fromkeys(config.worker_urls)))
+    if policy is None:
+        policy = policy_from_config(config)
+    router = Router(config, registry, policy, transport=transport)
+    if not config.disable_health_check:
+        router.health = HealthChecker(
+            registry,
+            interval=config.health_check_interval_secs,
+            timeout=config.health_check_timeout_secs,
+            failure_threshold=config.health_failure_threshold,
+            success_threshold=config.health_success_threshold,
+            path=config.health_check_endpoint,
+            headers=router.engine_headers,
+            discover_models=not config.disable_model_discovery,
+        )
+        router.background.append(router.health)
+    if not config.disable_circuit_breaker:
+        router.breakers = CircuitBreakers(
+            registry,
+            failure_threshold=config.cb_failure_threshold,
+            success_threshold=config.cb_success_threshold,
+            cooldown=float(config.cb_timeout_duration_secs),
+        )
+        router.events.append(router.breakers)
+    if config.admin_prefix is not None:
+        router.metrics = _metrics(registry, policy)
+        if router.metrics is not None:
+            router.events.append(router.metrics)
+        router.admin = AdminApp(
+            registry,
+            api_key=config.admin_api_key,
+            metrics=router.metrics,
+            worker_allow=config.worker_allow,
+            discovery=None if router.health is None else router.health.discovery,
+        )
+    _add_scale_out(router)
+    router.events.extend(events)
+    router.background.extend(background)
+    return router
+
+
+def _metrics(registry: WorkerRegistry, policy: Policy) -> PrometheusMetrics | None:
+    """Prometheus metrics when prometheus-client is installed (the ``metrics`` extra)."""
+    try:
+        return PrometheusMetrics(registry, policy)
+    except ImportError:
+        logger.warning(
+            "prometheus-client is not installed: no /metrics (pip install 'cache_router[metrics]')"
+        )
+        return None
+
+
+def _add_scale_out(router: Router) -> None:
+    """The engine-load poller and the Redis fleet state, when configured.
+
+    Both may run together: each worker's external load is then the larger of the two
+    estimates (``cache_router.ops.load_source.ExternalLoadBoard``), never their sum.
+    """
+    from cache_router.ops.load_source import EngineLoadPoller, LoadFormat, register_load_metrics
+
+    config = router.config
+    sources = False
+    if config.engine_load_poll_secs > 0:
+        router.background.append(
+            EngineLoadPoller(
+                router.registry,
+                interval=config.engine_load_poll_secs,
+                format=cast(LoadFormat, config.engine_load_format),
+            )
+        )
+        sources = True
+    if config.redis_url is not None:
+        from cache_router.ops.fleet import RedisFleetState
+
+        try:
+            fleet = RedisFleetState(
+                router.registry,
+                router.policy,
+                config.redis_url,
+                fleet=config.fleet_name,
+                heartbeat=config.fleet_heartbeat_secs,
+                ttl=config.fleet_ttl_secs,
+                max_flush_interval=config.fleet_max_flush_secs,
+            )
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        router.events.append(fleet)
+        router.background.append(fleet)
+        if router.metrics is not None:
+            fleet.register_metrics(router.metrics)
+        sources = True
+    if sources and router.metrics is not None:
+        register_load_metrics(router.metrics, router.registry)
+
+
+class CacheRouterMiddleware:
+    """The production router as a middleware.
+
+    ``app.add_middleware(CacheRouterMiddleware, config=RouterConfig(worker_urls=[...]))``,
+    or with a registry the caller keeps: ``CacheRouterMiddleware(app, registry, policy)``.
+    Health checks (with model discovery), circuit breakers, retries and ``GET /v1/models``
+    are on, as under ``cache-router serve``; the configuration turns each off.
+
+    Other keyword arguments are either :class:`~cache_router.proxy.middleware.RoutingMiddleware`
+    parameters, with that class's meaning (``api_key`` is the key *clients* must present,
+    ``transport``, ``typed_routes``, ``events``, ...), or :class:`RouterConfig` fields
+    (``worker_urls``, ``health_check_interval_secs``, ``disable_health_check``, ...).
+    ``router`` exposes the wired parts.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        registry: WorkerRegistry | None = None,
+        policy: Policy | None = None,
+        *,
+        config: RouterConfig | None = None,
+        **options: Any,
+    ) -> None:
+        fields = {name: options.pop(name) for name in list(options) if name in _CONFIG_ONLY}
+        if config is None:
+            config = RouterConfig(**fields)
+        elif fields:
+            config = config.replace(**fields)
+        self.router = build_router(config, registry=registry, policy=policy)
+        self.routing = self.router.middleware(app, **options)
+        self.registry = self.router.registry
+        self.policy = self.router.policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.routing(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Close the upstream connections (done on lifespan shutdown)."""
+        await self.routing.aclose()
+
+
+#: Configuration fields a middleware keyword may name: those that are no parameter of
+#: ``RoutingMiddleware`` itself (whose names keep their meaning there).
+_CONFIG_ONLY = frozenset(OPTIONS) - frozenset(
+    inspect.signature(RoutingMiddleware.__init__).parameters
+)
+
+
+def create_router_app(
+    registry: WorkerRegistry,
+    policy: Policy | None = None,
+    **middleware_options: Any,
+) -> RoutingMiddleware:
+    """A bare router app: the routing middleware around the probe endpoints, with exactly
+    the ``middleware_options`` given and nothing else (no health checks, breakers or
+    admin unless passed). Benchmarks and tests use it to measure the routing path alone;
+    deployments want :func:`build_router`."""
+    return RoutingMiddleware(probe_app(registry), registry, policy, **middleware_options)

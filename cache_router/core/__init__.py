@@ -1,0 +1,1 @@
+"""The routing core: prefix tree, workers and leases, policies, routing keys. No HTTP."""

@@ -1,0 +1,48 @@
+"""Policies by the names SGLang's router gives them (``--policy``), with its knobs."""
+
+from __future__ import annotations
+
+from cache_router.core.policies.base import Policy
+from cache_router.core.policies.cache_aware import CacheAwarePolicy
+from cache_router.core.policies.simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
+
+__all__ = ["POLICY_NAMES", "make_policy"]
+
+#: Policy names as SGLang's router spells them (``--policy``).
+POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two")
+
+
+def make_policy(
+    name: str,
+    *,
+    cache_threshold: float = 0.3,
+    balance_abs_threshold: int = 64,
+    balance_rel_threshold: float = 1.5,
+    eviction_interval: float = 120.0,
+    max_tree_size: int = 2**26,
+    seed: int | None = None,
+    spill: bool = True,
+) -> Policy:
+    """The policy called ``name`` (one of :data:`POLICY_NAMES`) with SGLang's knobs.
+
+    The cache-aware knobs are ignored by the other policies, as in SGLang; ``seed`` makes
+    the random choices reproducible. Raises ``ValueError`` for an unknown name or a knob out
+    of range.
+    """
+    if name == "cache_aware":
+        return CacheAwarePolicy(
+            cache_threshold=cache_threshold,
+            balance_abs_threshold=balance_abs_threshold,
+            balance_rel_threshold=balance_rel_threshold,
+            eviction_interval=eviction_interval,
+            max_tree_size=max_tree_size,
+            seed=seed,
+            spill=spill,
+        )
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    if name == "random":
+        return RandomPolicy(seed)
+    if name == "power_of_two":
+        return PowerOfTwoPolicy(seed)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")

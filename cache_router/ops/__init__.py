@@ -1,0 +1,1 @@
+"""Running a fleet: health, breakers, metrics, admin API, load sources, replicas."""

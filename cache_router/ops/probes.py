@@ -1,0 +1,82 @@
+"""The probe endpoints of the standalone router.
+
+``cache-router serve`` puts the routing middleware in front of :func:`probe_app`; whatever
+the middleware does not route lands here:
+
+* ``GET /liveness`` -- 200 as long as the process serves requests (a restart probe);
+* ``GET /readiness`` and ``GET /health`` -- 200 ``{"status": "ready", "healthy_workers": n,
+  "total_workers": m}`` while at least one worker may take requests, else 503 with
+  ``"status": "not_ready"`` and the same fields (a traffic probe).
+
+Anything else gets an OpenAI-shaped 404. ``GET /v1/models`` is the middleware's own
+(``serve_models``): it lists the models the registry knows without asking an engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cache_router.core.errors import error_body
+from cache_router.core.registry import WorkerRegistry
+
+__all__ = ["probe_app", "readiness"]
+
+def readiness(registry: WorkerRegistry) -> tuple[int, dict[str, Any]]:
+    """The readiness probe's status code and body for ``registry``.
+
+    A worker counts as healthy when it may take new requests (healthy and not draining):
+    a fleet that is all draining cannot serve traffic, so the router is not ready.
+    """
+    workers = registry.workers
+    healthy = sum(1 for worker in workers if worker.available)
+    body = {
+        "status": "ready" if healthy else "not_ready",
+        "healthy_workers": healthy,
+        "total_workers": len(workers),
+    }
+    return (200 if healthy else 503), body
+
+
+def _error(status: int, message: str, error_type: str, code: str) -> Response:
+    return Response(
+        error_body(message, error_type, code), status_code=status, media_type="application/json"
+    )
+
+
+def probe_app(registry: WorkerRegistry) -> Starlette:
+    """The app ``serve`` puts behind the router: probes, and an OpenAI-shaped 404 else."""
+    async def liveness(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        status, body = readiness(registry)
+        return JSONResponse(body, status_code=status)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Starlette raises HTTPException for unknown paths (404) and methods (405).
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if exc.status_code == 404:
+            answer = _error(404, f"no route for {path}", "not_found_error", "not_found")
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {path}"
+            answer = _error(405, message, "invalid_request_error", "method_not_allowed")
+        else:
+            answer = _error(exc.status_code, exc.detail, "invalid_request_error", "http_error")
+        answer.headers.update(exc.headers or {})
+        return answer
+
+    return Starlette(
+        routes=[
+            Route("/liveness", liveness, methods=["GET"]),
+            Route("/readiness", ready, methods=["GET"]),
+            Route("/health", ready, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
+    )

@@ -1,0 +1,1 @@
+"""The HTTP side: the middleware, the relay, upstream clients, outbound checks."""
