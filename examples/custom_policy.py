@@ -37,14 +37,14 @@ def main(sessions: int = 3, requests_per_session: int = 3) -> dict[str, set[str]
     import httpx
     from starlette.applications import Starlette
 
-    from cache_router import WorkerRegistry
-    from cache_router.proxy.middleware import RoutingMiddleware
+    from cache_router import CacheRouterMiddleware, WorkerRegistry
     from cache_router.testing import SimulatedEngine, serve_app, serve_apps
 
     engines = [SimulatedEngine(name=f"engine-{index}") for index in range(3)]
     reached: dict[str, set[str]] = {}
     with serve_apps(engines) as engine_urls:
-        app = RoutingMiddleware(
+        # The production router (health checks, breakers, retries) with this policy.
+        app = CacheRouterMiddleware(
             Starlette(), WorkerRegistry(engine_urls), SessionAffinityPolicy()
         )
         with (

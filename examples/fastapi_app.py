@@ -3,7 +3,8 @@
 The service keeps its own routes (``/api/...`` here); the middleware intercepts only the
 inference endpoints (``/v1/chat/completions``, ``/v1/completions``, ``/generate``, ...) and
 the transparent prefix ``/inference``, and routes them across the engines with the
-cache-aware policy. Run it with::
+cache-aware policy. It is the production router ``cache-router serve`` runs: health checks,
+circuit breakers, retries and ``GET /v1/models`` come with it. Run it with::
 
     ENGINE_URLS=http://10.0.0.1:30000,http://10.0.0.2:30000 uvicorn fastapi_app:app --port 8080
 
@@ -19,13 +20,14 @@ from collections.abc import Sequence
 
 from fastapi import FastAPI
 
-from cache_router import CacheAwarePolicy, WorkerRegistry
-from cache_router.proxy.middleware import RoutingMiddleware
+from cache_router import CacheRouterMiddleware, RouterConfig, WorkerRegistry
 
 
 def create_app(engine_urls: Sequence[str]) -> FastAPI:
     """The product API, with LLM routing across ``engine_urls`` mounted on it."""
     app = FastAPI(title="Acme assistant API")
+    # The app keeps the registry to show the fleet; RouterConfig(worker_urls=...) alone
+    # would do when it need not.
     registry = WorkerRegistry(engine_urls)
 
     @app.get("/api/status")
@@ -41,10 +43,9 @@ def create_app(engine_urls: Sequence[str]) -> FastAPI:
         return {"received": payload.get("text", "")}
 
     app.add_middleware(
-        RoutingMiddleware,
+        CacheRouterMiddleware,
         registry=registry,
-        policy=CacheAwarePolicy(),
-        transparent_prefixes=["/inference"],
+        config=RouterConfig(transparent_prefixes=("/inference",)),
     )
     return app
 

@@ -1,10 +1,9 @@
 """Workers, the registry that owns them, and the lease: the only way load changes.
 
-Every router in the SGLang family has lost load somewhere: a path that never incremented, a
-retry that decremented twice, a health checker that reset counters to zero, a cancelled
-request that never decremented. Here ``Worker.load`` is read-only; it moves only through
-:meth:`WorkerRegistry.acquire`, which returns a :class:`Lease` whose :meth:`Lease.release`
-gives the unit back exactly once however many times it is called.
+Load that drifts breaks every load-aware decision, so ``Worker.load`` is read-only: it
+moves only through :meth:`WorkerRegistry.acquire`, which returns a :class:`Lease` whose
+:meth:`Lease.release` gives the unit back exactly once however many times it is called
+(docs/index.md, "The bug class we make impossible").
 
 The registry also knows which models each worker serves -- the model it was given, or the
 models discovered from the engine (see :mod:`cache_router.ops.models`; the registry itself

@@ -3,17 +3,16 @@
 Each typed endpoint names the fields its prompt lives in; transparent routes try the same
 fields in a fixed order. Two rules matter more than the rest:
 
-* The key must start with the prompt. Routing on a serialized whole body (as one peer
-  router does) makes every request "share a prefix" of field names.
+* The key must start with the prompt. A serialized whole body would make every request
+  "share a prefix" of field names.
 * Token ids are keyed as tokens (:func:`cache_router.core.tree.encode_tokens`), never as their
   length or a lossy decimal join.
 
-Parsing uses ``orjson`` when it is installed (several times faster on long prompts) and the
-standard library otherwise; both accept exactly JSON. A large body is never turned into
-Python objects whole: :func:`parse_routing_fields` (with ``msgspec`` installed) checks its
-syntax without building objects, in pieces that hold the GIL briefly, and decodes only a
-bounded head of the fields a key is made of, so its memory does not grow with a prompt the
-key would cut anyway.
+Parsing uses ``orjson`` when it is installed and the standard library otherwise; both
+accept exactly JSON. A large body is never turned into Python objects whole:
+:func:`parse_routing_fields` (with ``msgspec`` installed) checks its syntax without building
+objects, in pieces that hold the GIL briefly, and decodes only a bounded head of the fields
+a key is made of, so its memory does not grow with a prompt the key would cut anyway.
 """
 
 from __future__ import annotations

@@ -102,13 +102,12 @@ class RadixTree:
     of tenants holding it). ``clock`` returns seconds; inject one to make eviction order
     deterministic in tests.
 
-    Nodes are rows of parallel lists indexed by node id, not objects. Python's cyclic
-    garbage collector tracks every object that can hold references, and its full
-    collections walk all of them: with one object per node, a growing tree made every
-    insert pay for collections that re-walked the whole tree (a fresh 2,200-character
-    key cost 8.9 µs to insert instead of 6.3 µs, in a heap like a router's). Strings,
-    floats and dicts holding only those are not tracked, so this layout gives the
-    collector nothing more to walk as the tree grows. Ids of deleted nodes are reused.
+    Nodes are rows of parallel lists indexed by node id, not objects: Python's cyclic
+    garbage collector walks every object that can hold references, so one object per
+    node made every insert pay for collections that re-walked the whole tree
+    (docs/benchmarks.md, "The prefix tree"). Strings, floats and dicts holding only those
+    are not tracked, so this layout gives the collector nothing more to walk as the tree
+    grows. Ids of deleted nodes are reused.
     """
 
     def __init__(

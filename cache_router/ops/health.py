@@ -15,8 +15,8 @@ different ways, so a router wants both:
   requests, then lets it back after a cool-down.
 
 Neither touches load: ``Worker.load`` moves only through leases, and an in-flight request
-on a worker that turns unhealthy keeps its lease until its body ends. (SGLang's router once
-reset load counters from its health path; a lease released afterwards drove them negative.)
+on a worker that turns unhealthy keeps its lease until its body ends (a health path that
+resets counters drives them negative when those leases end).
 """
 
 from __future__ import annotations

@@ -241,9 +241,9 @@ class EngineLoadPoller:
     :meth:`poll_once` from a scheduler of your own. When :meth:`run` ends, every estimate
     it made is dropped.
 
-    ``transport`` is ``"auto"`` (aiohttp when installed and on asyncio: a poll then costs
-    about a tenth of the CPU of httpx's, which matters at sub-second intervals),
-    ``"aiohttp"`` or ``"httpx"``. A ``client`` (httpx) is used as given and never closed.
+    ``transport`` is ``"auto"`` (aiohttp when installed and on asyncio, the cheaper client,
+    which matters at sub-second intervals; see docs/scale-out.md), ``"aiohttp"`` or
+    ``"httpx"``. A ``client`` (httpx) is used as given and never closed.
     """
 
     SOURCE = "engine"

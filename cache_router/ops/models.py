@@ -1,9 +1,8 @@
 """Model discovery: ask each engine which models it serves.
 
-A worker registered without a model used to accept any ``model`` string, and every new
-string cost the cache-aware policy a prefix tree of its own. Knowing the models lets the
-router refuse an unknown one with a 404 before anything is chosen or counted, and answer
-``GET /v1/models`` from memory.
+A worker that serves any ``model`` string lets every new string cost the cache-aware policy
+a prefix tree of its own. Knowing the models lets the router refuse an unknown one with a
+404 before anything is chosen or counted, and answer ``GET /v1/models`` from memory.
 
 An engine is asked ``GET /v1/models`` (OpenAI, vLLM, SGLang) and, if that fails, SGLang's
 ``GET /get_model_info`` (``served_model_name`` and ``model_path``). Its answer is untrusted

@@ -7,15 +7,11 @@ loaded worker (not the one with the smallest tree, which sends every miss to a b
 with a small tree), a hit goes to the least loaded of *all* workers holding the matched
 prefix, and ties break by ``(load, processed)`` and then at random.
 
-On top of SGLang's fleet-wide imbalance rule, a per-request *spill gate* keeps a hot prefix
-from piling onto the worker that holds it. The fleet-wide rule compares the busiest worker
-with the idlest against a fixed gap (64 requests by default), which has no good setting: in
-front of engines that run 8 requests at once, a shared system prompt never opens a gap of 64
-and its holder takes every request, while a small gap scatters prefixes on ordinary noise.
-The gate instead asks, for each hit, whether its holder is out of line -- by a margin that
-grows like the natural swing of an in-flight count -- and then moves the request, preferably
-to a worker that holds the prefix's qualifying part already, else to the least loaded worker,
-which becomes a holder too: a hot prefix replicates exactly as far as its traffic needs.
+On top of SGLang's fleet-wide imbalance rule, whose fixed gap has no good setting (see
+docs/policies.md), a per-request *spill gate* keeps a hot prefix from piling onto the
+worker that holds it: a hit whose holder is out of line moves, preferably to a worker that
+already holds part of the prefix, and the target becomes a holder too, so a hot prefix
+replicates exactly as far as its traffic needs.
 """
 
 from __future__ import annotations
