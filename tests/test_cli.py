@@ -262,7 +262,8 @@ class Served:
 
 
 @contextmanager
-def serve_process(*args: str) -> Iterator[Served]:
+def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """``serve args`` on a free port; ``env`` is added to this process's environment."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "cache_router", "serve", "--port", str(port), *args],
@@ -270,6 +271,7 @@ def serve_process(*args: str) -> Iterator[Served]:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
     served = Served(f"http://127.0.0.1:{port}", process)
     try:
