@@ -182,9 +182,7 @@ def _add_serve(commands: Any) -> None:
         _add_option(group, option)
 
 
-def serve_config(
-    args: argparse.Namespace, env: Mapping[str, str] | None = None
-) -> RouterConfig:
+def serve_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
     """The configuration of a parsed ``serve`` command line: the flags given, over the
     environment (``env``, else ``os.environ``), over the config file, over the defaults.
     Raises :class:`ConfigError`."""

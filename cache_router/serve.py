@@ -154,8 +154,7 @@ def _check_workers(router: Router) -> list[str] | None:
         outlook = "health checks are off, so it keeps getting requests"
     else:
         outlook = (
-            f"no requests go there until it passes {config.health_success_threshold} "
-            "health checks"
+            f"no requests go there until it passes {config.health_success_threshold} health checks"
         )
     for url, reason in failing.items():
         logger.warning("worker %s is not reachable (%s); %s", url, reason, outlook)
