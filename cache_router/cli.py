@@ -129,7 +129,8 @@ def _shown(value: Any) -> str:
 def _help(option: Option) -> str:
     """The option's help, its default when it has one worth showing, and its variable."""
     default = option.default
-    extra = "" if default in (None, False, ()) else f"default: {_shown(default)}; "
+    shown = not (default is None or default is False or default == ())  # 0 is worth showing
+    extra = f"default: {_shown(default)}; " if shown else ""
     return f"{option.help} ({extra}${option.env})".replace("%", "%%")
 
 

@@ -15,12 +15,16 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 from mock_engine import MockEngine, wait_until
-from test_cli import serve_process
+from test_cli import closed_port, serve_process
 
+from cache_router import serve
+from cache_router.config import RouterConfig
+from cache_router.ops.health import HealthChecker
 from cache_router.testing import serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -165,3 +169,38 @@ def test_every_worker_process_runs_the_file_configuration(tmp_path: Path) -> Non
                 assert (refused.status_code, keyed.status_code) == (401, 200), alone
     assert engine.paths().count("/v1/completions") == 2  # the keyed ones
     assert "Traceback" not in served.stderr
+
+
+class _RecordingUvicorn:
+    """uvicorn's stand-in for ``serve.run``: records the app, binds nothing."""
+
+    apps: ClassVar[list[Any]] = []
+
+    class Server:
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.started = True
+            _RecordingUvicorn.apps.append(config["app"])
+
+        def run(self) -> None:
+            pass
+
+    @staticmethod
+    def Config(app: Any, **options: Any) -> dict[str, Any]:
+        return {"app": app, **options}
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_an_unreachable_worker_is_taken_out_only_when_health_checks_can_bring_it_back(
+    checks: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(serve, "_import_uvicorn", lambda: _RecordingUvicorn)
+    _RecordingUvicorn.apps.clear()
+    with closed_port() as port:
+        config = RouterConfig(
+            worker_urls=(f"http://127.0.0.1:{port}",), disable_health_check=not checks
+        )
+        assert serve.run(config) == 0
+    (app,) = _RecordingUvicorn.apps
+    assert [worker.healthy for worker in app.registry] == [not checks]
+    assert any(isinstance(task, HealthChecker) for task in app.background) is checks
+    assert ("keeps getting requests" in caplog.text) is not checks
