@@ -3,7 +3,7 @@
 It answers the one question a user of a cache-aware router has -- "does it matter for my
 traffic?" -- without a GPU: :class:`~cache_router.testing.SimulatedEngine` instances play
 the engines (their latency grows with the *uncached* part of each prompt and with their
-queue), a real router from :func:`~cache_router.builder.create_router_app` sits in front of
+queue), a real router from :func:`~cache_router.builder.build_router` sits in front of
 them, and a client replays multi-turn conversations that share a few long system prompts,
 the traffic shape where prefix affinity pays. Every server listens on 127.0.0.1 only and
 runs in this process; each policy gets fresh engines so none inherits another's cache.
@@ -30,8 +30,9 @@ from typing import Any
 import anyio
 import httpx
 
-from cache_router.builder import create_router_app
-from cache_router.core.policies import POLICY_NAMES, make_policy
+from cache_router.builder import build_router, policy_from_config
+from cache_router.config import RouterConfig
+from cache_router.core.policies import POLICY_NAMES
 from cache_router.core.registry import WorkerRegistry
 
 __all__ = [
@@ -343,19 +344,22 @@ def run_policy(
         )
         for index in range(config.engines)
     ]
-    policy = make_policy(
-        name,
-        cache_threshold=config.cache_threshold,
-        balance_abs_threshold=config.balance_abs_threshold,
-        balance_rel_threshold=config.balance_rel_threshold,
-        seed=config.seed,
-    )
     with serve_apps(engines) as engine_urls:
-        registry = WorkerRegistry(engine_urls)
-        app = create_router_app(registry, policy)
-        with serve_app(app, lifespan="on") as router_url:
+        # The production assembly, less the health checks: the engines share this process's
+        # event loop with the clients, so a check that times out while the loop is busy
+        # would take an engine out mid-run and skew the comparison the demo is about.
+        settings = RouterConfig(
+            worker_urls=tuple(engine_urls),
+            policy=name,
+            cache_threshold=config.cache_threshold,
+            balance_abs_threshold=config.balance_abs_threshold,
+            balance_rel_threshold=config.balance_rel_threshold,
+            disable_health_check=True,
+        )
+        router = build_router(settings, policy=policy_from_config(settings, seed=config.seed))
+        with serve_app(router.app(), lifespan="on") as router_url:
             record, elapsed, samples, stats = anyio.run(
-                _drive, router_url, engine_urls, registry, workload, config, advance
+                _drive, router_url, engine_urls, router.registry, workload, config, advance
             )
     prompt = sum(int(entry["prompt_chars"]) for entry in stats)
     cached = sum(int(entry["cached_chars"]) for entry in stats)

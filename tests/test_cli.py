@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cache_router import CacheAwarePolicy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
+from cache_router import CacheAwarePolicy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy, cli
 from cache_router.builder import create_router_app
 from cache_router.cli import build_parser, main
+from cache_router.config import OPTIONS, RouterConfig
 from cache_router.core.policies import POLICY_NAMES, make_policy
 from cache_router.core.registry import WorkerRegistry
 from cache_router.ops.probes import readiness
@@ -83,26 +84,36 @@ def free_port() -> int:
 # -- parsing ------------------------------------------------------------------------------
 
 
+def serve_config(*argv: str, env: dict[str, str] | None = None) -> RouterConfig:
+    """The configuration ``serve argv`` runs with, in the environment ``env`` only."""
+    return cli.serve_config(build_parser().parse_args(["serve", *argv]), env=env or {})
+
+
 def test_serve_defaults_are_sglangs() -> None:
-    args = build_parser().parse_args(["serve", "--worker-urls", "http://10.0.0.1:8000"])
+    config = serve_config("--worker-urls", "http://10.0.0.1:8000")
     for name, expected in SGLANG_DEFAULTS.items():
-        assert getattr(args, name) == expected, name
-    assert args.worker_urls == ["http://10.0.0.1:8000"]
-    assert args.transparent_prefixes == []
-    assert args.wait_for_workers == 0
+        assert getattr(config, name) == expected, name
+    assert config.worker_urls == ("http://10.0.0.1:8000",)
+    assert config.transparent_prefixes == ()
+    assert config.wait_for_workers == 0
+
+
+def test_only_the_flags_given_reach_the_configuration() -> None:
+    """argparse's own defaults would hide the environment and the file beneath them."""
+    args = build_parser().parse_args(["serve", "--port", "8080", "--no-spill"])
+    assert {name for name in vars(args) if name in OPTIONS} == {"port", "no_spill"}
+    assert not hasattr(args, "config")
 
 
 def test_serve_policy_choices_are_sglangs() -> None:
     assert set(POLICY_NAMES) == {"random", "round_robin", "cache_aware", "power_of_two"}
     for name in POLICY_NAMES:
-        args = build_parser().parse_args(["serve", "--worker-urls", "http://a:1", "--policy", name])
-        assert args.policy == name
+        assert serve_config("--worker-urls", "http://a:1", "--policy", name).policy == name
 
 
 def test_serve_flags_are_parsed() -> None:
-    args = build_parser().parse_args(
-        [
-            "serve",
+    config = serve_config(
+        *[
             "--worker-urls",
             "http://a:1/",
             "https://b.example:8443/base",
@@ -129,14 +140,16 @@ def test_serve_flags_are_parsed() -> None:
             "warning",
             "--wait-for-workers",
             "2.5",
+            "--disable-health-check",
         ]
     )
-    assert args.worker_urls == ["http://a:1", "https://b.example:8443/base"]
-    assert (args.cache_threshold, args.balance_abs_threshold) == (0.5, 8)
-    assert (args.balance_rel_threshold, args.eviction_interval_secs) == (1.2, 30)
-    assert (args.max_tree_size, args.max_payload_size) == (1000, 1024)
-    assert args.transparent_prefixes == ["/inference", "/raw", "/other"]
-    assert (args.request_timeout_secs, args.log_level, args.wait_for_workers) == (
+    assert config.worker_urls == ("http://a:1", "https://b.example:8443/base")
+    assert (config.cache_threshold, config.balance_abs_threshold) == (0.5, 8)
+    assert (config.balance_rel_threshold, config.eviction_interval_secs) == (1.2, 30)
+    assert (config.max_tree_size, config.max_payload_size) == (1000, 1024)
+    assert config.transparent_prefixes == ("/inference", "/raw", "/other")
+    assert config.disable_health_check
+    assert (config.request_timeout_secs, config.log_level, config.wait_for_workers) == (
         60,
         "warning",
         2.5,
@@ -155,7 +168,7 @@ def test_demo_flags_are_parsed() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["serve"], "the following arguments are required: --worker-urls"),
+        (["serve"], "worker_urls: required; give --worker-urls, CACHE_ROUTER_WORKER_URLS"),
         (["serve", "--worker-urls"], "expected at least one argument"),
         (["serve", "--worker-urls", "ftp://a:1"], "must start with http:// or https://"),
         (["serve", "--worker-urls", "http://a:1?x=1"], "must not carry a query"),
@@ -166,14 +179,20 @@ def test_demo_flags_are_parsed() -> None:
         (["serve", "--worker-urls", "http://a:1", "--balance-rel-threshold", "0.5"], "range"),
         (["serve", "--worker-urls", "http://a:1", "--transparent-prefix", "api"], "path prefix"),
         (["serve", "--worker-urls", "http://a:1", "--no-such-flag"], "unrecognized arguments"),
+        (["serve", "--config", "/nonexistent/router.toml"], "config file /nonexistent/router.toml"),
         (["demo", "--policies", "cache_aware,fastest"], "unknown policy fastest"),
         (["demo", "--engines", "0"], "out of range"),
         (["launch"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for variable in [name for name in os.environ if name.startswith("CACHE_ROUTER_")]:
+        monkeypatch.delenv(variable)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -243,7 +262,8 @@ class Served:
 
 
 @contextmanager
-def serve_process(*args: str) -> Iterator[Served]:
+def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """``serve args`` on a free port; ``env`` is added to this process's environment."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "cache_router", "serve", "--port", str(port), *args],
@@ -251,6 +271,7 @@ def serve_process(*args: str) -> Iterator[Served]:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
     served = Served(f"http://127.0.0.1:{port}", process)
     try:

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from test_cli import serve_process
+from test_cli import serve_config, serve_process
 
-from cache_router.cli import build_parser
+from cache_router.builder import build_router
 from cache_router.testing import SimulatedEngine, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def test_operations_flags_default_to_sglangs_and_stay_off() -> None:
-    args = build_parser().parse_args(["serve", "--worker-urls", "http://127.0.0.1:1"])
-    assert args.retry_max_retries == 3
-    assert (args.cb_failure_threshold, args.cb_success_threshold) == (10, 3)
-    assert args.cb_timeout_duration_secs == 60
-    assert args.max_concurrent_requests == -1  # no admission limit unless asked
-    assert (args.queue_size, args.queue_timeout_secs) == (100, 60)
-    assert args.admin_prefix is None  # the admin API is opt-in
-    assert not args.disable_retries and not args.disable_circuit_breaker
+    config = serve_config("--worker-urls", "http://127.0.0.1:1")
+    assert config.retry_max_retries == 3
+    assert (config.cb_failure_threshold, config.cb_success_threshold) == (10, 3)
+    assert config.cb_timeout_duration_secs == 60
+    assert config.max_concurrent_requests == -1  # no admission limit unless asked
+    assert (config.queue_size, config.queue_timeout_secs) == (100, 60)
+    assert config.admin_prefix is None  # the admin API is opt-in
+    assert not config.disable_retries and not config.disable_circuit_breaker
 
 
 @pytest.mark.parametrize(
@@ -33,16 +33,16 @@ def test_operations_flags_default_to_sglangs_and_stay_off() -> None:
     ],
 )
 def test_secrets_come_from_the_environment_unless_a_flag_is_given(
-    monkeypatch: pytest.MonkeyPatch, flag: str, variable: str, attribute: str
+    flag: str, variable: str, attribute: str
 ) -> None:
     """Out of the process list when they come from the environment; the flag still wins."""
-    argv = ["serve", "--worker-urls", "http://127.0.0.1:1"]
-    monkeypatch.delenv(variable, raising=False)
-    assert getattr(build_parser().parse_args(argv), attribute) is None
-    monkeypatch.setenv(variable, "from-the-environment")
-    assert getattr(build_parser().parse_args(argv), attribute) == "from-the-environment"
-    given = build_parser().parse_args([*argv, flag, "from-the-flag"])
-    assert getattr(given, attribute) == "from-the-flag"
+    argv = ["--worker-urls", "http://127.0.0.1:1"]
+    value = "redis://127.0.0.1:6379/0" if attribute == "redis_url" else "from-the-environment"
+    assert getattr(serve_config(*argv), attribute) is None
+    assert getattr(serve_config(*argv, env={variable: value}), attribute) == value
+    flag_value = value.replace("6379", "6380").replace("environment", "flag")
+    given = serve_config(*argv, flag, flag_value, env={variable: value})
+    assert getattr(given, attribute) == flag_value
 
 
 def test_keys_admin_api_and_metrics_through_a_real_server() -> None:
@@ -81,11 +81,9 @@ def test_keys_admin_api_and_metrics_through_a_real_server() -> None:
 
 
 def test_no_spill_gives_sglangs_exact_rules() -> None:
-    from cache_router import CacheAwarePolicy, WorkerRegistry
-    from cache_router.cli import _router_app
+    from cache_router import CacheAwarePolicy
 
     for flags, expected in (([], True), (["--no-spill"], False)):
-        args = build_parser().parse_args(["serve", "--worker-urls", "http://127.0.0.1:1", *flags])
-        app = _router_app(args, WorkerRegistry(args.worker_urls))
-        assert isinstance(app.policy, CacheAwarePolicy)
-        assert app.policy.spill is expected
+        policy = build_router(serve_config("--worker-urls", "http://127.0.0.1:1", *flags)).policy
+        assert isinstance(policy, CacheAwarePolicy)
+        assert policy.spill is expected

@@ -25,30 +25,23 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "configuration.md"
 URL = "http://127.0.0.1:8001"
 
-#: Fields for the flags issue 11 adds to ``serve``; until that branch is merged the parser
-#: lacks them. Once it has them, their defaults must match too (the test checks every flag).
-NEW_FLAGS = {
-    "disable_model_discovery",
-    "max_routing_key_length",
-    "admin_allow_unauthenticated",
-    "worker_allow",
-    "timeout_keep_alive",
-    "limit_concurrency",
-    "header_read_timeout",
-    "disable_health_check",
-}
-
 #: ``serve`` arguments that are not options of the router: help, and the config file.
 NOT_OPTIONS = {"help", "config"}
 
-#: Variables the parser reads its defaults from when it is built.
-PARSER_ENV = (
-    "CACHE_ROUTER_UPSTREAM_TRANSPORT",
-    "CACHE_ROUTER_WORKER_API_KEY",
-    "CACHE_ROUTER_API_KEY",
-    "CACHE_ROUTER_ADMIN_API_KEY",
-    "CACHE_ROUTER_REDIS_URL",
-)
+#: A value other than the default for each string option, as it is typed on a command line.
+SAMPLES: dict[str, list[str]] = {
+    "worker_urls": ["http://127.0.0.1:9/", "http://127.0.0.1:10"],
+    "host": ["0.0.0.0"],
+    "transparent_prefixes": ["/inference", "/raw"],
+    "api_key": ["engine-key"],
+    "router_api_key": ["client-key"],
+    "worker_allow": ["10.0.0.0/8", "engine-*.internal"],
+    "health_check_endpoint": ["/ready"],
+    "admin_prefix": ["/router"],
+    "admin_api_key": ["admin-key"],
+    "redis_url": ["redis://127.0.0.1:6379/0"],
+    "fleet_name": ["blue"],
+}
 
 
 def write(path: Path, text: str) -> Path:
@@ -557,25 +550,60 @@ def serve_parser() -> argparse.ArgumentParser:
     return serve
 
 
-def test_every_serve_flag_has_a_field_with_the_same_default(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for variable in PARSER_ENV:
-        monkeypatch.delenv(variable, raising=False)
+def non_default(option: Option) -> list[str]:
+    """Command-line text for a value of ``option`` other than its default."""
+    if option.kind is bool:
+        return []
+    if option.choices is not None:
+        return [next(choice for choice in option.choices if choice != option.default)]
+    if option.kind in (int, float):
+        assert option.low is not None, option.name
+        if option.high is not None:
+            value = option.high if option.default != option.high else option.low
+        else:
+            value = abs(option.default or option.low or 0) * 2 + 1
+        return [str(value)]
+    return SAMPLES[option.name]
+
+
+def test_every_option_has_a_flag_generated_from_it() -> None:
+    """Each option's flag parses into the value the configuration then holds, and only a
+    flag given reaches ``RouterConfig.load`` (argparse's defaults never mask the
+    environment or the file)."""
+    from cache_router.cli import build_parser, serve_config
+
     actions = {a.dest: a for a in serve_parser()._actions if a.dest not in NOT_OPTIONS}
-    assert set(actions) <= set(OPTIONS), set(actions) - set(OPTIONS)
-    assert set(OPTIONS) - set(actions) <= NEW_FLAGS, set(OPTIONS) - set(actions) - NEW_FLAGS
-    for dest, action in actions.items():
-        option = OPTIONS[dest]
-        assert action.option_strings[0] == option.flag, dest
-        if option.default is dataclasses.MISSING or dest == "worker_urls":
-            assert action.required, dest
-            continue
-        default = list(option.default) if option.is_list else option.default
-        assert action.default == default, dest
-        assert type(action.default) in (type(default), int), dest  # 120 for 120.0 is fine
+    assert set(actions) == set(OPTIONS)
+    base = ["serve", "--worker-urls", URL]
+    untouched = serve_config(build_parser().parse_args(base), env={})
+    assert untouched == RouterConfig(worker_urls=(URL,))
+    for name, option in OPTIONS.items():
+        action = actions[name]
+        assert action.option_strings == [option.flag], name
+        assert action.default is argparse.SUPPRESS, name
+        assert option.flag in action.help or option.help in action.help, name  # type: ignore[operator]
         if action.choices is not None:
-            assert tuple(action.choices) == option.choices, dest
+            assert tuple(action.choices) == option.choices, name
+        text = non_default(option)
+        given = ["serve"] if name == "worker_urls" else base
+        args = build_parser().parse_args([*given, option.flag, *text])
+        config = serve_config(args, env={})
+        if option.kind is bool:
+            expected: Any = True
+        elif option.is_list:
+            expected = tuple(text)
+        else:
+            expected = option.kind(text[0])
+        direct = RouterConfig(**{"worker_urls": (URL,), name: expected})  # type: ignore[arg-type]
+        assert getattr(config, name) == getattr(direct, name) != option.default, name
+        assert config == direct, name  # and nothing else changed
+
+
+def test_building_the_parser_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The configuration reads the environment, once, beneath the flags given."""
+    monkeypatch.setenv("CACHE_ROUTER_UPSTREAM_TRANSPORT", "httpx")
+    monkeypatch.setenv("CACHE_ROUTER_ADMIN_API_KEY", "from-the-environment")
+    assert all(action.default in (argparse.SUPPRESS, None) for action in serve_parser()._actions)
 
 
 def edge_values(option: Option) -> list[float]:
@@ -588,9 +616,7 @@ def edge_values(option: Option) -> list[float]:
     return values
 
 
-def test_the_cli_and_the_config_accept_the_same_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in PARSER_ENV:
-        monkeypatch.delenv(variable, raising=False)
+def test_the_cli_and_the_config_accept_the_same_ranges() -> None:
     checked = 0
     for action in serve_parser()._actions:
         option = OPTIONS.get(action.dest)

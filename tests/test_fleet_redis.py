@@ -675,12 +675,14 @@ def test_settings_and_the_in_process_default() -> None:
     )
 
 
-def test_serve_workers_hands_its_arguments_to_each_process(
+def test_serve_workers_hands_its_configuration_to_each_process(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``--workers N`` runs uvicorn's multiprocess mode on a factory that rebuilds the
-    app from the parsed arguments; without --redis-url it warns that nothing is shared."""
-    from cache_router import cli
+    app from the configuration; without --redis-url it warns that nothing is shared."""
+    from cache_router import serve
+    from cache_router.builder import build_router
+    from cache_router.config import RouterConfig
 
     calls: list[dict[str, Any]] = []
 
@@ -689,50 +691,49 @@ def test_serve_workers_hands_its_arguments_to_each_process(
         def run(app: str, **options: Any) -> None:
             calls.append({"app": app, **options})
 
-    monkeypatch.setenv(cli.SERVE_ARGS_ENV, "restored by monkeypatch at teardown")
-    args = cli.build_parser().parse_args(
-        ["serve", "--worker-urls", "http://10.0.0.1:1", "http://10.0.0.2:1", "--workers", "3"]
-    )
-    caplog.set_level(logging.WARNING, logger="cache_router.cli")
-    assert cli._serve_workers(args, FakeUvicorn, ["http://10.0.0.2:1"]) == 0
+    monkeypatch.setenv(serve.SERVE_CONFIG_ENV, "restored by monkeypatch at teardown")
+    config = RouterConfig(worker_urls=("http://10.0.0.1:1", "http://10.0.0.2:1"), workers=3)
+    caplog.set_level(logging.WARNING, logger="cache_router.serve")
+    assert serve._serve_workers(build_router(config), FakeUvicorn, ["http://10.0.0.2:1"]) == 0
     (call,) = calls
     assert (call["app"], call["factory"], call["workers"]) == (
-        "cache_router.cli:app_from_env", True, 3,
+        "cache_router.serve:app_from_env", True, 3,
     )  # fmt: skip
     assert "will not share" in caplog.text
-    app = cli.app_from_env()
+    app = serve.app_from_env()
     assert [worker.healthy for worker in app.registry] == [True, False]
     assert not [task for task in app.background if isinstance(task, RedisFleetState)]
-    args.redis_url = "redis://127.0.0.1:1/0"
+    config = config.replace(redis_url="redis://127.0.0.1:1/0")
     caplog.clear()
-    cli._serve_workers(args, FakeUvicorn, [])
+    serve._serve_workers(build_router(config), FakeUvicorn, [])
     assert "will not share" not in caplog.text
-    app = cli.app_from_env()
+    app = serve.app_from_env()
     (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
     assert state in app._events.listeners
     assert (state.max_flush_interval, state.flush_batch) == (0.2, 1)  # the defaults
-    os.environ.pop(cli.SERVE_ARGS_ENV)
+    os.environ.pop(serve.SERVE_CONFIG_ENV)
     with pytest.raises(RuntimeError):
-        cli.app_from_env()
+        serve.app_from_env()
 
 
 def test_serve_passes_the_longest_exchange_wait_and_refuses_one_beyond_the_heartbeat() -> None:
-    from cache_router import cli
+    from cache_router.builder import build_router
+    from cache_router.config import ConfigError, RouterConfig
 
-    def fleet_of(*flags: str) -> RedisFleetState:
-        args = cli.build_parser().parse_args(
-            ["serve", "--worker-urls", "http://10.0.0.1:1", "--redis-url",
-             "redis://127.0.0.1:1/0", *flags]
-        )  # fmt: skip
-        app = cli._router_app(args, WorkerRegistry(args.worker_urls))
-        (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
+    def fleet_of(**options: Any) -> RedisFleetState:
+        config = RouterConfig(
+            worker_urls=("http://10.0.0.1:1",), redis_url="redis://127.0.0.1:1/0", **options
+        )
+        (state,) = [
+            task for task in build_router(config).background if isinstance(task, RedisFleetState)
+        ]
         return state
 
-    assert fleet_of("--fleet-max-flush-secs", "0.05").max_flush_interval == 0.05
-    # Without the flag, a short heartbeat caps the default.
-    assert fleet_of("--fleet-heartbeat-secs", "0.1").max_flush_interval == 0.1
-    with pytest.raises(ValueError, match="max_flush_interval"):
-        fleet_of("--fleet-max-flush-secs", "0.9")  # beyond the 0.5 s heartbeat
+    assert fleet_of(fleet_max_flush_secs=0.05).max_flush_interval == 0.05
+    # Without the option, a short heartbeat caps the default.
+    assert fleet_of(fleet_heartbeat_secs=0.1).max_flush_interval == 0.1
+    with pytest.raises(ConfigError, match="fleet_max_flush_secs"):
+        fleet_of(fleet_max_flush_secs=0.9)  # beyond the 0.5 s heartbeat
 
 
 async def test_an_idle_replica_slows_down_and_its_next_request_wakes_it(

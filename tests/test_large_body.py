@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import pytest
 from mock_engine import MockEngine
 
-from cache_router.cli import _router_app, build_parser
+from cache_router.builder import build_router
+from cache_router.cli import build_parser
 from cache_router.core.policies import CacheAwarePolicy, RoutingRequest
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.tree import encode_tokens
@@ -90,13 +91,12 @@ def test_large_malformed_body_over_sockets_is_400_and_never_forwarded() -> None:
 
 
 def test_max_routing_key_length_flag_reaches_the_middleware() -> None:
-    default = build_parser().parse_args(["serve", "--worker-urls", "http://a:1"])
+    from test_cli import serve_config
+
+    default = serve_config("--worker-urls", "http://a:1")
     assert default.max_routing_key_length == 32768
-    args = build_parser().parse_args(
-        ["serve", "--worker-urls", "http://a:1", "--max-routing-key-length", "100"]
-    )
-    app = _router_app(args, WorkerRegistry(args.worker_urls))
-    assert app.max_routing_key_length == 100
+    config = serve_config("--worker-urls", "http://a:1", "--max-routing-key-length", "100")
+    assert build_router(config).app().max_routing_key_length == 100
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-routing-key-length", "0"])
 

@@ -7,7 +7,6 @@ requests this router did not send.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +17,7 @@ import pytest
 import respx
 
 from cache_router import RoundRobinPolicy, RoutingMiddleware, WorkerRegistry
-from cache_router.cli import _router_app, build_parser
+from cache_router.builder import build_router
 from cache_router.ops.load_source import (
     EngineLoadPoller,
     ExternalLoadBoard,
@@ -328,18 +327,18 @@ async def test_metrics_show_external_load_and_its_source() -> None:
 # -- the CLI -------------------------------------------------------------------------------
 
 
-def serve_args(*extra: str) -> argparse.Namespace:
-    return build_parser().parse_args(["serve", "--worker-urls", A, B, *extra])
-
-
 def test_serve_polls_engines_when_asked() -> None:
-    args = serve_args("--engine-load-poll-secs", "0.25", "--engine-load-format", "vllm")
-    app = _router_app(args, WorkerRegistry(args.worker_urls))
+    from test_cli import serve_config
+
+    config = serve_config(
+        "--worker-urls", A, B, "--engine-load-poll-secs", "0.25", "--engine-load-format", "vllm"
+    )
+    app = build_router(config).app()
     (poller,) = [task for task in app.background if isinstance(task, EngineLoadPoller)]
     assert (poller.interval, poller.format, poller.path) == (0.25, "vllm", "/metrics")
-    default = serve_args()
+    default = serve_config("--worker-urls", A, B)
     assert default.engine_load_poll_secs == 0
-    app = _router_app(default, WorkerRegistry(default.worker_urls))
+    app = build_router(default).app()
     assert not [task for task in app.background if isinstance(task, EngineLoadPoller)]
 
 

@@ -19,12 +19,12 @@ import pytest
 from anyio.abc import SocketStream
 from mock_engine import MockEngine
 from starlette.applications import Starlette
-from test_cli import serve_process
+from test_cli import serve_config, serve_process
 
-from cache_router.cli import _server_options, build_parser
 from cache_router.core.registry import WorkerRegistry
 from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.server_protocol import DEFAULT_HEADER_READ_TIMEOUT, RouterHttpProtocol
+from cache_router.serve import server_options
 from cache_router.testing import serve_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -191,33 +191,30 @@ async def test_beyond_the_concurrency_limit_the_answer_is_a_json_503() -> None:
 
 
 def test_serve_flags_and_their_defaults() -> None:
-    args = build_parser().parse_args(["serve", "--worker-urls", "http://127.0.0.1:1"])
-    options = _server_options(args)
+    config = serve_config("--worker-urls", "http://127.0.0.1:1")
+    options = server_options(config)
     assert options["http"].func is RouterHttpProtocol
     assert options["http"].keywords == {"header_read_timeout": DEFAULT_HEADER_READ_TIMEOUT}
     assert DEFAULT_HEADER_READ_TIMEOUT == 10.0
     assert options["timeout_keep_alive"] == 5.0
     assert options["limit_concurrency"] >= 64  # from the open-file limit
-    args = build_parser().parse_args(
-        [
-            "serve",
-            "--worker-urls",
-            "http://127.0.0.1:1",
-            "--timeout-keep-alive",
-            "2",
-            "--limit-concurrency",
-            "0",
-            "--header-read-timeout",
-            "3",
-        ]
+    config = serve_config(
+        "--worker-urls",
+        "http://127.0.0.1:1",
+        "--timeout-keep-alive",
+        "2",
+        "--limit-concurrency",
+        "0",
+        "--header-read-timeout",
+        "3",
     )
-    options = _server_options(args)
+    options = server_options(config)
     assert options["timeout_keep_alive"] == 2.0
     assert options["limit_concurrency"] is None  # 0: no limit
     assert options["http"].func is RouterHttpProtocol
     assert options["http"].keywords == {"header_read_timeout": 3.0}
-    args.header_read_timeout = 0.0
-    assert _server_options(args)["http"].keywords == {"header_read_timeout": None}
+    config = config.replace(header_read_timeout=0.0)
+    assert server_options(config)["http"].keywords == {"header_read_timeout": None}
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

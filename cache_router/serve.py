@@ -1,0 +1,356 @@
+"""What ``cache-router serve`` does with a :class:`RouterConfig`: start the router on uvicorn.
+
+The command line only turns argv into a configuration (``cache_router.cli``); the router
+itself is wired by :func:`cache_router.builder.build_router`. What is left lives here:
+logging, the refusal to expose an unauthenticated admin API, the start-up probe of the
+workers (with model discovery, so the first requests find the fleet as it is), the uvicorn
+settings that bound what one client may hold, and ``--workers N``, which hands each
+uvicorn process the configuration and the probe's findings through one environment
+variable and rebuilds the same router there with :func:`app_from_env`.
+
+:func:`run` returns the process exit status: 0 after a normal shutdown, 1 when the
+server or the workers did not come up, 2 for a setting refused at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import httpx
+
+from cache_router.builder import Router, build_router
+from cache_router.config import RouterConfig
+from cache_router.ops.allowlist import parse_host
+from cache_router.ops.models import ModelDiscovery
+
+__all__ = ["SERVE_CONFIG_ENV", "admin_exposure", "app_from_env", "run", "server_options"]
+
+logger = logging.getLogger("cache_router.serve")
+
+#: Environment variable carrying the parent's configuration and start-up findings to the
+#: ``--workers`` processes (a name ``RouterConfig.load`` knows is no option).
+SERVE_CONFIG_ENV = "CACHE_ROUTER_SERVE_ARGS"
+
+_PROBE_TIMEOUT = 2.0
+_PROBE_INTERVAL = 0.5
+#: File descriptors kept for everything but client and engine sockets (listener, logs,
+#: health checks, Redis, the event loop's own).
+_FD_RESERVE = 64
+
+
+def run(config: RouterConfig) -> int:
+    """Serve ``config``'s router until interrupted; returns the exit status."""
+    configure_logging(config.log_level)
+    uvicorn = _import_uvicorn()
+    if uvicorn is None:
+        print(
+            "cache-router serve needs uvicorn: pip install uvicorn (or 'cache_router[cli]')",
+            file=sys.stderr,
+        )
+        return 1
+    refusal = admin_exposure(config)
+    if refusal is not None:
+        print(f"cache-router serve: error: {refusal}", file=sys.stderr)
+        return 2
+    try:
+        router = build_router(config)
+    except ValueError as exc:  # a knob the policy or the middleware refused
+        print(f"cache-router serve: error: {exc}", file=sys.stderr)
+        return 2
+    unreachable = _check_workers(router)
+    if unreachable is None:
+        return 1
+    logger.info(
+        "routing to %d workers with policy %s on http://%s:%d",
+        len(router.registry.workers),
+        config.policy,
+        config.host,
+        config.port,
+    )
+    if config.workers > 1:
+        return _serve_workers(router, uvicorn, unreachable)
+    server = uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config)))
+    server.run()
+    return 0 if server.started else 1
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if level != "debug":  # httpx logs every request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _import_uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        return None
+    return uvicorn
+
+
+# -- the admin API's exposure ---------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = parse_host(host)
+    except ValueError:
+        return False
+    return address == "localhost" if isinstance(address, str) else address.is_loopback
+
+
+def admin_exposure(config: RouterConfig) -> str | None:
+    """Why ``serve`` must not start with this admin API setting, else None; warns when
+    the admin API runs without a key."""
+    if config.admin_prefix is None or config.admin_api_key is not None:
+        return None
+    if not _is_loopback(config.host) and not config.admin_allow_unauthenticated:
+        return (
+            f"the admin API ({config.admin_prefix}) has no key and --host {config.host} is "
+            "not loopback: set --admin-api-key (or $CACHE_ROUTER_ADMIN_API_KEY, or "
+            "admin_api_key in the config file), or pass --admin-allow-unauthenticated"
+        )
+    logger.warning(
+        "THE ADMIN API IS UNAUTHENTICATED: anyone who reaches http://%s:%d%s can add and "
+        "remove workers; set --admin-api-key",
+        config.host,
+        config.port,
+        config.admin_prefix,
+    )
+    return None
+
+
+# -- the start-up probe ---------------------------------------------------------------------
+
+
+def _check_workers(router: Router) -> list[str] | None:
+    """Probe every worker once (or until ``wait_for_workers``); the workers now marked
+    unhealthy, or None when the router must not start because they did not come up in time.
+
+    With health checks on, an unreachable worker starts unhealthy and comes back when its
+    checks pass; without them nothing would bring it back, so it is only reported.
+    """
+    config = router.config
+    discovery = None if router.health is None else router.health.discovery
+    failing = anyio.run(
+        _probe_all,
+        [worker.url for worker in router.registry.workers],
+        config.health_check_endpoint,
+        config.wait_for_workers,
+        None if discovery is None else _discoverer(discovery),
+        router.engine_headers,
+    )
+    if router.health is None:
+        outlook = "health checks are off, so it keeps getting requests"
+    else:
+        outlook = (
+            f"no requests go there until it passes {config.health_success_threshold} health checks"
+        )
+    for url, reason in failing.items():
+        logger.warning("worker %s is not reachable (%s); %s", url, reason, outlook)
+    if failing and config.wait_for_workers > 0:
+        logger.error(
+            "%d of %d workers did not come up within %g s; exiting",
+            len(failing),
+            len(router.registry.workers),
+            config.wait_for_workers,
+        )
+        return None
+    unreachable = list(failing) if router.health is not None else []
+    _apply_findings(router, unreachable, {})
+    return unreachable
+
+
+def _apply_findings(
+    router: Router, unreachable: Iterable[str], models: Mapping[str, list[str]]
+) -> None:
+    """Mark ``unreachable`` workers unhealthy and give workers their discovered models."""
+    registry = router.registry
+    for url in unreachable:
+        worker = registry.get(url)
+        if worker is not None:
+            worker.healthy = False
+    for url, names in models.items():
+        worker = registry.get(url)
+        if worker is not None:
+            registry.set_models(worker, names)
+
+
+async def _probe(client: httpx.AsyncClient, url: str, path: str) -> str | None:
+    """None when ``url`` answers ``GET path`` with a 2xx status, else why not."""
+    try:
+        response = await client.get(f"{url}{path}")
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not 200 <= response.status_code < 300:
+        return f"GET {path} answered {response.status_code}"
+    return None
+
+
+async def _probe_all(
+    urls: Sequence[str],
+    path: str,
+    wait: float,
+    reached: Callable[[httpx.AsyncClient, str], Awaitable[None]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons.
+
+    ``headers`` go with every probe (the engine key, as on health checks);
+    ``reached(client, url)`` runs for each worker once it answers (model discovery), so
+    the first requests find the fleet as it is.
+    """
+    deadline = time.monotonic() + wait
+    failing: dict[str, str] = {}
+
+    async def check(client: httpx.AsyncClient, url: str) -> None:
+        reason = await _probe(client, url, path)
+        if reason is None:
+            failing.pop(url, None)
+            if reached is not None:
+                await reached(client, url)
+        else:
+            failing[url] = reason
+
+    async with httpx.AsyncClient(
+        timeout=_PROBE_TIMEOUT, trust_env=False, headers=headers
+    ) as client:
+        pending = list(urls)
+        while True:
+            async with anyio.create_task_group() as group:
+                for url in pending:
+                    group.start_soon(check, client, url)
+            pending = [url for url in pending if url in failing]
+            if not pending or time.monotonic() >= deadline:
+                return failing
+            await anyio.sleep(min(_PROBE_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+def _discoverer(discovery: ModelDiscovery) -> Callable[[httpx.AsyncClient, str], Awaitable[None]]:
+    async def discover(client: httpx.AsyncClient, url: str) -> None:
+        worker = discovery.registry.get(url)
+        if worker is not None:
+            await discovery.discover(client, worker)
+
+    return discover
+
+
+# -- server limits: what one client may hold ------------------------------------------------
+
+
+def _default_limit_concurrency() -> int:
+    """Half the process's open-file limit, less a reserve: each request in progress holds a
+    client socket and an engine socket, so beyond this the router would fail engine
+    connects (EMFILE) mid-request instead of answering 503 up front."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 4096
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(64, (soft - _FD_RESERVE) // 2)
+
+
+def server_options(config: RouterConfig) -> dict[str, Any]:
+    """The uvicorn settings that bound what one client may hold: the keep-alive idle time,
+    a cap on connections and requests in progress, and the header-read timeout enforced
+    by :class:`~cache_router.proxy.server_protocol.RouterHttpProtocol` (which also keeps
+    chunked-request trailers out of the headers). A partial of a module-level class
+    pickles into ``--workers`` processes."""
+    limit = config.limit_concurrency
+    if limit is None:
+        limit = _default_limit_concurrency()
+    options: dict[str, Any] = {
+        "timeout_keep_alive": config.timeout_keep_alive,
+        "limit_concurrency": limit or None,
+    }
+    try:
+        from cache_router.proxy.server_protocol import RouterHttpProtocol
+    except ImportError:  # uvicorn without httptools: h11 keeps trailers apart, no timeout
+        logger.warning(
+            "httptools is not installed: serving with h11, without --header-read-timeout "
+            "(pip install 'cache_router[serve]')"
+        )
+        options["http"] = "h11"
+        return options
+    options["http"] = functools.partial(
+        RouterHttpProtocol, header_read_timeout=config.header_read_timeout or None
+    )
+    return options
+
+
+def _uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
+    """Everything uvicorn is given besides the app, the same for one process or N."""
+    return {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "access_log": config.log_level == "debug",
+        "lifespan": "on",
+        "server_header": False,
+        **server_options(config),
+    }
+
+
+# -- --workers N: one router per process ----------------------------------------------------
+
+
+def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
+    """Run ``config.workers`` uvicorn processes, each building its router with
+    :func:`app_from_env` from what :data:`SERVE_CONFIG_ENV` carries."""
+    config = router.config
+    if config.redis_url is None:
+        logger.warning(
+            "--workers %d without --redis-url: each process routes on its own prefix tree "
+            "and load counts, so they will not share what they learn",
+            config.workers,
+        )
+    # Each process starts with what the start-up probe learnt: reachability and models.
+    models = {
+        worker.url: worker.discovered_models
+        for worker in router.registry
+        if worker.discovered_models is not None
+    }
+    # The configuration includes its secrets (engine, client and admin keys, a Redis
+    # password): the variable is only inherited by this process's own children, as the
+    # flags and variables it came from already are. It is never logged.
+    os.environ[SERVE_CONFIG_ENV] = json.dumps(
+        {"config": config.to_dict(), "unreachable": unreachable, "models": models}
+    )
+    uvicorn.run(
+        "cache_router.serve:app_from_env",
+        factory=True,
+        workers=config.workers,
+        **_uvicorn_settings(config),
+    )
+    return 0
+
+
+def app_from_env() -> Any:
+    """The router app of one ``--workers`` process (a uvicorn factory).
+
+    Each process builds its own registry, policy and fleet state with
+    :func:`~cache_router.builder.build_router` from the configuration the parent put in
+    :data:`SERVE_CONFIG_ENV`; workers the parent found unreachable start unhealthy and
+    discovered models are known at once, as in a single process.
+    """
+    raw = os.environ.get(SERVE_CONFIG_ENV)
+    if raw is None:
+        raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
+    handed = json.loads(raw)
+    config = RouterConfig.from_dict(handed["config"])
+    configure_logging(config.log_level)
+    router = build_router(config)
+    _apply_findings(router, handed["unreachable"], handed["models"])
+    return router.app()
