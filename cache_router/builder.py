@@ -164,6 +164,12 @@ def build_router(
         )
         router.events.append(router.breakers)
     if config.admin_prefix is not None:
+        if config.admin_api_key is None and not config.admin_allow_unauthenticated:
+            logger.warning(
+                "THE ADMIN API IS UNAUTHENTICATED: anyone who reaches %s can add and remove "
+                "workers; set admin_api_key (or admin_allow_unauthenticated to say you mean it)",
+                config.admin_prefix,
+            )
         router.metrics = _metrics(registry, policy)
         if router.metrics is not None:
             router.events.append(router.metrics)

@@ -121,8 +121,8 @@ class RouterConfig:
     worker_urls: tuple[str, ...] = field(
         default=(),
         metadata=_meta(
-            "engine base URLs, e.g. http://10.0.0.1:8000 (required by load(); a library user "
-            "who brings a WorkerRegistry leaves it empty)"
+            "engine base URLs, e.g. http://10.0.0.1:8000 (serve needs at least one; in code, "
+            "a WorkerRegistry may stand in)"
         ),
     )
     host: str = field(default="127.0.0.1", metadata=_meta("address to listen on"))

@@ -120,13 +120,14 @@ def admin_exposure(config: RouterConfig) -> str | None:
             "not loopback: set --admin-api-key (or $CACHE_ROUTER_ADMIN_API_KEY, or "
             "admin_api_key in the config file), or pass --admin-allow-unauthenticated"
         )
-    logger.warning(
-        "THE ADMIN API IS UNAUTHENTICATED: anyone who reaches http://%s:%d%s can add and "
-        "remove workers; set --admin-api-key",
-        config.host,
-        config.port,
-        config.admin_prefix,
-    )
+    if config.admin_allow_unauthenticated:  # else build_router says so itself
+        logger.warning(
+            "THE ADMIN API IS UNAUTHENTICATED: anyone who reaches http://%s:%d%s can add and "
+            "remove workers; set --admin-api-key",
+            config.host,
+            config.port,
+            config.admin_prefix,
+        )
     return None
 
 

@@ -5,11 +5,13 @@ want to choose the policy object, add workers at run time, or host it in your ow
 process. For real engines the whole program is::
 
     import uvicorn
-    from cache_router import CacheAwarePolicy, WorkerRegistry
-    from cache_router.builder import create_router_app
+    from cache_router import RouterConfig, build_router
 
-    registry = WorkerRegistry(["http://10.0.0.1:30000", "http://10.0.0.2:30000"])
-    uvicorn.run(create_router_app(registry, CacheAwarePolicy()), host="0.0.0.0", port=8080)
+    config = RouterConfig(worker_urls=["http://10.0.0.1:30000", "http://10.0.0.2:30000"])
+    uvicorn.run(build_router(config).app(), host="0.0.0.0", port=8080)
+
+That is the router ``serve`` runs: health checks, circuit breakers, retries and the model
+list included.
 
 This script starts three :class:`~cache_router.testing.SimulatedEngine` instances and the
 router on 127.0.0.1, plays a few two-turn conversations through it and shows where each
@@ -24,8 +26,7 @@ import argparse
 
 import httpx
 
-from cache_router import CacheAwarePolicy, WorkerRegistry
-from cache_router.builder import create_router_app
+from cache_router import CacheAwarePolicy, RouterConfig, WorkerRegistry, build_router
 from cache_router.testing import SimulatedEngine, serve_app, serve_apps
 
 
@@ -35,13 +36,12 @@ def main(conversations: int = 4) -> list[tuple[str, str]]:
     placements: list[tuple[str, str]] = []
     with serve_apps(engines) as engine_urls:
         registry = WorkerRegistry(engine_urls)
-        router = create_router_app(registry, CacheAwarePolicy(seed=0))
+        router = build_router(RouterConfig(), registry=registry, policy=CacheAwarePolicy(seed=0))
         with (
-            serve_app(router, lifespan="on") as url,
+            serve_app(router.app(), lifespan="on") as url,
             httpx.Client(base_url=url, trust_env=False) as client,
         ):
             print("GET /readiness ->", client.get("/readiness").json())
-            print("GET /v1/models ->", [m["id"] for m in client.get("/v1/models").json()["data"]])
             for number in range(conversations):
                 messages = [
                     {"role": "system", "content": f"You are assistant {number}. " * 60},
@@ -58,6 +58,8 @@ def main(conversations: int = 4) -> list[tuple[str, str]]:
                         messages.append({"role": "user", "content": follow_up})
                 placements.append((turns[0], turns[1]))
                 print(f"conversation {number}: turn 1 -> {turns[0]}, turn 2 -> {turns[1]}")
+            # Learned by the health checker's first round, which runs beside the requests.
+            print("GET /v1/models ->", [m["id"] for m in client.get("/v1/models").json()["data"]])
         for engine in engines:
             stats = engine.stats()
             print(f"{stats.name}: {stats.requests} requests, cache hit {stats.cache_hit_rate:.0%}")

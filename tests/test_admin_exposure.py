@@ -211,3 +211,18 @@ def test_worker_allow_lets_serve_add_a_listed_network() -> None:
         assert added.status_code == 201, added.text
     assert target.paths()[0] == "/health"
     assert "UNAUTHENTICATED" not in served.stderr
+
+
+def test_a_library_router_with_an_open_admin_api_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from cache_router import RouterConfig, build_router
+
+    caplog.set_level(logging.WARNING, logger="cache_router")
+    build_router(RouterConfig(worker_urls=["http://127.0.0.1:9"], admin_prefix="/router"))
+    assert any("ADMIN API IS UNAUTHENTICATED" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    build_router(
+        RouterConfig(worker_urls=["http://127.0.0.1:9"], admin_prefix="/router", admin_api_key="k")
+    )
+    assert not any("UNAUTHENTICATED" in r.getMessage() for r in caplog.records)
