@@ -1,12 +1,9 @@
 """A small HTTP/1.1 client for plain-HTTP engines: asyncio protocols and httptools' parser.
 
-Router CPU per request is the figure a router competes on, and the general-purpose clients
-are most of it: measured against an instant engine at concurrency 64, aiohttp's client costs
-about 130 us of CPU per request (request and payload objects, header multidicts, its stream
-reader, timers) where writing the request in one call and parsing the answer with llhttp --
-the parser uvicorn serves with -- costs about 30 us. A relay needs little of what those
-clients do: the URL is quoted already, the headers are filtered already, the body is bytes,
-there are no redirects, cookies or decompression. So this client does only the relay's part:
+General-purpose clients spend most of a relay's CPU on what a relay does not need: the URL
+is quoted already, the headers are filtered already, the body is bytes, and there are no
+redirects, cookies or decompression (docs/benchmarks.md has the measurement). So this
+client does only the relay's part:
 
 * one request, written in a single ``writelines`` call, on a pooled keep-alive connection;
 * the answer parsed by ``httptools.HttpResponseParser`` as it arrives; the status and
