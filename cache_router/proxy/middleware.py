@@ -7,7 +7,8 @@ matched (typed or transparent):
    so a rejected request leaves no trace;
 2. extract the routing key and model, ask the policy for a worker among the candidates;
 3. take a load lease on that worker (``WorkerRegistry.acquire``, the only way load moves);
-4. relay the exchange; the relay's ``finally`` releases the lease when the body ends.
+4. relay the exchange; the relay owns the lease from here and releases it when the
+   exchange ends, however it ends.
 
 A request naming a model no registered worker serves is refused in step 1 (404
 ``model_not_found``), so an unknown model reaches no policy and takes no load. ``GET
@@ -59,9 +60,8 @@ from cache_router.proxy.relay import (
     Upstream,
     filter_headers,
     new_request_id,
-    send_json,
-    send_json_error,
 )
+from cache_router.proxy.responses import bad_request, method_not_allowed, send_error, send_json
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -92,20 +92,6 @@ class BackgroundTask(Protocol):
     """Anything that runs until cancelled, such as a health checker."""
 
     async def run(self) -> None: ...
-
-
-class _Rejected(Exception):
-    """A request refused before any worker was chosen."""
-
-    def __init__(
-        self, status: int, message: str, error_type: str, code: str, headers: Headers = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.code = code
-        self.headers = headers
 
 
 class _ClientGone(Exception):
@@ -399,21 +385,9 @@ class RoutingMiddleware:
             result = await self._dispatch(scope, receive, send, routing, body, raw_headers, echo)
             status = result.status or 0
             first_byte = result.first_byte
-        except _Rejected as rejected:
-            status = rejected.status
-            await _send_rejected(send, rejected, echo)
         except RouterError as error:
             status = error.status
-            await send_json_error(
-                send,
-                error.status,
-                error.message,
-                error.error_type,
-                error.code,
-                headers=echo
-                if error.retry_after is None
-                else ((b"retry-after", str(error.retry_after).encode()), *echo),
-            )
+            await send_error(send, error, echo)
         except _ClientGone:
             pass
         finally:
@@ -439,8 +413,9 @@ class RoutingMiddleware:
     ) -> RelayResult:
         """Select, lease and relay; on a retryable failure, again on another worker.
 
-        Each attempt takes its own lease and the relay releases it before returning, so
-        acquires and releases match however many attempts a request makes.
+        Each attempt takes its own lease and hands it to the relay, which releases it
+        before returning, so acquires and releases match however many attempts a request
+        makes.
         """
         headers = filter_headers(raw_headers, self._request_drop)
         headers.append((b"x-request-id", echo[0][1]))
@@ -454,27 +429,25 @@ class RoutingMiddleware:
             if not candidates:
                 raise self._no_candidate(routing.model)
             worker = self.policy.select(routing, candidates)
+            url = _upstream_url(worker.url, scope)
             lease = self.registry.acquire(worker)
-            try:
-                if self._events:
-                    self._events.request_routed(worker, routing)
-                if logger.isEnabledFor(logging.DEBUG):
-                    _log_decision(scope, routing, worker, attempt, echo[0][1])
-                result = await self.upstream.relay(
-                    method=scope["method"],
-                    url=_upstream_url(worker.url, scope),
-                    headers=headers,
-                    body=body,
-                    lease=lease,
-                    receive=receive,
-                    send=send,
-                    response_headers=echo,
-                    request_id=echo[0][1],
-                    may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
-                    events=self._events,
-                )
-            finally:
-                lease.release()
+            if logger.isEnabledFor(logging.DEBUG):
+                _log_decision(scope, routing, worker, attempt, echo[0][1])
+            # From here the relay owns the lease: it releases it however the exchange ends.
+            result = await self.upstream.relay(
+                method=scope["method"],
+                url=url,
+                headers=headers,
+                body=body,
+                lease=lease,
+                receive=receive,
+                send=send,
+                response_headers=echo,
+                request_id=echo[0][1],
+                may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
+                events=self._events,
+                routing=routing,
+            )
             if result.retry is None:
                 return result
             logger.warning(
@@ -494,15 +467,9 @@ class RoutingMiddleware:
         try:
             self._check_key(scope["headers"])
             if method not in _MODELS_METHODS:
-                raise _Rejected(
-                    405,
-                    f"method {method} is not allowed on {MODELS_PATH}",
-                    "invalid_request_error",
-                    "method_not_allowed",
-                    headers=((b"allow", b"GET, HEAD"),),
-                )
-        except _Rejected as rejected:
-            await _send_rejected(send, rejected)
+                raise method_not_allowed(method, MODELS_PATH, b"GET, HEAD")
+        except RouterError as error:
+            await send_error(send, error)
             return
         models = self.registry.known_models
         if models is not self._listed:  # rebuilt only when the fleet's models changed
@@ -516,11 +483,11 @@ class RoutingMiddleware:
 
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         if self.api_key is not None and not bearer_matches(headers, self.api_key):
-            raise _Rejected(
-                401,
+            raise RouterError(
                 "invalid or missing API key",
-                "authentication_error",
-                "invalid_api_key",
+                status=401,
+                error_type="authentication_error",
+                code="invalid_api_key",
                 headers=((b"www-authenticate", b"Bearer"),),
             )
 
@@ -530,23 +497,15 @@ class RoutingMiddleware:
         self._check_key(headers)
         method: str = scope["method"]
         if method not in route.methods:
-            raise _Rejected(
-                405,
-                f"method {method} is not allowed on {scope['path']}",
-                "invalid_request_error",
-                "method_not_allowed",
-                headers=((b"allow", route.allow_header),),
-            )
+            raise method_not_allowed(method, scope["path"], route.allow_header)
         if not route.requires_json:
             reason = _forbidden_path(scope["path"])
             if reason is not None:
-                raise _Rejected(400, f"refused path: {reason}", "invalid_request_error", "bad_path")
+                raise bad_request(f"refused path: {reason}", "bad_path")
         declared = _header(headers, b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise _Rejected(
-                    400, "invalid content-length", "invalid_request_error", "bad_length"
-                )
+                raise bad_request("invalid content-length", "bad_length")
             if int(declared) > self.max_body_size:
                 raise self._too_large()
         return await self._read_body(receive)
@@ -573,12 +532,12 @@ class RoutingMiddleware:
             return await anyio.to_thread.run_sync(b"".join, chunks)
         return b"".join(chunks)
 
-    def _too_large(self) -> _Rejected:
-        return _Rejected(
-            413,
+    def _too_large(self) -> RouterError:
+        return RouterError(
             f"request body exceeds {self.max_body_size} bytes",
-            "invalid_request_error",
-            "request_too_large",
+            status=413,
+            error_type="invalid_request_error",
+            code="request_too_large",
         )
 
     def _routing_request(
@@ -590,7 +549,7 @@ class RoutingMiddleware:
             try:
                 parsed = self._parse(body) if large else parse_json_object(body)
             except BodyError as error:
-                raise _Rejected(400, str(error), "invalid_request_error", "invalid_json") from None
+                raise bad_request(str(error), "invalid_json") from None
         elif body[:1] == b"{" or _is_json(headers):
             try:
                 parsed = self._parse(body) if large else parse_json_object(body)
@@ -607,13 +566,11 @@ class RoutingMiddleware:
                 if len(key[0]) > limit:
                     key = (key[0][:limit], key[1])
         except BodyError as error:
-            raise _Rejected(400, str(error), "invalid_request_error", "invalid_prompt") from None
+            raise bad_request(str(error), "invalid_prompt") from None
         model = parsed.get("model") if parsed is not None else None
         if model is not None:
             if not isinstance(model, str):
-                raise _Rejected(
-                    400, "model must be a string", "invalid_request_error", "invalid_model"
-                )
+                raise bad_request("model must be a string", "invalid_model")
             if not self.registry.serves_model(model):
                 raise _unknown_model(model)
         return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
@@ -640,17 +597,6 @@ async def _until_gone(receive: Receive) -> None:
 def _unknown_model(model: str) -> UnknownModel:
     # The name is the client's: repeat a bounded part of it, not a megabyte.
     return UnknownModel(f"no worker serves model {model[:_SHOWN_MODEL_CHARS]!r}")
-
-
-async def _send_rejected(send: Send, rejected: _Rejected, echo: Headers = ()) -> None:
-    await send_json_error(
-        send,
-        rejected.status,
-        rejected.message,
-        rejected.error_type,
-        rejected.code,
-        headers=(*rejected.headers, *echo),
-    )
 
 
 async def _sleep_unless_gone(seconds: float, receive: Receive) -> None:

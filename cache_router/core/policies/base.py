@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BindsRegistry", "Policy", "RoutingRequest", "least_loaded"]
 
+
 @runtime_checkable
 class Policy(Protocol):
     """Chooses one of ``candidates`` (never empty) for ``request``."""
