@@ -53,9 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = random.Random(args.seed)
     registry = WorkerRegistry([f"http://worker-{i}:8000" for i in range(args.workers)])
     workers = registry.candidates()
-    leases = [
-        registry.acquire(worker) for worker in workers for _ in range(rng.randrange(0, 40))
-    ]
+    leases = [registry.acquire(worker) for worker in workers for _ in range(rng.randrange(0, 40))]
     policy = CacheAwarePolicy(seed=args.seed)
     policy.bind(registry)
     systems = ["".join(rng.choices("abcdefghij klmnop", k=1000)) for _ in range(64)]

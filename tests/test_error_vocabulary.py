@@ -12,13 +12,13 @@ import httpx
 import pytest
 import respx
 
+from cache_router.builder import RouterApp
 from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel, error_body
 from cache_router.core.registry import WorkerRegistry
 from cache_router.ops.admin import AdminApp
 from cache_router.ops.probes import probe_app
 from cache_router.proxy.admission import Overloaded
 from cache_router.proxy.asgi import Message
-from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.responses import send_error
 
 pytestmark = pytest.mark.anyio
@@ -93,7 +93,7 @@ async def test_every_error_path_has_the_same_shape(mock: respx.MockRouter) -> No
     registry.add(ENGINE, model="m")
     mock.post(f"{ENGINE}/generate").mock(side_effect=httpx.ConnectError("refused"))
     admin = AdminApp(registry, api_key="admin-key")
-    router = RoutingMiddleware(
+    router = RouterApp(
         probe_app(registry),
         registry,
         transport="httpx",

@@ -96,7 +96,7 @@ def test_max_routing_key_length_flag_reaches_the_middleware() -> None:
         ["serve", "--worker-urls", "http://a:1", "--max-routing-key-length", "100"]
     )
     app = _router_app(args, WorkerRegistry(args.worker_urls))
-    assert app.max_routing_key_length == 100
+    assert app.routing.max_routing_key_length == 100
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-routing-key-length", "0"])
 

@@ -14,7 +14,10 @@ A request naming a model no registered worker serves is refused in step 1 (404
 ``model_not_found``), so an unknown model reaches no policy and takes no load. ``GET
 /v1/models`` is answered from the models the registry knows, with the client key checked.
 
-Requests for other paths, websockets and lifespan events go to the wrapped app untouched.
+Requests for other paths, websockets and lifespan events go to the wrapped app untouched;
+on ``lifespan.shutdown`` the upstream connection pool closes. Background tasks and the
+admin API are not this class's business: :mod:`cache_router.proxy.lifespan` and
+:mod:`cache_router.proxy.mount` wrap it for those (``Router.middleware`` composes them).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -49,6 +52,7 @@ from cache_router.core.routing_key import (
 from cache_router.proxy.admission import Admission
 from cache_router.proxy.asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from cache_router.proxy.auth import bearer_matches
+from cache_router.proxy.mount import under
 from cache_router.proxy.relay import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
@@ -86,12 +90,6 @@ MODELS_PATH = "/v1/models"
 _MODELS_METHODS = frozenset({"GET", "HEAD"})
 #: How much of an unknown model name the 404 repeats back.
 _SHOWN_MODEL_CHARS = 200
-
-
-class BackgroundTask(Protocol):
-    """Anything that runs until cancelled, such as a health checker."""
-
-    async def run(self) -> None: ...
 
 
 class _ClientGone(Exception):
@@ -188,10 +186,6 @@ class RoutingMiddleware:
         max_concurrent_requests: cap on requests in flight through this middleware, with a
             wait queue of ``queue_size`` and ``queue_timeout`` seconds; None for no cap.
         events: :class:`RouterEvents` listeners (circuit breakers, metrics).
-        background: tasks with an ``async run()`` (e.g. a ``HealthChecker``) run for the
-            lifetime of the app's lifespan.
-        admin: an ASGI app (e.g. ``AdminApp``) served under ``admin_prefix``; it sees the
-            prefix in ``root_path``, as under Starlette's ``Mount``.
         api_key: when set, routed requests must carry it (``Authorization: Bearer`` or
             ``x-api-key``; compared in constant time) or get 401; it is not forwarded.
         serve_models: answer ``GET /v1/models`` with the models the registry knows (given
@@ -220,9 +214,6 @@ class RoutingMiddleware:
         queue_size: int = 100,
         queue_timeout: float = 60.0,
         events: Iterable[RouterEvents] = (),
-        background: Iterable[BackgroundTask] = (),
-        admin: ASGIApp | None = None,
-        admin_prefix: str = "/router",
         api_key: str | None = None,
         serve_models: bool = True,
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
@@ -256,9 +247,6 @@ class RoutingMiddleware:
             )
         )
         self._events = EventFanout(list(events))
-        self.background = tuple(background)
-        self.admin = admin
-        self.admin_prefix = _normalize_prefix(admin_prefix)
         self.upstream = Upstream(
             transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
         )
@@ -282,7 +270,7 @@ class RoutingMiddleware:
         if route is not None:
             return route
         for prefix, transparent in self._prefixes:
-            if _under(path, prefix):
+            if under(path, prefix):
                 return transparent
         return None
 
@@ -300,58 +288,18 @@ class RoutingMiddleware:
             if route is not None:
                 await self._route(route, scope, receive, send)
                 return
-            if self.admin is not None and _under(path, self.admin_prefix):
-                root = scope.get("root_path", "") + self.admin_prefix
-                await self.admin({**scope, "root_path": root}, receive, send)
-                return
         elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
+            await self.app(scope, self._closing_on_shutdown(receive), send)
             return
         await self.app(scope, receive, send)
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the wrapped app's lifespan with the background tasks alongside it.
+    def _closing_on_shutdown(self, receive: Receive) -> Receive:
+        """``receive`` that closes the upstream pool when shutdown arrives, before the app
+        acknowledges it (the server ends its loop right after)."""
 
-        Health checks live exactly as long as the app: started with the lifespan, stopped
-        when it ends. On ``lifespan.shutdown`` they are cancelled and awaited *before* the
-        app acknowledges it, then the upstream pool closes: a server ends its event loop
-        once shutdown is acknowledged and would cancel, with an error logged, whatever
-        still runs.
-        """
-        if not self.background:
-            await self.app(scope, self._closing_on_shutdown(receive), send)
-            return
-        background = anyio.CancelScope()
-        stopped = anyio.Event()
-
-        async def run_background() -> None:
-            try:
-                with background:
-                    async with anyio.create_task_group() as tasks:
-                        for task in self.background:
-                            tasks.start_soon(task.run)
-            finally:
-                stopped.set()
-
-        async def stop_background() -> None:
-            background.cancel()
-            await stopped.wait()
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(run_background)
-            try:
-                await self.app(scope, self._closing_on_shutdown(receive, stop_background), send)
-            finally:
-                background.cancel()
-
-    def _closing_on_shutdown(
-        self, receive: Receive, before: Callable[[], Awaitable[None]] | None = None
-    ) -> Receive:
         async def receive_and_close() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                if before is not None:
-                    await before()
                 await self.aclose()
             return message
 
@@ -637,11 +585,6 @@ def _normalize_prefix(prefix: str) -> str:
     if not stripped or _forbidden_path(stripped) is not None:
         raise ValueError(f"transparent prefix {prefix!r} is not a usable path prefix")
     return stripped
-
-
-def _under(path: str, prefix: str) -> bool:
-    """Whether ``path`` is ``prefix`` or below it, on whole segments."""
-    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
