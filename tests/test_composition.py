@@ -99,9 +99,8 @@ class Task:
             self.stopped = True
 
 
-async def test_background_tasks_stop_before_the_app_acknowledges_shutdown() -> None:
-    task = Task()
-    seen_at_ack: list[bool] = []
+async def run_lifespan(app: Any, task: Task, send: Send) -> None:
+    """Startup, then shutdown once ``task`` has started."""
     incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
 
     async def receive() -> Message:
@@ -109,12 +108,19 @@ async def test_background_tasks_stop_before_the_app_acknowledges_shutdown() -> N
             await task.started.wait()
         return incoming.pop(0)
 
+    with anyio.fail_after(5):
+        await app({"type": "lifespan"}, receive, send)
+
+
+async def test_background_tasks_stop_before_the_app_acknowledges_shutdown() -> None:
+    task = Task()
+    seen_at_ack: list[bool] = []
+
     async def send(message: Message) -> None:
         if message["type"] == "lifespan.shutdown.complete":
             seen_at_ack.append(task.stopped)
 
-    with anyio.fail_after(5):
-        await BackgroundTasks(Recorder("app"), [task])({"type": "lifespan"}, receive, send)
+    await run_lifespan(BackgroundTasks(Recorder("app"), [task]), task, send)
     assert seen_at_ack == [True]
 
 
@@ -123,17 +129,10 @@ async def test_router_app_closes_the_upstream_pool_on_shutdown() -> None:
     task = Task()
     router = RouterApp(Recorder("app"), registry, transport="httpx", background=[task])
     client = router.routing.upstream.client()
-    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-
-    async def receive() -> Message:
-        if len(incoming) == 1:
-            await task.started.wait()
-        return incoming.pop(0)
 
     async def send(message: Message) -> None:
         pass
 
-    with anyio.fail_after(5):
-        await router({"type": "lifespan"}, receive, send)
+    await run_lifespan(router, task, send)
     assert task.stopped and client.is_closed
     assert router.background == (task,)
