@@ -27,18 +27,22 @@ from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.probes import probe_app
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
-from cache_router.proxy.middleware import BackgroundTask, RoutingMiddleware
+from cache_router.proxy.lifespan import BackgroundTask, BackgroundTasks
+from cache_router.proxy.middleware import RoutingMiddleware
+from cache_router.proxy.mount import PrefixMount
 from cache_router.proxy.relay import TransportChoice
 
 __all__ = [
     "CacheRouterMiddleware",
     "Router",
+    "RouterApp",
     "build_router",
     "create_router_app",
     "policy_from_config",
 ]
 
 logger = logging.getLogger("cache_router")
+
 
 def policy_from_config(config: RouterConfig, seed: int | None = None) -> Policy:
     return make_policy(
@@ -75,13 +79,13 @@ class Router:
     background: list[BackgroundTask] = field(default_factory=list)
     transport: TransportChoice | None = None
 
-    def middleware(self, app: ASGIApp, **options: Any) -> RoutingMiddleware:
-        """The routing middleware around ``app``.
+    def middleware(self, app: ASGIApp, **options: Any) -> RouterApp:
+        """The routing middleware around ``app``, with the admin API and the background
+        tasks (see :class:`RouterApp`).
 
-        ``options`` are :class:`~cache_router.proxy.middleware.RoutingMiddleware`
-        parameters that override what the configuration sets (``transport``,
-        ``typed_routes``, ``api_key``, ...); ``events`` and ``background`` given here run
-        besides the ones built, not instead.
+        ``options`` are :class:`RouterApp` parameters that override what the configuration
+        sets (``transport``, ``typed_routes``, ``api_key``, ``admin``, ...); ``events``
+        and ``background`` given here run besides the ones built, not instead.
         """
         config = self.config
         seconds = float(config.request_timeout_secs)
@@ -108,11 +112,11 @@ class Router:
         events = [*self.events, *options.pop("events", ())]
         background = [*self.background, *options.pop("background", ())]
         settings.update(options)
-        return RoutingMiddleware(
+        return RouterApp(
             app, self.registry, self.policy, events=events, background=background, **settings
         )
 
-    def app(self, **options: Any) -> RoutingMiddleware:
+    def app(self, **options: Any) -> RouterApp:
         """The standalone router: this middleware around the probe endpoints."""
         return self.middleware(probe_app(self.registry), **options)
 
@@ -270,12 +274,59 @@ class CacheRouterMiddleware:
         elif fields:
             config = config.replace(**fields)
         self.router = build_router(config, registry=registry, policy=policy)
-        self.routing = self.router.middleware(app, **options)
+        self.app = self.router.middleware(app, **options)
+        self.routing = self.app.routing
         self.registry = self.router.registry
         self.policy = self.router.policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.routing(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Close the upstream connections (done on lifespan shutdown)."""
+        await self.routing.aclose()
+
+
+class RouterApp(BackgroundTasks):
+    """The assembled router as one ASGI app, three small layers deep.
+
+    From the outside in: :class:`~cache_router.proxy.lifespan.BackgroundTasks` (this
+    class) runs ``background`` for the lifespan;
+    :class:`~cache_router.proxy.middleware.RoutingMiddleware` (``routing``) routes what it
+    intercepts, every other keyword being its parameter; behind it
+    :class:`~cache_router.proxy.mount.PrefixMount` serves ``admin`` under ``admin_prefix``
+    and hands the rest to ``app``. So routed paths win over the admin prefix, and the admin
+    API over the wrapped app. No holder sits around the layers: a request pays for exactly
+    one call more than the routing middleware alone.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        registry: WorkerRegistry,
+        policy: Policy | None = None,
+        *,
+        background: Iterable[BackgroundTask] = (),
+        admin: ASGIApp | None = None,
+        admin_prefix: str = "/router",
+        **options: Any,
+    ) -> None:
+        inner = app if admin is None else PrefixMount(app, admin_prefix, admin)
+        self.routing = RoutingMiddleware(inner, registry, policy, **options)
+        self.admin = admin
+        super().__init__(self.routing, background)
+
+    @property
+    def background(self) -> tuple[BackgroundTask, ...]:
+        return self.tasks
+
+    @property
+    def registry(self) -> WorkerRegistry:
+        return self.routing.registry
+
+    @property
+    def policy(self) -> Policy:
+        return self.routing.policy
 
     async def aclose(self) -> None:
         """Close the upstream connections (done on lifespan shutdown)."""
@@ -283,9 +334,11 @@ class CacheRouterMiddleware:
 
 
 #: Configuration fields a middleware keyword may name: those that are no parameter of
-#: ``RoutingMiddleware`` itself (whose names keep their meaning there).
-_CONFIG_ONLY = frozenset(OPTIONS) - frozenset(
-    inspect.signature(RoutingMiddleware.__init__).parameters
+#: ``RouterApp`` or ``RoutingMiddleware`` (whose names keep their meaning there).
+_CONFIG_ONLY = (
+    frozenset(OPTIONS)
+    - frozenset(inspect.signature(RoutingMiddleware.__init__).parameters)
+    - frozenset(inspect.signature(RouterApp.__init__).parameters)
 )
 
 
@@ -293,9 +346,9 @@ def create_router_app(
     registry: WorkerRegistry,
     policy: Policy | None = None,
     **middleware_options: Any,
-) -> RoutingMiddleware:
+) -> RouterApp:
     """A bare router app: the routing middleware around the probe endpoints, with exactly
     the ``middleware_options`` given and nothing else (no health checks, breakers or
     admin unless passed). Benchmarks and tests use it to measure the routing path alone;
     deployments want :func:`build_router`."""
-    return RoutingMiddleware(probe_app(registry), registry, policy, **middleware_options)
+    return RouterApp(probe_app(registry), registry, policy, **middleware_options)

@@ -32,7 +32,8 @@ import anyio
 import httpx
 import pytest
 
-from cache_router import CacheAwarePolicy, RoutingMiddleware, RoutingRequest, WorkerRegistry
+from cache_router import CacheAwarePolicy, RoutingRequest, WorkerRegistry
+from cache_router.builder import RouterApp
 from cache_router.core.registry import Worker
 from cache_router.ops.fleet import FleetState, RedisFleetState, redact_url
 from cache_router.testing import SimulatedEngine, serve_apps
@@ -178,7 +179,7 @@ class Replica:
     registry: WorkerRegistry
     policy: CacheAwarePolicy
     fleet: RedisFleetState | None
-    app: RoutingMiddleware
+    app: RouterApp
 
 
 def replica(urls: Sequence[str], redis_url: str | None, fleet: str, **policy: Any) -> Replica:
@@ -190,7 +191,7 @@ def replica(urls: Sequence[str], redis_url: str | None, fleet: str, **policy: An
         else RedisFleetState(registry, chosen, redis_url, fleet=fleet, **FAST)
     )  # type: ignore[arg-type]
     tasks = [] if state is None else [state]
-    app = RoutingMiddleware(SimulatedEngine(), registry, chosen, events=tasks, background=tasks)
+    app = RouterApp(SimulatedEngine(), registry, chosen, events=tasks, background=tasks)
     return Replica(registry, chosen, state, app)
 
 
@@ -709,7 +710,7 @@ def test_serve_workers_hands_its_configuration_to_each_process(
     assert "will not share" not in caplog.text
     app = serve.app_from_env()
     (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
-    assert state in app._events.listeners
+    assert state in app.routing._events.listeners
     assert (state.max_flush_interval, state.flush_batch) == (0.2, 1)  # the defaults
     os.environ.pop(serve.SERVE_CONFIG_ENV)
     with pytest.raises(RuntimeError):

@@ -20,6 +20,7 @@ from cache_router.core.policies import RoundRobinPolicy
 from cache_router.core.registry import Lease, WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.ops.health import CircuitBreaker, CircuitBreakers, HealthChecker
+from cache_router.proxy.lifespan import BackgroundTasks
 from cache_router.proxy.middleware import RoutingMiddleware
 
 pytestmark = pytest.mark.anyio
@@ -339,12 +340,13 @@ async def test_run_in_a_task_group_reports_started_before_checking(
 
 
 async def test_runs_with_the_middleware_lifespan(mock: respx.MockRouter) -> None:
-    """``background=[checker]``: checks start with the app's lifespan and stop with it."""
+    """``BackgroundTasks(router, [checker])``: checks start with the app's lifespan and
+    stop with it."""
     registry = WorkerRegistry([A])
     mock.get(f"{A}/health").mock(return_value=DOWN)
     checker = HealthChecker(registry, interval=0.01, failure_threshold=1)
-    middleware = RoutingMiddleware(
-        Starlette(), registry, transport="httpx", background=[checker]
+    middleware = BackgroundTasks(
+        RoutingMiddleware(Starlette(), registry, transport="httpx"), [checker]
     )
     to_app, app_inbox = anyio.create_memory_object_stream[dict[str, str]](4)
     to_test, test_inbox = anyio.create_memory_object_stream[dict[str, str]](4)

@@ -96,7 +96,7 @@ def test_max_routing_key_length_flag_reaches_the_middleware() -> None:
     default = serve_config("--worker-urls", "http://a:1")
     assert default.max_routing_key_length == 32768
     config = serve_config("--worker-urls", "http://a:1", "--max-routing-key-length", "100")
-    assert build_router(config).app().max_routing_key_length == 100
+    assert build_router(config).app().routing.max_routing_key_length == 100
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-routing-key-length", "0"])
 

@@ -42,13 +42,7 @@ CORE_THIRD_PARTY = frozenset({"orjson", "msgspec"})
 
 #: Imports that break a rule but are known and being removed. Each entry is
 #: (importing module, imported module). The lead empties this at merge.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        # issue 12: ops.admin still renders its errors with proxy.relay.send_json_error;
-        # another branch moves that to the shared error renderer. Remove this entry then.
-        ("cache_router.ops.admin", "cache_router.proxy.relay"),
-    }
-)
+KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 def module_name(path: Path, root: Path) -> str:

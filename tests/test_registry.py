@@ -393,3 +393,30 @@ def test_lease_repr_shows_state() -> None:
     lease.release()
     assert "released" in repr(lease)
     assert "load=0" in repr(registry.workers[0])
+
+
+def test_effective_load_moves_with_leases_and_external_load() -> None:
+    registry = WorkerRegistry(["http://a:1"])
+    worker = registry.workers[0]
+    lease = registry.acquire(worker)
+    assert (worker.load, worker.effective_load) == (1, 1)
+    worker.external_load = 5
+    assert (worker.load, worker.external_load, worker.effective_load) == (1, 5, 6)
+    lease.release()
+    lease.release()
+    assert (worker.load, worker.effective_load) == (0, 5)
+    worker.external_load = 0
+    assert worker.effective_load == 0
+
+
+def test_policies_read_load_through_public_attributes() -> None:
+    """Policies see load only as ``effective_load``/``processed``, never the lease's
+    private counters."""
+    import pathlib
+
+    import cache_router.core.policies as policies
+
+    folder = pathlib.Path(policies.__file__).parent
+    for module in folder.glob("*.py"):
+        text = module.read_text()
+        assert "._load" not in text and "._processed" not in text, module.name

@@ -36,6 +36,7 @@ from cache_router.core.policies import RoundRobinPolicy, RoutingRequest
 from cache_router.core.registry import Lease, Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.ops.health import CircuitBreakers, HealthChecker
+from cache_router.proxy.lifespan import BackgroundTasks
 from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.testing import BackgroundServer, serve_app, serve_apps
 
@@ -78,6 +79,7 @@ class Router:
     registry: WorkerRegistry
     middleware: RoutingMiddleware
     releases: list[Lease] = field(default_factory=list)
+    background: tuple[Any, ...] = ()
 
     def worker(self, url: str) -> Worker:
         worker = self.registry.get(url)
@@ -125,10 +127,12 @@ def router(
     if breakers is not None:
         options["events"] = [*options.get("events", ()), CircuitBreakers(registry, **breakers)]
     inner = Starlette(routes=[Route("/ping", _ping)])
+    background = options.pop("background", ())
     middleware = RoutingMiddleware(inner, registry, **options)
     served = Router("", registry, middleware)
+    served.background = tuple(background)
     registry.on_release(served.releases.append)
-    with serve_app(middleware, lifespan="on") as url:
+    with serve_app(BackgroundTasks(middleware, background), lifespan="on") as url:
         served.url = url
         yield served
 
@@ -273,7 +277,7 @@ async def test_health_checks_start_and_stop_with_the_server(
     caplog.set_level(logging.WARNING)
     with engines(Behaviour()) as (fleet, urls):
         with router(urls, health=FAST_CHECKS) as served:
-            (checker,) = served.middleware.background
+            (checker,) = served.background
             assert isinstance(checker, HealthChecker)
             wait_until(lambda: sum(path == "/health" for path in fleet[0].paths()) >= 2)
         rounds = checker.rounds

@@ -1,12 +1,18 @@
-"""Errors the routing core raises, and the OpenAI-shaped error body the HTTP layer sends.
+"""The router's one error vocabulary: :class:`RouterError` and the body it renders to.
 
-The core knows nothing about HTTP; each exception carries the status and error type the
-middleware should answer with, so that mapping lives in one place.
+Every answer the router gives instead of a routed response -- a refused request, an
+engine that failed, the admin API's refusals, the probes' 404 -- is a ``RouterError``
+carrying its HTTP status, its OpenAI-shaped ``type`` and ``code``, a message and any
+headers the status needs (``Retry-After``, ``Allow``, ``WWW-Authenticate``).
+:func:`error_body` is the one renderer of the bytes and
+:func:`cache_router.proxy.responses.send_error` the one sender, so every error a client
+sees has the same shape. Subclasses exist only where a caller catches one kind.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 __all__ = [
     "NoAvailableWorker",
@@ -17,7 +23,11 @@ __all__ = [
 
 
 class RouterError(Exception):
-    """Base class: a request the router cannot route. ``status`` is the HTTP answer."""
+    """An answer the router gives instead of a routed response.
+
+    The class attributes are a kind's defaults; the keywords override them for one error,
+    so a one-off refusal needs no subclass of its own.
+    """
 
     status = 500
     error_type = "router_error"
@@ -25,9 +35,30 @@ class RouterError(Exception):
     #: Seconds a client should wait before retrying, when waiting can help.
     retry_after: int | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+        code: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+        if code is not None:
+            self.code = code
+        if self.retry_after is not None:
+            headers = ((b"retry-after", str(self.retry_after).encode()), *headers)
+        #: Response headers the status calls for, as ASGI byte pairs.
+        self.headers = tuple(headers)
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.code)
 
 
 class NoAvailableWorker(RouterError):

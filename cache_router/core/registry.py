@@ -65,7 +65,10 @@ class Worker:
 
     ``load`` is the number of requests this router has forwarded to the worker and not yet
     finished; ``processed`` counts every request ever dispatched to it. Both are read-only
-    here: they change through leases only.
+    here: they change through leases only. ``effective_load`` (``load`` plus
+    ``external_load``) is what policies balance on; it is a plain attribute, kept in step
+    by leases and by the ``external_load`` setter, because policies read it for every
+    candidate of every request and a property costs a call each time. Never assign it.
 
     ``model`` is the model the worker was registered with, or None; ``discovered_models``
     those its engine reported (:meth:`WorkerRegistry.set_models`). A worker with neither
@@ -74,13 +77,14 @@ class Worker:
 
     __slots__ = (
         "_discovered",
+        "_external_load",
         "_load",
         "_model",
         "_processed",
         "_served",
         "breaker",
         "draining",
-        "external_load",
+        "effective_load",
         "healthy",
         "url",
     )
@@ -96,11 +100,9 @@ class Worker:
         self.draining = False
         #: Optional gate (e.g. a circuit breaker) that can hold traffic back for a while.
         self.breaker: Gate | None = None
-        #: In-flight requests on this worker that this router did not send (other router
-        #: replicas, other clients), as last reported by a load source; 0 without one.
-        #: Leases never touch it, so it cannot leak.
-        self.external_load = 0
+        self._external_load = 0
         self._load = 0
+        self.effective_load = 0
         self._processed = 0
 
     @property
@@ -125,9 +127,16 @@ class Worker:
         return self._load
 
     @property
-    def effective_load(self) -> int:
-        """What policies balance on: this router's in-flight requests plus the external ones."""
-        return self._load + self.external_load
+    def external_load(self) -> int:
+        """In-flight requests on this worker that this router did not send (other router
+        replicas, other clients), as last reported by a load source; 0 without one.
+        Leases never touch it, so it cannot leak."""
+        return self._external_load
+
+    @external_load.setter
+    def external_load(self, value: int) -> None:
+        self._external_load = value
+        self.effective_load = self._load + value
 
     @property
     def processed(self) -> int:
@@ -172,7 +181,9 @@ class Lease:
         if self.released:
             return
         self.released = True
-        self.worker._load -= 1
+        worker = self.worker
+        worker._load -= 1
+        worker.effective_load -= 1
         if self._on_release is not None:
             self._on_release(self)
 
@@ -343,6 +354,7 @@ class WorkerRegistry:
     def acquire(self, worker: Worker) -> Lease:
         """Count one more in-flight request on ``worker``; release the lease when done."""
         worker._load += 1
+        worker.effective_load += 1
         worker._processed += 1
         return Lease(worker, self._notify_release)
 

@@ -65,20 +65,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cache_router.core.errors import error_body
+from cache_router.core.errors import RouterError
 from cache_router.core.registry import Lease, Worker, WorkerRegistry, normalize_url
 from cache_router.ops.allowlist import HostAllowList, url_host
 from cache_router.ops.load_source import LOCAL, load_source
 from cache_router.ops.metrics import circuit_state
 from cache_router.proxy.asgi import Receive, Scope, Send
 from cache_router.proxy.auth import bearer_matches
-from cache_router.proxy.relay import send_json_error
+from cache_router.proxy.responses import bad_request, error_handler, send_error
 
 if TYPE_CHECKING:
     from cache_router.ops.metrics import PrometheusMetrics
     from cache_router.ops.models import ModelDiscovery
 
-__all__ = ["MAX_ADMIN_BODY", "AdminApp", "AdminError", "worker_info"]
+__all__ = ["MAX_ADMIN_BODY", "AdminApp", "worker_info"]
 
 logger = logging.getLogger("cache_router.ops.admin")
 
@@ -89,17 +89,13 @@ _HEALTH_REQUEST_TIMEOUT = 5.0
 _ADD_FIELDS = frozenset({"url", "model", "wait_healthy_secs"})
 # A proxy in front of the router may merge "//" in "/workers/http://host"; put it back.
 _MERGED_SCHEME = re.compile(r"^(https?):/(?!/)")
-
-
-class AdminError(Exception):
-    """An admin request refused with ``status`` and an OpenAI-shaped body."""
-
-    def __init__(self, status: int, message: str, error_type: str, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.code = code
+_KEY_REQUIRED = RouterError(
+    "the admin API needs a valid API key (Authorization: Bearer <key>)",
+    status=401,
+    error_type="authentication_error",
+    code="invalid_api_key",
+    headers=((b"www-authenticate", b"Bearer"),),
+)
 
 
 def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[str, Any]:
@@ -202,9 +198,9 @@ class AdminApp:
         self._app = Starlette(
             routes=routes,
             exception_handlers={
-                AdminError: _admin_error,
-                HTTPException: _http_error,
-                Exception: _server_error,
+                RouterError: error_handler,
+                HTTPException: error_handler,
+                Exception: error_handler,
             },
         )
 
@@ -214,14 +210,7 @@ class AdminApp:
             and self._api_key is not None
             and not bearer_matches(scope["headers"], self._api_key)
         ):
-            await send_json_error(
-                send,
-                401,
-                "the admin API needs a valid API key (Authorization: Bearer <key>)",
-                "authentication_error",
-                "invalid_api_key",
-                headers=((b"www-authenticate", b"Bearer"),),
-            )
+            await send_error(send, _KEY_REQUIRED)
             return
         await self._app(scope, receive, send)
 
@@ -245,7 +234,7 @@ class AdminApp:
         payload = await _json_object(request)
         unknown = payload.keys() - _ADD_FIELDS
         if unknown:
-            raise _bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
+            raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
         worker = await self.add(
             payload.get("url"), payload.get("model"), payload.get("wait_healthy_secs")
         )
@@ -260,7 +249,7 @@ class AdminApp:
     async def _remove_query(self, request: Request) -> Response:
         url = request.query_params.get("url")
         if url is None:
-            raise _bad_request("the url query parameter is required", "missing_url")
+            raise bad_request("the url query parameter is required", "missing_url")
         return await self._remove(self._known(url), request)
 
     async def _remove(self, worker: Worker, request: Request) -> Response:
@@ -281,29 +270,29 @@ class AdminApp:
     ) -> Worker:
         """Validate and register a worker, first waiting for it to be healthy if asked.
 
-        Raises :class:`AdminError`: 400 for a malformed URL or field, 403 for a host off
-        the allow-list, 409 if the URL is registered (or being added), 503 if the worker
-        is not healthy in time.
+        Raises :class:`~cache_router.core.errors.RouterError`: 400 for a malformed URL or
+        field, 403 for a host off the allow-list, 409 if the URL is registered (or being
+        added), 503 if the worker is not healthy in time.
         """
         if not isinstance(url, str):
-            raise _bad_request("url must be a string", "invalid_url")
+            raise bad_request("url must be a string", "invalid_url")
         try:
             url = normalize_url(url)
             host = url_host(url)
         except ValueError as exc:
-            raise _bad_request(str(exc), "invalid_url") from None
+            raise bad_request(str(exc), "invalid_url") from None
         if model is not None and (not isinstance(model, str) or not model):
-            raise _bad_request("model must be a non-empty string", "invalid_model")
+            raise bad_request("model must be a non-empty string", "invalid_model")
         wait = 0.0
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
         if not self.worker_allow.allows(host):
-            raise AdminError(
-                403,
+            raise RouterError(
                 f"worker host {urlsplit(url).hostname!r} is not on this router's worker "
                 "allow-list (--worker-allow)",
-                "permission_error",
-                "worker_not_allowed",
+                status=403,
+                error_type="permission_error",
+                code="worker_not_allowed",
             )
         self._check_free(url)
         discovery = self.discovery if model is None else None
@@ -321,11 +310,11 @@ class AdminApp:
                 # The reason stays in the log: refused, timed out or "status 404" would
                 # tell a caller which ports are open on the worker's host.
                 logger.warning("worker %s not ready within %g s: %s", url, wait, failure)
-                raise AdminError(
-                    503,
+                raise RouterError(
                     f"worker not ready within {wait:g} s; the router's log says why",
-                    "service_unavailable",
-                    "worker_unhealthy",
+                    status=503,
+                    error_type="service_unavailable",
+                    code="worker_unhealthy",
                 )
             self._check_free(url)
         worker = self.registry.add(url, model)
@@ -374,15 +363,20 @@ class AdminApp:
     def _known(self, url: str) -> Worker:
         worker = self.registry.get(_MERGED_SCHEME.sub(r"\1://", url))
         if worker is None:
-            raise AdminError(
-                404, f"no worker registered at {url!r}", "not_found_error", "worker_not_found"
+            raise RouterError(
+                f"no worker registered at {url!r}",
+                status=404,
+                error_type="not_found_error",
+                code="worker_not_found",
             )
         return worker
 
     def _check_free(self, url: str) -> None:
         if url in self._adding or self.registry.get(url) is not None:
             message = f"worker {url} is already registered"
-            raise AdminError(409, message, "invalid_request_error", "worker_exists")
+            raise RouterError(
+                message, status=409, error_type="invalid_request_error", code="worker_exists"
+            )
 
     async def _wait_healthy(self, url: str, seconds: float) -> str | None:
         """Poll the health path until it answers 200: None then, else the last failure."""
@@ -413,7 +407,7 @@ def _seconds(value: object, name: str) -> float:
         except ValueError:
             value = None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise _bad_request(f"{name} must be a finite number of seconds >= 0", "invalid_seconds")
+        raise bad_request(f"{name} must be a finite number of seconds >= 0", "invalid_seconds")
     return float(value)
 
 
@@ -422,48 +416,16 @@ async def _json_object(request: Request) -> dict[str, Any]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_ADMIN_BODY:
-            raise AdminError(
-                413,
+            raise RouterError(
                 f"admin request body exceeds {MAX_ADMIN_BODY} bytes",
-                "invalid_request_error",
-                "request_too_large",
+                status=413,
+                error_type="invalid_request_error",
+                code="request_too_large",
             )
     try:
         parsed = json.loads(body)
     except ValueError:
-        raise _bad_request("the body must be a JSON object", "invalid_json") from None
+        raise bad_request("the body must be a JSON object", "invalid_json") from None
     if not isinstance(parsed, dict):
-        raise _bad_request("the body must be a JSON object", "invalid_json")
+        raise bad_request("the body must be a JSON object", "invalid_json")
     return parsed
-
-
-def _bad_request(message: str, code: str) -> AdminError:
-    return AdminError(400, message, "invalid_request_error", code)
-
-
-def _json_error(status: int, message: str, error_type: str, code: str) -> Response:
-    body = error_body(message, error_type, code)
-    return Response(body, status_code=status, media_type="application/json")
-
-
-async def _admin_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AdminError)
-    return _json_error(exc.status, exc.message, exc.error_type, exc.code)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 (no such route) and 405 (wrong method), as JSON."""
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        response = _json_error(
-            404, f"no admin route {request.url.path}", "not_found_error", "not_found"
-        )
-    else:
-        kind = "method_not_allowed" if exc.status_code == 405 else "http_error"
-        response = _json_error(exc.status_code, exc.detail, "invalid_request_error", kind)
-    response.headers.update(exc.headers or {})
-    return response
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    return _json_error(500, "internal error in the admin API", "server_error", "internal_error")

@@ -22,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cache_router.core.errors import error_body
 from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.responses import error_handler
 
 __all__ = ["probe_app", "readiness"]
+
 
 def readiness(registry: WorkerRegistry) -> tuple[int, dict[str, Any]]:
     """The readiness probe's status code and body for ``registry``.
@@ -43,14 +44,9 @@ def readiness(registry: WorkerRegistry) -> tuple[int, dict[str, Any]]:
     return (200 if healthy else 503), body
 
 
-def _error(status: int, message: str, error_type: str, code: str) -> Response:
-    return Response(
-        error_body(message, error_type, code), status_code=status, media_type="application/json"
-    )
-
-
 def probe_app(registry: WorkerRegistry) -> Starlette:
     """The app ``serve`` puts behind the router: probes, and an OpenAI-shaped 404 else."""
+
     async def liveness(request: Request) -> Response:
         return Response(status_code=200)
 
@@ -58,25 +54,11 @@ def probe_app(registry: WorkerRegistry) -> Starlette:
         status, body = readiness(registry)
         return JSONResponse(body, status_code=status)
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        # Starlette raises HTTPException for unknown paths (404) and methods (405).
-        assert isinstance(exc, HTTPException)
-        path = request.url.path
-        if exc.status_code == 404:
-            answer = _error(404, f"no route for {path}", "not_found_error", "not_found")
-        elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {path}"
-            answer = _error(405, message, "invalid_request_error", "method_not_allowed")
-        else:
-            answer = _error(exc.status_code, exc.detail, "invalid_request_error", "http_error")
-        answer.headers.update(exc.headers or {})
-        return answer
-
     return Starlette(
         routes=[
             Route("/liveness", liveness, methods=["GET"]),
             Route("/readiness", ready, methods=["GET"]),
             Route("/health", ready, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: error_handler},
     )

@@ -7,13 +7,17 @@ matched (typed or transparent):
    so a rejected request leaves no trace;
 2. extract the routing key and model, ask the policy for a worker among the candidates;
 3. take a load lease on that worker (``WorkerRegistry.acquire``, the only way load moves);
-4. relay the exchange; the relay's ``finally`` releases the lease when the body ends.
+4. relay the exchange; the relay owns the lease from here and releases it when the
+   exchange ends, however it ends.
 
 A request naming a model no registered worker serves is refused in step 1 (404
 ``model_not_found``), so an unknown model reaches no policy and takes no load. ``GET
 /v1/models`` is answered from the models the registry knows, with the client key checked.
 
-Requests for other paths, websockets and lifespan events go to the wrapped app untouched.
+Requests for other paths, websockets and lifespan events go to the wrapped app untouched;
+on ``lifespan.shutdown`` the upstream connection pool closes. Background tasks and the
+admin API are not this class's business: :mod:`cache_router.proxy.lifespan` and
+:mod:`cache_router.proxy.mount` wrap it for those (``Router.middleware`` composes them).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -48,6 +52,7 @@ from cache_router.core.routing_key import (
 from cache_router.proxy.admission import Admission
 from cache_router.proxy.asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from cache_router.proxy.auth import bearer_matches
+from cache_router.proxy.mount import under
 from cache_router.proxy.relay import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
@@ -59,9 +64,8 @@ from cache_router.proxy.relay import (
     Upstream,
     filter_headers,
     new_request_id,
-    send_json,
-    send_json_error,
 )
+from cache_router.proxy.responses import bad_request, method_not_allowed, send_error, send_json
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -86,26 +90,6 @@ MODELS_PATH = "/v1/models"
 _MODELS_METHODS = frozenset({"GET", "HEAD"})
 #: How much of an unknown model name the 404 repeats back.
 _SHOWN_MODEL_CHARS = 200
-
-
-class BackgroundTask(Protocol):
-    """Anything that runs until cancelled, such as a health checker."""
-
-    async def run(self) -> None: ...
-
-
-class _Rejected(Exception):
-    """A request refused before any worker was chosen."""
-
-    def __init__(
-        self, status: int, message: str, error_type: str, code: str, headers: Headers = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.code = code
-        self.headers = headers
 
 
 class _ClientGone(Exception):
@@ -202,10 +186,6 @@ class RoutingMiddleware:
         max_concurrent_requests: cap on requests in flight through this middleware, with a
             wait queue of ``queue_size`` and ``queue_timeout`` seconds; None for no cap.
         events: :class:`RouterEvents` listeners (circuit breakers, metrics).
-        background: tasks with an ``async run()`` (e.g. a ``HealthChecker``) run for the
-            lifetime of the app's lifespan.
-        admin: an ASGI app (e.g. ``AdminApp``) served under ``admin_prefix``; it sees the
-            prefix in ``root_path``, as under Starlette's ``Mount``.
         api_key: when set, routed requests must carry it (``Authorization: Bearer`` or
             ``x-api-key``; compared in constant time) or get 401; it is not forwarded.
         serve_models: answer ``GET /v1/models`` with the models the registry knows (given
@@ -234,9 +214,6 @@ class RoutingMiddleware:
         queue_size: int = 100,
         queue_timeout: float = 60.0,
         events: Iterable[RouterEvents] = (),
-        background: Iterable[BackgroundTask] = (),
-        admin: ASGIApp | None = None,
-        admin_prefix: str = "/router",
         api_key: str | None = None,
         serve_models: bool = True,
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
@@ -270,9 +247,6 @@ class RoutingMiddleware:
             )
         )
         self._events = EventFanout(list(events))
-        self.background = tuple(background)
-        self.admin = admin
-        self.admin_prefix = _normalize_prefix(admin_prefix)
         self.upstream = Upstream(
             transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
         )
@@ -296,7 +270,7 @@ class RoutingMiddleware:
         if route is not None:
             return route
         for prefix, transparent in self._prefixes:
-            if _under(path, prefix):
+            if under(path, prefix):
                 return transparent
         return None
 
@@ -314,58 +288,18 @@ class RoutingMiddleware:
             if route is not None:
                 await self._route(route, scope, receive, send)
                 return
-            if self.admin is not None and _under(path, self.admin_prefix):
-                root = scope.get("root_path", "") + self.admin_prefix
-                await self.admin({**scope, "root_path": root}, receive, send)
-                return
         elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
+            await self.app(scope, self._closing_on_shutdown(receive), send)
             return
         await self.app(scope, receive, send)
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the wrapped app's lifespan with the background tasks alongside it.
+    def _closing_on_shutdown(self, receive: Receive) -> Receive:
+        """``receive`` that closes the upstream pool when shutdown arrives, before the app
+        acknowledges it (the server ends its loop right after)."""
 
-        Health checks live exactly as long as the app: started with the lifespan, stopped
-        when it ends. On ``lifespan.shutdown`` they are cancelled and awaited *before* the
-        app acknowledges it, then the upstream pool closes: a server ends its event loop
-        once shutdown is acknowledged and would cancel, with an error logged, whatever
-        still runs.
-        """
-        if not self.background:
-            await self.app(scope, self._closing_on_shutdown(receive), send)
-            return
-        background = anyio.CancelScope()
-        stopped = anyio.Event()
-
-        async def run_background() -> None:
-            try:
-                with background:
-                    async with anyio.create_task_group() as tasks:
-                        for task in self.background:
-                            tasks.start_soon(task.run)
-            finally:
-                stopped.set()
-
-        async def stop_background() -> None:
-            background.cancel()
-            await stopped.wait()
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(run_background)
-            try:
-                await self.app(scope, self._closing_on_shutdown(receive, stop_background), send)
-            finally:
-                background.cancel()
-
-    def _closing_on_shutdown(
-        self, receive: Receive, before: Callable[[], Awaitable[None]] | None = None
-    ) -> Receive:
         async def receive_and_close() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                if before is not None:
-                    await before()
                 await self.aclose()
             return message
 
@@ -399,21 +333,9 @@ class RoutingMiddleware:
             result = await self._dispatch(scope, receive, send, routing, body, raw_headers, echo)
             status = result.status or 0
             first_byte = result.first_byte
-        except _Rejected as rejected:
-            status = rejected.status
-            await _send_rejected(send, rejected, echo)
         except RouterError as error:
             status = error.status
-            await send_json_error(
-                send,
-                error.status,
-                error.message,
-                error.error_type,
-                error.code,
-                headers=echo
-                if error.retry_after is None
-                else ((b"retry-after", str(error.retry_after).encode()), *echo),
-            )
+            await send_error(send, error, echo)
         except _ClientGone:
             pass
         finally:
@@ -439,8 +361,9 @@ class RoutingMiddleware:
     ) -> RelayResult:
         """Select, lease and relay; on a retryable failure, again on another worker.
 
-        Each attempt takes its own lease and the relay releases it before returning, so
-        acquires and releases match however many attempts a request makes.
+        Each attempt takes its own lease and hands it to the relay, which releases it
+        before returning, so acquires and releases match however many attempts a request
+        makes.
         """
         headers = filter_headers(raw_headers, self._request_drop)
         headers.append((b"x-request-id", echo[0][1]))
@@ -454,27 +377,25 @@ class RoutingMiddleware:
             if not candidates:
                 raise self._no_candidate(routing.model)
             worker = self.policy.select(routing, candidates)
+            url = _upstream_url(worker.url, scope)
             lease = self.registry.acquire(worker)
-            try:
-                if self._events:
-                    self._events.request_routed(worker, routing)
-                if logger.isEnabledFor(logging.DEBUG):
-                    _log_decision(scope, routing, worker, attempt, echo[0][1])
-                result = await self.upstream.relay(
-                    method=scope["method"],
-                    url=_upstream_url(worker.url, scope),
-                    headers=headers,
-                    body=body,
-                    lease=lease,
-                    receive=receive,
-                    send=send,
-                    response_headers=echo,
-                    request_id=echo[0][1],
-                    may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
-                    events=self._events,
-                )
-            finally:
-                lease.release()
+            if logger.isEnabledFor(logging.DEBUG):
+                _log_decision(scope, routing, worker, attempt, echo[0][1])
+            # From here the relay owns the lease: it releases it however the exchange ends.
+            result = await self.upstream.relay(
+                method=scope["method"],
+                url=url,
+                headers=headers,
+                body=body,
+                lease=lease,
+                receive=receive,
+                send=send,
+                response_headers=echo,
+                request_id=echo[0][1],
+                may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
+                events=self._events,
+                routing=routing,
+            )
             if result.retry is None:
                 return result
             logger.warning(
@@ -494,15 +415,9 @@ class RoutingMiddleware:
         try:
             self._check_key(scope["headers"])
             if method not in _MODELS_METHODS:
-                raise _Rejected(
-                    405,
-                    f"method {method} is not allowed on {MODELS_PATH}",
-                    "invalid_request_error",
-                    "method_not_allowed",
-                    headers=((b"allow", b"GET, HEAD"),),
-                )
-        except _Rejected as rejected:
-            await _send_rejected(send, rejected)
+                raise method_not_allowed(method, MODELS_PATH, b"GET, HEAD")
+        except RouterError as error:
+            await send_error(send, error)
             return
         models = self.registry.known_models
         if models is not self._listed:  # rebuilt only when the fleet's models changed
@@ -516,11 +431,11 @@ class RoutingMiddleware:
 
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         if self.api_key is not None and not bearer_matches(headers, self.api_key):
-            raise _Rejected(
-                401,
+            raise RouterError(
                 "invalid or missing API key",
-                "authentication_error",
-                "invalid_api_key",
+                status=401,
+                error_type="authentication_error",
+                code="invalid_api_key",
                 headers=((b"www-authenticate", b"Bearer"),),
             )
 
@@ -530,23 +445,15 @@ class RoutingMiddleware:
         self._check_key(headers)
         method: str = scope["method"]
         if method not in route.methods:
-            raise _Rejected(
-                405,
-                f"method {method} is not allowed on {scope['path']}",
-                "invalid_request_error",
-                "method_not_allowed",
-                headers=((b"allow", route.allow_header),),
-            )
+            raise method_not_allowed(method, scope["path"], route.allow_header)
         if not route.requires_json:
             reason = _forbidden_path(scope["path"])
             if reason is not None:
-                raise _Rejected(400, f"refused path: {reason}", "invalid_request_error", "bad_path")
+                raise bad_request(f"refused path: {reason}", "bad_path")
         declared = _header(headers, b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise _Rejected(
-                    400, "invalid content-length", "invalid_request_error", "bad_length"
-                )
+                raise bad_request("invalid content-length", "bad_length")
             if int(declared) > self.max_body_size:
                 raise self._too_large()
         return await self._read_body(receive)
@@ -573,12 +480,12 @@ class RoutingMiddleware:
             return await anyio.to_thread.run_sync(b"".join, chunks)
         return b"".join(chunks)
 
-    def _too_large(self) -> _Rejected:
-        return _Rejected(
-            413,
+    def _too_large(self) -> RouterError:
+        return RouterError(
             f"request body exceeds {self.max_body_size} bytes",
-            "invalid_request_error",
-            "request_too_large",
+            status=413,
+            error_type="invalid_request_error",
+            code="request_too_large",
         )
 
     def _routing_request(
@@ -590,7 +497,7 @@ class RoutingMiddleware:
             try:
                 parsed = self._parse(body) if large else parse_json_object(body)
             except BodyError as error:
-                raise _Rejected(400, str(error), "invalid_request_error", "invalid_json") from None
+                raise bad_request(str(error), "invalid_json") from None
         elif body[:1] == b"{" or _is_json(headers):
             try:
                 parsed = self._parse(body) if large else parse_json_object(body)
@@ -607,13 +514,11 @@ class RoutingMiddleware:
                 if len(key[0]) > limit:
                     key = (key[0][:limit], key[1])
         except BodyError as error:
-            raise _Rejected(400, str(error), "invalid_request_error", "invalid_prompt") from None
+            raise bad_request(str(error), "invalid_prompt") from None
         model = parsed.get("model") if parsed is not None else None
         if model is not None:
             if not isinstance(model, str):
-                raise _Rejected(
-                    400, "model must be a string", "invalid_request_error", "invalid_model"
-                )
+                raise bad_request("model must be a string", "invalid_model")
             if not self.registry.serves_model(model):
                 raise _unknown_model(model)
         return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
@@ -640,17 +545,6 @@ async def _until_gone(receive: Receive) -> None:
 def _unknown_model(model: str) -> UnknownModel:
     # The name is the client's: repeat a bounded part of it, not a megabyte.
     return UnknownModel(f"no worker serves model {model[:_SHOWN_MODEL_CHARS]!r}")
-
-
-async def _send_rejected(send: Send, rejected: _Rejected, echo: Headers = ()) -> None:
-    await send_json_error(
-        send,
-        rejected.status,
-        rejected.message,
-        rejected.error_type,
-        rejected.code,
-        headers=(*rejected.headers, *echo),
-    )
 
 
 async def _sleep_unless_gone(seconds: float, receive: Receive) -> None:
@@ -691,11 +585,6 @@ def _normalize_prefix(prefix: str) -> str:
     if not stripped or _forbidden_path(stripped) is not None:
         raise ValueError(f"transparent prefix {prefix!r} is not a usable path prefix")
     return stripped
-
-
-def _under(path: str, prefix: str) -> bool:
-    """Whether ``path`` is ``prefix`` or below it, on whole segments."""
-    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

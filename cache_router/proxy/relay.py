@@ -1,9 +1,11 @@
 """The upstream half of the router: one pooled HTTP client and the relay of one exchange.
 
-The relay owns the end of a request's load lease. Its ``finally`` releases the lease when
-the response body ends for whatever reason -- last byte sent, client gone, engine failed,
-timeout, cancellation -- and the lease's own idempotence makes "exactly once" hold even if
-an outer safety net releases it again.
+The relay owns a request's load lease from the moment it is handed one: the exchange
+object releases it, exactly once, when the engine's body is complete (before the client's
+last, empty body message, so the load is gone by the time the client sees the end), when
+an error answer is about to go out, or -- for every other ending: client gone, engine
+failed mid-stream, timeout, a retry, cancellation -- when the relay returns. Nothing else
+releases it.
 
 The HTTP client underneath is a choice (:mod:`cache_router.proxy.clients`). The default ("auto")
 is aiohttp when it is installed and the loop is asyncio: measured at about a fifth of the
@@ -27,9 +29,10 @@ import anyio
 import httpx
 
 from cache_router.core._loop import on_asyncio
-from cache_router.core.errors import error_body
+from cache_router.core.errors import RouterError
 from cache_router.core.events import RouterEvents
-from cache_router.core.registry import Lease
+from cache_router.core.registry import Lease, Worker
+from cache_router.core.request import RoutingRequest
 from cache_router.proxy.asgi import Headers, Receive, Send
 from cache_router.proxy.clients import (
     AiohttpClient,
@@ -38,6 +41,7 @@ from cache_router.proxy.clients import (
     UpstreamError,
     UpstreamResponse,
 )
+from cache_router.proxy.responses import send_error
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -45,8 +49,6 @@ __all__ = [
     "REQUEST_DROP",
     "Upstream",
     "UpstreamAborted",
-    "send_json",
-    "send_json_error",
 ]
 
 logger = logging.getLogger("cache_router")
@@ -142,37 +144,6 @@ def filter_headers(
 
 def new_request_id() -> str:
     return os.urandom(12).hex()
-
-
-async def send_json_error(
-    send: Send,
-    status: int,
-    message: str,
-    error_type: str,
-    code: str | int | None = None,
-    *,
-    headers: Headers = (),
-) -> None:
-    """Answer with an OpenAI-shaped JSON error."""
-    await send_json(send, status, error_body(message, error_type, code), headers=headers)
-
-
-async def send_json(
-    send: Send, status: int, body: bytes, *, headers: Headers = (), head: bool = False
-) -> None:
-    """Answer with a JSON ``body`` (only its length for a HEAD request)."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
 
 class Upstream:
@@ -286,6 +257,7 @@ class Upstream:
         request_id: bytes = b"",
         may_retry: bool = False,
         events: RouterEvents = _NO_EVENTS,
+        routing: RoutingRequest | None = None,
     ) -> RelayResult:
         """Send one request upstream and stream the answer to the client.
 
@@ -307,6 +279,9 @@ class Upstream:
         exchange.events = events
         exchange.request_id = request_id
         try:
+            if routing is not None and events:
+                # Inside the try: a listener that raises still ends with the lease released.
+                events.request_routed(exchange.worker, routing)
             client = self.client()
             total = self._total_timeout
             # One cancel scope per exchange serves both ends: its deadline is the total
@@ -323,7 +298,7 @@ class Upstream:
             if not exchange.finished and not exchange.client_gone:
                 await self._timed_out(exchange)
         finally:
-            lease.release()
+            exchange.release()
         if exchange.failure is not None:
             # Raised here, outside any task group, so the server sees this exception itself.
             raise exchange.failure
@@ -356,8 +331,7 @@ class Upstream:
 
     async def _exchange(self, exchange: _Exchange, client: UpstreamClient) -> None:
         """Send, then stream; sets ``exchange.finished`` unless cut short by cancellation."""
-        lease = exchange.lease
-        worker = lease.worker
+        worker = exchange.worker
         send = exchange.send
         events = exchange.events
         result = exchange.result
@@ -396,7 +370,7 @@ class Upstream:
                 if result.first_byte is None:
                     result.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            lease.release()
+            exchange.release()
             events.upstream_completed(worker, status, time.perf_counter() - sent_at)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             exchange.finished = True
@@ -406,13 +380,11 @@ class Upstream:
             exchange.failure = UpstreamAborted(f"upstream {worker.url} failed mid-response")
             exchange.failure.__cause__ = exc
         finally:
-            lease.release()
             await _close(response)
 
     async def _unanswered(self, exchange: _Exchange, exc: UpstreamError) -> None:
         """No usable answer came back: retry elsewhere if allowed, else 502 or 504."""
-        worker = exchange.lease.worker
-        exchange.lease.release()
+        worker = exchange.worker
         exchange.finished = True
         exchange.events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
         # Nothing came back: the request never reached the engine (connect), or the
@@ -431,8 +403,7 @@ class Upstream:
 
     async def _timed_out(self, exchange: _Exchange) -> None:
         """The total timeout cut the exchange: 504 if nothing was sent, else cut the stream."""
-        worker = exchange.lease.worker
-        exchange.lease.release()
+        worker = exchange.worker
         exchange.events.upstream_failed(worker, timeout=True, connect=False)
         if exchange.result.status is not None:
             exchange.failure = UpstreamAborted(
@@ -461,13 +432,13 @@ class _Exchange:
     """The state of one exchange, shared by the relay steps."""
 
     __slots__ = (
+        "_lease",
         "body",
         "client_gone",
         "events",
         "failure",
         "finished",
         "headers",
-        "lease",
         "may_retry",
         "method",
         "request_id",
@@ -475,6 +446,7 @@ class _Exchange:
         "result",
         "send",
         "url",
+        "worker",
     )
 
     def __init__(
@@ -491,7 +463,8 @@ class _Exchange:
         self.url = url
         self.headers = headers
         self.body = body
-        self.lease = lease
+        self._lease: Lease | None = lease
+        self.worker: Worker = lease.worker
         self.send = send
         self.response_headers = response_headers
         self.may_retry = False
@@ -503,13 +476,26 @@ class _Exchange:
         self.request_id = b""
         self.result = RelayResult()
 
+    def release(self) -> None:
+        """Give the lease back: the one place it happens, at most once per exchange."""
+        lease = self._lease
+        if lease is not None:
+            self._lease = None
+            lease.release()
+
     async def error(self, status: int, what: str, code: str) -> None:
-        """Answer ``status``; the message says ``upstream <what>`` and the request id."""
-        error_type = "upstream_timeout" if status == 504 else "upstream_error"
-        message = f"upstream {what}; request id {self.request_id.decode('latin-1')}"
-        await send_json_error(
-            self.send, status, message, error_type, code, headers=self.response_headers
+        """Answer ``status``; the message says ``upstream <what>`` and the request id.
+
+        The lease goes first: the exchange with the engine is over, whatever the client
+        does with the answer."""
+        self.release()
+        error = RouterError(
+            f"upstream {what}; request id {self.request_id.decode('latin-1')}",
+            status=status,
+            error_type="upstream_timeout" if status == 504 else "upstream_error",
+            code=code,
         )
+        await send_error(self.send, error, self.response_headers)
         self.result.status = status
 
 
@@ -517,7 +503,7 @@ def _log_failure(exchange: _Exchange, what: str, detail: object) -> None:
     logger.warning(
         "request %s: upstream %s %s: %s",
         exchange.request_id.decode("latin-1"),
-        exchange.lease.worker.url,
+        exchange.worker.url,
         what,
         detail,
     )

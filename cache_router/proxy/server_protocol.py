@@ -34,7 +34,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from cache_router.proxy.relay import send_json_error
+from cache_router.core.errors import RouterError
+from cache_router.proxy.responses import send_error
 
 __all__ = ["DEFAULT_HEADER_READ_TIMEOUT", "RouterHttpProtocol"]
 
@@ -55,18 +56,17 @@ class _Discarding(list[tuple[bytes, bytes]]):
 
 _DROPPED_TRAILERS = _Discarding()
 
-_OVERLOADED = "the router is at its connection limit; retry shortly"
+_OVERLOADED = RouterError(
+    "the router is at its connection limit; retry shortly",
+    status=503,
+    error_type="service_unavailable",
+    code="server_overloaded",
+    headers=((b"connection", b"close"), (b"retry-after", b"1")),
+)
 
 
 async def _overloaded(scope: Any, receive: Any, send: Any) -> None:
-    await send_json_error(
-        send,
-        503,
-        _OVERLOADED,
-        "service_unavailable",
-        "server_overloaded",
-        headers=((b"connection", b"close"), (b"retry-after", b"1")),
-    )
+    await send_error(send, _OVERLOADED)
 
 
 class RouterHttpProtocol(HttpToolsProtocol):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BindsRegistry", "Policy", "RoutingRequest", "least_loaded"]
 
+
 @runtime_checkable
 class Policy(Protocol):
     """Chooses one of ``candidates`` (never empty) for ``request``."""
@@ -56,13 +57,22 @@ def least_loaded(candidates: Sequence[Worker], rng: random.Random) -> Worker:
     if not candidates:
         raise NoAvailableWorker("no worker available")
     best = candidates[0]
-    best_rank = (best._load + best.external_load, best._processed)
+    best_load = best.effective_load
+    best_processed = -1  # read only when a tie on load needs it
     ties = 1
     for worker in candidates[1:]:
-        rank = (worker._load + worker.external_load, worker._processed)
-        if rank < best_rank:
-            best, best_rank, ties = worker, rank, 1
-        elif rank == best_rank:
+        load = worker.effective_load
+        if load > best_load:
+            continue
+        if load < best_load:
+            best, best_load, best_processed, ties = worker, load, -1, 1
+            continue
+        if best_processed < 0:
+            best_processed = best.processed
+        processed = worker.processed
+        if processed < best_processed:
+            best, best_processed, ties = worker, processed, 1
+        elif processed == best_processed:
             # Reservoir sampling: each of the k tied workers ends up chosen with chance 1/k.
             ties += 1
             if rng.random() * ties < 1.0:

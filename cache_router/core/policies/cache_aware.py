@@ -190,7 +190,7 @@ class CacheAwarePolicy:
         return self._forest.size
 
     def is_imbalanced(self, candidates: Sequence[Worker]) -> bool:
-        loads = [worker._load + worker.external_load for worker in candidates]
+        loads = [worker.effective_load for worker in candidates]
         return self._imbalanced(max(loads), min(loads))
 
     def _imbalanced(self, highest: int, lowest: int) -> bool:
@@ -217,9 +217,9 @@ class CacheAwarePolicy:
         if count > 1:
             # One pass gathers what both load rules need.
             first = candidates[0]
-            highest = lowest = first._load + first.external_load
+            highest = lowest = first.effective_load
             for worker in candidates:
-                load = worker._load + worker.external_load
+                load = worker.effective_load
                 total += load
                 if load > highest:
                     highest = load
@@ -245,7 +245,7 @@ class CacheAwarePolicy:
                         sole_holder = len(match.tenants) == 1
             chosen = least_loaded(pool, self._rng)
             if matched and count > 1 and self.spill:
-                load = chosen._load + chosen.external_load
+                load = chosen.effective_load
                 # Either move needs a worker ``margin`` below the holder; the margin's
                 # least value rules out most hits before any arithmetic.
                 ahead = load - lowest
@@ -296,12 +296,12 @@ class CacheAwarePolicy:
         if not warm:  # unreachable while the tree keeps its invariant; stay put
             return holder, "cache_hit"
         target = least_loaded(warm, self._rng)
-        coolest = target._load + target.external_load
+        coolest = target.effective_load
         if load - coolest > margin:
             return target, "spilled_warm"
         cold = len(candidates) - len(warm)
         if cold:
-            warm_load = sum(worker._load + worker.external_load for worker in warm)
+            warm_load = sum(worker.effective_load for worker in warm)
             cold_mean = (total - warm_load) / cold
             if coolest > cold_mean * self.balance_rel_threshold and coolest > cold_mean + margin:
                 return least_loaded(candidates, self._rng), "spilled"
