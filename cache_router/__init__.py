@@ -7,7 +7,13 @@ composition root (:mod:`cache_router.config`, :mod:`cache_router.builder`), whic
 the demo and library users share. Every public name is importable from here.
 """
 
-from cache_router.builder import CacheRouterMiddleware, Router, build_router, create_router_app
+from cache_router.builder import (
+    CacheRouterMiddleware,
+    Router,
+    RouterApp,
+    build_router,
+    create_router_app,
+)
 from cache_router.config import ConfigError, RouterConfig
 from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel
 from cache_router.core.events import RouterEvents
@@ -47,6 +53,7 @@ __all__ = [
     "RetryConfig",
     "RoundRobinPolicy",
     "Router",
+    "RouterApp",
     "RouterConfig",
     "RouterError",
     "RouterEvents",

@@ -7,11 +7,10 @@ an error answer is about to go out, or -- for every other ending: client gone, e
 failed mid-stream, timeout, a retry, cancellation -- when the relay returns. Nothing else
 releases it.
 
-The HTTP client underneath is a choice (:mod:`cache_router.proxy.clients`). The default ("auto")
-is aiohttp when it is installed and the loop is asyncio: measured at about a fifth of the
-router CPU per request of httpx's default pool, which scans every pooled connection per
-request, and well under the cost of httpx over an aiohttp transport. On trio, without
-aiohttp, with ``transport="httpx"`` or an httpx transport instance, httpx is used.
+The HTTP client underneath is a choice (:mod:`cache_router.proxy.clients`). The default
+("auto") on asyncio is :mod:`cache_router.proxy.http1` for ``http://`` engines, the
+cheapest per request (docs/benchmarks.md), with aiohttp (else httpx) for ``https://``; on
+trio, with ``transport="httpx"`` or an httpx transport instance, httpx.
 """
 
 from __future__ import annotations
