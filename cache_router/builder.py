@@ -45,6 +45,7 @@ logger = logging.getLogger("cache_router")
 
 
 def policy_from_config(config: RouterConfig, seed: int | None = None) -> Policy:
+    """The policy ``config`` names, with its knobs (``seed``: reproducible choices)."""
     return make_policy(
         config.policy,
         cache_threshold=config.cache_threshold,
@@ -79,7 +80,7 @@ class Router:
     background: list[BackgroundTask] = field(default_factory=list)
     transport: TransportChoice | None = None
 
-    def middleware(self, app: ASGIApp, **options: Any) -> RouterApp:
+    def middleware(self, app: ASGIApp, /, **options: Any) -> RouterApp:
         """The routing middleware around ``app``, with the admin API and the background
         tasks (see :class:`RouterApp`).
 
@@ -262,6 +263,7 @@ class CacheRouterMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        /,
         registry: WorkerRegistry | None = None,
         policy: Policy | None = None,
         *,

@@ -35,7 +35,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -118,7 +118,7 @@ class RouterConfig:
     """
 
     # -- workers and the server -----------------------------------------------------------
-    worker_urls: tuple[str, ...] = field(
+    worker_urls: Sequence[str] = field(
         default=(),
         metadata=_meta(
             "engine base URLs, e.g. http://10.0.0.1:8000 (serve needs at least one; in code, "
@@ -214,7 +214,7 @@ class RouterConfig:
         default=1800.0,
         metadata=_meta("limit on one whole exchange with a worker, streaming included", low=0.001),
     )
-    transparent_prefixes: tuple[str, ...] = field(
+    transparent_prefixes: Sequence[str] = field(
         default=(),
         metadata=_meta(
             "path prefixes forwarded as they are (any method), e.g. /inference",
@@ -245,7 +245,7 @@ class RouterConfig:
         default=False,
         metadata=_meta("do not ask the workers which models they serve"),
     )
-    worker_allow: tuple[str, ...] = field(
+    worker_allow: Sequence[str] = field(
         default=(),
         metadata=_meta(
             "hosts the admin API may add workers on (empty: the hosts of the startup workers)"
@@ -521,7 +521,7 @@ def _options() -> dict[str, Option]:
         optional = get_origin(hint) in (Union, types.UnionType) and type(None) in args
         if optional:
             hint = next(arg for arg in args if arg is not type(None))
-        is_list = get_origin(hint) is tuple
+        is_list = get_origin(hint) in (tuple, Sequence)
         kind = get_args(hint)[0] if is_list else hint
         meta = spec.metadata
         options[spec.name] = Option(
