@@ -378,10 +378,11 @@ class RoutingMiddleware:
                 raise self._no_candidate(routing.model)
             worker = self.policy.select(routing, candidates)
             url = _upstream_url(worker.url, scope)
-            lease = self.registry.acquire(worker)
             if logger.isEnabledFor(logging.DEBUG):
                 _log_decision(scope, routing, worker, attempt, echo[0][1])
-            # From here the relay owns the lease: it releases it however the exchange ends.
+            # Nothing may run between the acquire and the relay, which owns the lease from
+            # its first line and releases it however the exchange ends.
+            lease = self.registry.acquire(worker)
             result = await self.upstream.relay(
                 method=scope["method"],
                 url=url,
