@@ -43,7 +43,7 @@ def test_each_decision_is_one_debug_record_with_fields(caplog: pytest.LogCapture
     assert record.__dict__["request_id"] == "rid-7"
     assert record.__dict__["worker"] == ENGINE
     assert record.__dict__["key_chars"] == 5
-    assert record.__dict__["worker_load"] == 1  # logged while the lease is held
+    assert record.__dict__["worker_load"] == 0  # the load the policy chose on, before the lease
     assert "to http://engine.test:30000" in record.getMessage()
 
 
