@@ -27,6 +27,7 @@ from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.probes import probe_app
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
+from cache_router.proxy.cors import CORSMiddleware
 from cache_router.proxy.lifespan import BackgroundTask, BackgroundTasks
 from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.mount import PrefixMount
@@ -96,19 +97,27 @@ class Router:
             "transparent_prefixes": config.transparent_prefixes,
             "max_body_size": config.max_payload_size,
             "max_routing_key_length": config.max_routing_key_length,
+            "request_id_headers": config.request_id_headers,
             "timeout": httpx.Timeout(
                 connect=min(10.0, seconds), read=seconds, write=min(60.0, seconds), pool=60.0
             ),
             "total_timeout": seconds,
             "transport": self.transport or cast(TransportChoice, config.upstream_transport),
             "upstream_headers": self.engine_headers,
-            "retry": RetryConfig(max_attempts=attempts),
+            "retry": RetryConfig(
+                max_attempts=attempts,
+                initial_backoff=config.retry_initial_backoff_ms / 1000,
+                max_backoff=config.retry_max_backoff_ms / 1000,
+                multiplier=config.retry_backoff_multiplier,
+                jitter=config.retry_jitter_factor,
+            ),
             "max_concurrent_requests": None if limit < 0 else max(limit, 1),
             "queue_size": config.queue_size,
             "queue_timeout": float(config.queue_timeout_secs),
             "admin": self.admin,
             "admin_prefix": config.admin_prefix or "/router",
             "api_key": config.router_api_key,
+            "cors_allowed_origins": config.cors_allowed_origins,
         }
         events = [*self.events, *options.pop("events", ())]
         background = [*self.background, *options.pop("background", ())]
@@ -166,8 +175,13 @@ def build_router(
             failure_threshold=config.cb_failure_threshold,
             success_threshold=config.cb_success_threshold,
             cooldown=float(config.cb_timeout_duration_secs),
+            window=config.cb_window_duration_secs,
         )
         router.events.append(router.breakers)
+    if config.admin_prefix is not None or config.prometheus_port is not None:
+        router.metrics = _metrics(registry, policy)
+        if router.metrics is not None:
+            router.events.append(router.metrics)
     if config.admin_prefix is not None:
         if config.admin_api_key is None and not config.admin_allow_unauthenticated:
             logger.warning(
@@ -175,9 +189,6 @@ def build_router(
                 "workers; set admin_api_key (or admin_allow_unauthenticated to say you mean it)",
                 config.admin_prefix,
             )
-        router.metrics = _metrics(registry, policy)
-        if router.metrics is not None:
-            router.events.append(router.metrics)
         router.admin = AdminApp(
             registry,
             api_key=config.admin_api_key,
@@ -298,8 +309,11 @@ class RouterApp(BackgroundTasks):
     intercepts, every other keyword being its parameter; behind it
     :class:`~cache_router.proxy.mount.PrefixMount` serves ``admin`` under ``admin_prefix``
     and hands the rest to ``app``. So routed paths win over the admin prefix, and the admin
-    API over the wrapped app. No holder sits around the layers: a request pays for exactly
-    one call more than the routing middleware alone.
+    API over the wrapped app. With ``cors_allowed_origins``,
+    :class:`~cache_router.proxy.cors.CORSMiddleware` sits in front of the routing
+    middleware and answers CORS preflights before any routing. No holder sits around the
+    layers: a request pays for exactly one call more than the routing middleware alone
+    (two with CORS).
     """
 
     def __init__(
@@ -311,12 +325,15 @@ class RouterApp(BackgroundTasks):
         background: Iterable[BackgroundTask] = (),
         admin: ASGIApp | None = None,
         admin_prefix: str = "/router",
+        cors_allowed_origins: Iterable[str] = (),
         **options: Any,
     ) -> None:
         inner = app if admin is None else PrefixMount(app, admin_prefix, admin)
         self.routing = RoutingMiddleware(inner, registry, policy, **options)
         self.admin = admin
-        super().__init__(self.routing, background)
+        origins = tuple(cors_allowed_origins)
+        outer = self.routing if not origins else CORSMiddleware(self.routing, origins)
+        super().__init__(outer, background)
 
     @property
     def background(self) -> tuple[BackgroundTask, ...]:

@@ -154,6 +154,54 @@ def _add_option(group: Any, option: Option) -> None:
     group.add_argument(option.flag, **settings)
 
 
+#: SGLang router flags that ``serve`` refuses, each with why and what to do instead: a
+#: command line carrying one stops with a message naming it, never with the flag ignored.
+_PD = "prefill/decode disaggregation is not supported: route to regular workers"
+_DISCOVERY = (
+    "Kubernetes service discovery is not supported: give --worker-urls or add workers "
+    "through the admin API (--admin-prefix)"
+)
+_TOKENIZER = "the router does not tokenize: routing keys are the prompt's characters or token ids"
+REFUSED_FLAGS: Mapping[str, str] = {
+    "--pd-disaggregation": _PD,
+    "--prefill": _PD,
+    "--decode": _PD,
+    "--prefill-policy": _PD,
+    "--decode-policy": _PD,
+    "--prefill-selector": _PD,
+    "--decode-selector": _PD,
+    "--bootstrap-port-annotation": _PD,
+    "--mini-lb": _PD,
+    "--service-discovery": _DISCOVERY,
+    "--selector": _DISCOVERY,
+    "--service-discovery-port": _DISCOVERY,
+    "--service-discovery-namespace": _DISCOVERY,
+    "--enable-igw": (
+        "there is no separate multi-model mode: every router routes by the request's model "
+        "among the workers that serve it (model discovery)"
+    ),
+    "--rate-limit-tokens-per-second": (
+        "there is no token bucket: --max-concurrent-requests caps the requests in flight, "
+        "with --queue-size and --queue-timeout-secs"
+    ),
+    "--model-path": _TOKENIZER,
+    "--tokenizer-path": _TOKENIZER,
+}
+
+
+class _Refused(argparse.Action):
+    """A flag of SGLang's router that ``serve`` does not implement: stop, saying why."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(f"{option_string} is not supported by cache-router: {self.help}")
+
+
 def _add_serve(commands: Any) -> None:
     # SUPPRESS: a flag not given leaves no attribute, so the environment, the file and the
     # defaults beneath it are not overridden by argparse's own defaults.
@@ -181,6 +229,15 @@ def _add_serve(commands: Any) -> None:
         if option.name in _GROUPS:
             group = serve.add_argument_group(_GROUPS[option.name])
         _add_option(group, option)
+    refused = serve.add_argument_group(
+        "SGLang router flags that are refused (see docs/cli.md)",
+        ", ".join(REFUSED_FLAGS),
+    )
+    for flag, reason in REFUSED_FLAGS.items():
+        # The reason rides in ``help``, suppressed from the listing (the group names them).
+        refused.add_argument(
+            flag, nargs="*", action=_Refused, help=reason, dest="refused", metavar="ARG"
+        )
 
 
 def serve_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:

@@ -50,6 +50,7 @@ __all__ = [
     "ENV_PREFIX",
     "LOG_LEVELS",
     "OPTIONS",
+    "REQUEST_ID_HEADERS",
     "TRANSPORTS",
     "ConfigError",
     "Option",
@@ -65,11 +66,15 @@ CONFIG_ENV = "CACHE_ROUTER_CONFIG"
 OTHER_ENV = frozenset({CONFIG_ENV, "CACHE_ROUTER_SERVE_ARGS", "CACHE_ROUTER_LAUNCHER"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: Where SGLang's router looks for a client's request id, in this order.
+REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 TRANSPORTS = ("auto", "http1", "aiohttp", "httpx")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _FLEET_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _MIN_FLUSH = 0.05  # RedisFleetState's flush_interval: max_flush_interval may not be shorter
 _EMPTY: Mapping[str, Any] = types.MappingProxyType({})
@@ -141,6 +146,13 @@ class RouterConfig:
             "router and server log level (debug also logs every request)", choices=LOG_LEVELS
         ),
     )
+    log_dir: str | None = field(
+        default=None,
+        metadata=_meta(
+            "also write the log to a file in this directory (created if missing), besides "
+            "standard error"
+        ),
+    )
     timeout_keep_alive: float = field(
         default=5.0,
         metadata=_meta("seconds an idle client connection is kept open", low=0.0),
@@ -209,6 +221,20 @@ class RouterConfig:
     max_payload_size: int = field(
         default=512 * 1024 * 1024,
         metadata=_meta("largest request body in bytes (413 above)", low=1),
+    )
+    request_id_headers: tuple[str, ...] = field(
+        default=REQUEST_ID_HEADERS,
+        metadata=_meta(
+            "headers a client's request id is taken from, first found wins (else one is "
+            "made); it goes to the worker and back to the client as x-request-id"
+        ),
+    )
+    cors_allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "origins browsers may call the router from: the router answers their CORS "
+            "preflight itself and marks its answers for them (empty: no CORS, OPTIONS is 405)"
+        ),
     )
     request_timeout_secs: float = field(
         default=1800.0,
@@ -280,17 +306,54 @@ class RouterConfig:
             low=0.0,
         ),
     )
+    worker_startup_timeout_secs: float | None = field(
+        default=None,
+        metadata=_meta(
+            "SGLang's name for wait_for_workers, which it replaces when given",
+            low=0.0,
+        ),
+    )
+    worker_startup_check_interval: float = field(
+        default=0.5,
+        metadata=_meta("seconds between two start-up probes of a worker not up yet", low=0.001),
+    )
+    dp_aware: bool = field(
+        default=False,
+        metadata=_meta(
+            "accepted for SGLang's command lines and NOT honoured: each worker URL is one "
+            "worker, no data-parallel ranks (a warning at start)"
+        ),
+    )
     # -- retries and circuit breakers -----------------------------------------------------
     retry_max_retries: int = field(
-        default=3,
+        default=5,
         metadata=_meta(
             "attempts per request, the first included, before the first byte reaches the client",
             low=1,
         ),
     )
     disable_retries: bool = field(default=False, metadata=_meta("one attempt per request"))
+    retry_initial_backoff_ms: int = field(
+        default=50, metadata=_meta("milliseconds before the first retry", low=0)
+    )
+    retry_max_backoff_ms: int = field(
+        default=30000, metadata=_meta("longest wait between two attempts, in ms", low=0)
+    )
+    retry_backoff_multiplier: float = field(
+        default=1.5, metadata=_meta("each further wait is the previous one times this", low=1.0)
+    )
+    retry_jitter_factor: float = field(
+        default=0.2,
+        metadata=_meta(
+            "each wait is scaled by a random factor in [1 - this, 1 + this]", low=0.0, high=1.0
+        ),
+    )
     cb_failure_threshold: int = field(
-        default=10, metadata=_meta("consecutive failures that open a breaker", low=1)
+        default=10,
+        metadata=_meta(
+            "failures that open a breaker: consecutive ones, or within cb_window_duration_secs",
+            low=1,
+        ),
     )
     cb_success_threshold: int = field(
         default=3, metadata=_meta("half-open successes that close it again", low=1)
@@ -298,6 +361,15 @@ class RouterConfig:
     cb_timeout_duration_secs: float = field(
         default=60.0,
         metadata=_meta("seconds an open breaker waits before letting requests try again", low=0.0),
+    )
+    cb_window_duration_secs: float | None = field(
+        default=None,
+        metadata=_meta(
+            "count a worker's failures in a sliding window of this many seconds, successes "
+            "between them notwithstanding (none: consecutive failures, as SGLang's router "
+            "does in effect)",
+            low=0.001,
+        ),
     )
     disable_circuit_breaker: bool = field(
         default=False, metadata=_meta("no per-worker circuit breakers")
@@ -311,7 +383,7 @@ class RouterConfig:
     )
     # -- admission ------------------------------------------------------------------------
     max_concurrent_requests: int = field(
-        default=-1,
+        default=256,
         metadata=_meta(
             "requests in flight through the router before queueing (-1: no limit)", low=-1
         ),
@@ -333,6 +405,18 @@ class RouterConfig:
     admin_api_key: str | None = field(default=None, metadata=_meta("admin API key", secret=True))
     admin_allow_unauthenticated: bool = field(
         default=False, metadata=_meta("serve the admin API without a key")
+    )
+    prometheus_port: int | None = field(
+        default=None,
+        metadata=_meta(
+            "also serve the metrics on a listener of their own on this port (needs "
+            "prometheus-client; none: off)",
+            low=0,
+            high=65535,
+        ),
+    )
+    prometheus_host: str = field(
+        default="127.0.0.1", metadata=_meta("address of the metrics listener")
     )
     # -- scale-out ------------------------------------------------------------------------
     redis_url: str | None = field(
@@ -664,6 +748,20 @@ def _secret(text: str) -> str:
     return text
 
 
+def _header_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    lowered = tuple(dict.fromkeys(name.lower() for name in names))
+    if not all(_HEADER_NAME.fullmatch(name) for name in lowered):
+        raise _Invalid("not a header name")
+    return lowered
+
+
+def _origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise _Invalid(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+    return tuple(dict.fromkeys(origins))
+
+
 def _fleet_name(name: str) -> str:
     if not _FLEET_NAME.fullmatch(name):
         raise _Invalid("may only use letters, digits and _ . : -")
@@ -689,6 +787,10 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "admin_api_key": _secret,
     "redis_url": _redis_url,
     "fleet_name": _fleet_name,
+    "request_id_headers": _header_names,
+    "cors_allowed_origins": _origins,
+    "log_dir": _non_empty,
+    "prometheus_host": _non_empty,
 }
 
 
@@ -740,6 +842,12 @@ def _cross_checks(
         return "default" if get(name) == OPTIONS[name].default else fallback
 
     problems: list[str] = []
+    if get("prometheus_port") is not None and get("workers") > 1:
+        problems.append(
+            f"prometheus_port (from {where('prometheus_port')}): one metrics listener cannot "
+            f"serve {get('workers')} processes' metrics (from {where('workers')}); scrape "
+            "each process's admin_prefix/metrics, or run one process per router"
+        )
     if get("redis_url") is not None:
         heartbeat, ttl = get("fleet_heartbeat_secs"), get("fleet_ttl_secs")
         if not ttl > heartbeat:

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ import httpx
 from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
 from cache_router.ops.allowlist import parse_host
+from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
 
 __all__ = ["SERVE_CONFIG_ENV", "admin_exposure", "app_from_env", "run", "server_options"]
@@ -40,7 +42,6 @@ logger = logging.getLogger("cache_router.serve")
 SERVE_CONFIG_ENV = "CACHE_ROUTER_SERVE_ARGS"
 
 _PROBE_TIMEOUT = 2.0
-_PROBE_INTERVAL = 0.5
 #: File descriptors kept for everything but client and engine sockets (listener, logs,
 #: health checks, Redis, the event loop's own).
 _FD_RESERVE = 64
@@ -48,7 +49,11 @@ _FD_RESERVE = 64
 
 def run(config: RouterConfig) -> int:
     """Serve ``config``'s router until interrupted; returns the exit status."""
-    configure_logging(config.log_level)
+    try:
+        configure_logging(config.log_level, config.log_dir)
+    except OSError as exc:
+        print(f"cache-router serve: error: log_dir {config.log_dir}: {exc}", file=sys.stderr)
+        return 2
     uvicorn = _import_uvicorn()
     if uvicorn is None:
         print(
@@ -65,6 +70,15 @@ def run(config: RouterConfig) -> int:
     except ValueError as exc:  # a knob the policy or the middleware refused
         print(f"cache-router serve: error: {exc}", file=sys.stderr)
         return 2
+    if config.dp_aware:
+        logger.warning(
+            "--dp-aware is accepted but not honoured: every worker URL is one worker, "
+            "without data-parallel ranks (see docs/cli.md)"
+        )
+    refusal = _add_metrics_listener(router)
+    if refusal is not None:
+        print(f"cache-router serve: error: {refusal}", file=sys.stderr)
+        return 2 if router.metrics is None else 1
     unreachable = _check_workers(router)
     if unreachable is None:
         return 1
@@ -82,10 +96,20 @@ def run(config: RouterConfig) -> int:
     return 0 if server.started else 1
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The file ``--log-dir`` adds, appended to by every ``--workers`` process.
+LOG_FILE = "cache-router.log"
+
+
+def configure_logging(level: str, log_dir: str | None = None) -> None:
+    """Log to standard error, and with ``log_dir`` also to :data:`LOG_FILE` in it (the
+    router's own loggers; uvicorn's server lines stay on standard error). Raises OSError
+    when the directory cannot be made or the file opened."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_dir is not None:
+        os.makedirs(log_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(log_dir, LOG_FILE), encoding="utf-8"))
+    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT, handlers=handlers)
     if level != "debug":  # httpx logs every request at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -131,6 +155,34 @@ def admin_exposure(config: RouterConfig) -> str | None:
     return None
 
 
+# -- the metrics listener ------------------------------------------------------------------
+
+
+def _add_metrics_listener(router: Router) -> str | None:
+    """With ``prometheus_port``, run the metrics listener beside the app; why not, else None.
+
+    The port is bound once here, so that a port in use ends ``serve`` with a message
+    before it starts, not in the middle of its lifespan.
+    """
+    config = router.config
+    if config.prometheus_port is None:
+        return None
+    if router.metrics is None:
+        return "--prometheus-port needs prometheus-client: pip install 'cache_router[metrics]'"
+    try:
+        socket.create_server((config.prometheus_host, config.prometheus_port)).close()
+    except OSError as exc:
+        return (
+            f"the metrics listener cannot listen on {config.prometheus_host}:"
+            f"{config.prometheus_port}: {exc.strerror or exc}"
+        )
+    router.background.append(
+        MetricsListener(router.metrics, config.prometheus_host, config.prometheus_port)
+    )
+    logger.info("metrics on http://%s:%d/metrics", config.prometheus_host, config.prometheus_port)
+    return None
+
+
 # -- the start-up probe ---------------------------------------------------------------------
 
 
@@ -142,14 +194,16 @@ def _check_workers(router: Router) -> list[str] | None:
     checks pass; without them nothing would bring it back, so it is only reported.
     """
     config = router.config
+    wait = startup_wait(config)
     discovery = None if router.health is None else router.health.discovery
     failing = anyio.run(
         _probe_all,
         [worker.url for worker in router.registry.workers],
         config.health_check_endpoint,
-        config.wait_for_workers,
+        wait,
         None if discovery is None else _discoverer(discovery),
         router.engine_headers,
+        config.worker_startup_check_interval,
     )
     if router.health is None:
         outlook = "health checks are off, so it keeps getting requests"
@@ -159,17 +213,25 @@ def _check_workers(router: Router) -> list[str] | None:
         )
     for url, reason in failing.items():
         logger.warning("worker %s is not reachable (%s); %s", url, reason, outlook)
-    if failing and config.wait_for_workers > 0:
+    if failing and wait > 0:
         logger.error(
             "%d of %d workers did not come up within %g s; exiting",
             len(failing),
             len(router.registry.workers),
-            config.wait_for_workers,
+            wait,
         )
         return None
     unreachable = list(failing) if router.health is not None else []
     _apply_findings(router, unreachable, {})
     return unreachable
+
+
+def startup_wait(config: RouterConfig) -> float:
+    """Seconds ``serve`` waits for the workers: SGLang's ``worker_startup_timeout_secs``
+    when given, else ``wait_for_workers``."""
+    if config.worker_startup_timeout_secs is not None:
+        return config.worker_startup_timeout_secs
+    return config.wait_for_workers
 
 
 def _apply_findings(
@@ -204,8 +266,10 @@ async def _probe_all(
     wait: float,
     reached: Callable[[httpx.AsyncClient, str], Awaitable[None]] | None = None,
     headers: dict[str, str] | None = None,
+    interval: float = 0.5,
 ) -> dict[str, str]:
-    """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons.
+    """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons;
+    those not up are asked again every ``interval`` seconds.
 
     ``headers`` go with every probe (the engine key, as on health checks);
     ``reached(client, url)`` runs for each worker once it answers (model discovery), so
@@ -234,7 +298,7 @@ async def _probe_all(
             pending = [url for url in pending if url in failing]
             if not pending or time.monotonic() >= deadline:
                 return failing
-            await anyio.sleep(min(_PROBE_INTERVAL, max(0.0, deadline - time.monotonic())))
+            await anyio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 def _discoverer(discovery: ModelDiscovery) -> Callable[[httpx.AsyncClient, str], Awaitable[None]]:
@@ -351,7 +415,7 @@ def app_from_env() -> Any:
         raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
     handed = json.loads(raw)
     config = RouterConfig.from_dict(handed["config"])
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_dir)
     router = build_router(config)
     _apply_findings(router, handed["unreachable"], handed["models"])
     return router.app()

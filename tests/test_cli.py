@@ -52,6 +52,22 @@ SGLANG_DEFAULTS = {
     "health_failure_threshold": 3,
     "health_success_threshold": 2,
     "health_check_endpoint": "/health",
+    "retry_max_retries": 5,
+    "retry_initial_backoff_ms": 50,
+    "retry_max_backoff_ms": 30000,
+    "retry_backoff_multiplier": 1.5,
+    "retry_jitter_factor": 0.2,
+    "cb_failure_threshold": 10,
+    "cb_success_threshold": 3,
+    "cb_timeout_duration_secs": 60,
+    "max_concurrent_requests": 256,
+    "queue_size": 100,
+    "queue_timeout_secs": 60,
+    "prometheus_host": "127.0.0.1",
+    "request_id_headers": ("x-request-id", "x-correlation-id", "x-trace-id", "request-id"),
+    "cors_allowed_origins": (),
+    "dp_aware": False,
+    "log_dir": None,
 }
 
 

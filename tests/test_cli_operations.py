@@ -14,10 +14,14 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_operations_flags_default_to_sglangs_and_stay_off() -> None:
     config = serve_config("--worker-urls", "http://127.0.0.1:1")
-    assert config.retry_max_retries == 3
+    assert config.retry_max_retries == 5
+    backoff = (config.retry_initial_backoff_ms, config.retry_max_backoff_ms)
+    assert backoff == (50, 30000)
+    assert (config.retry_backoff_multiplier, config.retry_jitter_factor) == (1.5, 0.2)
     assert (config.cb_failure_threshold, config.cb_success_threshold) == (10, 3)
     assert config.cb_timeout_duration_secs == 60
-    assert config.max_concurrent_requests == -1  # no admission limit unless asked
+    assert config.max_concurrent_requests == 256  # SGLang's router's (smg's is -1: off)
+    assert config.cb_window_duration_secs is None  # consecutive failures, as SGLang in effect
     assert (config.queue_size, config.queue_timeout_secs) == (100, 60)
     assert config.admin_prefix is None  # the admin API is opt-in
     assert not config.disable_retries and not config.disable_circuit_breaker

@@ -26,7 +26,7 @@ DOC = ROOT / "docs" / "configuration.md"
 URL = "http://127.0.0.1:8001"
 
 #: ``serve`` arguments that are not options of the router: help, and the config file.
-NOT_OPTIONS = {"help", "config"}
+NOT_OPTIONS = {"help", "config", "refused"}  # refused: the SGLang flags serve refuses
 
 #: A value other than the default for each string option, as it is typed on a command line.
 SAMPLES: dict[str, list[str]] = {
@@ -41,6 +41,10 @@ SAMPLES: dict[str, list[str]] = {
     "admin_api_key": ["admin-key"],
     "redis_url": ["redis://127.0.0.1:6379/0"],
     "fleet_name": ["blue"],
+    "log_dir": ["/var/log/router"],
+    "request_id_headers": ["x-my-id", "x-trace-id"],
+    "cors_allowed_origins": ["http://localhost:3000"],
+    "prometheus_host": ["0.0.0.0"],
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Literal
@@ -243,9 +244,11 @@ class HealthChecker:
 
 
 class CircuitBreaker:
-    """A per-worker breaker over consecutive request outcomes; the registry's ``Gate``.
+    """A per-worker breaker over request outcomes; the registry's ``Gate``.
 
-    * ``closed``: requests flow; ``failure_threshold`` consecutive failures open it.
+    * ``closed``: requests flow; ``failure_threshold`` consecutive failures open it, or,
+      with a ``window`` (seconds), that many failures within any ``window``, successes
+      between them notwithstanding: a worker failing one request in three trips it too.
     * ``open``: :meth:`allows_request` is False for ``cooldown`` seconds.
     * ``half_open``: after the cool-down, requests flow again -- all of them, as in SGLang's
       router: the gate is asked while candidates are listed, not when one is dispatched,
@@ -259,6 +262,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "_clock",
+        "_failures",
         "_opened_at",
         "_state",
         "consecutive_failures",
@@ -270,6 +274,7 @@ class CircuitBreaker:
         "times_closed",
         "times_half_opened",
         "times_opened",
+        "window",
     )
 
     def __init__(
@@ -278,6 +283,7 @@ class CircuitBreaker:
         success_threshold: int = 2,
         cooldown: float = 30.0,
         *,
+        window: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
     ) -> None:
@@ -285,6 +291,12 @@ class CircuitBreaker:
             raise ValueError("failure_threshold and success_threshold must be at least 1")
         if cooldown < 0:
             raise ValueError("cooldown must be >= 0")
+        if window is not None and window <= 0:
+            raise ValueError("window must be positive (or None for consecutive failures)")
+        self.window = window
+        # The times of the last failure_threshold failures (window mode only): the oldest
+        # is within the window exactly when that many failed within it.
+        self._failures: deque[float] = deque(maxlen=failure_threshold)
         self.failure_threshold = failure_threshold
         self.success_threshold = success_threshold
         self.cooldown = cooldown
@@ -331,7 +343,14 @@ class CircuitBreaker:
         state = self.state
         if state == "closed":
             self.consecutive_failures += 1
-            if self.consecutive_failures >= self.failure_threshold:
+            if self.window is not None:
+                now = self._clock()
+                self._failures.append(now)
+                if len(self._failures) == self.failure_threshold and (
+                    now - self._failures[0] <= self.window
+                ):
+                    self._open(f"{self.failure_threshold} failures within {self.window:g}s")
+            elif self.consecutive_failures >= self.failure_threshold:
                 self._open(f"{self.consecutive_failures} consecutive failures")
         elif state == "half_open":
             self._open("a failure while half-open")
@@ -340,6 +359,7 @@ class CircuitBreaker:
         self._state = "open"
         self._opened_at = self._clock()
         self.consecutive_successes = 0
+        self._failures.clear()
         self.times_opened += 1
         logger.warning(
             "circuit breaker %s opened after %s; no requests for %gs",
@@ -381,13 +401,15 @@ class CircuitBreakers(RouterEvents):
         failure_threshold: int = 5,
         success_threshold: int = 2,
         cooldown: float = 30.0,
+        window: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Validate once, here, rather than on the first worker added.
-        CircuitBreaker(failure_threshold, success_threshold, cooldown, clock=clock)
+        CircuitBreaker(failure_threshold, success_threshold, cooldown, window=window, clock=clock)
         self.failure_threshold = failure_threshold
         self.success_threshold = success_threshold
         self.cooldown = cooldown
+        self.window = window
         self._clock = clock
         self._breakers: dict[Worker, CircuitBreaker] = {}
         for worker in registry:
@@ -406,6 +428,7 @@ class CircuitBreakers(RouterEvents):
             self.failure_threshold,
             self.success_threshold,
             self.cooldown,
+            window=self.window,
             clock=self._clock,
             name=worker.url,
         )

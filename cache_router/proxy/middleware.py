@@ -192,6 +192,9 @@ class RoutingMiddleware:
             or discovered), behind ``api_key``; False leaves that path to the wrapped app.
         max_routing_key_length: the routing key (and what goes into the prefix tree) is
             cut to this many characters, or tokens for token ids.
+        request_id_headers: client headers the request id is taken from, the first in
+            this order that the request carries (else the router makes one); the id goes
+            upstream and back to the client as ``x-request-id``.
     """
 
     def __init__(
@@ -217,6 +220,7 @@ class RoutingMiddleware:
         api_key: str | None = None,
         serve_models: bool = True,
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
+        request_id_headers: Iterable[str] = ("x-request-id",),
     ) -> None:
         self.app = app
         self.registry = registry
@@ -229,6 +233,11 @@ class RoutingMiddleware:
         if max_routing_key_length <= 0:
             raise ValueError("max_routing_key_length must be positive")
         self.max_routing_key_length = max_routing_key_length
+        # Rank by header name, built once: a request's headers are scanned once for them.
+        self._request_id_ranks = {
+            name.lower().encode("latin-1"): rank
+            for rank, name in enumerate(dict.fromkeys(request_id_headers))
+        }
         routes = DEFAULT_TYPED_ROUTES if typed_routes is None else typed_routes
         self._typed = {
             path: _Route(path, TYPED_METHODS, extract, requires_json=True)
@@ -311,7 +320,9 @@ class RoutingMiddleware:
         # to this list while the body is read (uvicorn's httptools protocol), none of them
         # reaches the engine or overrides what the router sets. See server_protocol.
         raw_headers: list[tuple[bytes, bytes]] = list(scope["headers"])
-        request_id = _header(raw_headers, b"x-request-id") or new_request_id().encode()
+        request_id = (
+            _ranked_header(raw_headers, self._request_id_ranks) or new_request_id().encode()
+        )
         echo = ((b"x-request-id", request_id),)
         status = 0
         first_byte: float | None = None
@@ -593,6 +604,20 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def _ranked_header(headers: list[tuple[bytes, bytes]], ranks: dict[bytes, int]) -> bytes | None:
+    """The value of the lowest-ranked header of ``ranks`` that ``headers`` carries (empty
+    values do not count), in one pass that stops at rank 0."""
+    found: bytes | None = None
+    best = len(ranks)
+    for key, value in headers:
+        rank = ranks.get(key)
+        if rank is not None and rank < best and value:
+            found, best = value, rank
+            if rank == 0:
+                break
+    return found
 
 
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
