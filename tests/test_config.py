@@ -41,6 +41,7 @@ SAMPLES: dict[str, list[str]] = {
     "admin_api_key": ["admin-key"],
     "redis_url": ["redis://127.0.0.1:6379/0"],
     "fleet_name": ["blue"],
+    "session_key_header": ["x-conversation"],
 }
 
 
