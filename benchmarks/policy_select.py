@@ -1,4 +1,4 @@
-"""CPU per routing decision: ``CacheAwarePolicy.select`` and ``least_loaded`` over 8 workers.
+"""CPU per routing decision: each policy's ``select`` and ``least_loaded`` over 8 workers.
 
 Run::
 
@@ -15,6 +15,14 @@ Workload
 Rows
     * ``CacheAwarePolicy.select``: the whole decision, tree match and insert included.
     * ``least_loaded``: the load scan alone, the part that reads each worker's load.
+    * ``ManualPolicy.select``: ``X-SMG-Routing-Key`` lookups in a warm table of 10,000 keys.
+    * ``ConsistentHashingPolicy.select``: an ``x-session-id`` hashed onto the cached ring.
+    * ``PrefixHashPolicy.select``: the first 1,024 characters of the same prompts hashed.
+    * ``PowerOfTwoPolicy.select``: two samples, one comparison.
+
+Every row gets the same candidate list; the ring policies still look their ring up by the
+candidates' URLs on every call, as they do behind the middleware (which builds a fresh
+candidate list per request).
 """
 
 from __future__ import annotations
@@ -27,7 +35,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from cache_router.core.policies import CacheAwarePolicy, RoutingRequest, least_loaded
+from cache_router.core.policies import (
+    CacheAwarePolicy,
+    ConsistentHashingPolicy,
+    ManualPolicy,
+    PowerOfTwoPolicy,
+    PrefixHashPolicy,
+    RoutingRequest,
+    least_loaded,
+)
 from cache_router.core.registry import WorkerRegistry
 
 
@@ -74,9 +90,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(args.requests):
             least_loaded(workers, tie_rng)
 
+    sessions = [f"session-{rng.randrange(10_000)}" for _ in range(args.requests)]
+    manual_requests = [RoutingRequest(headers={"x-smg-routing-key": key}) for key in sessions]
+    session_requests = [RoutingRequest(headers={"x-session-id": key}) for key in sessions]
+
+    def run_policy(
+        policy: ManualPolicy | ConsistentHashingPolicy | PrefixHashPolicy | PowerOfTwoPolicy,
+        batch: Sequence[RoutingRequest],
+    ) -> Callable[[], None]:
+        choose = policy.select
+        for request in batch:  # warm: the key table, the ring
+            choose(request, workers)
+
+        def run() -> None:
+            for request in batch:
+                choose(request, workers)
+
+        return run
+
+    sticky = [
+        ("ManualPolicy.select", ManualPolicy(seed=args.seed), manual_requests),
+        ("ConsistentHashing.select", ConsistentHashingPolicy(seed=args.seed), session_requests),
+        ("PrefixHashPolicy.select", PrefixHashPolicy(seed=args.seed), requests),
+        ("PowerOfTwoPolicy.select", PowerOfTwoPolicy(seed=args.seed), requests),
+    ]
     rows = [
         ("CacheAwarePolicy.select", _timed(run_select, args.requests, args.repeats)),
         ("least_loaded", _timed(run_least_loaded, args.requests, args.repeats)),
+        *(
+            (name, _timed(run_policy(policy, batch), args.requests, args.repeats))
+            for name, policy, batch in sticky
+        ),
     ]
     print(f"{args.workers} workers, {args.requests} calls x {args.repeats} repeats")
     print(f"{'operation':<26} {'best us/call':>13} {'median us/call':>15}")

@@ -55,6 +55,9 @@ def policy_from_config(config: RouterConfig, seed: int | None = None) -> Policy:
         eviction_interval=float(config.eviction_interval_secs),
         max_tree_size=config.max_tree_size,
         spill=not config.no_spill,
+        session_key_header=config.session_key_header,
+        prefix_hash_length=config.prefix_hash_length,
+        manual_max_keys=config.manual_max_keys,
         seed=seed,
     )
 

@@ -211,6 +211,25 @@ class RouterConfig:
             "moves a hot prefix off an overloaded holder"
         ),
     )
+    session_key_header: str = field(
+        default="x-session-id",
+        metadata=_meta(
+            "consistent_hashing: header holding the session key (else X-SMG-Routing-Key, "
+            "else the whole prompt)"
+        ),
+    )
+    prefix_hash_length: int = field(
+        default=256,
+        metadata=_meta(
+            "prefix_hash: tokens of the prompt hashed (4 characters per token for text)", low=1
+        ),
+    )
+    manual_max_keys: int = field(
+        default=100_000,
+        metadata=_meta(
+            "manual: X-SMG-Routing-Key values remembered (least recently used dropped)", low=1
+        ),
+    )
     max_routing_key_length: int = field(
         default=32768,
         metadata=_meta(
@@ -742,6 +761,13 @@ def _non_empty(text: str) -> str:
     return text
 
 
+def _header_name(text: str) -> str:
+    name = text.strip().lower()
+    if not _HEADER_NAME.fullmatch(name):
+        raise _Invalid("must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+    return name
+
+
 def _secret(text: str) -> str:
     if not text or any(char.isspace() or not char.isprintable() for char in text):
         raise _Invalid("must be non-empty, without whitespace or control characters")
@@ -778,6 +804,7 @@ def _redis_url(url: str) -> str:
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "worker_urls": _worker_urls,
     "host": _non_empty,
+    "session_key_header": _header_name,
     "transparent_prefixes": _prefixes,
     "health_check_endpoint": _path_prefix,
     "admin_prefix": _path_prefix,

@@ -122,7 +122,10 @@ def test_only_the_flags_given_reach_the_configuration() -> None:
 
 
 def test_serve_policy_choices_are_sglangs() -> None:
-    assert set(POLICY_NAMES) == {"random", "round_robin", "cache_aware", "power_of_two"}
+    assert set(POLICY_NAMES) == {
+        *("random", "round_robin", "cache_aware", "power_of_two"),
+        *("manual", "consistent_hashing", "consistent_hash", "prefix_hash"),
+    }
     for name in POLICY_NAMES:
         assert serve_config("--worker-urls", "http://a:1", "--policy", name).policy == name
 

@@ -45,6 +45,7 @@ SAMPLES: dict[str, list[str]] = {
     "request_id_headers": ["x-my-id", "x-trace-id"],
     "cors_allowed_origins": ["http://localhost:3000"],
     "prometheus_host": ["0.0.0.0"],
+    "session_key_header": ["x-conversation"],
 }
 
 

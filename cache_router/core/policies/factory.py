@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from cache_router.core.policies.base import Policy
 from cache_router.core.policies.cache_aware import CacheAwarePolicy
+from cache_router.core.policies.hashing import ConsistentHashingPolicy, PrefixHashPolicy
+from cache_router.core.policies.manual import ManualPolicy
 from cache_router.core.policies.simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 
 __all__ = ["POLICY_NAMES", "make_policy"]
 
-#: Policy names as SGLang's router spells them (``--policy``).
-POLICY_NAMES = ("cache_aware", "round_robin", "random", "power_of_two")
+#: Policy names as SGLang's router and smg spell them (``--policy``).
+POLICY_NAMES = (
+    "cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "manual",
+    "consistent_hashing",
+    "consistent_hash",  # vllm-router's spelling of the same policy
+    "prefix_hash",
+)
 
 
 def make_policy(
@@ -22,10 +33,15 @@ def make_policy(
     max_tree_size: int = 2**26,
     seed: int | None = None,
     spill: bool = True,
+    session_key_header: str = "x-session-id",
+    prefix_hash_length: int = 256,
+    manual_max_keys: int = 100_000,
 ) -> Policy:
     """The policy called ``name`` (one of :data:`POLICY_NAMES`) with SGLang's knobs.
 
-    The cache-aware knobs are ignored by the other policies, as in SGLang; ``seed`` makes
+    Each policy reads its own knobs and ignores the others', as in SGLang: the cache-aware
+    ones, ``session_key_header`` (``consistent_hashing``), ``prefix_hash_length``
+    (``prefix_hash``, in tokens) and ``manual_max_keys`` (``manual``). ``seed`` makes
     the random choices reproducible. Raises ``ValueError`` for an unknown name or a knob out
     of range.
     """
@@ -45,4 +61,10 @@ def make_policy(
         return RandomPolicy(seed)
     if name == "power_of_two":
         return PowerOfTwoPolicy(seed)
+    if name == "manual":
+        return ManualPolicy(max_keys=manual_max_keys, seed=seed)
+    if name in ("consistent_hashing", "consistent_hash"):
+        return ConsistentHashingPolicy(session_key_header, seed=seed)
+    if name == "prefix_hash":
+        return PrefixHashPolicy(prefix_hash_length, seed=seed)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
