@@ -34,7 +34,7 @@ from cache_router.core.retry import RetryConfig
 from cache_router.core.tree import PrefixMatch, RadixForest, RadixTree, encode_tokens
 from cache_router.ops.admin import AdminApp
 from cache_router.ops.health import CircuitBreakers, HealthChecker
-from cache_router.proxy.admission import Overloaded
+from cache_router.proxy.admission import Overloaded, QueueTimeout
 from cache_router.proxy.middleware import RoutingMiddleware
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "NoAvailableWorker",
     "Overloaded",
     "Policy",
+    "QueueTimeout",
     "PowerOfTwoPolicy",
     "PrefixHashPolicy",
     "PrefixMatch",

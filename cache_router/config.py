@@ -411,7 +411,7 @@ class RouterConfig:
         default=100, metadata=_meta("requests that may wait for a slot; beyond, 429", low=0)
     )
     queue_timeout_secs: float = field(
-        default=60.0, metadata=_meta("longest wait for a slot; then 429", low=0.0)
+        default=60.0, metadata=_meta("longest wait for a slot; then 408", low=0.0)
     )
     # -- admin API ------------------------------------------------------------------------
     admin_prefix: str | None = field(

@@ -317,7 +317,8 @@ def test_serve_routes_and_answers_probes() -> None:
             httpx.Client(base_url=served.url, trust_env=False, timeout=10) as client,
         ):
             assert client.get("/liveness").status_code == 200
-            for probe in ("/readiness", "/health"):
+            assert client.get("/health").status_code == 200  # liveness, as SGLang's
+            for probe in ("/readiness",):
                 answer = client.get(probe)
                 assert answer.status_code == 200
                 # The dead worker was found unreachable at startup and gets no traffic.
@@ -367,11 +368,12 @@ async def test_readiness_follows_worker_health() -> None:
     assert (answer.status_code, answer.json()["healthy_workers"]) == (200, 2)
     registry.workers[0].healthy = False
     registry.workers[1].draining = True
-    for path in ("/readiness", "/health"):
-        answer = await _get(app, path)
-        assert answer.status_code == 503
-        assert answer.json() == {"status": "not_ready", "healthy_workers": 0, "total_workers": 2}
+    answer = await _get(app, "/readiness")
+    assert answer.status_code == 503
+    assert answer.json() == {"status": "not_ready", "healthy_workers": 0, "total_workers": 2}
+    # /health is liveness, as in SGLang's router: an unready router is still alive.
     assert (await _get(app, "/liveness")).status_code == 200
+    assert (await _get(app, "/health")).status_code == 200
     assert readiness(WorkerRegistry()) == (
         503,
         {"status": "not_ready", "healthy_workers": 0, "total_workers": 0},

@@ -3,10 +3,12 @@
 ``cache-router serve`` puts the routing middleware in front of :func:`probe_app`; whatever
 the middleware does not route lands here:
 
-* ``GET /liveness`` -- 200 as long as the process serves requests (a restart probe);
-* ``GET /readiness`` and ``GET /health`` -- 200 ``{"status": "ready", "healthy_workers": n,
-  "total_workers": m}`` while at least one worker may take requests, else 503 with
-  ``"status": "not_ready"`` and the same fields (a traffic probe).
+* ``GET /liveness`` and ``GET /health`` -- 200 as long as the process serves requests (a
+  restart probe; ``/health`` means liveness in SGLang's router, so a deployment's probes
+  keep their meaning when it switches);
+* ``GET /readiness`` -- 200 ``{"status": "ready", "healthy_workers": n, "total_workers":
+  m}`` while at least one worker may take requests, else 503 with ``"status":
+  "not_ready"`` and the same fields (a traffic probe).
 
 Anything else gets an OpenAI-shaped 404. ``GET /v1/models`` is the middleware's own
 (``serve_models``): it lists the models the registry knows without asking an engine.
@@ -58,7 +60,7 @@ def probe_app(registry: WorkerRegistry) -> Starlette:
         routes=[
             Route("/liveness", liveness, methods=["GET"]),
             Route("/readiness", ready, methods=["GET"]),
-            Route("/health", ready, methods=["GET"]),
+            Route("/health", liveness, methods=["GET"]),
         ],
         exception_handlers={HTTPException: error_handler},
     )

@@ -2,8 +2,9 @@
 
 A slot is held, like the load lease, until the response body ends, so a cap of N means at
 most N engine exchanges in flight however long they stream. Requests beyond the cap wait in
-a queue of at most ``queue_size``; past it, or after ``queue_timeout`` seconds of waiting,
-they are refused with 429 and ``Retry-After``. A request whose client leaves while it
+a queue of at most ``queue_size``; past it they are refused with 429, and after
+``queue_timeout`` seconds of waiting with 408 (as SGLang's router answers), both with
+``Retry-After``. A request whose client leaves while it
 waits leaves the queue at once: otherwise clients that connect, queue and vanish would
 hold every place until the timeout, and real clients would be refused.
 """
@@ -16,7 +17,7 @@ import anyio
 
 from cache_router.core.errors import RouterError
 
-__all__ = ["Admission", "Overloaded"]
+__all__ = ["Admission", "Overloaded", "QueueTimeout"]
 
 
 class Overloaded(RouterError):
@@ -25,6 +26,15 @@ class Overloaded(RouterError):
     status = 429
     error_type = "rate_limit_error"
     code = "router_overloaded"
+    retry_after = 1
+
+
+class QueueTimeout(RouterError):
+    """A request waited ``queue_timeout`` seconds for a slot without getting one."""
+
+    status = 408
+    error_type = "timeout_error"
+    code = "queue_timeout"
     retry_after = 1
 
 
@@ -72,7 +82,7 @@ class Admission:
             self.waiting -= 1
         if acquired is None:
             self.rejected += 1
-            raise Overloaded(f"request waited {self.queue_timeout:g}s for a slot; retry later")
+            raise QueueTimeout(f"request waited {self.queue_timeout:g}s for a slot; retry later")
         return acquired
 
     async def _wait(self, client_gone: Callable[[], Awaitable[object]] | None) -> bool | None:
