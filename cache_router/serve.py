@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -150,6 +151,7 @@ def _check_workers(router: Router) -> list[str] | None:
         config.wait_for_workers,
         None if discovery is None else _discoverer(discovery),
         router.engine_headers,
+        router.ssl_context,
     )
     if router.health is None:
         outlook = "health checks are off, so it keeps getting requests"
@@ -204,10 +206,12 @@ async def _probe_all(
     wait: float,
     reached: Callable[[httpx.AsyncClient, str], Awaitable[None]] | None = None,
     headers: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> dict[str, str]:
     """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons.
 
-    ``headers`` go with every probe (the engine key, as on health checks);
+    ``headers`` go with every probe (the engine key, as on health checks), and
+    ``ssl_context`` verifies ``https://`` workers as the relay does;
     ``reached(client, url)`` runs for each worker once it answers (model discovery), so
     the first requests find the fleet as it is.
     """
@@ -224,7 +228,7 @@ async def _probe_all(
             failing[url] = reason
 
     async with httpx.AsyncClient(
-        timeout=_PROBE_TIMEOUT, trust_env=False, headers=headers
+        timeout=_PROBE_TIMEOUT, trust_env=False, headers=headers, verify=ssl_context or True
     ) as client:
         pending = list(urls)
         while True:

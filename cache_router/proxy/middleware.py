@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from functools import partial
@@ -192,6 +193,9 @@ class RoutingMiddleware:
             or discovered), behind ``api_key``; False leaves that path to the wrapped app.
         max_routing_key_length: the routing key (and what goes into the prefix tree) is
             cut to this many characters, or tokens for token ids.
+        ssl_context: verifies ``https://`` engines and holds the client certificate for
+            mutual TLS (:func:`cache_router.proxy.tls.client_ssl_context`); None: the
+            system's CAs, no client certificate.
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class RoutingMiddleware:
         api_key: str | None = None,
         serve_models: bool = True,
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -248,7 +253,11 @@ class RoutingMiddleware:
         )
         self._events = EventFanout(list(events))
         self.upstream = Upstream(
-            transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
+            transport=transport,
+            timeout=timeout,
+            total_timeout=total_timeout,
+            limits=limits,
+            ssl_context=ssl_context,
         )
         self._overrides = _checked_overrides(upstream_headers or {})
         self.api_key = api_key
