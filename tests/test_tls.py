@@ -46,6 +46,8 @@ class Pki:
     client_key: str
     client_combined: str  # certificate and key in one file
     foreign_key: str  # a key that belongs to no certificate here
+    foreign_server_cert: str  # a server certificate for 127.0.0.1 from the other CA
+    foreign_server_key: str
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("router@example.test")
     stranger = other.issue_cert("stranger@example.test")
+    foreign = other.issue_cert("127.0.0.1")
+    foreign_key = foreign.private_key_pem
 
     def write(name: str, *blobs: trustme.Blob) -> str:
         path = folder / name
@@ -70,15 +74,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         client_key=write("client.key", client.private_key_pem),
         client_combined=write("client-both.pem", client.private_key_pem, *client.cert_chain_pems),
         foreign_key=write("stranger.key", stranger.private_key_pem),
+        foreign_server_cert=write("foreign.pem", *foreign.cert_chain_pems),
+        foreign_server_key=write("foreign.key", foreign_key),
     )
 
 
 @contextmanager
-def tls_engine(pki: Pki, *, mutual: bool = False) -> Iterator[tuple[str, SimulatedEngine]]:
+def tls_engine(
+    pki: Pki, *, mutual: bool = False, foreign: bool = False
+) -> Iterator[tuple[str, SimulatedEngine]]:
     """A simulated engine behind uvicorn's TLS; ``mutual``: it requires a client
-    certificate signed by the CA."""
+    certificate signed by the CA; ``foreign``: its certificate is from the other CA."""
     engine = SimulatedEngine(name="tls", model="sim", decode_seconds_per_token=0)
-    options: dict[str, Any] = {"ssl_certfile": pki.server_cert, "ssl_keyfile": pki.server_key}
+    options: dict[str, Any] = {
+        "ssl_certfile": pki.foreign_server_cert if foreign else pki.server_cert,
+        "ssl_keyfile": pki.foreign_server_key if foreign else pki.server_key,
+    }
     if mutual:
         options.update(ssl_ca_certs=pki.ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     with serve_app(engine, **options) as url:
@@ -197,6 +208,31 @@ def test_an_engine_signed_by_another_ca_is_refused_and_the_router_stays_up(
         # Health checks over the same context fail too: the worker is out, not ready.
         wait_for(lambda: client.get("/readiness").status_code == 503)
         assert client.get("/liveness").status_code == 200
+        assert app.registry.total_load() == 0
+
+
+@pytest.mark.parametrize("transport", ["auto", "aiohttp", "httpx"])
+def test_a_refused_engine_certificate_is_retried_on_another_worker(
+    pki: Pki, transport: str
+) -> None:
+    """The handshake fails before any byte of the request is sent: another worker takes it."""
+    with (
+        tls_engine(pki, foreign=True) as (bad_url, bad),
+        tls_engine(pki) as (good_url, good),
+        routed(
+            RouterConfig(
+                worker_urls=[bad_url, good_url],
+                ca_cert_paths=[pki.ca],
+                policy="round_robin",
+                disable_health_check=True,
+                disable_circuit_breaker=True,
+                upstream_transport=transport,
+            )
+        ) as (client, app),
+    ):
+        answers = [client.post("/v1/completions", json=BODY) for _ in range(4)]
+        assert [answer.status_code for answer in answers] == [200] * 4
+        assert bad.stats().requests == 0 and good.stats().requests == 4
         assert app.registry.total_load() == 0
 
 
