@@ -34,6 +34,8 @@ from cache_router.testing import SimulatedEngine, serve_app
 pytestmark = pytest.mark.timeout(90)
 
 BODY = {"model": "sim", "prompt": "Hello over TLS", "max_tokens": 2}
+#: auto is the HTTP/1.1 client on asyncio, for https:// engines too.
+each_transport = pytest.mark.parametrize("transport", ["auto", "aiohttp", "httpx"])
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,20 @@ def wait_for(predicate: Any, timeout: float = 15.0) -> None:
     wait_until(predicate, timeout=timeout, interval=0.05)
 
 
+def assert_refused_and_still_up(client: httpx.Client, app: RouterApp, engine: Any) -> None:
+    """A request fails with an OpenAI-shaped error, the engine's application never saw it,
+    the health checks (same context) take the worker out, and the router keeps answering."""
+    failed = client.post("/v1/completions", json=BODY)
+    assert failed.status_code in (502, 503), failed.text
+    assert failed.json()["error"]["code"]
+    assert engine.stats().requests == 0
+    wait_for(lambda: client.get("/readiness").status_code == 503)
+    assert client.get("/liveness").status_code == 200
+    again = client.post("/v1/completions", json=BODY)
+    assert again.status_code == 503  # no healthy worker left: answered, not crashed
+    assert app.registry.total_load() == 0
+
+
 # -- the settings ---------------------------------------------------------------------------
 
 
@@ -187,7 +203,7 @@ def test_server_authenticated_engine_is_routed_on_every_transport(pki: Pki, tran
         assert client.get("/readiness").status_code == 200
 
 
-@pytest.mark.parametrize("transport", ["auto", "aiohttp", "httpx"])
+@each_transport
 def test_an_engine_signed_by_another_ca_is_refused_and_the_router_stays_up(
     pki: Pki, transport: str
 ) -> None:
@@ -201,17 +217,10 @@ def test_an_engine_signed_by_another_ca_is_refused_and_the_router_stays_up(
             app,
         ),
     ):
-        failed = client.post("/v1/completions", json=BODY)
-        assert failed.status_code in (502, 503), failed.text
-        assert failed.json()["error"]["code"]  # OpenAI-shaped
-        assert engine.stats().requests == 0  # refused at the handshake: nothing was sent
-        # Health checks over the same context fail too: the worker is out, not ready.
-        wait_for(lambda: client.get("/readiness").status_code == 503)
-        assert client.get("/liveness").status_code == 200
-        assert app.registry.total_load() == 0
+        assert_refused_and_still_up(client, app, engine)
 
 
-@pytest.mark.parametrize("transport", ["auto", "aiohttp", "httpx"])
+@each_transport
 def test_a_refused_engine_certificate_is_retried_on_another_worker(
     pki: Pki, transport: str
 ) -> None:
@@ -262,7 +271,7 @@ def test_mutual_tls_with_the_client_certificate_routes(pki: Pki, combined: bool)
         assert client.get("/readiness").status_code == 200
 
 
-@pytest.mark.parametrize("transport", ["auto", "aiohttp", "httpx"])
+@each_transport
 def test_mutual_tls_without_a_client_certificate_fails_and_the_router_stays_up(
     pki: Pki, transport: str
 ) -> None:
@@ -273,14 +282,7 @@ def test_mutual_tls_without_a_client_certificate_fails_and_the_router_stays_up(
             app,
         ),
     ):
-        failed = client.post("/v1/completions", json=BODY)
-        assert failed.status_code in (502, 503), failed.text
-        assert engine.stats().requests == 0
-        wait_for(lambda: client.get("/readiness").status_code == 503)
-        assert client.get("/liveness").status_code == 200
-        again = client.post("/v1/completions", json=BODY)
-        assert again.status_code == 503  # no healthy worker left: answered, not crashed
-        assert app.registry.total_load() == 0
+        assert_refused_and_still_up(client, app, engine)
 
 
 # -- the operations clients ------------------------------------------------------------------
