@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -32,6 +33,7 @@ from cache_router.proxy.lifespan import BackgroundTask, BackgroundTasks
 from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.mount import PrefixMount
 from cache_router.proxy.relay import TransportChoice
+from cache_router.proxy.tls import client_ssl_context
 
 __all__ = [
     "CacheRouterMiddleware",
@@ -83,6 +85,8 @@ class Router:
     events: list[RouterEvents] = field(default_factory=list)
     background: list[BackgroundTask] = field(default_factory=list)
     transport: TransportChoice | None = None
+    #: The one TLS context of every connection to engines (relay, checks, admin, probes).
+    ssl_context: ssl.SSLContext | None = None
 
     def middleware(self, app: ASGIApp, /, **options: Any) -> RouterApp:
         """The routing middleware around ``app``, with the admin API and the background
@@ -121,6 +125,7 @@ class Router:
             "admin_prefix": config.admin_prefix or "/router",
             "api_key": config.router_api_key,
             "cors_allowed_origins": config.cors_allowed_origins,
+            "ssl_context": self.ssl_context,
         }
         events = [*self.events, *options.pop("events", ())]
         background = [*self.background, *options.pop("background", ())]
@@ -160,6 +165,9 @@ def build_router(
     if policy is None:
         policy = policy_from_config(config)
     router = Router(config, registry, policy, transport=transport)
+    router.ssl_context = client_ssl_context(
+        config.ca_cert_paths, config.client_cert_path, config.client_key_path
+    )
     if not config.disable_health_check:
         router.health = HealthChecker(
             registry,
@@ -170,6 +178,7 @@ def build_router(
             path=config.health_check_endpoint,
             headers=router.engine_headers,
             discover_models=not config.disable_model_discovery,
+            ssl_context=router.ssl_context,
         )
         router.background.append(router.health)
     if not config.disable_circuit_breaker:
@@ -198,6 +207,7 @@ def build_router(
             metrics=router.metrics,
             worker_allow=config.worker_allow,
             discovery=None if router.health is None else router.health.discovery,
+            ssl_context=router.ssl_context,
         )
     _add_scale_out(router)
     router.events.extend(events)
@@ -232,6 +242,7 @@ def _add_scale_out(router: Router) -> None:
                 router.registry,
                 interval=config.engine_load_poll_secs,
                 format=cast(LoadFormat, config.engine_load_format),
+                ssl_context=router.ssl_context,
             )
         )
         sources = True

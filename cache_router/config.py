@@ -44,6 +44,7 @@ from cache_router.core.policies import POLICY_NAMES
 from cache_router.core.registry import normalize_url
 from cache_router.ops.fleet import redact_url
 from cache_router.ops.load_source import LOAD_FORMATS
+from cache_router.proxy.tls import TLSSettingError, client_ssl_context
 
 __all__ = [
     "CONFIG_ENV",
@@ -269,10 +270,27 @@ class RouterConfig:
     upstream_transport: str = field(
         default="auto",
         metadata=_meta(
-            "client for talking to workers: auto (http1 for http:// workers when httptools "
-            "is installed, else aiohttp, else httpx), or one of them by name",
+            "client for talking to workers: auto (http1, for http:// and https:// workers, "
+            "when httptools is installed, else aiohttp, else httpx), or one of them by name",
             choices=TRANSPORTS,
         ),
+    )
+    ca_cert_paths: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "PEM files of the CAs that https:// workers' certificates must chain to "
+            "(empty: the system's CA store)"
+        ),
+    )
+    client_cert_path: str | None = field(
+        default=None,
+        metadata=_meta(
+            "PEM certificate (chain) the router presents to https:// workers that ask for "
+            "one (mutual TLS); its key too unless client_key_path is given"
+        ),
+    )
+    client_key_path: str | None = field(
+        default=None, metadata=_meta("PEM private key of client_cert_path")
     )
     api_key: str | None = field(
         default=None,
@@ -875,6 +893,12 @@ def _cross_checks(
             f"serve {get('workers')} processes' metrics (from {where('workers')}); scrape "
             "each process's admin_prefix/metrics, or run one process per router"
         )
+    tls = get("ca_cert_paths"), get("client_cert_path"), get("client_key_path")
+    if tls != ((), None, None):
+        try:  # the files are read once here, so a bad one stops the start, named
+            client_ssl_context(*tls)
+        except TLSSettingError as exc:
+            problems.append(f"{exc.option} (from {where(exc.option)}): {exc.reason}")
     if get("redis_url") is not None:
         heartbeat, ttl = get("fleet_heartbeat_secs"), get("fleet_ttl_secs")
         if not ttl > heartbeat:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -204,6 +205,7 @@ def _check_workers(router: Router) -> list[str] | None:
         None if discovery is None else _discoverer(discovery),
         router.engine_headers,
         config.worker_startup_check_interval,
+        router.ssl_context,
     )
     if router.health is None:
         outlook = "health checks are off, so it keeps getting requests"
@@ -267,11 +269,13 @@ async def _probe_all(
     reached: Callable[[httpx.AsyncClient, str], Awaitable[None]] | None = None,
     headers: dict[str, str] | None = None,
     interval: float = 0.5,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> dict[str, str]:
     """Workers still unreachable after ``wait`` seconds (one round when 0), with reasons;
     those not up are asked again every ``interval`` seconds.
 
-    ``headers`` go with every probe (the engine key, as on health checks);
+    ``headers`` go with every probe (the engine key, as on health checks), and
+    ``ssl_context`` verifies ``https://`` workers as the relay does;
     ``reached(client, url)`` runs for each worker once it answers (model discovery), so
     the first requests find the fleet as it is.
     """
@@ -288,7 +292,7 @@ async def _probe_all(
             failing[url] = reason
 
     async with httpx.AsyncClient(
-        timeout=_PROBE_TIMEOUT, trust_env=False, headers=headers
+        timeout=_PROBE_TIMEOUT, trust_env=False, headers=headers, verify=ssl_context or True
     ) as client:
         pending = list(urls)
         while True:

@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import re
+import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -150,6 +151,8 @@ class AdminApp:
             construction (always allowed). Empty: only those hosts; ``["*"]``: any host.
         discovery: asks a worker added without a model which models it serves (share the
             health checker's, ``HealthChecker.discovery``); None: such workers serve any.
+        ssl_context: verifies ``https://`` workers while waiting for them and discovering
+            their models (the relay's context); None: httpx's default CAs.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class AdminApp:
         drain_timeout: float = 300.0,
         worker_allow: Iterable[str] = (),
         discovery: ModelDiscovery | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty; pass None to leave the API open")
@@ -181,6 +185,7 @@ class AdminApp:
         self.startup_health_path = startup_health_path
         self.drain_timeout = drain_timeout
         self.discovery = discovery
+        self._verify = ssl_context or True
         self._api_key = api_key
         self._adding: set[str] = set()
         self._drains: dict[Worker, _Drain] = {}
@@ -302,7 +307,7 @@ class AdminApp:
             try:
                 failure = None if wait <= 0 else await self._wait_healthy(url, wait)
                 if failure is None and discovery is not None:
-                    async with httpx.AsyncClient(trust_env=False) as client:
+                    async with self._client() as client:
                         models = await discovery.probe(client, url)
             finally:
                 self._adding.discard(url)
@@ -371,6 +376,9 @@ class AdminApp:
             )
         return worker
 
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(trust_env=False, verify=self._verify)
+
     def _check_free(self, url: str) -> None:
         if url in self._adding or self.registry.get(url) is not None:
             message = f"worker {url} is already registered"
@@ -384,7 +392,7 @@ class AdminApp:
         delay = 0.05
         target = url + self.startup_health_path
         with anyio.move_on_after(seconds):
-            async with httpx.AsyncClient(trust_env=False) as client:
+            async with self._client() as client:
                 while True:
                     try:
                         response = await client.get(target, timeout=_HEALTH_REQUEST_TIMEOUT)

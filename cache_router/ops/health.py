@@ -22,6 +22,7 @@ resets counters drives them negative when those leases end).
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -73,7 +74,9 @@ class HealthChecker:
     single round (tests, or a scheduler of your own).
 
     ``client`` is used as given and never closed here; without one the checker makes its
-    own on first use and closes it when :meth:`run` ends or on :meth:`aclose`.
+    own on first use, verifying ``https://`` workers with ``ssl_context`` (the relay's, so
+    a certificate the relay refuses fails the checks too), and closes it when :meth:`run`
+    ends or on :meth:`aclose`.
 
     ``headers`` go with every check (e.g. the engines' API key). With ``discover_models``
     (the default) a worker that passes a check and was registered without a model is then
@@ -94,6 +97,7 @@ class HealthChecker:
         client: httpx.AsyncClient | None = None,
         headers: Mapping[str, str] | None = None,
         discover_models: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError("interval must be positive")
@@ -115,6 +119,7 @@ class HealthChecker:
         )
         self._client = client
         self._owns_client = client is None
+        self._ssl_context = ssl_context
         self._streaks: dict[Worker, _Streak] = {}
         self._group: anyio.abc.TaskGroup | None = None
         #: Completed rounds (for tests and metrics).
@@ -212,7 +217,10 @@ class HealthChecker:
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                timeout=self.timeout, follow_redirects=False, trust_env=False
+                timeout=self.timeout,
+                follow_redirects=False,
+                trust_env=False,
+                verify=self._ssl_context or True,
             )
         return self._client
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -243,7 +244,8 @@ class EngineLoadPoller:
 
     ``transport`` is ``"auto"`` (aiohttp when installed and on asyncio, the cheaper client,
     which matters at sub-second intervals; see docs/scale-out.md), ``"aiohttp"`` or
-    ``"httpx"``. A ``client`` (httpx) is used as given and never closed.
+    ``"httpx"``. A ``client`` (httpx) is used as given and never closed. ``ssl_context``
+    verifies ``https://`` engines (the relay's); None: each client's default CAs.
     """
 
     SOURCE = "engine"
@@ -261,6 +263,7 @@ class EngineLoadPoller:
         transport: Literal["auto", "httpx", "aiohttp"] = "auto",
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if transport not in ("auto", "httpx", "aiohttp"):
             raise ValueError(f"unknown transport {transport!r}")
@@ -289,6 +292,7 @@ class EngineLoadPoller:
         self._client = client
         self._owns_client = client is None
         self._session: Any = None  # an aiohttp.ClientSession, once made
+        self._ssl_context = ssl_context
         self._clock = clock
         self._last_success: dict[Worker, float] = {}
         #: Last load each worker reported (the engine's figure, ours included).
@@ -414,13 +418,17 @@ class EngineLoadPoller:
                     raise RuntimeError("transport='aiohttp' needs aiohttp") from None
             else:
                 self._session = aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=self.timeout)
+                    timeout=aiohttp.ClientTimeout(total=self.timeout),
+                    connector=aiohttp.TCPConnector(ssl=self._ssl_context or True),
                 )
                 return
         elif self.transport == "aiohttp":
             raise RuntimeError("the aiohttp transport runs only on asyncio")
         self._client = httpx.AsyncClient(
-            timeout=self.timeout, follow_redirects=False, trust_env=False
+            timeout=self.timeout,
+            follow_redirects=False,
+            trust_env=False,
+            verify=self._ssl_context or True,
         )
 
 

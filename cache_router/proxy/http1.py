@@ -13,9 +13,10 @@ client does only the relay's part:
   whether the request could have reached the engine;
 * closing before the body's end closes the connection, so the engine sees the client go.
 
-``https://`` URLs go to a fallback client (aiohttp or httpx) made on first need; so do
-requests on any loop but asyncio, which this client never sees (the caller picks httpx
-there).
+``https://`` URLs use TLS from asyncio's ``ssl`` with the ``ssl_context`` given (the
+handshake is part of the connect timeout); without one they go to a fallback client
+(aiohttp or httpx) made on first need. Requests on any loop but asyncio never reach this
+client (the caller picks httpx there).
 
 What reaches the wire is checked once per request, cheaply: a request target with a space
 or a control character, or a header with a CR or LF that would start a line of its own, is
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -58,6 +60,9 @@ MAX_HEADER_BYTES = 64 * 1024
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
+#: Where a pooled connection goes: host, port, and whether it speaks TLS.
+_Address = tuple[str, int, bool]
+
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to an engine and the exchange currently on it."""
@@ -68,7 +73,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.eof = False  # the engine finished sending: a clean end, not a reset
-        self.address: tuple[str, int] = ("", 0)
+        self.address: _Address = ("", 0, False)
         self.idle_since = 0.0
         self.reset()
 
@@ -301,7 +306,7 @@ class _Pool:
         self, max_connections: int | None, max_idle: int | None, keepalive: float | None
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.idle: dict[tuple[str, int], list[_Connection]] = {}
+        self.idle: dict[_Address, list[_Connection]] = {}
         self.open: set[_Connection] = set()
         self.max_connections = max_connections
         self.max_idle = max_idle
@@ -310,7 +315,7 @@ class _Pool:
         self.woken = 0  # waiters told to try again that have not run yet
         self.closed = False
 
-    def reuse(self, address: tuple[str, int]) -> _Connection | None:
+    def reuse(self, address: _Address) -> _Connection | None:
         idle = self.idle.get(address)
         if not idle:
             return None
@@ -391,8 +396,9 @@ class _Pool:
 
 
 class Http1Client:
-    """Plain-HTTP/1.1 engines through :class:`_Connection` pools; ``https://`` through the
-    ``fallback`` client. asyncio only; made inside the serving loop."""
+    """HTTP/1.1 engines through :class:`_Connection` pools, ``https://`` ones too when
+    given an ``ssl_context`` (else through the ``fallback`` client). asyncio only; made
+    inside the serving loop."""
 
     name = "http1"
 
@@ -406,6 +412,7 @@ class Http1Client:
         max_idle_connections: int | None,
         keepalive_expiry: float | None,
         fallback: Callable[[], UpstreamClient],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._pool = _Pool(max_connections, max_idle_connections, keepalive_expiry)
         self._connect_timeout = connect_timeout
@@ -413,7 +420,8 @@ class Http1Client:
         self._pool_timeout = pool_timeout
         self._make_fallback = fallback
         self._fallback: UpstreamClient | None = None
-        self._origins: dict[str, tuple[tuple[str, int], bytes]] = {}
+        self._ssl_context = ssl_context
+        self._origins: dict[str, tuple[_Address, bytes]] = {}
 
     @property
     def is_closed(self) -> bool:
@@ -422,13 +430,17 @@ class Http1Client:
     async def send(
         self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> UpstreamResponse:
-        if not url.startswith("http://"):
+        if url.startswith("http://"):
+            start = 7
+        elif url.startswith("https://") and self._ssl_context is not None:
+            start = 8
+        else:
             return await self._fallback_client().send(method, url, headers, body)
-        slash = url.find("/", 7)
-        authority, target = (url[7:], "/") if slash < 0 else (url[7:slash], url[slash:])
-        origin = self._origins.get(authority)
+        slash = url.find("/", start)
+        origin_url, target = (url, "/") if slash < 0 else (url[:slash], url[slash:])
+        origin = self._origins.get(origin_url)
         if origin is None:
-            origin = self._origins[authority] = _origin(authority)
+            origin = self._origins[origin_url] = _origin(origin_url[start:], tls=start == 8)
         address, host = origin
         request = _serialize(method, target, host, headers, body)
         connection = await self._connection(address)
@@ -458,7 +470,7 @@ class Http1Client:
             raise
         return _Response(connection, self._read_timeout)
 
-    async def _connection(self, address: tuple[str, int]) -> _Connection:
+    async def _connection(self, address: _Address) -> _Connection:
         """A pooled connection to ``address``, else a new one if the cap allows, else the
         first to come free: requests wait in arrival order, ``pool_timeout`` in all."""
         pool = self._pool
@@ -501,14 +513,21 @@ class Http1Client:
             if timer is not None:
                 timer.cancel()
 
-    async def _open(self, address: tuple[str, int]) -> _Connection:
+    async def _open(self, address: _Address) -> _Connection:
         pool = self._pool
         connection = _Connection(pool)
         connection.address = address
         pool.open.add(connection)
+        host, port, tls = address
         try:
-            await asyncio.wait_for(
-                pool.loop.create_connection(lambda: connection, *address),
+            await asyncio.wait_for(  # the TLS handshake included
+                pool.loop.create_connection(
+                    lambda: connection,
+                    host,
+                    port,
+                    ssl=self._ssl_context if tls else None,
+                    server_hostname=host if tls else None,
+                ),
                 self._connect_timeout,
             )
         except asyncio.TimeoutError:
@@ -545,16 +564,16 @@ def _pool_expired(waiter: asyncio.Future[None]) -> None:
         )
 
 
-def _origin(authority: str) -> tuple[tuple[str, int], bytes]:
-    """``(host, port)`` to connect to and the Host header for ``host[:port]``; a host name
-    beyond ASCII goes as IDNA (punycode), as browsers and aiohttp send it."""
-    host, port, suffix = authority, 80, ""
+def _origin(authority: str, *, tls: bool = False) -> tuple[_Address, bytes]:
+    """``(host, port, tls)`` to connect to and the Host header for ``host[:port]``; a host
+    name beyond ASCII goes as IDNA (punycode), as browsers and aiohttp send it."""
+    host, port, suffix = authority, 443 if tls else 80, ""
     if authority.startswith("["):  # [v6]:port
         end = authority.find("]")
         host, rest = authority[1:end], authority[end + 1 :]
         if rest.startswith(":"):
             port = int(rest[1:])
-        return (host, port), authority.encode("ascii")
+        return (host, port, tls), authority.encode("ascii")
     if ":" in authority:
         name, _, number = authority.rpartition(":")
         host, port, suffix = name, int(number), ":" + number
@@ -563,7 +582,7 @@ def _origin(authority: str) -> tuple[tuple[str, int], bytes]:
             host = host.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise UpstreamError("broken", f"bad host name {host!r}: {exc}", connect=True) from exc
-    return (host, port), (host + suffix).encode("ascii")
+    return (host, port, tls), (host + suffix).encode("ascii")
 
 
 def _serialize(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from functools import partial
@@ -195,6 +196,9 @@ class RoutingMiddleware:
         request_id_headers: client headers the request id is taken from, the first in
             this order that the request carries (else the router makes one); the id goes
             upstream and back to the client as ``x-request-id``.
+        ssl_context: verifies ``https://`` engines and holds the client certificate for
+            mutual TLS (:func:`cache_router.proxy.tls.client_ssl_context`); None: the
+            system's CAs, no client certificate.
     """
 
     def __init__(
@@ -221,6 +225,7 @@ class RoutingMiddleware:
         serve_models: bool = True,
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
         request_id_headers: Iterable[str] = ("x-request-id",),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -257,7 +262,11 @@ class RoutingMiddleware:
         )
         self._events = EventFanout(list(events))
         self.upstream = Upstream(
-            transport=transport, timeout=timeout, total_timeout=total_timeout, limits=limits
+            transport=transport,
+            timeout=timeout,
+            total_timeout=total_timeout,
+            limits=limits,
+            ssl_context=ssl_context,
         )
         self._overrides = _checked_overrides(upstream_headers or {})
         self.api_key = api_key

@@ -8,9 +8,11 @@ failed mid-stream, timeout, a retry, cancellation -- when the relay returns. Not
 releases it.
 
 The HTTP client underneath is a choice (:mod:`cache_router.proxy.clients`). The default
-("auto") on asyncio is :mod:`cache_router.proxy.http1` for ``http://`` engines, the
-cheapest per request (docs/benchmarks.md), with aiohttp (else httpx) for ``https://``; on
-trio, with ``transport="httpx"`` or an httpx transport instance, httpx.
+("auto") on asyncio is :mod:`cache_router.proxy.http1`, for ``http://`` and ``https://``
+engines alike, the cheapest per request (docs/benchmarks.md), else aiohttp, else httpx; on
+trio, with ``transport="httpx"`` or an httpx transport instance, httpx. Every client
+verifies ``https://`` engines with the one ``ssl_context`` given
+(:mod:`cache_router.proxy.tls`), the system's CAs when none is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
@@ -41,6 +44,7 @@ from cache_router.proxy.clients import (
     UpstreamResponse,
 )
 from cache_router.proxy.responses import send_error
+from cache_router.proxy.tls import client_ssl_context
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -160,6 +164,7 @@ class Upstream:
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT,
         limits: httpx.Limits = DEFAULT_LIMITS,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not isinstance(transport, httpx.AsyncBaseTransport) and transport not in (
             "auto",
@@ -172,6 +177,7 @@ class Upstream:
         self._timeout = timeout
         self._total_timeout = total_timeout
         self._limits = limits
+        self._ssl_context = ssl_context
         self._client: UpstreamClient | None = None
         self._on_asyncio = False
         self._clock: Callable[[], float] = anyio.current_time
@@ -197,14 +203,14 @@ class Upstream:
 
     def _make_client(self) -> UpstreamClient:
         choice = self._transport_choice
+        if self._ssl_context is None:  # https:// engines verified against the system's CAs
+            self._ssl_context = client_ssl_context()
         if isinstance(choice, httpx.AsyncBaseTransport):
             return HttpxClient(self._timeout, self._limits, choice)
-        if choice == "httpx":
-            return HttpxClient(self._timeout, self._limits)
+        if choice == "httpx" or (not self._on_asyncio and choice == "auto"):
+            return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
         if not self._on_asyncio:
-            if choice != "auto":
-                raise RuntimeError(f"the {choice} transport runs only on asyncio")
-            return HttpxClient(self._timeout, self._limits)
+            raise RuntimeError(f"the {choice} transport runs only on asyncio")
         if choice == "aiohttp":
             return self._aiohttp_client(required=True)
         try:
@@ -223,19 +229,20 @@ class Upstream:
             max_connections=limits.max_connections,
             max_idle_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            fallback=lambda: self._aiohttp_client(required=False),  # for https:// engines
+            fallback=lambda: self._aiohttp_client(required=False),
+            ssl_context=self._ssl_context,  # https:// too: half aiohttp's CPU (benchmarks)
         )
 
     def _aiohttp_client(self, *, required: bool) -> UpstreamClient:
         """aiohttp's client; without aiohttp, httpx's unless aiohttp was ``required``."""
         try:
-            return AiohttpClient(self._timeout, self._limits)
+            return AiohttpClient(self._timeout, self._limits, self._ssl_context)
         except ImportError:
             if required:
                 raise RuntimeError(
                     "transport='aiohttp' needs aiohttp (pip install 'cache_router[fast]')"
                 ) from None
-            return HttpxClient(self._timeout, self._limits)
+            return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
