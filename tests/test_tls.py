@@ -9,6 +9,7 @@ worker turns unhealthy, readiness 503); the router itself keeps serving.
 
 from __future__ import annotations
 
+import functools
 import ssl
 import subprocess
 import sys
@@ -325,9 +326,8 @@ def test_serve_probe_verifies_with_the_context(pki: Pki) -> None:
 
     with tls_engine(pki) as (url, _):
         for ca, reachable in ((pki.ca, True), (pki.other_ca, False)):
-            failing = anyio.run(
-                _probe_all, [url], "/health", 0.0, None, None, client_ssl_context([ca])
-            )
+            probe = functools.partial(_probe_all, ssl_context=client_ssl_context([ca]))
+            failing = anyio.run(probe, [url], "/health", 0.0)
             assert (url not in failing) is reachable, failing
 
 
