@@ -111,6 +111,8 @@ class Router:
             "total_timeout": seconds,
             "transport": self.transport or cast(TransportChoice, config.upstream_transport),
             "upstream_headers": self.engine_headers,
+            "forward_headers": config.forward_headers,
+            "drop_request_headers": config.drop_headers,
             "retry": RetryConfig(
                 max_attempts=attempts,
                 initial_backoff=config.retry_initial_backoff_ms / 1000,

@@ -249,6 +249,22 @@ class RouterConfig:
             "made); it goes to the worker and back to the client as x-request-id"
         ),
     )
+    forward_headers: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_meta(
+            "forward ONLY these client headers to workers (an allow-list; credentials such "
+            "as authorization or cookie only when listed); unset: every client header but "
+            "hop-by-hop ones and credentials (cookie, authorization, proxy-authorization, "
+            "x-api-key)"
+        ),
+    )
+    drop_headers: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "client headers never forwarded to workers, besides the default ones (wins "
+            "over forward_headers)"
+        ),
+    )
     cors_allowed_origins: tuple[str, ...] = field(
         default=(),
         metadata=_meta(
@@ -833,6 +849,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "redis_url": _redis_url,
     "fleet_name": _fleet_name,
     "request_id_headers": _header_names,
+    "forward_headers": _header_names,
+    "drop_headers": _header_names,
     "cors_allowed_origins": _origins,
     "log_dir": _non_empty,
     "prometheus_host": _non_empty,

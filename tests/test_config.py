@@ -44,6 +44,8 @@ SAMPLES: dict[str, list[str]] = {
     "fleet_name": ["blue"],
     "log_dir": ["/var/log/router"],
     "request_id_headers": ["x-my-id", "x-trace-id"],
+    "forward_headers": ["x-tenant", "authorization"],
+    "drop_headers": ["x-debug"],
     "cors_allowed_origins": ["http://localhost:3000"],
     "prometheus_host": ["0.0.0.0"],
     "session_key_header": ["x-conversation"],

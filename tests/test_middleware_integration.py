@@ -591,6 +591,7 @@ async def test_engine_cookies_are_never_replayed_to_other_clients(transport: str
             WorkerRegistry([worker]),
             transparent_prefixes=["/inference"],
             transport=transport,
+            forward_headers=["cookie"],  # a client's own cookie goes only when allowed
         )
         with serve_app(middleware, lifespan="on") as url:
             first = await raw_http(url, "GET", "/inference/a")

@@ -55,6 +55,7 @@ from cache_router.proxy.asgi import ASGIApp, Headers, Message, Receive, Scope, S
 from cache_router.proxy.auth import bearer_matches
 from cache_router.proxy.mount import under
 from cache_router.proxy.relay import (
+    CLIENT_CREDENTIALS,
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
@@ -131,6 +132,11 @@ _HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _FRAMING_HEADERS = HOP_BY_HOP_HEADERS | {b"content-length"}
 
 
+def _names(names: Iterable[str]) -> frozenset[bytes]:
+    """Header names as the ASGI server gives them: lowercase bytes."""
+    return frozenset(name.lower().encode("latin-1") for name in names)
+
+
 def _checked_overrides(headers: Mapping[str, str]) -> dict[bytes, bytes]:
     """``upstream_headers`` as wire bytes; refuses, once at start-up, what no request may
     carry: a malformed name or value (a line break would start a header of its own), or a
@@ -182,7 +188,13 @@ class RoutingMiddleware:
             transport instance (see :class:`cache_router.proxy.relay.Upstream`).
         upstream_headers: headers set on every upstream request, replacing the client's
             (e.g. ``{"authorization": "Bearer <engine key>"}``).
-        drop_request_headers: further client header names never sent upstream.
+        drop_request_headers: further client header names never sent upstream (they win
+            over ``forward_headers``).
+        forward_headers: None forwards every client header but the hop-by-hop ones, the
+            client's credentials (``cookie``, ``authorization``, ``proxy-authorization``,
+            ``x-api-key``) and the ones the router sets itself; a list forwards only those
+            names, credentials included when listed (``proxy-authorization``, hop-by-hop
+            and the router's own headers never). See docs/middleware.md.
         retry: when to retry on another worker (:class:`RetryConfig`; 3 attempts).
         max_concurrent_requests: cap on requests in flight through this middleware, with a
             wait queue of ``queue_size`` and ``queue_timeout`` seconds; None for no cap.
@@ -216,6 +228,7 @@ class RoutingMiddleware:
         limits: httpx.Limits = DEFAULT_LIMITS,
         upstream_headers: Mapping[str, str] | None = None,
         drop_request_headers: Iterable[str] = (),
+        forward_headers: Iterable[str] | None = None,
         retry: RetryConfig | None = None,
         max_concurrent_requests: int | None = None,
         queue_size: int = 100,
@@ -275,12 +288,14 @@ class RoutingMiddleware:
         self._listing = b""
         # The router's own client key is the router's business: never forward it to engines.
         key_headers = {b"authorization", b"x-api-key"} if api_key is not None else set()
+        # Both sets are built once here; a request's headers then take one pass.
         self._request_drop = (
-            REQUEST_DROP
-            | {name.lower().encode("latin-1") for name in drop_request_headers}
-            | self._overrides.keys()
-            | key_headers
+            REQUEST_DROP | _names(drop_request_headers) | self._overrides.keys() | key_headers
         )
+        self._request_allow = (
+            None if forward_headers is None else _names(forward_headers) - self._request_drop
+        )
+        self._request_drop |= CLIENT_CREDENTIALS
 
     def route_for(self, path: str) -> _Route | None:
         """The route that intercepts ``path``, or None when the wrapped app owns it."""
@@ -385,7 +400,7 @@ class RoutingMiddleware:
         before returning, so acquires and releases match however many attempts a request
         makes.
         """
-        headers = filter_headers(raw_headers, self._request_drop)
+        headers = filter_headers(raw_headers, self._request_drop, self._request_allow)
         headers.append((b"x-request-id", echo[0][1]))
         headers.extend(self._overrides.items())
         failed: list[Worker] = []

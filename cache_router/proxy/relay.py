@@ -47,6 +47,7 @@ from cache_router.proxy.responses import send_error
 from cache_router.proxy.tls import client_ssl_context
 
 __all__ = [
+    "CLIENT_CREDENTIALS",
     "DEFAULT_TIMEOUT",
     "HOP_BY_HOP_HEADERS",
     "REQUEST_DROP",
@@ -88,6 +89,9 @@ HOP_BY_HOP_HEADERS = frozenset(
     }
 )
 REQUEST_DROP = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"expect", b"x-request-id"}
+#: The client's credentials: they are for the router (or whoever fronts it), not for the
+#: engines, whose key the router sets itself. Dropped unless listed in an allow-list.
+CLIENT_CREDENTIALS = frozenset({b"cookie", b"authorization", b"proxy-authorization", b"x-api-key"})
 # uvicorn and other servers add their own date and server headers; two of each confuse clients.
 _RESPONSE_DROP = HOP_BY_HOP_HEADERS | {b"date", b"server", b"x-request-id"}
 
@@ -136,10 +140,21 @@ def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 
 
 def filter_headers(
-    headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]
+    headers: Sequence[tuple[bytes, bytes]],
+    drop: frozenset[bytes],
+    allow: frozenset[bytes] | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """Headers minus ``drop`` and minus whatever their ``Connection`` header lists."""
+    """Headers minus ``drop`` and minus whatever their ``Connection`` header lists.
+
+    With ``allow`` (lowercase names, ``drop`` already taken out by the caller, once), only
+    those names pass: the message's own ``Connection`` list still wins, since it marks the
+    names as meant for this hop only.
+    """
     extra = _connection_listed(headers)
+    if allow is not None:
+        if extra:
+            allow = allow - extra
+        return [(name, value) for name, value in headers if name.lower() in allow]
     if extra:
         drop = drop | extra
     return [(name, value) for name, value in headers if name.lower() not in drop]
