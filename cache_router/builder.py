@@ -27,6 +27,7 @@ from cache_router.ops.admin import AdminApp
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.probes import probe_app
+from cache_router.ops.sglang_workers import SGLANG_STARTUP_WAIT, SGLangWorkerApi
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
 from cache_router.proxy.cors import CORSMiddleware
 from cache_router.proxy.lifespan import BackgroundTask, BackgroundTasks
@@ -137,8 +138,15 @@ class Router:
         )
 
     def app(self, **options: Any) -> RouterApp:
-        """The standalone router: this middleware around the probe endpoints."""
-        return self.middleware(probe_app(self.registry), **options)
+        """The standalone router: this middleware around the probe endpoints, with
+        SGLang's worker API at the root when there is an admin API (``serve`` is a drop-in
+        for SGLang's router; an app this router wraps keeps its own ``/workers``)."""
+        wait = self.config.worker_startup_timeout_secs
+        root: dict[str, Any] = {
+            "root_worker_api": True,
+            "worker_startup_wait": SGLANG_STARTUP_WAIT if wait is None else float(wait),
+        }
+        return self.middleware(probe_app(self.registry), **root, **options)
 
     @property
     def engine_headers(self) -> dict[str, str] | None:
@@ -325,7 +333,11 @@ class RouterApp(BackgroundTasks):
     intercepts, every other keyword being its parameter; behind it
     :class:`~cache_router.proxy.mount.PrefixMount` serves ``admin`` under ``admin_prefix``
     and hands the rest to ``app``. So routed paths win over the admin prefix, and the admin
-    API over the wrapped app. With ``cors_allowed_origins``,
+    API over the wrapped app. With ``root_worker_api`` and an
+    :class:`~cache_router.ops.admin.AdminApp` as ``admin``,
+    :class:`~cache_router.ops.sglang_workers.SGLangWorkerApi` answers SGLang's worker
+    routes (``/workers``, ``/add_worker``, ...) at the root, in front of the mount
+    (``worker_startup_wait`` bounds its background health wait). With ``cors_allowed_origins``,
     :class:`~cache_router.proxy.cors.CORSMiddleware` sits in front of the routing
     middleware and answers CORS preflights before any routing. No holder sits around the
     layers: a request pays for exactly one call more than the routing middleware alone
@@ -341,10 +353,14 @@ class RouterApp(BackgroundTasks):
         background: Iterable[BackgroundTask] = (),
         admin: ASGIApp | None = None,
         admin_prefix: str = "/router",
+        root_worker_api: bool = False,
+        worker_startup_wait: float = SGLANG_STARTUP_WAIT,
         cors_allowed_origins: Iterable[str] = (),
         **options: Any,
     ) -> None:
         inner = app if admin is None else PrefixMount(app, admin_prefix, admin)
+        if root_worker_api and isinstance(admin, AdminApp):
+            inner = SGLangWorkerApi(inner, admin, startup_wait=worker_startup_wait)
         self.routing = RoutingMiddleware(inner, registry, policy, **options)
         self.admin = admin
         origins = tuple(cors_allowed_origins)

@@ -127,8 +127,8 @@ class RouterConfig:
     worker_urls: Sequence[str] = field(
         default=(),
         metadata=_meta(
-            "engine base URLs, e.g. http://10.0.0.1:8000 (serve needs at least one; in code, "
-            "a WorkerRegistry may stand in)"
+            "engine base URLs, e.g. http://10.0.0.1:8000 (none: serve starts empty and waits "
+            "for workers added through the admin API; in code, a WorkerRegistry may stand in)"
         ),
     )
     host: str = field(default="127.0.0.1", metadata=_meta("address to listen on"))
@@ -608,11 +608,6 @@ class RouterConfig:
     ) -> RouterConfig:
         """Build from checked-out sources; ``problems`` found so far are reported together
         with the checks' own."""
-        if "worker_urls" not in values and "worker_urls" not in origins:
-            problems.append(
-                "worker_urls: required; give --worker-urls, "
-                f"{OPTIONS['worker_urls'].env} or worker_urls in the config file"
-            )
         if problems:  # report the remaining checks' findings too, then stop
             problems += _check(values, origins, raws, "default")[1]
             raise ConfigError(problems)

@@ -34,7 +34,14 @@ from cache_router.ops.allowlist import parse_host
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
 
-__all__ = ["SERVE_CONFIG_ENV", "admin_exposure", "app_from_env", "run", "server_options"]
+__all__ = [
+    "SERVE_CONFIG_ENV",
+    "admin_exposure",
+    "app_from_env",
+    "empty_fleet",
+    "run",
+    "server_options",
+]
 
 logger = logging.getLogger("cache_router.serve")
 
@@ -62,7 +69,7 @@ def run(config: RouterConfig) -> int:
             file=sys.stderr,
         )
         return 1
-    refusal = admin_exposure(config)
+    refusal = admin_exposure(config) or empty_fleet(config)
     if refusal is not None:
         print(f"cache-router serve: error: {refusal}", file=sys.stderr)
         return 2
@@ -181,6 +188,32 @@ def _add_metrics_listener(router: Router) -> str | None:
         MetricsListener(router.metrics, config.prometheus_host, config.prometheus_port)
     )
     logger.info("metrics on http://%s:%d/metrics", config.prometheus_host, config.prometheus_port)
+    return None
+
+
+def empty_fleet(config: RouterConfig) -> str | None:
+    """Why ``serve`` must not start without workers, else None; warns when it starts
+    empty and waits for workers added through the admin API."""
+    if config.worker_urls:
+        return None
+    if config.admin_prefix is None:
+        return (
+            "no workers: give --worker-urls, or --admin-prefix (and --worker-allow) to start "
+            "empty and add workers through the admin API"
+        )
+    allow = (
+        f"--worker-allow lets it add workers on {', '.join(config.worker_allow)}"
+        if config.worker_allow
+        else "the worker allow-list is empty (it defaults to the start-up workers' hosts), "
+        "so every add is refused until --worker-allow names the engines' hosts"
+    )
+    logger.warning(
+        "no --worker-urls: the router starts with no workers (/readiness answers 503, "
+        "requests 503) and waits for workers added through the admin API (%s/workers, or "
+        "POST /workers at the root); %s",
+        config.admin_prefix,
+        allow,
+    )
     return None
 
 

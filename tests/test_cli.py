@@ -187,7 +187,6 @@ def test_demo_flags_are_parsed() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["serve"], "worker_urls: required; give --worker-urls, CACHE_ROUTER_WORKER_URLS"),
         (["serve", "--worker-urls"], "expected at least one argument"),
         (["serve", "--worker-urls", "ftp://a:1"], "must start with http:// or https://"),
         (["serve", "--worker-urls", "http://a:1?x=1"], "must not carry a query"),

@@ -55,7 +55,7 @@ import math
 import re
 import ssl
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import anyio
@@ -71,7 +71,7 @@ from cache_router.core.registry import Lease, Worker, WorkerRegistry, normalize_
 from cache_router.ops.allowlist import HostAllowList, url_host
 from cache_router.ops.load_source import LOCAL, load_source
 from cache_router.ops.metrics import circuit_state
-from cache_router.proxy.asgi import Receive, Scope, Send
+from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
 from cache_router.proxy.auth import bearer_matches
 from cache_router.proxy.responses import bad_request, error_handler, send_error
 
@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from cache_router.ops.metrics import PrometheusMetrics
     from cache_router.ops.models import ModelDiscovery
 
-__all__ = ["MAX_ADMIN_BODY", "AdminApp", "worker_info"]
+__all__ = ["MAX_ADMIN_BODY", "AdminApp", "PendingWorker", "json_object", "route_app", "worker_info"]
 
 logger = logging.getLogger("cache_router.ops.admin")
 
@@ -123,6 +123,14 @@ def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[
         "load_source": LOCAL if registry is None else load_source(registry, worker),
         "processed": worker.processed,
     }
+
+
+class PendingWorker(NamedTuple):
+    """A worker :meth:`AdminApp.reserve` checked and holds, not registered yet."""
+
+    url: str
+    model: str | None
+    wait: float
 
 
 class _Drain:
@@ -200,24 +208,25 @@ class AdminApp:
         ]
         if metrics is not None:
             routes.append(Route("/metrics", self._metrics, methods=["GET"]))
-        self._app = Starlette(
-            routes=routes,
-            exception_handlers={
-                RouterError: error_handler,
-                HTTPException: error_handler,
-                Exception: error_handler,
-            },
-        )
+        self._app = route_app(routes)
+        self._guarded = self.guard(self._app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self._api_key is not None
-            and not bearer_matches(scope["headers"], self._api_key)
-        ):
-            await send_error(send, _KEY_REQUIRED)
-            return
-        await self._app(scope, receive, send)
+        await self._guarded(scope, receive, send)
+
+    def guard(self, app: ASGIApp) -> ASGIApp:
+        """``app`` behind this API's key: 401 for an HTTP request without it."""
+        key = self._api_key
+        if key is None:
+            return app
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and not bearer_matches(scope["headers"], key):
+                await send_error(send, _KEY_REQUIRED)
+                return
+            await app(scope, receive, send)
+
+        return guarded
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -227,7 +236,7 @@ class AdminApp:
         return JSONResponse([worker_info(worker, self.registry) for worker in self.registry])
 
     async def _worker(self, request: Request) -> Response:
-        worker = self._known(request.path_params["url"])
+        worker = self.known(request.path_params["url"])
         if request.method == "DELETE":
             return await self._remove(worker, request)
         return JSONResponse(worker_info(worker, self.registry))
@@ -236,7 +245,7 @@ class AdminApp:
         return JSONResponse({"urls": [worker.url for worker in self.registry]})
 
     async def _add_json(self, request: Request) -> Response:
-        payload = await _json_object(request)
+        payload = await json_object(request)
         unknown = payload.keys() - _ADD_FIELDS
         if unknown:
             raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
@@ -255,7 +264,7 @@ class AdminApp:
         url = request.query_params.get("url")
         if url is None:
             raise bad_request("the url query parameter is required", "missing_url")
-        return await self._remove(self._known(url), request)
+        return await self._remove(self.known(url), request)
 
     async def _remove(self, worker: Worker, request: Request) -> Response:
         raw = request.query_params.get("timeout")
@@ -279,6 +288,14 @@ class AdminApp:
         field, 403 for a host off the allow-list, 409 if the URL is registered (or being
         added), 503 if the worker is not healthy in time.
         """
+        return await self.complete(self.reserve(url, model, wait_healthy_secs))
+
+    def reserve(
+        self, url: object, model: object = None, wait_healthy_secs: object = None
+    ) -> PendingWorker:
+        """The checks of :meth:`add` that need no network (400, 403, 409), then the URL
+        held as being added until :meth:`complete` (which must follow) ends. Lets a
+        caller answer at once and register in the background."""
         if not isinstance(url, str):
             raise bad_request("url must be a string", "invalid_url")
         try:
@@ -300,28 +317,33 @@ class AdminApp:
                 code="worker_not_allowed",
             )
         self._check_free(url)
+        self._adding.add(url)
+        return PendingWorker(url, model if isinstance(model, str) else None, wait)
+
+    async def complete(self, pending: PendingWorker) -> Worker:
+        """Wait for a :meth:`reserve`-d worker (health, model discovery), then register it;
+        raises 503 if it is not healthy in time. The reservation ends either way."""
+        url, model, wait = pending
         discovery = self.discovery if model is None else None
         models: tuple[str, ...] | str | None = None
-        if wait > 0 or discovery is not None:
-            self._adding.add(url)
-            try:
-                failure = None if wait <= 0 else await self._wait_healthy(url, wait)
-                if failure is None and discovery is not None:
-                    async with self._client() as client:
-                        models = await discovery.probe(client, url)
-            finally:
-                self._adding.discard(url)
-            if failure is not None:
-                # The reason stays in the log: refused, timed out or "status 404" would
-                # tell a caller which ports are open on the worker's host.
-                logger.warning("worker %s not ready within %g s: %s", url, wait, failure)
-                raise RouterError(
-                    f"worker not ready within {wait:g} s; the router's log says why",
-                    status=503,
-                    error_type="service_unavailable",
-                    code="worker_unhealthy",
-                )
-            self._check_free(url)
+        try:
+            failure = None if wait <= 0 else await self._wait_healthy(url, wait)
+            if failure is None and discovery is not None:
+                async with self._client() as client:
+                    models = await discovery.probe(client, url)
+        finally:
+            self._adding.discard(url)
+        if failure is not None:
+            # The reason stays in the log: refused, timed out or "status 404" would
+            # tell a caller which ports are open on the worker's host.
+            logger.warning("worker %s not ready within %g s: %s", url, wait, failure)
+            raise RouterError(
+                f"worker not ready within {wait:g} s; the router's log says why",
+                status=503,
+                error_type="service_unavailable",
+                code="worker_unhealthy",
+            )
+        self._check_free(url)
         worker = self.registry.add(url, model)
         if discovery is not None and models is not None:
             # In the same step as the add: no request sees the worker serving any model.
@@ -365,7 +387,8 @@ class AdminApp:
             if drain is not None:
                 drain.done.set()
 
-    def _known(self, url: str) -> Worker:
+    def known(self, url: str) -> Worker:
+        """The worker registered at ``url`` (a proxy's merged ``//`` repaired); else 404."""
         worker = self.registry.get(_MERGED_SCHEME.sub(r"\1://", url))
         if worker is None:
             raise RouterError(
@@ -407,6 +430,18 @@ class AdminApp:
         return failure
 
 
+def route_app(routes: list[Route]) -> Starlette:
+    """A Starlette app of ``routes`` whose every error is an OpenAI-shaped JSON body."""
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            RouterError: error_handler,
+            HTTPException: error_handler,
+            Exception: error_handler,
+        },
+    )
+
+
 def _seconds(value: object, name: str) -> float:
     """A finite, non-negative number of seconds from JSON or a query string; else 400."""
     if isinstance(value, str):
@@ -419,7 +454,9 @@ def _seconds(value: object, name: str) -> float:
     return float(value)
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def json_object(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object, at most :data:`MAX_ADMIN_BODY` bytes; else
+    413 or 400."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
