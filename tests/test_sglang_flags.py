@@ -289,3 +289,60 @@ def test_one_metrics_listener_cannot_serve_several_processes() -> None:
         "serve", "--worker-urls", "http://127.0.0.1:9", "--workers", "2", "--prometheus-port", "1"
     )
     assert done.returncode == 2 and "prometheus_port" in done.stderr
+
+
+def test_queue_answers_through_the_cli_are_sglangs() -> None:
+    """One slot, one queue place, the slot held: of two more requests one waits and times
+    out with 408, the other finds the queue full, 429; neither reaches the engine or leaves
+    load behind."""
+    import threading
+
+    from mock_engine import MockEngine, wait_until
+    from test_cli import serve_process
+
+    from cache_router.testing import serve_app
+
+    engine = MockEngine(name="a")
+    body = {"model": "m", "prompt": "hello"}
+    with (
+        serve_app(engine) as url,
+        serve_process(
+            "--worker-urls",
+            url,
+            "--max-concurrent-requests",
+            "1",
+            "--queue-size",
+            "1",
+            "--queue-timeout-secs",
+            "2",
+            "--admin-prefix",
+            "/router",
+            "--admin-api-key",
+            "k",
+        ) as served,
+        httpx.Client(base_url=served.url, trust_env=False, timeout=30) as client,
+    ):
+        answers: dict[str, int] = {}
+
+        def post(name: str, headers: dict[str, str]) -> None:
+            with httpx.Client(base_url=served.url, trust_env=False, timeout=30) as own:
+                answers[name] = own.post("/v1/completions", json=body, headers=headers).status_code
+
+        holder = threading.Thread(target=post, args=("held", {"x-mock-hang": "1"}))
+        holder.start()
+        try:
+            wait_until(lambda: engine.in_flight == 1, timeout=10, interval=0.05)
+            late = [threading.Thread(target=post, args=(name, {})) for name in ("b", "c")]
+            for thread in late:
+                thread.start()
+            for thread in late:
+                thread.join(timeout=20)
+            assert sorted((answers["b"], answers["c"])) == [408, 429]
+        finally:
+            engine.release()
+            holder.join(timeout=30)
+        assert answers["held"] == 200
+        # Only the held request reached the engine (besides health checks and discovery).
+        assert engine.paths().count("/v1/completions") == 1
+        workers = client.get("/router/workers", headers={"authorization": "Bearer k"}).json()
+        assert [worker["load"] for worker in workers] == [0]
