@@ -218,6 +218,7 @@ def build_router(
             worker_allow=config.worker_allow,
             discovery=None if router.health is None else router.health.discovery,
             ssl_context=router.ssl_context,
+            engine_headers=router.engine_headers,
         )
     _add_scale_out(router)
     router.events.extend(events)
@@ -253,6 +254,7 @@ def _add_scale_out(router: Router) -> None:
                 interval=config.engine_load_poll_secs,
                 format=cast(LoadFormat, config.engine_load_format),
                 ssl_context=router.ssl_context,
+                headers=router.engine_headers,
             )
         )
         sources = True

@@ -111,9 +111,9 @@ def test_serve_starts_empty_and_routes_once_a_worker_is_added() -> None:
 def test_post_workers_checks_before_it_accepts() -> None:
     engine = MockEngine(name="a")
     with serve_app(engine) as url, empty_router() as (client, _):
-        refused = client.post("/workers", json={"url": url, "api_key": "k"}, headers=KEY)
+        refused = client.post("/workers", json={"url": url, "api_key": "k k"}, headers=KEY)
         assert refused.status_code == 400
-        assert "per-worker api_key is not supported" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "invalid_worker_api_key"
         outside = client.post("/workers", json={"url": "http://10.1.2.3:8000"}, headers=KEY)
         assert outside.status_code == 403
         assert outside.json()["error"]["code"] == "worker_not_allowed"

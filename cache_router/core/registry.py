@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["Gate", "Lease", "Worker", "WorkerRegistry", "normalize_url"]
+__all__ = ["Gate", "Lease", "Worker", "WorkerRegistry", "checked_api_key", "normalize_url"]
 
 
 def normalize_url(url: str) -> str:
@@ -54,6 +54,26 @@ def normalize_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}{parts.path}"
 
 
+def checked_api_key(key: object) -> str | None:
+    """``key`` if it can be a worker's engine key (None for none), else ``ValueError``.
+
+    It goes into a header line on every request to the worker, so it must be printable
+    ASCII without whitespace; the message never repeats it.
+    """
+    if key is None:
+        return None
+    if (
+        not isinstance(key, str)
+        or not key
+        or not key.isascii()
+        or any(char.isspace() or not char.isprintable() for char in key)
+    ):
+        raise ValueError(
+            "a worker's api_key must be a non-empty string of printable ASCII without whitespace"
+        )
+    return key
+
+
 class Gate(Protocol):
     """Something that may refuse a worker new requests for a while (a circuit breaker)."""
 
@@ -73,6 +93,10 @@ class Worker:
     ``model`` is the model the worker was registered with, or None; ``discovered_models``
     those its engine reported (:meth:`WorkerRegistry.set_models`). A worker with neither
     serves any model. Both are read-only: the registry keeps an index over them.
+
+    ``api_key`` is this worker's own engine credential, sent instead of the fleet's
+    when set (a string: what it becomes on the wire is the proxy's business). It is a
+    secret: never listed, logged or shown by ``repr``.
     """
 
     __slots__ = (
@@ -82,6 +106,7 @@ class Worker:
         "_model",
         "_processed",
         "_served",
+        "api_key",
         "breaker",
         "draining",
         "effective_load",
@@ -89,9 +114,10 @@ class Worker:
         "url",
     )
 
-    def __init__(self, url: str, model: str | None = None) -> None:
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None) -> None:
         self.url = normalize_url(url)
         self._model = model
+        self.api_key = checked_api_key(api_key)
         self._discovered: tuple[str, ...] | None = None
         #: What :meth:`serves` looks up: None while any model is served.
         self._served: frozenset[str] | None = None if model is None else frozenset((model,))
@@ -256,8 +282,10 @@ class WorkerRegistry:
         except ValueError:
             return None
 
-    def add(self, url: str, model: str | None = None) -> Worker:
-        worker = Worker(url, model)
+    def add(self, url: str, model: str | None = None, api_key: str | None = None) -> Worker:
+        """Register a worker; ``api_key``, when given, is sent to it instead of the fleet's
+        engine key. ``ValueError`` for a bad URL or key, or a URL already registered."""
+        worker = Worker(url, model, api_key)
         if worker.url in self._workers:
             raise ValueError(f"worker {worker.url} is already registered")
         self._workers[worker.url] = worker

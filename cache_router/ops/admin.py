@@ -8,7 +8,8 @@ convention). Its routes, relative to that prefix:
                                    circuit, load, external_load, load_source, processed
                                    (a JSON array)
 ``GET /workers/{url}``             one worker (``url`` percent-encoded); 404 if unknown
-``POST /workers``                  ``{"url", "model"?, "wait_healthy_secs"?}``; 201
+``POST /workers``                  ``{"url", "model"?, "api_key"?, "wait_healthy_secs"?}``;
+                                   201
 ``DELETE /workers/{url}``          drain, then remove; ``?timeout=`` seconds overrides
                                    ``drain_timeout``; 200 with the removed worker
 ``POST /add_worker?url=&model=``   SGLang router alias of ``POST /workers`` (200)
@@ -27,6 +28,10 @@ Adding can wait for the worker to come up: with ``wait_healthy_secs`` the worker
 with ``GET {url}{startup_health_path}`` until it answers 200, and is registered only then
 (503 if it never does). The 503 says only "not ready"; why (refused, timed out, which
 status) goes to the log, so the API cannot be used to tell closed ports from open ones.
+
+A worker added with an ``api_key`` is sent ``Authorization: Bearer <that key>`` instead of
+the fleet's engine key on everything the router sends it (relayed requests, health checks,
+model discovery, load polls, the wait below); the key is never listed or logged.
 
 Every URL added is first checked against an allow-list of hosts
 (:mod:`cache_router.ops.allowlist`): the hosts of the registry's workers when the app is built,
@@ -54,7 +59,7 @@ import logging
 import math
 import re
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -67,8 +72,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cache_router.core.errors import RouterError
-from cache_router.core.registry import Lease, Worker, WorkerRegistry, normalize_url
+from cache_router.core.registry import (
+    Lease,
+    Worker,
+    WorkerRegistry,
+    checked_api_key,
+    normalize_url,
+)
 from cache_router.ops.allowlist import HostAllowList, url_host
+from cache_router.ops.engine_key import worker_headers
 from cache_router.ops.load_source import LOCAL, load_source
 from cache_router.ops.metrics import circuit_state
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
@@ -87,7 +99,7 @@ logger = logging.getLogger("cache_router.ops.admin")
 MAX_ADMIN_BODY = 64 * 1024
 #: Longest single health request while waiting for a new worker.
 _HEALTH_REQUEST_TIMEOUT = 5.0
-_ADD_FIELDS = frozenset({"url", "model", "wait_healthy_secs"})
+_ADD_FIELDS = frozenset({"url", "model", "api_key", "wait_healthy_secs"})
 # A proxy in front of the router may merge "//" in "/workers/http://host"; put it back.
 _MERGED_SCHEME = re.compile(r"^(https?):/(?!/)")
 _KEY_REQUIRED = RouterError(
@@ -131,6 +143,11 @@ class PendingWorker(NamedTuple):
     url: str
     model: str | None
     wait: float
+    #: The worker's own engine key, or None; a secret, so ``repr`` leaves it out.
+    api_key: str | None = None
+
+    def __repr__(self) -> str:
+        return f"PendingWorker(url={self.url!r}, model={self.model!r}, wait={self.wait!r})"
 
 
 class _Drain:
@@ -161,6 +178,9 @@ class AdminApp:
             health checker's, ``HealthChecker.discovery``); None: such workers serve any.
         ssl_context: verifies ``https://`` workers while waiting for them and discovering
             their models (the relay's context); None: httpx's default CAs.
+        engine_headers: sent with the health polls while waiting for a new worker (the
+            engines' API key, as the router sends it); a worker's own key replaces its
+            authorization.
     """
 
     def __init__(
@@ -174,6 +194,7 @@ class AdminApp:
         worker_allow: Iterable[str] = (),
         discovery: ModelDiscovery | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        engine_headers: Mapping[str, str] | None = None,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty; pass None to leave the API open")
@@ -194,6 +215,7 @@ class AdminApp:
         self.drain_timeout = drain_timeout
         self.discovery = discovery
         self._verify = ssl_context or True
+        self._engine_headers = dict(engine_headers or {})
         self._api_key = api_key
         self._adding: set[str] = set()
         self._drains: dict[Worker, _Drain] = {}
@@ -250,7 +272,10 @@ class AdminApp:
         if unknown:
             raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
         worker = await self.add(
-            payload.get("url"), payload.get("model"), payload.get("wait_healthy_secs")
+            payload.get("url"),
+            payload.get("model"),
+            payload.get("wait_healthy_secs"),
+            payload.get("api_key"),
         )
         return JSONResponse(worker_info(worker, self.registry), status_code=201)
 
@@ -280,18 +305,27 @@ class AdminApp:
     # -- operations -----------------------------------------------------------------------
 
     async def add(
-        self, url: object, model: object = None, wait_healthy_secs: object = None
+        self,
+        url: object,
+        model: object = None,
+        wait_healthy_secs: object = None,
+        api_key: object = None,
     ) -> Worker:
-        """Validate and register a worker, first waiting for it to be healthy if asked.
+        """Validate and register a worker, first waiting for it to be healthy if asked;
+        ``api_key`` is its own engine key (None: the fleet's).
 
         Raises :class:`~cache_router.core.errors.RouterError`: 400 for a malformed URL or
         field, 403 for a host off the allow-list, 409 if the URL is registered (or being
         added), 503 if the worker is not healthy in time.
         """
-        return await self.complete(self.reserve(url, model, wait_healthy_secs))
+        return await self.complete(self.reserve(url, model, wait_healthy_secs, api_key))
 
     def reserve(
-        self, url: object, model: object = None, wait_healthy_secs: object = None
+        self,
+        url: object,
+        model: object = None,
+        wait_healthy_secs: object = None,
+        api_key: object = None,
     ) -> PendingWorker:
         """The checks of :meth:`add` that need no network (400, 403, 409), then the URL
         held as being added until :meth:`complete` (which must follow) ends. Lets a
@@ -305,6 +339,10 @@ class AdminApp:
             raise bad_request(str(exc), "invalid_url") from None
         if model is not None and (not isinstance(model, str) or not model):
             raise bad_request("model must be a non-empty string", "invalid_model")
+        try:
+            key = checked_api_key(api_key)
+        except ValueError as exc:
+            raise bad_request(str(exc), "invalid_worker_api_key") from None
         wait = 0.0
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
@@ -318,19 +356,19 @@ class AdminApp:
             )
         self._check_free(url)
         self._adding.add(url)
-        return PendingWorker(url, model if isinstance(model, str) else None, wait)
+        return PendingWorker(url, model if isinstance(model, str) else None, wait, key)
 
     async def complete(self, pending: PendingWorker) -> Worker:
         """Wait for a :meth:`reserve`-d worker (health, model discovery), then register it;
         raises 503 if it is not healthy in time. The reservation ends either way."""
-        url, model, wait = pending
+        url, model, wait, key = pending
         discovery = self.discovery if model is None else None
         models: tuple[str, ...] | str | None = None
         try:
-            failure = None if wait <= 0 else await self._wait_healthy(url, wait)
+            failure = None if wait <= 0 else await self._wait_healthy(url, wait, key)
             if failure is None and discovery is not None:
                 async with self._client() as client:
-                    models = await discovery.probe(client, url)
+                    models = await discovery.probe(client, url, key)
         finally:
             self._adding.discard(url)
         if failure is not None:
@@ -344,7 +382,7 @@ class AdminApp:
                 code="worker_unhealthy",
             )
         self._check_free(url)
-        worker = self.registry.add(url, model)
+        worker = self.registry.add(url, model, key)
         if discovery is not None and models is not None:
             # In the same step as the add: no request sees the worker serving any model.
             discovery.record(worker, models)
@@ -409,16 +447,19 @@ class AdminApp:
                 message, status=409, error_type="invalid_request_error", code="worker_exists"
             )
 
-    async def _wait_healthy(self, url: str, seconds: float) -> str | None:
+    async def _wait_healthy(self, url: str, seconds: float, key: str | None) -> str | None:
         """Poll the health path until it answers 200: None then, else the last failure."""
         failure = "no answer"
         delay = 0.05
         target = url + self.startup_health_path
+        headers = worker_headers(self._engine_headers, key)
         with anyio.move_on_after(seconds):
             async with self._client() as client:
                 while True:
                     try:
-                        response = await client.get(target, timeout=_HEALTH_REQUEST_TIMEOUT)
+                        response = await client.get(
+                            target, headers=headers, timeout=_HEALTH_REQUEST_TIMEOUT
+                        )
                     except httpx.HTTPError as exc:
                         failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
                     else:

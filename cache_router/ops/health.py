@@ -35,6 +35,7 @@ import httpx
 
 from cache_router.core.events import RouterEvents
 from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.engine_key import worker_headers
 from cache_router.ops.models import ModelDiscovery
 from cache_router.ops.periodic import every
 
@@ -78,7 +79,8 @@ class HealthChecker:
     a certificate the relay refuses fails the checks too), and closes it when :meth:`run`
     ends or on :meth:`aclose`.
 
-    ``headers`` go with every check (e.g. the engines' API key). With ``discover_models``
+    ``headers`` go with every check (e.g. the engines' API key; a worker's own
+    ``api_key`` replaces its authorization). With ``discover_models``
     (the default) a worker that passes a check and was registered without a model is then
     asked which models it serves, with the same client and headers; ``discovery`` is the
     :class:`~cache_router.ops.models.ModelDiscovery` doing it (None without), to share with
@@ -148,7 +150,9 @@ class HealthChecker:
         with anyio.move_on_after(self.timeout):
             try:
                 response = await client.get(
-                    worker.url + self.path, headers=self.headers, timeout=self.timeout
+                    worker.url + self.path,
+                    headers=worker_headers(self.headers, worker.api_key),
+                    timeout=self.timeout,
                 )
             except Exception as exc:  # refused, reset, bad answer: all mean "not healthy"
                 return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -46,6 +46,7 @@ import httpx
 
 from cache_router.core._loop import on_asyncio
 from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.engine_key import worker_headers
 from cache_router.ops.periodic import every
 
 if TYPE_CHECKING:
@@ -246,6 +247,8 @@ class EngineLoadPoller:
     which matters at sub-second intervals; see docs/scale-out.md), ``"aiohttp"`` or
     ``"httpx"``. A ``client`` (httpx) is used as given and never closed. ``ssl_context``
     verifies ``https://`` engines (the relay's); None: each client's default CAs.
+    ``headers`` go with every poll (the engines' API key, as the router sends it); a
+    worker's own ``api_key`` replaces its authorization.
     """
 
     SOURCE = "engine"
@@ -264,6 +267,7 @@ class EngineLoadPoller:
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if transport not in ("auto", "httpx", "aiohttp"):
             raise ValueError(f"unknown transport {transport!r}")
@@ -293,6 +297,7 @@ class EngineLoadPoller:
         self._owns_client = client is None
         self._session: Any = None  # an aiohttp.ClientSession, once made
         self._ssl_context = ssl_context
+        self.headers = dict(headers or {})
         self._clock = clock
         self._last_success: dict[Worker, float] = {}
         #: Last load each worker reported (the engine's figure, ours included).
@@ -338,7 +343,8 @@ class EngineLoadPoller:
         reported: int | None = None
         with anyio.move_on_after(self.timeout):
             try:
-                reported = self.parser(await self._fetch(worker.url + self.path))
+                headers = worker_headers(self.headers, worker.api_key)
+                reported = self.parser(await self._fetch(worker.url + self.path, headers))
             except Exception as exc:  # refused, timed out, bad status or body: no signal
                 logger.debug("load poll of %s failed: %s", worker.url, exc)
         received = self._clock()
@@ -394,17 +400,17 @@ class EngineLoadPoller:
             self._client = None
             await client.aclose()
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str, headers: Mapping[str, str]) -> bytes:
         """The body of a 2xx answer to ``GET url``; raises on anything else."""
         if self._session is not None:
-            async with self._session.get(url, allow_redirects=False) as response:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as response:
                 body: bytes = await response.read()
                 if not 200 <= response.status < 300:
                     raise ValueError(f"status {response.status}")
                 return body
         if self._client is None:
             raise RuntimeError("the poller's client is closed")
-        answer = await self._client.get(url)
+        answer = await self._client.get(url, headers=headers)
         answer.raise_for_status()
         return answer.content
 

@@ -26,6 +26,7 @@ import anyio
 import httpx
 
 from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.ops.engine_key import worker_headers
 
 __all__ = [
     "MAX_MODELS",
@@ -145,10 +146,11 @@ class ModelDiscovery:
     """Discovers workers' models into ``registry`` and logs each worker's failure once.
 
     ``headers`` go with every discovery request (the engine's API key, as the router sends
-    it on requests); ``timeout`` bounds each request. Workers registered with a model are
-    never asked. A failure leaves the worker as it was: serving any model if it never
-    answered, else the models it reported last (an engine that is down for a moment must
-    not open itself to every model). Successful answers replace earlier ones.
+    it on requests; a worker's own ``api_key`` replaces its authorization); ``timeout``
+    bounds each request. Workers registered with a model are never asked. A failure
+    leaves the worker as it was: serving any model if it never answered, else the models
+    it reported last (an engine that is down for a moment must not open itself to every
+    model). Successful answers replace earlier ones.
     """
 
     def __init__(
@@ -166,17 +168,21 @@ class ModelDiscovery:
         self._failing: set[Worker] = set()
         registry.on_remove(self._failing.discard)
 
-    async def probe(self, client: httpx.AsyncClient, url: str) -> tuple[str, ...] | str:
-        """The models the engine at ``url`` serves, or why they could not be had."""
+    async def probe(
+        self, client: httpx.AsyncClient, url: str, api_key: str | None = None
+    ) -> tuple[str, ...] | str:
+        """The models the engine at ``url`` serves, or why they could not be had;
+        ``api_key`` is the worker's own engine key, if it has one."""
+        headers = worker_headers(self.headers, api_key)
         try:
-            return await fetch_models(client, url, headers=self.headers, timeout=self.timeout)
+            return await fetch_models(client, url, headers=headers, timeout=self.timeout)
         except DiscoveryError as exc:
             return str(exc)
 
     async def discover(self, client: httpx.AsyncClient, worker: Worker) -> None:
         """Ask ``worker`` (unless it was registered with a model) and record the answer."""
         if worker.model is None:
-            self.record(worker, await self.probe(client, worker.url))
+            self.record(worker, await self.probe(client, worker.url, worker.api_key))
 
     def record(self, worker: Worker, outcome: tuple[str, ...] | str) -> None:
         """Apply a :meth:`probe` outcome to ``worker``, if it is still registered."""

@@ -25,8 +25,9 @@ allow-list, the same health wait, model discovery and drain.
 A worker's id is its normalized URL (``/workers/http://10.0.0.1:8000``, or percent-
 encoded), as in SGLang's router before it keyed workers by UUID. Each worker is shown with
 SGLang's fields (``id``, ``url``, ``model_id``, ``worker_type``, ``is_healthy``, ``load``,
-``connection_mode``) plus ours (``models``, ``draining``). A per-worker ``api_key`` is
-refused: the router sends one engine key to every worker.
+``connection_mode``) plus ours (``models``, ``draining``). A worker's ``api_key`` is its
+engine credential: the router sends it to that worker instead of the fleet's ``--api-key``
+and never shows it; an empty one means none.
 """
 
 from __future__ import annotations
@@ -134,13 +135,13 @@ class SGLangWorkerApi:
         unknown = payload.keys() - _FIELDS - _IGNORED
         if unknown:
             raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
-        if payload.get("api_key"):
-            raise bad_request(
-                "per-worker api_key is not supported: the router sends its one engine key "
-                "(--api-key) to every worker",
-                "unsupported_field",
-            )
-        pending = self.admin.reserve(payload.get("url"), payload.get("model_id"), self.startup_wait)
+        key = payload.get("api_key")
+        pending = self.admin.reserve(
+            payload.get("url"),
+            payload.get("model_id"),
+            self.startup_wait,
+            None if key == "" else key,  # SGLang's clients send "" or null for none
+        )
         return _accepted(pending.url, "registration in progress", self._register, pending)
 
     async def _register(self, pending: PendingWorker) -> None:

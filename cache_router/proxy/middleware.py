@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 from collections.abc import Iterable, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 from urllib.parse import quote
 
@@ -150,6 +150,19 @@ def _checked_overrides(headers: Mapping[str, str]) -> dict[bytes, bytes]:
             raise ValueError(f"upstream header {name!r} is set by the router itself")
         checked[raw_name] = raw_value
     return checked
+
+
+@lru_cache(maxsize=256)
+def _bearer(key: str) -> bytes:
+    return b"Bearer " + key.encode("ascii")
+
+
+def _with_worker_key(headers: list[tuple[bytes, bytes]], key: str) -> list[tuple[bytes, bytes]]:
+    """A copy of ``headers`` carrying a worker's own engine ``key`` as its only
+    ``authorization`` (in place of the fleet's, or of a forwarded client's)."""
+    sent = [header for header in headers if header[0] != b"authorization"]
+    sent.append((b"authorization", _bearer(key)))
+    return sent
 
 
 def _forbidden_path(path: str) -> str | None:
@@ -415,13 +428,15 @@ class RoutingMiddleware:
             url = _upstream_url(worker.url, scope)
             if logger.isEnabledFor(logging.DEBUG):
                 _log_decision(scope, routing, worker, attempt, echo[0][1])
+            key = worker.api_key  # its own engine key, for the few workers that have one
+            sent = headers if key is None else _with_worker_key(headers, key)
             # Nothing may run between the acquire and the relay, which owns the lease from
             # its first line and releases it however the exchange ends.
             lease = self.registry.acquire(worker)
             result = await self.upstream.relay(
                 method=scope["method"],
                 url=url,
-                headers=headers,
+                headers=sent,
                 body=body,
                 lease=lease,
                 receive=receive,
