@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import httpx
 
-from cache_router.config import OPTIONS, RouterConfig
+from cache_router.config import OPTIONS, RouterConfig, prefill_entry
 from cache_router.core.events import RouterEvents
 from cache_router.core.policies import Policy, make_policy
 from cache_router.core.registry import WorkerRegistry
@@ -48,10 +48,13 @@ __all__ = [
 logger = logging.getLogger("cache_router")
 
 
-def policy_from_config(config: RouterConfig, seed: int | None = None) -> Policy:
-    """The policy ``config`` names, with its knobs (``seed``: reproducible choices)."""
+def policy_from_config(
+    config: RouterConfig, seed: int | None = None, name: str | None = None
+) -> Policy:
+    """The policy ``config`` names (or ``name``), with its knobs (``seed``: reproducible
+    choices)."""
     return make_policy(
-        config.policy,
+        name or config.policy,
         cache_threshold=config.cache_threshold,
         balance_abs_threshold=config.balance_abs_threshold,
         balance_rel_threshold=config.balance_rel_threshold,
@@ -88,6 +91,16 @@ class Router:
     transport: TransportChoice | None = None
     #: The one TLS context of every connection to engines (relay, checks, admin, probes).
     ssl_context: ssl.SSLContext | None = None
+    #: The halves of a prefill/decode pair, in a disaggregated fleet (docs/pd.md).
+    prefill_policy: Policy | None = None
+    decode_policy: Policy | None = None
+
+    @property
+    def pd_protocol(self) -> str | None:
+        """``sglang`` or ``vllm`` for a disaggregated fleet, else None."""
+        if self.config.pd_disaggregation:
+            return "sglang"
+        return "vllm" if self.config.vllm_pd_disaggregation else None
 
     def middleware(self, app: ASGIApp, /, **options: Any) -> RouterApp:
         """The routing middleware around ``app``, with the admin API and the background
@@ -129,6 +142,9 @@ class Router:
             "api_key": config.router_api_key,
             "cors_allowed_origins": config.cors_allowed_origins,
             "ssl_context": self.ssl_context,
+            "pd_protocol": self.pd_protocol,
+            "prefill_policy": self.prefill_policy,
+            "decode_policy": self.decode_policy,
         }
         events = [*self.events, *options.pop("events", ())]
         background = [*self.background, *options.pop("background", ())]
@@ -172,9 +188,21 @@ def build_router(
     """
     if registry is None:
         registry = WorkerRegistry(list(dict.fromkeys(config.worker_urls)))
+        for entry in config.prefill_urls:
+            url, port = prefill_entry(entry)
+            registry.add(url, role="prefill", bootstrap_port=port)
+        for url in config.decode_urls:
+            registry.add(url, role="decode")
     if policy is None:
-        policy = policy_from_config(config)
+        policy = policy_from_config(config, name=config.prefill_policy)
     router = Router(config, registry, policy, transport=transport)
+    if router.pd_protocol is not None:
+        router.prefill_policy = policy
+        decode = config.decode_policy
+        if decode is None:
+            # Decode has no prefix to reuse: what balances it is load.
+            decode = "power_of_two" if config.policy == "cache_aware" else config.policy
+        router.decode_policy = policy_from_config(config, name=decode)
     router.ssl_context = client_ssl_context(
         config.ca_cert_paths, config.client_cert_path, config.client_key_path
     )
@@ -219,6 +247,7 @@ def build_router(
             discovery=None if router.health is None else router.health.discovery,
             ssl_context=router.ssl_context,
             engine_headers=router.engine_headers,
+            roles=("regular",) if router.pd_protocol is None else ("prefill", "decode"),
         )
     _add_scale_out(router)
     router.events.extend(events)

@@ -88,6 +88,7 @@ def _policy_list(text: str) -> tuple[str, ...]:
 #: Help groups, each opened by the first option of a section of ``RouterConfig``.
 _GROUPS = {
     "worker_urls": "workers and the server",
+    "pd_disaggregation": "prefill/decode disaggregation (see docs/pd.md)",
     "policy": "routing policy",
     "max_payload_size": "requests and workers",
     "health_check_interval_secs": "health checks",
@@ -100,6 +101,7 @@ _GROUPS = {
 #: Metavars that say more than the type's (N for integers, SECS for other numbers).
 _METAVARS = {
     "worker_urls": "URL",
+    "decode_urls": "URL",
     "host": "HOST",
     "port": "PORT",
     "cache_threshold": "FRACTION",
@@ -134,9 +136,34 @@ def _help(option: Option) -> str:
     return f"{option.help} ({extra}${option.env})".replace("%", "%%")
 
 
+class _PrefillWorker(argparse.Action):
+    """``--prefill URL [BOOTSTRAP_PORT]``, repeatable, as SGLang's router takes it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if not 1 <= len(values) <= 2:
+            parser.error(f"{option_string} takes URL [BOOTSTRAP_PORT], got {' '.join(values)}")
+        entries = list(getattr(namespace, self.dest, None) or ())
+        entries.append(" ".join(values))
+        setattr(namespace, self.dest, entries)
+
+
+#: Options whose flag takes more than one value per use.
+_ACTIONS: dict[str, dict[str, Any]] = {
+    "prefill_urls": {"action": _PrefillWorker, "nargs": "+", "metavar": ("URL", "BOOTSTRAP_PORT")},
+}
+
+
 def _add_option(group: Any, option: Option) -> None:
     settings: dict[str, Any] = {"dest": option.name, "help": _help(option)}
-    if option.kind is bool:
+    if option.name in _ACTIONS:
+        settings.update(_ACTIONS[option.name])
+    elif option.kind is bool:
         settings["action"] = "store_true"
     else:
         if option.is_list:
@@ -156,22 +183,20 @@ def _add_option(group: Any, option: Option) -> None:
 
 #: SGLang router flags that ``serve`` refuses, each with why and what to do instead: a
 #: command line carrying one stops with a message naming it, never with the flag ignored.
-_PD = "prefill/decode disaggregation is not supported: route to regular workers"
+_PD = (
+    "prefill/decode worker discovery is not supported: give --prefill and --decode, or "
+    "add workers with a worker_type through the admin API"
+)
 _DISCOVERY = (
     "Kubernetes service discovery is not supported: give --worker-urls or add workers "
     "through the admin API (--admin-prefix)"
 )
 _TOKENIZER = "the router does not tokenize: routing keys are the prompt's characters or token ids"
 REFUSED_FLAGS: Mapping[str, str] = {
-    "--pd-disaggregation": _PD,
-    "--prefill": _PD,
-    "--decode": _PD,
-    "--prefill-policy": _PD,
-    "--decode-policy": _PD,
     "--prefill-selector": _PD,
     "--decode-selector": _PD,
     "--bootstrap-port-annotation": _PD,
-    "--mini-lb": _PD,
+    "--mini-lb": "the mini load balancer is SGLang's test tool: use --pd-disaggregation",
     "--service-discovery": _DISCOVERY,
     "--selector": _DISCOVERY,
     "--service-discovery-port": _DISCOVERY,

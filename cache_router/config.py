@@ -56,6 +56,7 @@ __all__ = [
     "ConfigError",
     "Option",
     "RouterConfig",
+    "prefill_entry",
 ]
 
 #: Prefix of every environment variable the router reads.
@@ -79,6 +80,7 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _MIN_FLUSH = 0.05  # RedisFleetState's flush_interval: max_flush_interval may not be shorter
 _EMPTY: Mapping[str, Any] = types.MappingProxyType({})
+_SPACED_ITEMS = frozenset({"prefill_urls"})
 
 
 class ConfigError(ValueError):
@@ -170,6 +172,45 @@ class RouterConfig:
         default=10.0,
         metadata=_meta(
             "seconds a client may take to send a request's headers (0: no limit)", low=0.0
+        ),
+    )
+    # -- prefill/decode disaggregation ----------------------------------------------------
+    pd_disaggregation: bool = field(
+        default=False,
+        metadata=_meta(
+            "route each generation to a prefill and a decode worker, SGLang's bootstrap "
+            "protocol (docs/pd.md)"
+        ),
+    )
+    vllm_pd_disaggregation: bool = field(
+        default=False,
+        metadata=_meta(
+            "route each generation to a prefill and a decode worker, vLLM's two-step "
+            "protocol with kv_transfer_params (docs/pd.md)"
+        ),
+    )
+    prefill_urls: Sequence[str] = field(
+        default=(),
+        metadata=_meta(
+            "prefill workers, each 'URL' or 'URL BOOTSTRAP_PORT' (SGLang: the port of its "
+            "KV bootstrap server; 'none' for the engine's default)",
+            flag="--prefill",
+        ),
+    )
+    decode_urls: Sequence[str] = field(
+        default=(),
+        metadata=_meta("decode workers' base URLs", flag="--decode"),
+    )
+    prefill_policy: str | None = field(
+        default=None,
+        metadata=_meta("how the prefill worker is chosen (none: --policy)", choices=POLICY_NAMES),
+    )
+    decode_policy: str | None = field(
+        default=None,
+        metadata=_meta(
+            "how the decode worker is chosen (none: --policy, except that cache_aware "
+            "becomes power_of_two: decode has no prefix to reuse)",
+            choices=POLICY_NAMES,
         ),
     )
     # -- routing policy -------------------------------------------------------------------
@@ -703,7 +744,9 @@ def _from_text(option: Option, text: str) -> Any:
     if option.optional and stripped.lower() in ("", "none"):
         return None
     if option.is_list:
-        return tuple(item for item in re.split(r"[,\s]+", stripped) if item)
+        # Items that hold a space ("URL BOOTSTRAP_PORT") are separated by commas alone.
+        separator = r"\s*,\s*" if option.name in _SPACED_ITEMS else r"[,\s]+"
+        return tuple(item for item in re.split(separator, stripped) if item)
     if option.kind is bool:
         word = stripped.lower()
         if word in _TRUE or word in _FALSE:
@@ -774,6 +817,26 @@ def _worker_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
         raise _Invalid(str(exc)) from None
 
 
+def prefill_entry(text: str) -> tuple[str, int | None]:
+    """A prefill worker given as ``URL`` or ``URL BOOTSTRAP_PORT`` (``none``: no port)."""
+    url, _, port = text.strip().partition(" ")
+    port = port.strip()
+    try:
+        normalized = normalize_url(url)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    if not port or port.lower() == "none":
+        return normalized, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Invalid(f"bootstrap port {port!r} is not a port number (or none)")
+    return normalized, int(port)
+
+
+def _prefill_urls(entries: tuple[str, ...]) -> tuple[str, ...]:
+    parsed = dict(prefill_entry(entry) for entry in entries)
+    return tuple(url if port is None else f"{url} {port}" for url, port in parsed.items())
+
+
 def _prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(_path_prefix(prefix) for prefix in prefixes)
 
@@ -832,6 +895,8 @@ def _redis_url(url: str) -> str:
 
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "worker_urls": _worker_urls,
+    "prefill_urls": _prefill_urls,
+    "decode_urls": _worker_urls,
     "host": _non_empty,
     "session_key_header": _header_name,
     "transparent_prefixes": _prefixes,
@@ -900,6 +965,23 @@ def _cross_checks(
         return "default" if get(name) == OPTIONS[name].default else fallback
 
     problems: list[str] = []
+    paired = get("pd_disaggregation") or get("vllm_pd_disaggregation")
+    if get("pd_disaggregation") and get("vllm_pd_disaggregation"):
+        problems.append(
+            f"vllm_pd_disaggregation (from {where('vllm_pd_disaggregation')}): choose one "
+            f"protocol; pd_disaggregation is set too (from {where('pd_disaggregation')})"
+        )
+    for name in ("prefill_urls", "decode_urls", "prefill_policy", "decode_policy"):
+        if not paired and get(name) not in ((), None):
+            problems.append(
+                f"{name} (from {where(name)}): only used with pd_disaggregation or "
+                "vllm_pd_disaggregation"
+            )
+    if paired and get("worker_urls"):
+        problems.append(
+            f"worker_urls (from {where('worker_urls')}): a disaggregated fleet has prefill "
+            "and decode workers only (prefill_urls, decode_urls)"
+        )
     if get("prometheus_port") is not None and get("workers") > 1:
         problems.append(
             f"prometheus_port (from {where('prometheus_port')}): one metrics listener cannot "

@@ -113,6 +113,8 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
     assert listed == [
         {
             "url": A,
+            "role": "regular",
+            "bootstrap_port": None,
             "model": None,
             "models": None,
             "healthy": True,
@@ -125,6 +127,8 @@ async def test_lists_and_shows_workers(admin: Admin) -> None:
         },
         {
             "url": B,
+            "role": "regular",
+            "bootstrap_port": None,
             "model": "m-b",
             "models": ["m-b"],
             "healthy": False,
@@ -215,6 +219,8 @@ async def test_post_adds_a_worker(admin: Admin) -> None:
     assert response.status_code == 201
     assert response.json() == {
         "url": "http://new.test:9",
+        "role": "regular",
+        "bootstrap_port": None,
         "model": "m",
         "models": ["m"],
         "healthy": True,

@@ -50,7 +50,14 @@ SAMPLES: dict[str, list[str]] = {
     "prometheus_host": ["0.0.0.0"],
     "session_key_header": ["x-conversation"],
     "ca_cert_paths": [certifi.where()],
+    "prefill_urls": ["http://127.0.0.1:11", "9001"],
+    "decode_urls": ["http://127.0.0.1:12", "http://127.0.0.1:13"],
 }
+#: Options that only go with a disaggregated fleet (no worker_urls): given on top of
+#: ``--pd-disaggregation`` instead.
+PD_OPTIONS = {"prefill_urls", "decode_urls", "prefill_policy", "decode_policy"}
+#: What a flag's text becomes, where that is not the text itself.
+PARSED = {"prefill_urls": ("http://127.0.0.1:11 9001",)}
 #: Options whose value must be a file that pairs with another's: tests/test_tls.py gives
 #: them their flags (through the real CLI), with a throwaway CA's files.
 PAIRED_FILES = {"client_cert_path", "client_key_path"}
@@ -598,16 +605,21 @@ def test_every_option_has_a_flag_generated_from_it() -> None:
         if name in PAIRED_FILES:
             continue
         text = non_default(option)
-        given = ["serve"] if name == "worker_urls" else base
+        context: dict[str, Any] = {"worker_urls": (URL,)}
+        given = base
+        if name in PD_OPTIONS:
+            given, context = ["serve", "--pd-disaggregation"], {"pd_disaggregation": True}
+        elif name in ("worker_urls", "pd_disaggregation", "vllm_pd_disaggregation"):
+            given, context = ["serve"], {}
         args = build_parser().parse_args([*given, option.flag, *text])
         config = serve_config(args, env={})
         if option.kind is bool:
             expected: Any = True
         elif option.is_list:
-            expected = tuple(text)
+            expected = PARSED.get(name, tuple(text))
         else:
             expected = option.kind(text[0])
-        direct = RouterConfig(**{"worker_urls": (URL,), name: expected})  # type: ignore[arg-type]
+        direct = RouterConfig(**{**context, name: expected})
         assert getattr(config, name) == getattr(direct, name) != option.default, name
         assert config == direct, name  # and nothing else changed
 

@@ -271,8 +271,7 @@ def test_dp_aware_is_accepted_with_a_warning() -> None:
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--pd-disaggregation"], "--pd-disaggregation"),
-        (["--prefill", "http://p:8000", "9000"], "--prefill"),
+        (["--prefill-selector", "app=p"], "--prefill-selector"),
         (["--service-discovery", "--selector", "app=x"], "--service-discovery"),
         (["--rate-limit-tokens-per-second", "10"], "--rate-limit-tokens-per-second"),
         (["--model-path", "meta-llama/x"], "--model-path"),

@@ -18,7 +18,19 @@ from types import TracebackType
 from typing import Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["Gate", "Lease", "Worker", "WorkerRegistry", "checked_api_key", "normalize_url"]
+__all__ = [
+    "ROLES",
+    "Gate",
+    "Lease",
+    "Worker",
+    "WorkerRegistry",
+    "checked_api_key",
+    "normalize_url",
+]
+
+#: What a worker does in the fleet: a whole engine (``regular``), or one half of a
+#: prefill/decode-disaggregated pair (docs/pd.md).
+ROLES = ("regular", "prefill", "decode")
 
 
 def normalize_url(url: str) -> str:
@@ -97,6 +109,10 @@ class Worker:
     ``api_key`` is this worker's own engine credential, sent instead of the fleet's
     when set (a string: what it becomes on the wire is the proxy's business). It is a
     secret: never listed, logged or shown by ``repr``.
+
+    ``role`` is one of :data:`ROLES`; a prefill worker of SGLang's protocol also has the
+    ``bootstrap_port`` its KV-transfer server listens on (None: the engine's default), on
+    ``bootstrap_host``, the host of its URL.
     """
 
     __slots__ = (
@@ -107,17 +123,41 @@ class Worker:
         "_processed",
         "_served",
         "api_key",
+        "bootstrap_host",
+        "bootstrap_port",
         "breaker",
         "draining",
         "effective_load",
         "healthy",
+        "role",
         "url",
     )
 
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        *,
+        role: str = "regular",
+        bootstrap_port: int | None = None,
+    ) -> None:
         self.url = normalize_url(url)
         self._model = model
         self.api_key = checked_api_key(api_key)
+        if role not in ROLES:
+            raise ValueError(f"worker role must be one of {', '.join(ROLES)}, got {role!r}")
+        if bootstrap_port is not None and (
+            isinstance(bootstrap_port, bool)
+            or not isinstance(bootstrap_port, int)
+            or not 0 < bootstrap_port < 65536
+        ):
+            raise ValueError(f"bootstrap_port must be a port number, got {bootstrap_port!r}")
+        if bootstrap_port is not None and role != "prefill":
+            raise ValueError("only a prefill worker has a bootstrap_port")
+        self.role = role
+        self.bootstrap_port = bootstrap_port
+        self.bootstrap_host: str = urlsplit(self.url).hostname or ""
         self._discovered: tuple[str, ...] | None = None
         #: What :meth:`serves` looks up: None while any model is served.
         self._served: frozenset[str] | None = None if model is None else frozenset((model,))
@@ -183,8 +223,9 @@ class Worker:
         return served is None or model is None or model in served
 
     def __repr__(self) -> str:
+        role = "" if self.role == "regular" else f", role={self.role!r}"
         return (
-            f"Worker({self.url!r}, model={self.model!r}, healthy={self.healthy}, "
+            f"Worker({self.url!r}{role}, model={self.model!r}, healthy={self.healthy}, "
             f"load={self._load}, processed={self._processed})"
         )
 
@@ -254,6 +295,8 @@ class WorkerRegistry:
     def __init__(self, urls: Iterable[str] = (), *, model: str | None = None) -> None:
         self._workers: dict[str, Worker] = {}
         self._snapshot: tuple[Worker, ...] = ()
+        #: The snapshot split by role, for :meth:`candidates`.
+        self._by_role: dict[str, tuple[Worker, ...]] = {}
         self._removal_listeners: list[WorkerListener] = []
         self._addition_listeners: list[WorkerListener] = []
         self._lease_listeners: list[Callable[[Lease], None]] = []
@@ -282,15 +325,23 @@ class WorkerRegistry:
         except ValueError:
             return None
 
-    def add(self, url: str, model: str | None = None, api_key: str | None = None) -> Worker:
+    def add(
+        self,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        *,
+        role: str = "regular",
+        bootstrap_port: int | None = None,
+    ) -> Worker:
         """Register a worker; ``api_key``, when given, is sent to it instead of the fleet's
-        engine key. ``ValueError`` for a bad URL or key, or a URL already registered."""
-        worker = Worker(url, model, api_key)
+        engine key; ``role`` and ``bootstrap_port`` as :class:`Worker`'s. ``ValueError`` for
+        a bad URL, key, role or port, or a URL already registered."""
+        worker = Worker(url, model, api_key, role=role, bootstrap_port=bootstrap_port)
         if worker.url in self._workers:
             raise ValueError(f"worker {worker.url} is already registered")
         self._workers[worker.url] = worker
-        self._snapshot = (*self._snapshot, worker)
-        self._index_models()
+        self._set_snapshot((*self._snapshot, worker))
         for listener in self._addition_listeners:
             listener(worker)
         return worker
@@ -301,11 +352,21 @@ class WorkerRegistry:
         if worker is None:
             raise KeyError(f"no worker registered at {url!r}")
         del self._workers[worker.url]
-        self._snapshot = tuple(w for w in self._snapshot if w is not worker)
-        self._index_models()
+        self._set_snapshot(tuple(w for w in self._snapshot if w is not worker))
         for listener in self._removal_listeners:
             listener(worker)
         return worker
+
+    def _set_snapshot(self, snapshot: tuple[Worker, ...]) -> None:
+        self._snapshot = snapshot
+        self._by_role = {
+            role: tuple(worker for worker in snapshot if worker.role == role) for role in ROLES
+        }
+        self._index_models()
+
+    def roles(self) -> frozenset[str]:
+        """The roles of the registered workers."""
+        return frozenset(role for role, workers in self._by_role.items() if workers)
 
     def on_remove(self, listener: WorkerListener) -> None:
         """Call ``listener(worker)`` after a worker is removed (e.g. to purge tree state)."""
@@ -369,13 +430,14 @@ class WorkerRegistry:
         it runs on every request that names a model."""
         return model is None or self._open_workers > 0 or model in self._known_models
 
-    def candidates(self, model: str | None = None) -> Sequence[Worker]:
-        """Available workers that serve ``model`` (all available workers when it is None)."""
+    def candidates(self, model: str | None = None, role: str = "regular") -> Sequence[Worker]:
+        """Available workers of ``role`` that serve ``model`` (any model when it is None)."""
+        workers = self._by_role.get(role, ())
         if model is None:
-            return [worker for worker in self._snapshot if worker.available]
+            return [worker for worker in workers if worker.available]
         return [
             worker
-            for worker in self._snapshot
+            for worker in workers
             if worker.available and (worker._served is None or model in worker._served)
         ]
 

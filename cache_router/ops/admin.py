@@ -73,6 +73,7 @@ from starlette.routing import Route
 
 from cache_router.core.errors import RouterError
 from cache_router.core.registry import (
+    ROLES,
     Lease,
     Worker,
     WorkerRegistry,
@@ -99,7 +100,9 @@ logger = logging.getLogger("cache_router.ops.admin")
 MAX_ADMIN_BODY = 64 * 1024
 #: Longest single health request while waiting for a new worker.
 _HEALTH_REQUEST_TIMEOUT = 5.0
-_ADD_FIELDS = frozenset({"url", "model", "api_key", "wait_healthy_secs"})
+_ADD_FIELDS = frozenset(
+    {"url", "model", "api_key", "wait_healthy_secs", "worker_type", "bootstrap_port"}
+)
 # A proxy in front of the router may merge "//" in "/workers/http://host"; put it back.
 _MERGED_SCHEME = re.compile(r"^(https?):/(?!/)")
 _KEY_REQUIRED = RouterError(
@@ -125,6 +128,8 @@ def worker_info(worker: Worker, registry: WorkerRegistry | None = None) -> dict[
     models = worker.models
     return {
         "url": worker.url,
+        "role": worker.role,
+        "bootstrap_port": worker.bootstrap_port,
         "model": worker.model,
         "models": None if models is None else list(models),
         "healthy": worker.healthy,
@@ -145,9 +150,14 @@ class PendingWorker(NamedTuple):
     wait: float
     #: The worker's own engine key, or None; a secret, so ``repr`` leaves it out.
     api_key: str | None = None
+    role: str = "regular"
+    bootstrap_port: int | None = None
 
     def __repr__(self) -> str:
-        return f"PendingWorker(url={self.url!r}, model={self.model!r}, wait={self.wait!r})"
+        return (
+            f"PendingWorker(url={self.url!r}, model={self.model!r}, wait={self.wait!r}, "
+            f"role={self.role!r}, bootstrap_port={self.bootstrap_port!r})"
+        )
 
 
 class _Drain:
@@ -181,6 +191,8 @@ class AdminApp:
         engine_headers: sent with the health polls while waiting for a new worker (the
             engines' API key, as the router sends it); a worker's own key replaces its
             authorization.
+        roles: the worker roles this router routes to, which an added worker must have:
+            ``("regular",)``, or ``("prefill", "decode")`` for a disaggregated fleet.
     """
 
     def __init__(
@@ -195,7 +207,11 @@ class AdminApp:
         discovery: ModelDiscovery | None = None,
         ssl_context: ssl.SSLContext | None = None,
         engine_headers: Mapping[str, str] | None = None,
+        roles: Iterable[str] = ("regular",),
     ) -> None:
+        self.roles = tuple(roles)
+        if not self.roles or not set(self.roles) <= set(ROLES):
+            raise ValueError(f"roles must be taken from {', '.join(ROLES)}")
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty; pass None to leave the API open")
         if not startup_health_path.startswith("/"):
@@ -276,6 +292,8 @@ class AdminApp:
             payload.get("model"),
             payload.get("wait_healthy_secs"),
             payload.get("api_key"),
+            role=payload.get("worker_type"),
+            bootstrap_port=payload.get("bootstrap_port"),
         )
         return JSONResponse(worker_info(worker, self.registry), status_code=201)
 
@@ -310,15 +328,24 @@ class AdminApp:
         model: object = None,
         wait_healthy_secs: object = None,
         api_key: object = None,
+        *,
+        role: object = None,
+        bootstrap_port: object = None,
     ) -> Worker:
         """Validate and register a worker, first waiting for it to be healthy if asked;
-        ``api_key`` is its own engine key (None: the fleet's).
+        ``api_key`` is its own engine key (None: the fleet's); ``role`` one of
+        :attr:`roles` (None: ``regular``, the only one of a fleet that is not
+        disaggregated), ``bootstrap_port`` a prefill worker's (SGLang's protocol).
 
         Raises :class:`~cache_router.core.errors.RouterError`: 400 for a malformed URL or
         field, 403 for a host off the allow-list, 409 if the URL is registered (or being
         added), 503 if the worker is not healthy in time.
         """
-        return await self.complete(self.reserve(url, model, wait_healthy_secs, api_key))
+        return await self.complete(
+            self.reserve(
+                url, model, wait_healthy_secs, api_key, role=role, bootstrap_port=bootstrap_port
+            )
+        )
 
     def reserve(
         self,
@@ -326,6 +353,9 @@ class AdminApp:
         model: object = None,
         wait_healthy_secs: object = None,
         api_key: object = None,
+        *,
+        role: object = None,
+        bootstrap_port: object = None,
     ) -> PendingWorker:
         """The checks of :meth:`add` that need no network (400, 403, 409), then the URL
         held as being added until :meth:`complete` (which must follow) ends. Lets a
@@ -343,6 +373,17 @@ class AdminApp:
             key = checked_api_key(api_key)
         except ValueError as exc:
             raise bad_request(str(exc), "invalid_worker_api_key") from None
+        role = self._role(role)
+        if bootstrap_port is not None and (
+            role != "prefill"
+            or isinstance(bootstrap_port, bool)
+            or not isinstance(bootstrap_port, int)
+            or not 0 < bootstrap_port < 65536
+        ):
+            raise bad_request(
+                "bootstrap_port must be a port number, for a prefill worker",
+                "invalid_bootstrap_port",
+            )
         wait = 0.0
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
@@ -356,12 +397,26 @@ class AdminApp:
             )
         self._check_free(url)
         self._adding.add(url)
-        return PendingWorker(url, model if isinstance(model, str) else None, wait, key)
+        return PendingWorker(
+            url, model if isinstance(model, str) else None, wait, key, role, bootstrap_port
+        )
+
+    def _role(self, role: object) -> str:
+        """``role`` checked against :attr:`roles`; None is ``regular``."""
+        if role is None:
+            role = "regular"
+        if role not in self.roles:
+            raise bad_request(
+                f"worker_type must be one of {', '.join(self.roles)} on this router, "
+                f"got {str(role)[:40]!r}",
+                "invalid_worker_type",
+            )
+        return str(role)
 
     async def complete(self, pending: PendingWorker) -> Worker:
         """Wait for a :meth:`reserve`-d worker (health, model discovery), then register it;
         raises 503 if it is not healthy in time. The reservation ends either way."""
-        url, model, wait, key = pending
+        url, model, wait, key, role, bootstrap_port = pending
         discovery = self.discovery if model is None else None
         models: tuple[str, ...] | str | None = None
         try:
@@ -382,7 +437,7 @@ class AdminApp:
                 code="worker_unhealthy",
             )
         self._check_free(url)
-        worker = self.registry.add(url, model, key)
+        worker = self.registry.add(url, model, key, role=role, bootstrap_port=bootstrap_port)
         if discovery is not None and models is not None:
             # In the same step as the add: no request sees the worker serving any model.
             discovery.record(worker, models)

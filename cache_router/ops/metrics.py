@@ -203,7 +203,7 @@ class _LiveState:
         owner = self._owner
         prefix = owner.prefix
         workers = owner.registry.workers
-        labels = ["worker"]
+        labels = ["worker", "role"]
         load = self._gauge(
             f"{prefix}_worker_load", "Requests in flight on the worker.", labels=labels
         )
@@ -222,7 +222,7 @@ class _LiveState:
             labels=labels,
         )
         for worker in workers:
-            url = [worker.url]
+            url = [worker.url, worker.role]
             load.add_metric(url, worker.load)
             processed.add_metric(url, worker.processed)
             healthy.add_metric(url, 1 if worker.healthy else 0)

@@ -8,7 +8,9 @@ the middleware does not route lands here:
   keep their meaning when it switches);
 * ``GET /readiness`` -- 200 ``{"status": "ready", "healthy_workers": n, "total_workers":
   m}`` while at least one worker may take requests, else 503 with ``"status":
-  "not_ready"`` and the same fields (a traffic probe).
+  "not_ready"`` and the same fields (a traffic probe). In a prefill/decode fleet, ready
+  takes a prefill and a decode worker that may, and the body also counts each role
+  (``"prefill": {"healthy", "total"}``, ``"decode"``: the same), as SGLang's router does.
 
 Anything else gets an OpenAI-shaped 404. ``GET /v1/models`` is the middleware's own
 (``serve_models``): it lists the models the registry knows without asking an engine.
@@ -38,12 +40,16 @@ def readiness(registry: WorkerRegistry) -> tuple[int, dict[str, Any]]:
     """
     workers = registry.workers
     healthy = sum(1 for worker in workers if worker.available)
-    body = {
-        "status": "ready" if healthy else "not_ready",
-        "healthy_workers": healthy,
-        "total_workers": len(workers),
-    }
-    return (200 if healthy else 503), body
+    body: dict[str, Any] = {"healthy_workers": healthy, "total_workers": len(workers)}
+    ready = healthy > 0
+    if registry.roles() & {"prefill", "decode"}:
+        for role in ("prefill", "decode"):
+            members = [worker for worker in workers if worker.role == role]
+            up = sum(1 for worker in members if worker.available)
+            body[role] = {"healthy": up, "total": len(members)}
+            ready = ready and up > 0
+    body["status"] = "ready" if ready else "not_ready"
+    return (200 if ready else 503), body
 
 
 def probe_app(registry: WorkerRegistry) -> Starlette:

@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cache_router.core.errors import RouterError
-from cache_router.core.registry import Worker
+from cache_router.core.registry import ROLES, Worker
 from cache_router.ops.admin import AdminApp, PendingWorker, json_object, route_app
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
 from cache_router.proxy.responses import bad_request
@@ -54,9 +54,9 @@ logger = logging.getLogger("cache_router.ops.sglang_workers")
 SGLANG_STARTUP_WAIT = 600.0
 #: Paths served by the admin API itself, at the root as under its prefix.
 _LEGACY = frozenset({"/add_worker", "/remove_worker", "/list_workers"})
-_FIELDS = frozenset({"url", "model_id", "api_key"})
+_FIELDS = frozenset({"url", "model_id", "api_key", "worker_type", "bootstrap_port"})
 #: SGLang fields that mean nothing here; accepted so that SGLang's clients work unchanged.
-_IGNORED = frozenset({"priority", "cost", "labels", "worker_type", "connection_mode"})
+_IGNORED = frozenset({"priority", "cost", "labels", "connection_mode"})
 
 
 def sglang_worker_info(worker: Worker) -> dict[str, Any]:
@@ -69,7 +69,8 @@ def sglang_worker_info(worker: Worker) -> dict[str, Any]:
         "url": worker.url,
         "model_id": model_id,
         "models": None if models is None else list(models),
-        "worker_type": "regular",
+        "worker_type": worker.role,
+        "bootstrap_port": worker.bootstrap_port,
         "connection_mode": "http",
         "is_healthy": worker.healthy,
         "draining": worker.draining,
@@ -119,7 +120,9 @@ class SGLangWorkerApi:
             "healthy_workers": sum(1 for info in infos if info["is_healthy"]),
             "total_models": len(models),
             "total_load": sum(info["load"] for info in infos),
-            "by_type": {"regular": len(infos), "prefill": 0, "decode": 0},
+            "by_type": {
+                role: sum(1 for worker in workers if worker.role == role) for role in ROLES
+            },
         }
         return JSONResponse({"workers": infos, "total": len(infos), "stats": stats})
 
@@ -141,6 +144,8 @@ class SGLangWorkerApi:
             payload.get("model_id"),
             self.startup_wait,
             None if key == "" else key,  # SGLang's clients send "" or null for none
+            role=payload.get("worker_type"),
+            bootstrap_port=payload.get("bootstrap_port"),
         )
         return _accepted(pending.url, "registration in progress", self._register, pending)
 

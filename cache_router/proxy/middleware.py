@@ -28,16 +28,21 @@ import re
 import ssl
 import time
 from collections.abc import Iterable, Mapping
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
-from urllib.parse import quote
 
 import anyio
 import httpx
 
 from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel
 from cache_router.core.events import EventFanout, RouterEvents
-from cache_router.core.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
+from cache_router.core.policies import (
+    BindsRegistry,
+    CacheAwarePolicy,
+    Policy,
+    PowerOfTwoPolicy,
+    RoutingRequest,
+)
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.core.routing_key import (
@@ -54,6 +59,8 @@ from cache_router.proxy.admission import Admission
 from cache_router.proxy.asgi import ASGIApp, Headers, Message, Receive, Scope, Send
 from cache_router.proxy.auth import bearer_matches
 from cache_router.proxy.mount import under
+from cache_router.proxy.outbound import upstream_url, with_worker_key
+from cache_router.proxy.pd import PD_ROUTES, PDProtocol, PDRouter
 from cache_router.proxy.relay import (
     CLIENT_CREDENTIALS,
     DEFAULT_LIMITS,
@@ -99,9 +106,18 @@ class _ClientGone(Exception):
 
 
 class _Route:
-    """How one intercepted request is validated and keyed."""
+    """How one intercepted request is validated, keyed and dispatched."""
 
-    __slots__ = ("allow_header", "bounded", "extract", "label", "methods", "requires_json")
+    __slots__ = (
+        "allow_header",
+        "bounded",
+        "extract",
+        "label",
+        "methods",
+        "paired",
+        "requires_json",
+        "role",
+    )
 
     def __init__(
         self,
@@ -110,6 +126,7 @@ class _Route:
         extract: KeyExtractor | None,
         *,
         requires_json: bool,
+        disaggregated: bool = False,
     ) -> None:
         self.label = label
         self.methods = methods
@@ -118,13 +135,13 @@ class _Route:
         self.requires_json = requires_json
         # Whether a large body may be keyed from its routing fields alone.
         self.bounded = extract is None or extract in BOUNDED_EXTRACTORS
+        #: Served by a prefill/decode pair; else by one worker of ``role`` (in a
+        #: disaggregated fleet, other paths go to the decode workers, whole engines' APIs).
+        self.paired = disaggregated and requires_json and label in PD_ROUTES
+        self.role = "decode" if disaggregated else "regular"
 
 
 _UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
-# Characters left as they are when the decoded path is quoted again for the engine; "%" is
-# not among them, so a decoded "%2e" reaches the engine as "%252e", never as ".".
-_PATH_SAFE = "/:@!$&'()*+,;=~"
-
 #: A header name (RFC 9110 token) and a header value (visible characters, spaces, tabs).
 _HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
@@ -150,19 +167,6 @@ def _checked_overrides(headers: Mapping[str, str]) -> dict[bytes, bytes]:
             raise ValueError(f"upstream header {name!r} is set by the router itself")
         checked[raw_name] = raw_value
     return checked
-
-
-@lru_cache(maxsize=256)
-def _bearer(key: str) -> bytes:
-    return b"Bearer " + key.encode("ascii")
-
-
-def _with_worker_key(headers: list[tuple[bytes, bytes]], key: str) -> list[tuple[bytes, bytes]]:
-    """A copy of ``headers`` carrying a worker's own engine ``key`` as its only
-    ``authorization`` (in place of the fleet's, or of a forwarded client's)."""
-    sent = [header for header in headers if header[0] != b"authorization"]
-    sent.append((b"authorization", _bearer(key)))
-    return sent
 
 
 def _forbidden_path(path: str) -> str | None:
@@ -224,6 +228,11 @@ class RoutingMiddleware:
         ssl_context: verifies ``https://`` engines and holds the client certificate for
             mutual TLS (:func:`cache_router.proxy.tls.client_ssl_context`); None: the
             system's CAs, no client certificate.
+        pd_protocol: ``"sglang"`` or ``"vllm"`` to serve the generation routes with a
+            prefill/decode pair of the registry's ``prefill`` and ``decode`` workers
+            (:mod:`cache_router.proxy.pd`, docs/pd.md); None for whole engines.
+        prefill_policy, decode_policy: choose each half of a pair; default ``policy``
+            for the prefill side and power-of-two on load for the decode side.
     """
 
     def __init__(
@@ -252,6 +261,9 @@ class RoutingMiddleware:
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
         request_id_headers: Iterable[str] = ("x-request-id",),
         ssl_context: ssl.SSLContext | None = None,
+        pd_protocol: PDProtocol | None = None,
+        prefill_policy: Policy | None = None,
+        decode_policy: Policy | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -270,12 +282,22 @@ class RoutingMiddleware:
             for rank, name in enumerate(dict.fromkeys(request_id_headers))
         }
         routes = DEFAULT_TYPED_ROUTES if typed_routes is None else typed_routes
+        paired = pd_protocol is not None
         self._typed = {
-            path: _Route(path, TYPED_METHODS, extract, requires_json=True)
+            path: _Route(path, TYPED_METHODS, extract, requires_json=True, disaggregated=paired)
             for path, extract in routes.items()
         }
         self._prefixes = tuple(
-            (prefix, _Route(prefix, TRANSPARENT_METHODS, None, requires_json=False))
+            (
+                prefix,
+                _Route(
+                    prefix,
+                    TRANSPARENT_METHODS,
+                    None,
+                    requires_json=False,
+                    disaggregated=paired,
+                ),
+            )
             for prefix in map(_normalize_prefix, transparent_prefixes)
         )
         self.retry = retry if retry is not None else RetryConfig()
@@ -294,6 +316,16 @@ class RoutingMiddleware:
             limits=limits,
             ssl_context=ssl_context,
         )
+        self.pd: PDRouter | None = None
+        if pd_protocol is not None:
+            self.pd = PDRouter(
+                registry,
+                self.upstream,
+                pd_protocol,
+                prefill_policy if prefill_policy is not None else self.policy,
+                decode_policy if decode_policy is not None else PowerOfTwoPolicy(),
+                total_timeout=total_timeout,
+            )
         self._overrides = _checked_overrides(upstream_headers or {})
         self.api_key = api_key
         self.serve_models = serve_models
@@ -368,17 +400,24 @@ class RoutingMiddleware:
             body = await self._validate(route, scope, receive, raw_headers)
             if len(body) > LARGE_BODY:
                 # Off the event loop: the skim is C code, but the key's slices are not.
-                routing = await anyio.to_thread.run_sync(
+                routing, parsed = await anyio.to_thread.run_sync(
                     self._routing_request, route, body, raw_headers
                 )
             else:
-                routing = self._routing_request(route, body, raw_headers)
+                routing, parsed = self._routing_request(route, body, raw_headers)
             if self.admission is not None:
                 # A client that leaves while queued gives its place up at once.
                 if not await self.admission.enter(partial(_until_gone, receive)):
                     raise _ClientGone
                 admitted = True
-            result = await self._dispatch(scope, receive, send, routing, body, raw_headers, echo)
+            if route.paired and parsed is not None:
+                result = await self._dispatch_pair(
+                    scope, receive, send, routing, parsed, body, raw_headers, echo
+                )
+            else:
+                result = await self._dispatch(
+                    scope, receive, send, routing, body, raw_headers, echo, route.role
+                )
             status = result.status or 0
             first_byte = result.first_byte
         except RouterError as error:
@@ -406,6 +445,7 @@ class RoutingMiddleware:
         body: bytes,
         raw_headers: list[tuple[bytes, bytes]],
         echo: Headers,
+        role: str,
     ) -> RelayResult:
         """Select, lease and relay; on a retryable failure, again on another worker.
 
@@ -413,23 +453,23 @@ class RoutingMiddleware:
         before returning, so acquires and releases match however many attempts a request
         makes.
         """
-        headers = filter_headers(raw_headers, self._request_drop, self._request_allow)
-        headers.append((b"x-request-id", echo[0][1]))
-        headers.extend(self._overrides.items())
+        headers = self._upstream_headers(raw_headers, echo)
+        # A disaggregated fleet serves other paths from its decode workers.
+        policy = self.policy if self.pd is None else self.pd.decode_policy
         failed: list[Worker] = []
         attempt = 1
         while True:
-            candidates = self.registry.candidates(routing.model)
+            candidates = self.registry.candidates(routing.model, role)
             if failed:
                 candidates = [worker for worker in candidates if worker not in failed]
             if not candidates:
                 raise self._no_candidate(routing.model)
-            worker = self.policy.select(routing, candidates)
-            url = _upstream_url(worker.url, scope)
+            worker = policy.select(routing, candidates)
+            url = upstream_url(worker.url, scope)
             if logger.isEnabledFor(logging.DEBUG):
                 _log_decision(scope, routing, worker, attempt, echo[0][1])
             key = worker.api_key  # its own engine key, for the few workers that have one
-            sent = headers if key is None else _with_worker_key(headers, key)
+            sent = headers if key is None else with_worker_key(headers, key)
             # Nothing may run between the acquire and the relay, which owns the lease from
             # its first line and releases it however the exchange ends.
             lease = self.registry.acquire(worker)
@@ -459,6 +499,34 @@ class RoutingMiddleware:
             failed.append(worker)
             await _sleep_unless_gone(self.retry.backoff(attempt), receive)
             attempt += 1
+
+    async def _dispatch_pair(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        routing: RoutingRequest,
+        parsed: dict[str, Any],
+        body: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        echo: Headers,
+    ) -> RelayResult:
+        """A generation request for a prefill/decode pair (:mod:`cache_router.proxy.pd`)."""
+        headers = self._upstream_headers(raw_headers, echo)
+        assert self.pd is not None
+        return await self.pd.dispatch(
+            scope, receive, send, routing, parsed, body, headers, echo, self._events
+        )
+
+    def _upstream_headers(
+        self, raw_headers: list[tuple[bytes, bytes]], echo: Headers
+    ) -> list[tuple[bytes, bytes]]:
+        """The client's headers as every engine gets them: filtered, with the request id
+        and the configured overrides."""
+        headers = filter_headers(raw_headers, self._request_drop, self._request_allow)
+        headers.append((b"x-request-id", echo[0][1]))
+        headers.extend(self._overrides.items())
+        return headers
 
     async def _answer_models(self, scope: Scope, send: Send) -> None:
         """The OpenAI model list of the fleet, from the registry: no engine is asked."""
@@ -541,7 +609,8 @@ class RoutingMiddleware:
 
     def _routing_request(
         self, route: _Route, body: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> RoutingRequest:
+    ) -> tuple[RoutingRequest, dict[str, Any] | None]:
+        """The request as policies see it, and the body's JSON object (None if not JSON)."""
         parsed: dict[str, Any] | None = None
         large = len(body) > LARGE_BODY and route.bounded
         if route.requires_json:
@@ -572,7 +641,7 @@ class RoutingMiddleware:
                 raise bad_request("model must be a string", "invalid_model")
             if not self.registry.serves_model(model):
                 raise _unknown_model(model)
-        return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1])
+        return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1]), parsed
 
     def _parse(self, body: bytes) -> dict[str, Any]:
         """A large body's routing fields only (a small one is parsed whole)."""
@@ -662,15 +731,6 @@ def _ranked_header(headers: list[tuple[bytes, bytes]], ranks: dict[bytes, int]) 
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
     content_type = _header(headers, b"content-type")
     return content_type is not None and content_type.startswith(_JSON_CONTENT_TYPE)
-
-
-def _upstream_url(base: str, scope: Scope) -> str:
-    query: bytes = scope.get("query_string", b"")
-    # Quoted from the decoded path, so "?" or "#" that arrived encoded stay in the path.
-    path = quote(scope["path"], safe=_PATH_SAFE)
-    if query:
-        return f"{base}{path}?{query.decode('latin-1')}"
-    return base + path
 
 
 class _LazyHeaders(Mapping[str, str]):

@@ -25,7 +25,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 import httpx
@@ -35,7 +35,7 @@ from cache_router.core.errors import RouterError
 from cache_router.core.events import RouterEvents
 from cache_router.core.registry import Lease, Worker
 from cache_router.core.request import RoutingRequest
-from cache_router.proxy.asgi import Headers, Receive, Send
+from cache_router.proxy.asgi import Headers, Message, Receive, Send
 from cache_router.proxy.clients import (
     AiohttpClient,
     HttpxClient,
@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "HOP_BY_HOP_HEADERS",
     "REQUEST_DROP",
+    "Companion",
     "Upstream",
     "UpstreamAborted",
 ]
@@ -120,6 +121,26 @@ def malformed_head(status: int, headers: Sequence[tuple[bytes, bytes]]) -> str |
     if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in headers])):
         return "a header value with a control byte"
     return None
+
+
+class Companion(Protocol):
+    """Another exchange the relayed one depends on (the prefill half of a
+    prefill/decode pair, :mod:`cache_router.proxy.pd`).
+
+    The relay calls :meth:`attach` with a function that cancels the relayed exchange, for
+    the companion to call when it fails; and awaits :meth:`wait` once the relayed engine
+    has answered, before anything reaches the client: an error it returns is the client's
+    answer instead.
+    """
+
+    def attach(self, cancel: Callable[[], None]) -> None: ...
+
+    async def wait(self) -> RouterError | None: ...
+
+    @property
+    def error(self) -> RouterError | None:
+        """Why the companion failed, once it has; else None."""
+        ...
 
 
 class UpstreamAborted(Exception):
@@ -264,6 +285,58 @@ class Upstream:
         if client is not None:
             await client.aclose()
 
+    async def collect(
+        self,
+        *,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        lease: Lease,
+        events: RouterEvents = _NO_EVENTS,
+        limit: int = 1024 * 1024,
+    ) -> tuple[int, bytes]:
+        """Send one request and read its whole answer, up to ``limit`` bytes: an exchange
+        the client does not see (the first half of a prefill/decode pair).
+
+        Returns the status and the body; raises :class:`UpstreamError` when the engine
+        cannot be reached, fails, answers something malformed or too large. The caller
+        arranges cancellation (the client leaving, a deadline); ``lease`` is released
+        before this returns or raises, however it ends, and the events see the exchange
+        as they see a relayed one.
+        """
+        # The exchange object owns the lease, as on the relayed path: the one releaser.
+        exchange = _Exchange(method, url, headers, body, lease, _unseen, ())
+        worker = exchange.worker
+        try:
+            sent_at = time.perf_counter()
+            try:
+                response = await self.client().send(method, url, headers, body)
+            except UpstreamError as exc:
+                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
+                raise
+            try:
+                problem = malformed_head(response.status, response.headers)
+                if problem is not None:
+                    raise UpstreamError("broken", f"malformed: {problem}")
+                events.upstream_answered(worker, response.status, time.perf_counter() - sent_at)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.chunks():
+                    size += len(chunk)
+                    if size > limit:
+                        raise UpstreamError("broken", f"answer larger than {limit} bytes")
+                    chunks.append(chunk)
+                events.upstream_completed(worker, response.status, time.perf_counter() - sent_at)
+                return response.status, b"".join(chunks)
+            except UpstreamError as exc:
+                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=False)
+                raise
+            finally:
+                await _close(response)
+        finally:
+            exchange.release()
+
     async def relay(
         self,
         *,
@@ -279,6 +352,7 @@ class Upstream:
         may_retry: bool = False,
         events: RouterEvents = _NO_EVENTS,
         routing: RoutingRequest | None = None,
+        companion: Companion | None = None,
     ) -> RelayResult:
         """Send one request upstream and stream the answer to the client.
 
@@ -294,11 +368,15 @@ class Upstream:
         fails the exchange like a broken connection. An error the client gets says what
         failed in general terms and names ``request_id``; the engine's address and the
         failure's detail go to the log only.
+
+        With a ``companion``, the answer waits for it (see :class:`Companion`), and its
+        failure ends this exchange with the companion's error.
         """
         exchange = _Exchange(method, url, headers, body, lease, send, response_headers)
         exchange.may_retry = may_retry
         exchange.events = events
         exchange.request_id = request_id
+        exchange.companion = companion
         try:
             if routing is not None and events:
                 # Inside the try: a listener that raises still ends with the lease released.
@@ -313,11 +391,16 @@ class Upstream:
             else:
                 async with anyio.create_task_group() as group:
                     group.cancel_scope.deadline = deadline
+                    if companion is not None:
+                        companion.attach(group.cancel_scope.cancel)
                     group.start_soon(_cancel_on_disconnect, receive, exchange, group.cancel_scope)
                     await self._exchange(exchange, client)
                     group.cancel_scope.cancel()
             if not exchange.finished and not exchange.client_gone:
-                await self._timed_out(exchange)
+                if companion is not None and companion.error is not None:
+                    await self._companion_failed(exchange, companion.error)
+                else:
+                    await self._timed_out(exchange)
         finally:
             exchange.release()
         if exchange.failure is not None:
@@ -335,6 +418,8 @@ class Upstream:
         is a bare asyncio task whose done-callback cancels the scope.
         """
         scope = anyio.CancelScope(deadline=deadline)
+        if exchange.companion is not None:
+            exchange.companion.attach(scope.cancel)
 
         def on_watcher_done(watcher: asyncio.Future[None]) -> None:
             if not watcher.cancelled():
@@ -372,6 +457,12 @@ class Upstream:
         status = response.status
         events.upstream_answered(worker, status, time.perf_counter() - sent_at)
         try:
+            if exchange.companion is not None:
+                error = await exchange.companion.wait()
+                if error is not None:
+                    exchange.finished = True
+                    await exchange.answer(error)
+                    return
             if exchange.may_retry and status in RETRYABLE_STATUSES:
                 result.retry = f"status {status}"
                 exchange.finished = True
@@ -422,6 +513,14 @@ class Upstream:
         else:
             await exchange.error(502, "unreachable", "upstream_unreachable")
 
+    async def _companion_failed(self, exchange: _Exchange, error: RouterError) -> None:
+        """The companion failed and cancelled this exchange: its error is the answer, or,
+        once the answer has started, the client connection is cut."""
+        if exchange.result.status is not None:
+            exchange.failure = UpstreamAborted(f"a companion of {exchange.worker.url} failed")
+        else:
+            await exchange.answer(error)
+
     async def _timed_out(self, exchange: _Exchange) -> None:
         """The total timeout cut the exchange: 504 if nothing was sent, else cut the stream."""
         worker = exchange.worker
@@ -456,6 +555,7 @@ class _Exchange:
         "_lease",
         "body",
         "client_gone",
+        "companion",
         "events",
         "failure",
         "finished",
@@ -496,6 +596,7 @@ class _Exchange:
         self.client_gone = False
         self.request_id = b""
         self.result = RelayResult()
+        self.companion: Companion | None = None
 
     def release(self) -> None:
         """Give the lease back: the one place it happens, at most once per exchange."""
@@ -509,15 +610,24 @@ class _Exchange:
 
         The lease goes first: the exchange with the engine is over, whatever the client
         does with the answer."""
+        await self.answer(upstream_error(status, what, code, self.request_id))
+
+    async def answer(self, error: RouterError) -> None:
+        """Answer ``error``, the lease given back first."""
         self.release()
-        error = RouterError(
-            f"upstream {what}; request id {self.request_id.decode('latin-1')}",
-            status=status,
-            error_type="upstream_timeout" if status == 504 else "upstream_error",
-            code=code,
-        )
         await send_error(self.send, error, self.response_headers)
-        self.result.status = status
+        self.result.status = error.status
+
+
+def upstream_error(status: int, what: str, code: str, request_id: bytes) -> RouterError:
+    """The error a client gets when an engine failed: what failed in general terms and the
+    request id, never the engine's address."""
+    return RouterError(
+        f"upstream {what}; request id {request_id.decode('latin-1')}",
+        status=status,
+        error_type="upstream_timeout" if status == 504 else "upstream_error",
+        code=code,
+    )
 
 
 def _log_failure(exchange: _Exchange, what: str, detail: object) -> None:
@@ -537,6 +647,11 @@ async def _close(response: UpstreamResponse) -> None:
             await response.aclose()
     else:
         await response.aclose()  # never suspends: no cancellation can cut it short
+
+
+async def _unseen(message: Message) -> None:
+    """The ``send`` of an exchange whose answer no client sees (:meth:`Upstream.collect`)."""
+    raise RuntimeError("an unseen exchange has no client to answer")
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
