@@ -284,10 +284,12 @@ def test_decode_failing_mid_stream_cuts_the_client_and_releases_both() -> None:
     prefills = [PDEngine("prefill", rooms, "p1")]
     decodes = [PDEngine("decode", rooms, "d1", tokens=5, break_after=2)]
     with pd_fleet(prefills, decodes) as fleet, client(fleet) as http:
-        with pytest.raises(httpx.HTTPError):  # noqa: PT012 - the cut comes while reading
-            with http.stream("POST", "/generate", json={"text": "hi", "stream": True}) as answer:
-                for _ in answer.iter_lines():
-                    pass
+        request = http.build_request("POST", "/generate", json={"text": "hi", "stream": True})
+        answer = http.send(request, stream=True)
+        assert answer.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # the cut comes while reading
+            answer.read()
+        answer.close()
         wait_until(lambda: fleet.loads() == [0, 0])
 
 
@@ -344,11 +346,10 @@ def test_vllm_two_steps_pass_kv_transfer_params_from_prefill_to_decode() -> None
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        with client(fleet) as http:
-            with http.stream("POST", "/v1/completions", json=body) as answer:
-                assert answer.status_code == 200
-                assert answer.headers["x-engine"] == "d1"
-                events = [line for line in answer.iter_lines() if line.startswith("data:")]
+        with client(fleet) as http, http.stream("POST", "/v1/completions", json=body) as answer:
+            assert answer.status_code == 200
+            assert answer.headers["x-engine"] == "d1"
+            events = [line for line in answer.iter_lines() if line.startswith("data:")]
         assert events[-1] == "data: [DONE]" and len(events) == 4
         (sent_prefill,), (sent_decode,) = prefills[0].bodies, decodes[0].bodies
         assert sent_prefill["max_tokens"] == 1 and sent_prefill["stream"] is False
