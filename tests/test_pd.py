@@ -111,14 +111,17 @@ class PDEngine:
                 error = {"error": {"message": "Decode transfer failed", "code": 500}}
                 return JSONResponse(error, status_code=500)
         headers = {"x-engine": self.name}
+        # A decode engine knows only the logprobs of the tokens it computed itself.
+        meta = {"meta_info": {"input_token_logprobs": [[-0.3, 3, None]]}}
+        extra = meta if body.get("return_logprob") else {}
         if not body.get("stream"):
-            return JSONResponse({"text": " tok" * self.tokens}, headers=headers)
+            return JSONResponse({"text": " tok" * self.tokens, **extra}, headers=headers)
 
         async def chunks() -> Any:
             for index in range(self.tokens):
                 if self.break_after is not None and index == self.break_after:
                     raise RuntimeError("decode engine died")
-                yield f"data: {json.dumps({'text': f' tok{index}'})}\n\n".encode()
+                yield f"data: {json.dumps({'text': f' tok{index}', **extra})}\n\n".encode()
                 await anyio.sleep(0.01)
             yield b"data: [DONE]\n\n"
 
@@ -240,6 +243,24 @@ def test_sglang_decode_streams_to_the_client() -> None:
             events = [line for line in answer.iter_lines() if line.startswith("data:")]
         assert events[-1] == "data: [DONE]"
         assert len(events) == 5
+        assert fleet.loads() == [0, 0]
+
+
+PROMPT_LOGPROBS = [[-0.1, 1, None], [-0.2, 2, None], [-0.3, 3, None]]
+
+
+def test_prompt_logprobs_from_the_prefill_are_merged_into_the_answer() -> None:
+    prefills, decodes = pair(tokens=2)
+    with pd_fleet(prefills, decodes) as fleet, client(fleet) as http:
+        whole = http.post("/generate", json={"text": "hi", "return_logprob": True})
+        assert whole.json()["meta_info"]["input_token_logprobs"] == PROMPT_LOGPROBS
+        assert "meta_info" not in http.post("/generate", json={"text": "hi"}).json()
+        body = {"text": "hi", "return_logprob": True, "stream": True}
+        with http.stream("POST", "/generate", json=body) as answer:
+            events = [line[6:] for line in answer.iter_lines() if line.startswith("data: {")]
+        assert len(events) == 2
+        for event in events:
+            assert json.loads(event)["meta_info"]["input_token_logprobs"] == PROMPT_LOGPROBS
         assert fleet.loads() == [0, 0]
 
 
@@ -421,3 +442,24 @@ def test_roles_show_in_the_worker_apis_and_admin_adds_with_a_role() -> None:
         assert http.get("/readiness").json()["prefill"] == {"healthy": 2, "total": 2}
         metrics = http.get("/router/metrics").text
         assert 'role="prefill"' in metrics and 'role="decode"' in metrics
+
+
+def test_logprob_merge_handles_events_split_anywhere() -> None:
+    from cache_router.proxy.pd import LogprobMerge
+
+    stream = (
+        b'data: {"text":"a","meta_info":{"input_token_logprobs":[[-0.3,3,null]]}}\n\n'
+        b'data: {"text":"b"}\n\ndata: [DONE]\n\n'
+    )
+    for size in (1, 7, len(stream)):
+        merge = LogprobMerge([[-0.1, 1, None]], stream=True)
+        out = b"".join(merge.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+        out += merge.end()
+        events = out.split(b"\n\n")
+        assert json.loads(events[0][6:])["meta_info"]["input_token_logprobs"] == [
+            [-0.1, 1, None],
+            [-0.3, 3, None],
+        ]
+        assert events[1:] == [b'data: {"text":"b"}', b"data: [DONE]", b""]
+    whole = LogprobMerge([[-0.1, 1, None]], stream=False)
+    assert whole.feed(b"not json") == b"" and whole.end() == b"not json"

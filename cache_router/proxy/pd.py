@@ -40,7 +40,7 @@ from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.proxy.asgi import Headers, Receive, Scope, Send
 from cache_router.proxy.clients import UpstreamError
 from cache_router.proxy.outbound import upstream_url, with_worker_key
-from cache_router.proxy.relay import RelayResult, Upstream, upstream_error
+from cache_router.proxy.relay import BodyRewrite, RelayResult, Upstream, upstream_error
 from cache_router.proxy.responses import bad_request, send_error
 
 __all__ = ["PD_PROTOCOLS", "PD_ROUTES", "PDRouter", "PrefillLeg"]
@@ -172,6 +172,8 @@ class PDRouter:
             prefill,
             events,
             request_id,
+            merge_logprobs=wants_logprobs(scope["path"], parsed),
+            stream=bool(parsed.get("stream")),
         )
         async with anyio.create_task_group() as group:
             group.start_soon(leg.run)
@@ -329,7 +331,12 @@ class PrefillLeg:
         worker: Worker,
         events: RouterEvents,
         request_id: bytes,
+        *,
+        merge_logprobs: bool = False,
+        stream: bool = False,
     ) -> None:
+        self._merge = merge_logprobs
+        self._stream = stream
         self._upstream = upstream
         self._request = (method, url, headers, body)
         self._registry = registry
@@ -374,10 +381,96 @@ class PrefillLeg:
         finally:
             self._done.set()
 
+    def rewrite(self, status: int) -> BodyRewrite | None:
+        """With logprobs asked for, the decode answer gains the prompt's logprobs, which
+        only the prefill computed (as SGLang's router merges them)."""
+        if not self._merge or not 200 <= status < 300 or self.answer is None:
+            return None
+        prompt = _input_logprobs(self.answer)
+        if prompt is None:
+            return None
+        return LogprobMerge(prompt, stream=self._stream)
+
     def _fail(self, error: RouterError) -> None:
         self.error = error
         if self._cancel_main is not None:
             self._cancel_main()
+
+
+class LogprobMerge:
+    """Prepends the prompt's ``meta_info.input_token_logprobs`` to a decode answer's: to
+    the whole JSON answer, or to each server-sent event that carries them."""
+
+    def __init__(self, prompt: list[Any], *, stream: bool) -> None:
+        self._prompt = prompt
+        self._stream = stream
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._pending += chunk
+        if not self._stream:
+            return b""
+        complete, separator, self._pending = self._pending.rpartition(b"\n\n")
+        if not separator:
+            self._pending = complete
+            return b""
+        return b"".join(self._event(event) for event in complete.split(b"\n\n"))
+
+    def end(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        if self._stream:
+            return rest
+        merged = self._merged(rest)
+        return rest if merged is None else merged
+
+    def _event(self, event: bytes) -> bytes:
+        if event.startswith(b"data: ") and event != b"data: [DONE]":
+            merged = self._merged(event[6:])
+            if merged is not None:
+                return b"data: " + merged + b"\n\n"
+        return event + b"\n\n"
+
+    def _merged(self, payload: bytes) -> bytes | None:
+        try:
+            answer = json.loads(payload)
+        except ValueError:
+            return None
+        meta = answer.get("meta_info") if isinstance(answer, dict) else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("input_token_logprobs"), list):
+            return None
+        meta["input_token_logprobs"] = [*self._prompt, *meta["input_token_logprobs"]]
+        return _dumps(answer, separators=(",", ":")).encode()
+
+
+def wants_logprobs(path: str, parsed: Mapping[str, Any]) -> bool:
+    """Whether the request asks for its prompt's logprobs (each API spells it its way)."""
+    if path == "/generate":
+        return bool(parsed.get("return_logprob"))
+    if path == "/v1/completions":
+        return parsed.get("logprobs") is not None
+    return bool(parsed.get("logprobs"))
+
+
+def _input_logprobs(answer: bytes) -> list[Any] | None:
+    """The prefill's ``meta_info.input_token_logprobs``: from its JSON answer, or from the
+    last event of a streamed one that has them."""
+    payloads = [answer]
+    if not answer.lstrip().startswith(b"{"):
+        payloads = [
+            event[6:]
+            for event in reversed(answer.split(b"\n\n"))
+            if event.startswith(b"data: ") and event != b"data: [DONE]"
+        ]
+    for payload in payloads:
+        try:
+            parsed = json.loads(payload)
+        except ValueError:
+            continue
+        meta = parsed.get("meta_info") if isinstance(parsed, dict) else None
+        found = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
+        if isinstance(found, list):
+            return found
+    return None
 
 
 class EngineError(RouterError):

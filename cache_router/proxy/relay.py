@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "HOP_BY_HOP_HEADERS",
     "REQUEST_DROP",
+    "BodyRewrite",
     "Companion",
     "Upstream",
     "UpstreamAborted",
@@ -95,6 +96,8 @@ REQUEST_DROP = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"expect", b"x-
 CLIENT_CREDENTIALS = frozenset({b"cookie", b"authorization", b"proxy-authorization", b"x-api-key"})
 # uvicorn and other servers add their own date and server headers; two of each confuse clients.
 _RESPONSE_DROP = HOP_BY_HOP_HEADERS | {b"date", b"server", b"x-request-id"}
+#: A rewritten body has a length of its own: the server frames it.
+_REWRITE_DROP = _RESPONSE_DROP | {b"content-length"}
 
 
 #: Bytes an ASGI server refuses in a response head (uvicorn raises in ``send``, and the
@@ -141,6 +144,20 @@ class Companion(Protocol):
     def error(self) -> RouterError | None:
         """Why the companion failed, once it has; else None."""
         ...
+
+    def rewrite(self, status: int) -> BodyRewrite | None:
+        """How the relayed ``status`` answer's body must change (after :meth:`wait`
+        returned no error), or None to relay it as it comes."""
+        ...
+
+
+class BodyRewrite(Protocol):
+    """Changes a relayed body on its way: each chunk in, what to send instead (possibly
+    nothing yet), and what is left at the end."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
 
 
 class UpstreamAborted(Exception):
@@ -456,6 +473,7 @@ class Upstream:
             return
         status = response.status
         events.upstream_answered(worker, status, time.perf_counter() - sent_at)
+        rewrite: BodyRewrite | None = None
         try:
             if exchange.companion is not None:
                 error = await exchange.companion.wait()
@@ -463,6 +481,7 @@ class Upstream:
                     exchange.finished = True
                     await exchange.answer(error)
                     return
+                rewrite = exchange.companion.rewrite(status)
             if exchange.may_retry and status in RETRYABLE_STATUSES:
                 result.retry = f"status {status}"
                 exchange.finished = True
@@ -472,16 +491,25 @@ class Upstream:
                     "type": "http.response.start",
                     "status": status,
                     "headers": [
-                        *filter_headers(response.headers, _RESPONSE_DROP),
+                        *filter_headers(
+                            response.headers, _RESPONSE_DROP if rewrite is None else _REWRITE_DROP
+                        ),
                         *exchange.response_headers,
                     ],
                 }
             )
             result.status = status
+            feed = None if rewrite is None else rewrite.feed
             async for chunk in response.chunks():
+                if feed is not None:
+                    chunk = feed(chunk)
+                    if not chunk:
+                        continue
                 if result.first_byte is None:
                     result.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if rewrite is not None:
+                await send({"type": "http.response.body", "body": rewrite.end(), "more_body": True})
             exchange.release()
             events.upstream_completed(worker, status, time.perf_counter() - sent_at)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
