@@ -410,10 +410,10 @@ class LogprobMerge:
         self._pending += chunk
         if not self._stream:
             return b""
-        complete, separator, self._pending = self._pending.rpartition(b"\n\n")
+        complete, separator, rest = self._pending.rpartition(b"\n\n")
         if not separator:
-            self._pending = complete
             return b""
+        self._pending = rest
         return b"".join(self._event(event) for event in complete.split(b"\n\n"))
 
     def end(self) -> bytes:
