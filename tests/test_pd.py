@@ -85,8 +85,9 @@ class PDEngine:
             group.cancel_scope.cancel()
 
     async def _prefill(self, body: dict[str, Any]) -> Response:
-        await anyio.sleep(self.stall)
-        if self.fail is not None:
+        fault = body.get("fault")  # chaos runs pick a fault per request
+        await anyio.sleep(30 if fault == "prefill_stall" else self.stall)
+        if self.fail is not None or fault == "prefill_error":
             error = {"error": {"message": "prompt too long", "type": "BadRequest", "code": 400}}
             return JSONResponse(error, status_code=self.fail, headers={"x-engine": self.name})
         if self.protocol == "vllm":
@@ -114,11 +115,15 @@ class PDEngine:
         # A decode engine knows only the logprobs of the tokens it computed itself.
         meta = {"meta_info": {"input_token_logprobs": [[-0.3, 3, None]]}}
         extra = meta if body.get("return_logprob") else {}
+        if body.get("fault") == "decode_error":
+            return JSONResponse({"error": {"message": "decode failed"}}, status_code=500)
         if not body.get("stream"):
             return JSONResponse({"text": " tok" * self.tokens, **extra}, headers=headers)
 
         async def chunks() -> Any:
             for index in range(self.tokens):
+                if index == 1 and body.get("fault") == "decode_break":
+                    raise RuntimeError("decode engine died")
                 if self.break_after is not None and index == self.break_after:
                     raise RuntimeError("decode engine died")
                 yield f"data: {json.dumps({'text': f' tok{index}', **extra})}\n\n".encode()
@@ -463,3 +468,103 @@ def test_logprob_merge_handles_events_split_anywhere() -> None:
         assert events[1:] == [b'data: {"text":"b"}', b"data: [DONE]", b""]
     whole = LogprobMerge([[-0.1, 1, None]], stream=False)
     assert whole.feed(b"not json") == b"" and whole.end() == b"not json"
+
+
+# -- under load ----------------------------------------------------------------------------
+
+FAULTS = (
+    None,
+    None,
+    None,
+    "prefill_error",
+    "decode_error",
+    "decode_break",
+    "prefill_stall",
+    "leave",
+)
+
+
+@pytest.mark.parametrize("protocol", ["sglang", "vllm"])
+def test_chaos_run_ends_with_every_load_at_zero(protocol: str) -> None:
+    """500 requests per protocol (1,000 in all), a fault in most of them: engine errors on
+    either half, a decode dying mid-stream, a prefill that never answers (cut by the
+    request timeout), clients leaving. Whatever happened, no load is left behind."""
+    import random
+
+    rooms = Rooms()
+    prefills = [PDEngine("prefill", rooms, f"p{i}", protocol=protocol) for i in range(3)]
+    decodes = [PDEngine("decode", rooms, f"d{i}", protocol=protocol) for i in range(3)]
+    rng = random.Random(7)
+    plan = [rng.choice(FAULTS) for _ in range(500)]
+    statuses: list[int] = []
+    with pd_fleet(
+        prefills, decodes, protocol=protocol, request_timeout_secs=1, disable_circuit_breaker=True
+    ) as fleet:
+
+        async def one(fault: str | None, index: int, http: httpx.AsyncClient) -> None:
+            path = "/generate" if protocol == "sglang" else "/v1/completions"
+            body = {"text" if protocol == "sglang" else "prompt": f"shared {index % 7}"}
+            body.update(stream=index % 2 == 0, fault=fault)
+            with anyio.move_on_after(0.05 if fault == "leave" else 30):
+                try:
+                    answer = await http.post(path, json=body)
+                    statuses.append(answer.status_code)
+                except httpx.HTTPError:
+                    statuses.append(-1)  # cut mid-stream
+
+        async def run() -> None:
+            limits = httpx.Limits(max_connections=64)
+            async with (
+                httpx.AsyncClient(
+                    base_url=fleet.url, trust_env=False, timeout=30, limits=limits
+                ) as http,
+                anyio.create_task_group() as group,
+            ):
+                for index, fault in enumerate(plan):
+                    group.start_soon(one, fault, index, http)
+
+        anyio.run(run)
+        wait_until(lambda: fleet.loads() == [0] * 6, timeout=10)
+        assert statuses.count(200) >= plan.count(None) - 5  # the healthy ones got through
+        assert {500, 504} <= set(statuses)
+        # Both halves of each dispatched pair were counted (a vLLM prefill error stops
+        # before the decode half, so its side counts fewer).
+        processed = [worker.processed for worker in fleet.router.registry]
+        assert sum(processed[:3]) >= len(plan) - plan.count("leave")
+
+
+def test_a_burst_sharing_one_prefix_spreads_over_the_prefill_workers() -> None:
+    """480 requests at once, one long shared prefix, 8 prefill workers that take a while:
+    cache affinity alone would send all of them to one; the imbalance rule spreads them."""
+    rooms = Rooms()
+    # Slow enough that all 480 are in flight at once: the counts are the peak loads.
+    prefills = [PDEngine("prefill", rooms, f"p{i}", stall=3) for i in range(8)]
+    decodes = [PDEngine("decode", rooms, f"d{i}") for i in range(2)]
+    prefix = "You are a helpful assistant. " * 40
+    with pd_fleet(prefills, decodes, max_concurrent_requests=-1) as fleet:
+
+        async def run() -> None:
+            limits = httpx.Limits(max_connections=480)
+            async with (
+                httpx.AsyncClient(
+                    base_url=fleet.url, trust_env=False, timeout=60, limits=limits
+                ) as http,
+                anyio.create_task_group() as group,
+            ):
+                for index in range(480):
+                    group.start_soon(one, http, index)
+
+        statuses: list[int] = []
+
+        async def one(http: httpx.AsyncClient, index: int) -> None:
+            answer = await http.post("/generate", json={"text": f"{prefix}{index}"})
+            statuses.append(answer.status_code)
+
+        anyio.run(run)
+        wait_until(lambda: fleet.loads() == [0] * 10)
+        counts = [len(engine.bodies) for engine in prefills]
+        assert statuses == [200] * 480
+        assert sum(counts) == 480
+        assert min(counts) > 0, counts
+        # cache_aware's rule (--balance-abs-threshold 64): never more than 64 above the least.
+        assert max(counts) - min(counts) <= 65, counts

@@ -40,7 +40,13 @@ from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.proxy.asgi import Headers, Receive, Scope, Send
 from cache_router.proxy.clients import UpstreamError
 from cache_router.proxy.outbound import upstream_url, with_worker_key
-from cache_router.proxy.relay import BodyRewrite, RelayResult, Upstream, upstream_error
+from cache_router.proxy.relay import (
+    BodyRewrite,
+    Collection,
+    RelayResult,
+    Upstream,
+    upstream_error,
+)
 from cache_router.proxy.responses import bad_request, send_error
 
 __all__ = ["PD_PROTOCOLS", "PD_ROUTES", "PDRouter", "PrefillLeg"]
@@ -162,40 +168,47 @@ class PDRouter:
         request_id = echo[0][1]
         if events:
             events.request_routed(prefill, routing)
+        # The prefill's lease is taken now, before any await, so the next request's choice
+        # sees it; the collection owns it from here.
+        collection = self.upstream.collection(
+            method=method,
+            url=upstream_url(prefill.url, scope),
+            headers=_worker_headers(headers, prefill),
+            body=payload,
+            lease=self.registry.acquire(prefill),
+            events=events,
+            limit=_PREFILL_ANSWER_LIMIT,
+        )
         leg = PrefillLeg(
-            self.upstream,
-            method,
-            upstream_url(prefill.url, scope),
-            _worker_headers(headers, prefill),
-            payload,
-            self.registry,
-            prefill,
-            events,
+            collection,
             request_id,
             merge_logprobs=wants_logprobs(scope["path"], parsed),
             stream=bool(parsed.get("stream")),
         )
-        async with anyio.create_task_group() as group:
-            group.start_soon(leg.run)
-            try:
-                # Nothing may run between the acquire and the relay, which owns the lease.
-                lease = self.registry.acquire(decode)
-                result = await self.upstream.relay(
-                    method=method,
-                    url=upstream_url(decode.url, scope),
-                    headers=_worker_headers(headers, decode),
-                    body=payload,
-                    lease=lease,
-                    receive=receive,
-                    send=send,
-                    response_headers=echo,
-                    request_id=request_id,
-                    events=events,
-                    routing=routing,
-                    companion=leg,
-                )
-            finally:
-                group.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(leg.run)
+                try:
+                    # Nothing may run between the acquire and the relay, which owns the lease.
+                    lease = self.registry.acquire(decode)
+                    result = await self.upstream.relay(
+                        method=method,
+                        url=upstream_url(decode.url, scope),
+                        headers=_worker_headers(headers, decode),
+                        body=payload,
+                        lease=lease,
+                        receive=receive,
+                        send=send,
+                        response_headers=echo,
+                        request_id=request_id,
+                        events=events,
+                        routing=routing,
+                        companion=leg,
+                    )
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            collection.release()  # the leg's task may have been cancelled before it ran
         return result
 
     async def _two_steps(
@@ -279,19 +292,21 @@ class PDRouter:
                     group.cancel_scope.cancel()
 
                 group.start_soon(watch)
-                lease = self.registry.acquire(prefill)
+                collection = self.upstream.collection(
+                    method=method,
+                    url=url,
+                    headers=headers,
+                    body=body,
+                    lease=self.registry.acquire(prefill),
+                    events=events,
+                    limit=_PREFILL_ANSWER_LIMIT,
+                )
                 try:
-                    answer = await self.upstream.collect(
-                        method=method,
-                        url=url,
-                        headers=headers,
-                        body=body,
-                        lease=lease,
-                        events=events,
-                        limit=_PREFILL_ANSWER_LIMIT,
-                    )
+                    answer = await collection.run()
                 except UpstreamError as exc:
                     error = _leg_error(exc, request_id)
+                finally:
+                    collection.release()
                 group.cancel_scope.cancel()
         if gone:
             return None
@@ -322,26 +337,15 @@ class PrefillLeg:
 
     def __init__(
         self,
-        upstream: Upstream,
-        method: str,
-        url: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        registry: WorkerRegistry,
-        worker: Worker,
-        events: RouterEvents,
+        collection: Collection,
         request_id: bytes,
         *,
         merge_logprobs: bool = False,
         stream: bool = False,
     ) -> None:
+        self._collection = collection
         self._merge = merge_logprobs
         self._stream = stream
-        self._upstream = upstream
-        self._request = (method, url, headers, body)
-        self._registry = registry
-        self.worker = worker
-        self._events = events
         self._request_id = request_id
         self._cancel_main: Callable[[], None] | None = None
         self._done = anyio.Event()
@@ -359,18 +363,8 @@ class PrefillLeg:
         return self.error
 
     async def run(self) -> None:
-        method, url, headers, body = self._request
-        lease = self._registry.acquire(self.worker)
         try:
-            status, answer = await self._upstream.collect(
-                method=method,
-                url=url,
-                headers=headers,
-                body=body,
-                lease=lease,
-                events=self._events,
-                limit=_PREFILL_ANSWER_LIMIT,
-            )
+            status, answer = await self._collection.run()
         except UpstreamError as exc:
             self._fail(_leg_error(exc, self._request_id))
         else:

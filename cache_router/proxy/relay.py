@@ -52,6 +52,7 @@ __all__ = [
     "HOP_BY_HOP_HEADERS",
     "REQUEST_DROP",
     "BodyRewrite",
+    "Collection",
     "Companion",
     "Upstream",
     "UpstreamAborted",
@@ -302,7 +303,7 @@ class Upstream:
         if client is not None:
             await client.aclose()
 
-    async def collect(
+    def collection(
         self,
         *,
         method: str,
@@ -312,47 +313,10 @@ class Upstream:
         lease: Lease,
         events: RouterEvents = _NO_EVENTS,
         limit: int = 1024 * 1024,
-    ) -> tuple[int, bytes]:
-        """Send one request and read its whole answer, up to ``limit`` bytes: an exchange
-        the client does not see (the first half of a prefill/decode pair).
-
-        Returns the status and the body; raises :class:`UpstreamError` when the engine
-        cannot be reached, fails, answers something malformed or too large. The caller
-        arranges cancellation (the client leaving, a deadline); ``lease`` is released
-        before this returns or raises, however it ends, and the events see the exchange
-        as they see a relayed one.
-        """
-        # The exchange object owns the lease, as on the relayed path: the one releaser.
-        exchange = _Exchange(method, url, headers, body, lease, _unseen, ())
-        worker = exchange.worker
-        try:
-            sent_at = time.perf_counter()
-            try:
-                response = await self.client().send(method, url, headers, body)
-            except UpstreamError as exc:
-                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
-                raise
-            try:
-                problem = malformed_head(response.status, response.headers)
-                if problem is not None:
-                    raise UpstreamError("broken", f"malformed: {problem}")
-                events.upstream_answered(worker, response.status, time.perf_counter() - sent_at)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.chunks():
-                    size += len(chunk)
-                    if size > limit:
-                        raise UpstreamError("broken", f"answer larger than {limit} bytes")
-                    chunks.append(chunk)
-                events.upstream_completed(worker, response.status, time.perf_counter() - sent_at)
-                return response.status, b"".join(chunks)
-            except UpstreamError as exc:
-                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=False)
-                raise
-            finally:
-                await _close(response)
-        finally:
-            exchange.release()
+    ) -> Collection:
+        """An exchange whose whole answer is read, not relayed (the first half of a
+        prefill/decode pair); it owns ``lease`` from this call on (see :class:`Collection`)."""
+        return Collection(self, method, url, headers, body, lease, events, limit)
 
     async def relay(
         self,
@@ -560,6 +524,74 @@ class Upstream:
         else:
             _log_failure(exchange, "timed out", "the total request timeout passed")
             await exchange.error(504, "timed out", "upstream_timeout")
+
+
+class Collection:
+    """One request whose answer the client does not see, read whole up to ``limit`` bytes.
+
+    Built at once when the lease is taken, so the lease has its owner before any await:
+    :meth:`run` releases it when the exchange ends however it ends, and :meth:`release`
+    gives it back if the exchange never ran (its task cancelled before it started). The
+    events see the exchange as they see a relayed one.
+    """
+
+    __slots__ = ("_events", "_exchange", "_limit", "_upstream")
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        lease: Lease,
+        events: RouterEvents,
+        limit: int,
+    ) -> None:
+        self._upstream = upstream
+        self._exchange = _Exchange(method, url, headers, body, lease, _unseen, ())
+        self._events = events
+        self._limit = limit
+
+    def release(self) -> None:
+        self._exchange.release()
+
+    async def run(self) -> tuple[int, bytes]:
+        """The status and the body; :class:`UpstreamError` when the engine cannot be
+        reached, fails, or answers something malformed or too large. The caller arranges
+        cancellation (the client leaving, a deadline)."""
+        exchange, events = self._exchange, self._events
+        worker = exchange.worker
+        try:
+            sent_at = time.perf_counter()
+            try:
+                response = await self._upstream.client().send(
+                    exchange.method, exchange.url, exchange.headers, exchange.body
+                )
+            except UpstreamError as exc:
+                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
+                raise
+            try:
+                problem = malformed_head(response.status, response.headers)
+                if problem is not None:
+                    raise UpstreamError("broken", f"malformed: {problem}")
+                events.upstream_answered(worker, response.status, time.perf_counter() - sent_at)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.chunks():
+                    size += len(chunk)
+                    if size > self._limit:
+                        raise UpstreamError("broken", f"answer larger than {self._limit} bytes")
+                    chunks.append(chunk)
+                events.upstream_completed(worker, response.status, time.perf_counter() - sent_at)
+                return response.status, b"".join(chunks)
+            except UpstreamError as exc:
+                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=False)
+                raise
+            finally:
+                await _close(response)
+        finally:
+            exchange.release()
 
 
 class RelayResult:
