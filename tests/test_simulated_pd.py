@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from mock_engine import wait_until
 
 from cache_router.testing import PDFleet, SimulatedEngine, serve_pd_fleet
 from cache_router.testing.pd import NO_ROOM_MESSAGE
@@ -137,6 +138,17 @@ async def test_sglang_decode_stalls_then_refuses_an_unknown_room() -> None:
         stats = decode.stats()
         assert (stats.pd["refused"], stats.pd["paired"], stats.requests) == (1, 0, 0)
         assert fleet.prefill_engines[0].stats().pd["lookups"] >= 1
+
+
+async def test_sglang_decode_wait_ends_when_the_client_leaves() -> None:
+    decode = SimulatedEngine(name="d", role="decode", transfer_timeout=30.0, **FAST)
+    with serve_pd_fleet(1, [decode], "sglang") as fleet:
+        body = with_rooms(fleet, {"text": "left", "stream": True})
+        async with client() as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(fleet.decode_urls[0] + "/generate", json=body, timeout=0.3)
+        wait_until(lambda: decode.stats().pd["abandoned"] == 1)
+        assert decode.stats().pd["refused"] == 0 and decode.load == 0
 
 
 async def test_sglang_decode_refuses_when_the_bootstrap_server_is_unreachable() -> None:

@@ -513,6 +513,7 @@ class SimulatedEngine:
             failures.append(await ticket.claim())
             group.cancel_scope.cancel()
         if not failures:
+            ticket.state.abandoned += 1
             return Response(status_code=499)
         if failures[0] is None:
             return None

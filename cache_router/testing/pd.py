@@ -192,7 +192,8 @@ class PDState:
     claimed by a decode), ``unpaired`` (vLLM requests without usable ``kv_transfer_params``,
     served as on a plain engine), ``registered`` (rooms or transfers a prefill stored),
     ``claimed`` (rooms or transfers a decode obtained), ``refused`` (decode requests failed
-    after waiting), ``lookups``/``hits`` (side-server queries answered / found).
+    after waiting), ``abandoned`` (decode requests whose client left while they waited),
+    ``lookups``/``hits`` (side-server queries answered / found).
     """
 
     def __init__(
@@ -223,6 +224,7 @@ class PDState:
         self._side_host: str | None = None
         self._side_port: int | None = None
         self.paired = self.unpaired = self.registered = self.claimed = self.refused = 0
+        self.abandoned = 0
         self.lookups = self.hits = 0
         self.app: ASGIApp | None = self._side_app() if role == "prefill" else None
 
@@ -245,6 +247,7 @@ class PDState:
             "registered": self.registered,
             "claimed": self.claimed,
             "refused": self.refused,
+            "abandoned": self.abandoned,
             "lookups": self.lookups,
             "hits": self.hits,
             "stored": len(self._store),
