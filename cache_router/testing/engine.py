@@ -36,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from cache_router.core.errors import error_body
 from cache_router.core.tree import RadixTree, encode_tokens
+from cache_router.testing.pd import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
 
 __all__ = ["EngineStats", "SimulatedEngine"]
 
@@ -85,6 +86,7 @@ class EngineStats:
     prefill_seconds: float  # total simulated prefill time
     cache_size: int
     cache_capacity: int
+    pd: dict[str, Any] = field(default_factory=dict)  # PDState.stats() of a PD engine
 
     @property
     def load(self) -> int:
@@ -104,6 +106,8 @@ class _Job:
     stream: bool
     batch: bool = False
     include_usage: bool = False
+    return_logprob: bool = False
+    pd: PDTicket | None = None
     request_id: str = ""
     cached: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
@@ -172,6 +176,15 @@ class SimulatedEngine:
         Tokens generated when the request does not say (16 tokens = 32 ms by default).
     ``max_tokens_limit`` (default 4,096)
         Larger ``max_tokens`` values are refused with 400.
+    ``role`` (default ``None``: a plain engine), ``pd_protocol`` (default ``"sglang"``)
+        A prefill or decode engine of a disaggregated fleet speaking SGLang's bootstrap
+        protocol or vLLM's ``kv_transfer_params`` (see :mod:`cache_router.testing.pd`). A
+        prefill engine's :attr:`bootstrap_app` must be served too (``serve_pd_fleet`` does).
+    ``transfer_timeout`` (default 5 s), ``pd_store_size`` (10,000), ``pd_store_ttl`` (300 s),
+    ``default_bootstrap_port``
+        How long a decode engine waits for its prefill's KV before failing with 500; the
+        bounds of a prefill engine's room/transfer store; the bootstrap port a decode
+        engine uses when a request's ``bootstrap_port`` is null.
 
     The cache lookup happens when a request is admitted (leaves the queue) and the prompt
     enters the cache when its prefill is over, as in SGLang: two identical prompts
@@ -196,6 +209,12 @@ class SimulatedEngine:
         decode_seconds_per_token: float = 2e-3,
         default_max_tokens: int = 16,
         max_tokens_limit: int = 4096,
+        role: PDRole | None = None,
+        pd_protocol: PDProtocol = "sglang",
+        transfer_timeout: float = 5.0,
+        pd_store_size: int = 10_000,
+        pd_store_ttl: float = 300.0,
+        default_bootstrap_port: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -214,6 +233,17 @@ class SimulatedEngine:
         self.decode_seconds_per_token = decode_seconds_per_token
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
+        self.pd: PDState | None = None
+        if role is not None:
+            self.pd = PDState(
+                role=role,
+                protocol=pd_protocol,
+                name=name,
+                transfer_timeout=transfer_timeout,
+                store_size=pd_store_size,
+                store_ttl=pd_store_ttl,
+                default_bootstrap_port=default_bootstrap_port,
+            )
         self._cache = RadixTree(capacity)
         self._slots = anyio.Semaphore(max_running)
         self._headers = {"x-engine": name}
@@ -259,6 +289,11 @@ class SimulatedEngine:
         return uncached_chars * self.prefill_seconds_per_char
 
     @property
+    def bootstrap_app(self) -> Any:
+        """A prefill engine's bootstrap (SGLang) or side-channel (vLLM) ASGI app, else None."""
+        return None if self.pd is None else self.pd.app
+
+    @property
     def load(self) -> int:
         """Requests running or queued."""
         return self._running + self._queued
@@ -283,6 +318,7 @@ class SimulatedEngine:
             prefill_seconds=self._prefill_seconds,
             cache_size=self._cache.size,
             cache_capacity=self.capacity,
+            pd={} if self.pd is None else self.pd.stats(),
         )
 
     def flush_cache(self) -> None:
@@ -318,12 +354,15 @@ class SimulatedEngine:
             uncached = prompt_chars - sum(job.cached)
             self._prompt_chars += prompt_chars
             self._cached_chars += prompt_chars - uncached
-            job.prefill_seconds = self.prefill_delay(uncached)
+            remote_kv = job.pd is not None and job.pd.remote_kv
+            job.prefill_seconds = 0.0 if remote_kv else self.prefill_delay(uncached)
             self._prefill_seconds += job.prefill_seconds
             if job.prefill_seconds > 0:
                 await anyio.sleep(job.prefill_seconds)
             for prompt in job.prompts:
                 cache.insert(prompt, _TENANT)
+            if job.pd is not None:
+                job.pd.prefilled()
             step = self.decode_seconds_per_token
             sequences = len(job.prompts)
             for index in range(job.max_tokens):
@@ -418,6 +457,8 @@ class SimulatedEngine:
             if not isinstance(params, dict):
                 raise _BadRequest("sampling_params must be an object")
             job = self._new_job(prompts, params.get("max_new_tokens"), body.get("stream", False))
+            job.return_logprob = body.get("return_logprob") is True
+            self._pd_ticket(body, job)
         except _BadRequest as exc:
             return self._bad_request(exc)
         job.batch = batch
@@ -440,13 +481,43 @@ class SimulatedEngine:
     ) -> Response:
         """Admit ``job``, then stream its ``events`` or answer with ``answer()`` at the end."""
         refused = self._admit(job)
+        if refused is None and job.pd is not None:
+            refused = await self._pd_claim(request, job.pd)
         if refused is not None:
             return refused
         if job.stream:
             return self._streaming(events(job))
         if not await self._run_to_end(request, job):
             return Response(status_code=499)
-        return JSONResponse(answer(), headers=self._headers)
+        result = answer()
+        if job.pd is not None:
+            job.pd.decorate(result)
+        return JSONResponse(result, headers=self._headers)
+
+    def _pd_ticket(self, body: dict[str, Any], job: _Job) -> None:
+        """Attach the request's PD fields to ``job`` (raises ``_BadRequest``)."""
+        if self.pd is None:
+            return
+        try:
+            job.pd = self.pd.ticket(body, job.prompts, job.request_id)
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from exc
+        if job.pd is not None:
+            job.max_tokens = job.pd.cap_tokens(job.max_tokens)
+
+    async def _pd_claim(self, request: Request, ticket: PDTicket) -> Response | None:
+        """Decode side: wait for the prefill's KV cache; the 500 (or 499) if it never came."""
+        failures: list[str | None] = []
+        async with anyio.create_task_group() as group:
+            group.start_soon(_cancel_on_disconnect, request.receive, group.cancel_scope.cancel)
+            failures.append(await ticket.claim())
+            group.cancel_scope.cancel()
+        if not failures:
+            ticket.state.abandoned += 1
+            return Response(status_code=499)
+        if failures[0] is None:
+            return None
+        return self._error(500, failures[0], "internal_server_error")
 
     async def _openai_job(
         self, request: Request, prompts: Callable[[dict[str, Any]], list[str]], limit_field: str
@@ -456,6 +527,7 @@ class SimulatedEngine:
         limit = body.get(limit_field, body.get("max_tokens"))
         job = self._new_job(prompts(body), limit, body.get("stream", False))
         job.include_usage = _include_usage(body)
+        self._pd_ticket(body, job)
         return job
 
     def _meta_info(self, job: _Job, index: int) -> dict[str, Any]:
@@ -467,7 +539,14 @@ class SimulatedEngine:
             "cached_tokens": job.cached[index] if job.cached else 0,
             "prefill_seconds": job.prefill_seconds,
             "engine": self.name,
+            **self._logprobs(job, index),
         }
+
+    def _logprobs(self, job: _Job, index: int) -> dict[str, Any]:
+        if not job.return_logprob:
+            return {}
+        remote_kv = job.pd is not None and job.pd.remote_kv
+        return sglang_logprobs(job.prompts[index], job.generated, remote_kv=remote_kv)
 
     async def _generate_events(self, job: _Job) -> AsyncIterator[bytes]:
         """SGLang streams the cumulative text so far, one chunk per token and sequence."""
