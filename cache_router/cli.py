@@ -95,6 +95,7 @@ _GROUPS = {
     "max_concurrent_requests": "admission",
     "admin_prefix": "admin API (see docs/operations.md)",
     "redis_url": "scale-out: several router processes or replicas (see docs/scale-out.md)",
+    "service_discovery": "service discovery: Kubernetes and DNS (see docs/operations.md)",
 }
 
 #: Metavars that say more than the type's (N for integers, SECS for other numbers).
@@ -115,6 +116,13 @@ _METAVARS = {
     "worker_allow": "PATTERN",
     "redis_url": "URL",
     "fleet_name": "NAME",
+    "selector": "KEY=VALUE",
+    "prefill_selector": "KEY=VALUE",
+    "decode_selector": "KEY=VALUE",
+    "service_discovery_namespace": "NAMESPACE",
+    "bootstrap_port_annotation": "NAME",
+    "discover_dns": "NAME:PORT",
+    "discover_dns_nameserver": "IP[:PORT]",
 }
 
 #: Checks made as the flag is parsed, beyond the type and range every number gets; the
@@ -157,10 +165,6 @@ def _add_option(group: Any, option: Option) -> None:
 #: SGLang router flags that ``serve`` refuses, each with why and what to do instead: a
 #: command line carrying one stops with a message naming it, never with the flag ignored.
 _PD = "prefill/decode disaggregation is not supported: route to regular workers"
-_DISCOVERY = (
-    "Kubernetes service discovery is not supported: give --worker-urls or add workers "
-    "through the admin API (--admin-prefix)"
-)
 _TOKENIZER = "the router does not tokenize: routing keys are the prompt's characters or token ids"
 REFUSED_FLAGS: Mapping[str, str] = {
     "--pd-disaggregation": _PD,
@@ -168,14 +172,7 @@ REFUSED_FLAGS: Mapping[str, str] = {
     "--decode": _PD,
     "--prefill-policy": _PD,
     "--decode-policy": _PD,
-    "--prefill-selector": _PD,
-    "--decode-selector": _PD,
-    "--bootstrap-port-annotation": _PD,
     "--mini-lb": _PD,
-    "--service-discovery": _DISCOVERY,
-    "--selector": _DISCOVERY,
-    "--service-discovery-port": _DISCOVERY,
-    "--service-discovery-namespace": _DISCOVERY,
     "--enable-igw": (
         "there is no separate multi-model mode: every router routes by the request's model "
         "among the workers that serve it (model discovery)"

@@ -273,7 +273,7 @@ def test_dp_aware_is_accepted_with_a_warning() -> None:
     [
         (["--pd-disaggregation"], "--pd-disaggregation"),
         (["--prefill", "http://p:8000", "9000"], "--prefill"),
-        (["--service-discovery", "--selector", "app=x"], "--service-discovery"),
+        (["--mini-lb"], "--mini-lb"),
         (["--rate-limit-tokens-per-second", "10"], "--rate-limit-tokens-per-second"),
         (["--model-path", "meta-llama/x"], "--model-path"),
     ],
