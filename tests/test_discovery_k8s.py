@@ -402,3 +402,71 @@ def test_a_deleted_pod_drains_its_in_flight_request_first(cluster: Cluster) -> N
     assert worker.load == 0 and cluster.router.registry.total_load() == 0
     completions = [r for r in mock.requests if r.path == "/v1/completions"]
     assert len(completions) == 1 and mock.cancelled == 0
+
+
+def test_serve_takes_sglangs_discovery_flags(tmp_path: Path) -> None:
+    """The command line an SGLang deployment already has, against the test's API server."""
+    from test_cli import serve_process
+
+    api = FakeKubeApi()
+    engine = SimulatedEngine(name="a")
+    with BackgroundServer(engine) as engine_url, BackgroundServer(api.app) as server:
+        port = engine_url.rpartition(":")[2]
+        api.put(pod("a", "127.0.0.1"))
+        api.put(pod("other", "127.0.0.2", labels={"app": "other"}))
+        kubeconfig = write_kubeconfig(tmp_path / "config", server, {"token": TOKEN})
+        env = {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": ""}
+        with serve_process(
+            "--service-discovery",
+            "--selector",
+            "app=sglang",
+            "--service-discovery-port",
+            port,
+            "--service-discovery-namespace",
+            "default",
+            env=env,
+        ) as served:
+
+            def listed() -> list[str]:
+                answer = httpx.get(f"{served.url}/v1/models", trust_env=False)
+                return [model["id"] for model in answer.json()["data"]]
+
+            wait_until(lambda: listed() == ["sim-model"], timeout=15)
+            answer = httpx.post(
+                f"{served.url}/v1/completions",
+                json={"prompt": "hi", "max_tokens": 2},
+                trust_env=False,
+            )
+            assert answer.status_code == 200
+            assert answer.headers["x-engine"] == "a"
+    assert api.requests[0]["labelSelector"] == "app=sglang"
+
+
+@pytest.mark.anyio
+async def test_discovered_hosts_pass_only_the_allow_list_discovery_is_given() -> None:
+    """The admin API's allow-list (empty here: nothing may be added through it) does not
+    apply; ``--worker-allow``, when given, is passed as the sink's."""
+    from cache_router.core.registry import WorkerRegistry
+    from cache_router.ops.admin import AdminApp
+    from cache_router.ops.discovery.common import AdminSink
+
+    admin = AdminApp(WorkerRegistry([]))
+    fenced = AdminSink(admin, allow=["10.8.0.0/16"], startup_wait=0)
+    assert not await fenced.add("http://10.9.0.1:80", role="regular", bootstrap_port=None)
+    assert await fenced.add("http://10.8.0.1:80", role="regular", bootstrap_port=None)
+    anywhere = AdminSink(admin, startup_wait=0)
+    assert await anywhere.add("http://10.9.0.1:80", role="regular", bootstrap_port=None)
+    assert not await anywhere.add("http://10.9.0.2:80", role="prefill", bootstrap_port=1)
+    assert [worker.url for worker in admin.registry] == ["http://10.8.0.1:80", "http://10.9.0.1:80"]
+    await anywhere.remove("http://10.9.0.1:80")
+    assert [worker.url for worker in admin.registry] == ["http://10.8.0.1:80"]
+
+
+def test_prefill_and_decode_selectors_are_refused_until_pd_routing_exists() -> None:
+    config = RouterConfig(
+        service_discovery=True,
+        prefill_selector=("app=sglang", "role=prefill"),
+        decode_selector=("app=sglang", "role=decode"),
+    )
+    with pytest.raises(ValueError, match="prefill/decode routing"):
+        build_router(config)
