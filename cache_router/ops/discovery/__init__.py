@@ -1,26 +1,3 @@
-"""Service discovery: workers found in Kubernetes or DNS, added and drained as they come
-and go (see docs/operations.md, "Service discovery")."""
-
-from cache_router.ops.discovery.common import (
-    REGULAR,
-    ROLES,
-    AdminSink,
-    Backoff,
-    Reconciler,
-    Role,
-    Target,
-    WorkerSink,
-    worker_url,
-)
-
-__all__ = [
-    "REGULAR",
-    "ROLES",
-    "AdminSink",
-    "Backoff",
-    "Reconciler",
-    "Role",
-    "Target",
-    "WorkerSink",
-    "worker_url",
-]
+"""Service discovery: workers found in Kubernetes (:mod:`.k8s`) or DNS (:mod:`.dns`),
+added and drained as they come and go through the admin API's path (:mod:`.common`); see
+docs/operations.md, "Service discovery"."""
