@@ -384,7 +384,15 @@ class KubernetesDiscovery:
         except _Gone:
             logger.info("pod watch: resourceVersion %s expired, listing again", self.version)
             self.version = None
-        except (httpx.HTTPError, OSError, _ApiError, ValueError, KeyError, TypeError) as exc:
+        except (
+            httpx.HTTPError,
+            OSError,
+            _ApiError,
+            ValueError,
+            LookupError,
+            TypeError,
+            AttributeError,
+        ) as exc:
             delay = self.backoff.next()
             logger.warning("pod watch failed (%s), retrying in %g s", _reason(exc), delay)
             await anyio.sleep(delay)
