@@ -239,20 +239,90 @@ def build_router(
                 "workers; set admin_api_key (or admin_allow_unauthenticated to say you mean it)",
                 config.admin_prefix,
             )
-        router.admin = AdminApp(
-            registry,
-            api_key=config.admin_api_key,
-            metrics=router.metrics,
-            worker_allow=config.worker_allow,
-            discovery=None if router.health is None else router.health.discovery,
-            ssl_context=router.ssl_context,
-            engine_headers=router.engine_headers,
-            roles=("regular",) if router.pd_protocol is None else ("prefill", "decode"),
-        )
+        router.admin = _admin_app(router, api_key=config.admin_api_key, metrics=router.metrics)
     _add_scale_out(router)
+    _add_discovery(router)
     router.events.extend(events)
     router.background.extend(background)
     return router
+
+
+def _admin_app(router: Router, **options: Any) -> AdminApp:
+    """The admin API's operations for ``router``'s fleet (served, or used by discovery)."""
+    return AdminApp(
+        router.registry,
+        worker_allow=router.config.worker_allow,
+        discovery=None if router.health is None else router.health.discovery,
+        ssl_context=router.ssl_context,
+        engine_headers=router.engine_headers,
+        roles=("regular",) if router.pd_protocol is None else ("prefill", "decode"),
+        **options,
+    )
+
+
+def _add_discovery(router: Router) -> None:
+    """Kubernetes and DNS discovery tasks, when configured. They add and drain through
+    the admin API's operations (an unserved instance when the API is off); discovered
+    hosts are checked against ``worker_allow`` only when it is given."""
+    config = router.config
+    if not config.service_discovery and not config.discover_dns:
+        return
+    from cache_router.ops.discovery.common import AdminSink, Role
+    from cache_router.ops.discovery.dns import DnsDiscovery, parse_dns_target, parse_nameserver
+
+    admin = router.admin or _admin_app(router)
+    wait = config.worker_startup_timeout_secs
+    sink = AdminSink(
+        admin,
+        allow=config.worker_allow or ("*",),
+        startup_wait=SGLANG_STARTUP_WAIT if wait is None else float(wait),
+    )
+    if config.service_discovery:
+        from cache_router.ops.discovery.k8s import (
+            KubernetesDiscovery,
+            PodMatcher,
+            load_access,
+            parse_selector,
+        )
+
+        paired = router.pd_protocol is not None
+        if paired and config.selector:
+            raise ValueError(
+                "a prefill/decode fleet discovers its pods with --prefill-selector and "
+                "--decode-selector, not --selector"
+            )
+        if not paired and (config.prefill_selector or config.decode_selector):
+            raise ValueError(
+                "--prefill-selector and --decode-selector need --pd-disaggregation or "
+                "--vllm-pd-disaggregation"
+            )
+        selectors: dict[Role, dict[str, str]] = (
+            {
+                "prefill": parse_selector(config.prefill_selector),
+                "decode": parse_selector(config.decode_selector),
+            }
+            if paired
+            else {"regular": parse_selector(config.selector)}
+        )
+        matcher = PodMatcher(
+            selectors,
+            config.service_discovery_port,
+            config.bootstrap_port_annotation,
+        )
+        router.background.append(
+            KubernetesDiscovery(
+                sink, load_access(), matcher, namespace=config.service_discovery_namespace
+            )
+        )
+    server = config.discover_dns_nameserver
+    nameserver = None if server is None else parse_nameserver(server)
+    for item in config.discover_dns:
+        name, port = parse_dns_target(item)
+        router.background.append(
+            DnsDiscovery(
+                sink, name, port, interval=config.discover_dns_interval, nameserver=nameserver
+            )
+        )
 
 
 def _metrics(registry: WorkerRegistry, policy: Policy) -> PrometheusMetrics | None:

@@ -96,6 +96,7 @@ _GROUPS = {
     "max_concurrent_requests": "admission",
     "admin_prefix": "admin API (see docs/operations.md)",
     "redis_url": "scale-out: several router processes or replicas (see docs/scale-out.md)",
+    "service_discovery": "service discovery: Kubernetes and DNS (see docs/operations.md)",
 }
 
 #: Metavars that say more than the type's (N for integers, SECS for other numbers).
@@ -117,6 +118,13 @@ _METAVARS = {
     "worker_allow": "PATTERN",
     "redis_url": "URL",
     "fleet_name": "NAME",
+    "selector": "KEY=VALUE",
+    "prefill_selector": "KEY=VALUE",
+    "decode_selector": "KEY=VALUE",
+    "service_discovery_namespace": "NAMESPACE",
+    "bootstrap_port_annotation": "NAME",
+    "discover_dns": "NAME:PORT",
+    "discover_dns_nameserver": "IP[:PORT]",
 }
 
 #: Checks made as the flag is parsed, beyond the type and range every number gets; the
@@ -184,23 +192,12 @@ def _add_option(group: Any, option: Option) -> None:
 #: SGLang router flags that ``serve`` refuses, each with why and what to do instead: a
 #: command line carrying one stops with a message naming it, never with the flag ignored.
 _PD = (
-    "prefill/decode worker discovery is not supported: give --prefill and --decode, or "
-    "add workers with a worker_type through the admin API"
-)
-_DISCOVERY = (
-    "Kubernetes service discovery is not supported: give --worker-urls or add workers "
-    "through the admin API (--admin-prefix)"
+    "prefill/decode disaggregation here takes --prefill and --decode workers (or workers "
+    "added with a worker_type): SGLang's mini load balancer is not a router"
 )
 _TOKENIZER = "the router does not tokenize: routing keys are the prompt's characters or token ids"
 REFUSED_FLAGS: Mapping[str, str] = {
-    "--prefill-selector": _PD,
-    "--decode-selector": _PD,
-    "--bootstrap-port-annotation": _PD,
-    "--mini-lb": "the mini load balancer is SGLang's test tool: use --pd-disaggregation",
-    "--service-discovery": _DISCOVERY,
-    "--selector": _DISCOVERY,
-    "--service-discovery-port": _DISCOVERY,
-    "--service-discovery-namespace": _DISCOVERY,
+    "--mini-lb": _PD,
     "--enable-igw": (
         "there is no separate multi-model mode: every router routes by the request's model "
         "among the workers that serve it (model discovery)"

@@ -42,6 +42,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from cache_router.core.policies import POLICY_NAMES
 from cache_router.core.registry import normalize_url
+from cache_router.ops.discovery.dns import parse_dns_target, parse_nameserver
+from cache_router.ops.discovery.k8s import parse_selector
 from cache_router.ops.fleet import redact_url
 from cache_router.ops.load_source import LOAD_FORMATS
 from cache_router.proxy.tls import TLSSettingError, client_ssl_context
@@ -556,6 +558,54 @@ class RouterConfig:
         ),
     )
 
+    # -- service discovery ----------------------------------------------------------------
+    service_discovery: bool = field(
+        default=False,
+        metadata=_meta(
+            "add the Kubernetes pods that match --selector as workers once Ready, drain them "
+            "when they go (needs get, list and watch on pods; see docs/operations.md)"
+        ),
+    )
+    selector: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("service discovery: labels of the worker pods, e.g. app=sglang"),
+    )
+    prefill_selector: tuple[str, ...] = field(
+        default=(), metadata=_meta("service discovery: labels of the prefill pods")
+    )
+    decode_selector: tuple[str, ...] = field(
+        default=(), metadata=_meta("service discovery: labels of the decode pods")
+    )
+    service_discovery_port: int = field(
+        default=80,
+        metadata=_meta("service discovery: the engines' port in the pods", low=1, high=65535),
+    )
+    service_discovery_namespace: str | None = field(
+        default=None,
+        metadata=_meta("service discovery: namespace to watch (none: every namespace)"),
+    )
+    bootstrap_port_annotation: str = field(
+        default="sglang.ai/bootstrap-port",
+        metadata=_meta("service discovery: pod annotation holding a prefill pod's bootstrap port"),
+    )
+    discover_dns: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "NAME:PORT whose A/AAAA records are the workers, re-resolved every "
+            "discover_dns_interval seconds (a headless Service, Consul, docker compose; "
+            "needs dnspython)"
+        ),
+    )
+    discover_dns_interval: float = field(
+        default=5.0, metadata=_meta("seconds between two resolutions of --discover-dns", low=0.01)
+    )
+    discover_dns_nameserver: str | None = field(
+        default=None,
+        metadata=_meta(
+            "IP[:PORT] of the DNS server to ask for --discover-dns (none: the system's)"
+        ),
+    )
+
     def __post_init__(self) -> None:
         context = _CONTEXT.get()
         values = {name: getattr(self, name) for name in OPTIONS}
@@ -893,6 +943,31 @@ def _redis_url(url: str) -> str:
     return url
 
 
+def _selector(items: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        parse_selector(items)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return items
+
+
+def _dns_targets(items: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        for item in items:
+            parse_dns_target(item)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return tuple(dict.fromkeys(items))
+
+
+def _nameserver(text: str) -> str:
+    try:
+        parse_nameserver(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "worker_urls": _worker_urls,
     "prefill_urls": _prefill_urls,
@@ -914,6 +989,13 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "cors_allowed_origins": _origins,
     "log_dir": _non_empty,
     "prometheus_host": _non_empty,
+    "selector": _selector,
+    "prefill_selector": _selector,
+    "decode_selector": _selector,
+    "service_discovery_namespace": _non_empty,
+    "bootstrap_port_annotation": _non_empty,
+    "discover_dns": _dns_targets,
+    "discover_dns_nameserver": _nameserver,
 }
 
 
@@ -1009,6 +1091,12 @@ def _cross_checks(
                 f"between {_MIN_FLUSH} and fleet_heartbeat_secs ({heartbeat:g}, from "
                 f"{where('fleet_heartbeat_secs')}), got {flush!r}"
             )
+    selectors = get("selector") or get("prefill_selector") or get("decode_selector")
+    if get("service_discovery") and not selectors:
+        problems.append(
+            f"service_discovery (from {where('service_discovery')}): needs --selector (or "
+            "--prefill-selector and --decode-selector) to know which pods are workers"
+        )
     return problems
 
 

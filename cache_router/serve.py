@@ -196,10 +196,14 @@ def empty_fleet(config: RouterConfig) -> str | None:
     empty and waits for workers added through the admin API."""
     if config.worker_urls:
         return None
+    if config.service_discovery or config.discover_dns:
+        logger.info("no --worker-urls: the router starts empty and adds the workers it discovers")
+        return None
     if config.admin_prefix is None:
         return (
-            "no workers: give --worker-urls, or --admin-prefix (and --worker-allow) to start "
-            "empty and add workers through the admin API"
+            "no workers: give --worker-urls, --service-discovery or --discover-dns, or "
+            "--admin-prefix (and --worker-allow) to start empty and add workers through the "
+            "admin API"
         )
     allow = (
         f"--worker-allow lets it add workers on {', '.join(config.worker_allow)}"

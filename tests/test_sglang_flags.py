@@ -271,8 +271,7 @@ def test_dp_aware_is_accepted_with_a_warning() -> None:
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--prefill-selector", "app=p"], "--prefill-selector"),
-        (["--service-discovery", "--selector", "app=x"], "--service-discovery"),
+        (["--mini-lb"], "--mini-lb"),
         (["--rate-limit-tokens-per-second", "10"], "--rate-limit-tokens-per-second"),
         (["--model-path", "meta-llama/x"], "--model-path"),
     ],

@@ -62,7 +62,8 @@ def test_config_without_workers_is_valid() -> None:
 def test_serve_without_workers_or_admin_api_exits_2() -> None:
     result = run_cli("serve", "--port", "0")
     assert result.returncode == 2
-    assert "no workers: give --worker-urls, or --admin-prefix" in result.stderr
+    assert "no workers: give --worker-urls, --service-discovery or --discover-dns" in result.stderr
+    assert "--admin-prefix" in result.stderr
     assert "Traceback" not in result.stderr
 
 

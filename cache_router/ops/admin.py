@@ -356,10 +356,12 @@ class AdminApp:
         *,
         role: object = None,
         bootstrap_port: object = None,
+        allow: HostAllowList | None = None,
     ) -> PendingWorker:
         """The checks of :meth:`add` that need no network (400, 403, 409), then the URL
         held as being added until :meth:`complete` (which must follow) ends. Lets a
-        caller answer at once and register in the background."""
+        caller answer at once and register in the background. ``allow`` replaces the
+        ``worker_allow`` list for this add (service discovery brings its own)."""
         if not isinstance(url, str):
             raise bad_request("url must be a string", "invalid_url")
         try:
@@ -387,7 +389,7 @@ class AdminApp:
         wait = 0.0
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
-        if not self.worker_allow.allows(host):
+        if not (self.worker_allow if allow is None else allow).allows(host):
             raise RouterError(
                 f"worker host {urlsplit(url).hostname!r} is not on this router's worker "
                 "allow-list (--worker-allow)",

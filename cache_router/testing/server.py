@@ -48,8 +48,10 @@ def _import_uvicorn() -> Any:
 class BackgroundServer:
     """One ASGI app served by uvicorn on ``127.0.0.1`` from a daemon thread.
 
-    ``start`` returns once uvicorn reports ``started`` (or raises if it failed or took
-    longer than ``timeout``); ``stop`` asks it to exit and waits. Requests still running at
+    ``host`` and ``port`` say where to listen (a loopback address; port 0, the usual
+    choice, takes a free one). ``start`` returns once uvicorn reports ``started`` (or
+    raises if it failed or took longer than ``timeout``); ``stop`` asks it to exit and
+    waits. Requests still running at
     stop are given ``graceful_timeout`` seconds and then cancelled, so a hanging handler
     cannot keep a test run alive. ``lifespan`` defaults to ``"off"``; any other
     ``uvicorn.Config`` keyword can be passed through ``config``.
@@ -62,12 +64,15 @@ class BackgroundServer:
         self,
         app: ASGIApp,
         *,
+        host: str = _HOST,
+        port: int = 0,
         log_level: str = "warning",
         lifespan: str = "off",
         graceful_timeout: int = 1,
         **config: Any,
     ) -> None:
         self._app = app
+        self._bind = (host, port)
         self._options: dict[str, Any] = {
             "log_level": log_level,
             "lifespan": lifespan,
@@ -104,15 +109,16 @@ class BackgroundServer:
         uvicorn = _import_uvicorn()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.bind((_HOST, 0))
+            sock.bind(self._bind)
             sock.listen(128)
-            server = uvicorn.Server(uvicorn.Config(self._app, host=_HOST, **self._options))
+            host = self._bind[0]
+            server = uvicorn.Server(uvicorn.Config(self._app, host=host, **self._options))
         except BaseException:
             sock.close()
             raise
         self._socket = sock
         self._server = server
-        self._url = f"http://{_HOST}:{sock.getsockname()[1]}"
+        self._url = f"http://{host}:{sock.getsockname()[1]}"
         self._thread = threading.Thread(target=self._run, name=f"uvicorn {self._url}", daemon=True)
         self._thread.start()
 
