@@ -194,7 +194,7 @@ def _add_metrics_listener(router: Router) -> str | None:
 def empty_fleet(config: RouterConfig) -> str | None:
     """Why ``serve`` must not start without workers, else None; warns when it starts
     empty and waits for workers added through the admin API."""
-    if config.worker_urls:
+    if config.worker_urls or config.prefill_urls or config.decode_urls:
         return None
     if config.service_discovery or config.discover_dns:
         logger.info("no --worker-urls: the router starts empty and adds the workers it discovers")
