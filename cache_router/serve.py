@@ -30,6 +30,7 @@ import httpx
 
 from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
+from cache_router.ops.access_log import formatter
 from cache_router.ops.allowlist import parse_host
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
@@ -58,7 +59,7 @@ _FD_RESERVE = 64
 def run(config: RouterConfig) -> int:
     """Serve ``config``'s router until interrupted; returns the exit status."""
     try:
-        configure_logging(config.log_level, config.log_dir)
+        configure_logging(config.log_level, config.log_dir, config.log_format)
     except OSError as exc:
         print(f"cache-router serve: error: log_dir {config.log_dir}: {exc}", file=sys.stderr)
         return 2
@@ -104,22 +105,29 @@ def run(config: RouterConfig) -> int:
     return 0 if server.started else 1
 
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The file ``--log-dir`` adds, appended to by every ``--workers`` process.
 LOG_FILE = "cache-router.log"
+#: Loggers of the HTTP libraries, kept at warning below ``--log-level debug`` (httpx
+#: alone logs every request at info).
+LIBRARY_LOGGERS = ("httpx", "httpcore", "aiohttp", "hpack")
 
 
-def configure_logging(level: str, log_dir: str | None = None) -> None:
+def configure_logging(level: str, log_dir: str | None = None, log_format: str = "text") -> None:
     """Log to standard error, and with ``log_dir`` also to :data:`LOG_FILE` in it (the
-    router's own loggers; uvicorn's server lines stay on standard error). Raises OSError
-    when the directory cannot be made or the file opened."""
+    router's own loggers; uvicorn's server lines stay on standard error), as ``log_format``
+    (``text`` or ``json``). Raises OSError when the directory cannot be made or the file
+    opened."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_dir is not None:
         os.makedirs(log_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(log_dir, LOG_FILE), encoding="utf-8"))
-    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT, handlers=handlers)
-    if level != "debug":  # httpx logs every request at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    shape = formatter(log_format)
+    for handler in handlers:
+        handler.setFormatter(shape)
+    logging.basicConfig(level=level.upper(), handlers=handlers)
+    if level != "debug":
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _import_uvicorn() -> Any:
@@ -401,6 +409,8 @@ def _uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
         "access_log": config.log_level == "debug",
         "lifespan": "on",
         "server_header": False,
+        # json: uvicorn's own lines go through the root handlers too, one format per stream.
+        **({"log_config": None} if config.log_format == "json" else {}),
         **server_options(config),
     }
 
@@ -452,7 +462,7 @@ def app_from_env() -> Any:
         raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
     handed = json.loads(raw)
     config = RouterConfig.from_dict(handed["config"])
-    configure_logging(config.log_level, config.log_dir)
+    configure_logging(config.log_level, config.log_dir, config.log_format)
     router = build_router(config)
     _apply_findings(router, handed["unreachable"], handed["models"])
     return router.app()

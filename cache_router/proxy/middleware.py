@@ -36,7 +36,7 @@ import anyio
 import httpx
 
 from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel
-from cache_router.core.events import EventFanout, RouterEvents
+from cache_router.core.events import EventFanout, RequestSummary, RouterEvents
 from cache_router.core.policies import BindsRegistry, CacheAwarePolicy, Policy, RoutingRequest
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
@@ -364,6 +364,8 @@ class RoutingMiddleware:
         status = 0
         first_byte: float | None = None
         admitted = False
+        routing: RoutingRequest | None = None
+        result: RelayResult | None = None
         try:
             body = await self._validate(route, scope, receive, raw_headers)
             if len(body) > LARGE_BODY:
@@ -389,13 +391,25 @@ class RoutingMiddleware:
         finally:
             if admitted:
                 self.admission.leave()  # type: ignore[union-attr]
-            if self._events:
-                self._events.request_finished(
-                    route.label,
-                    status,
-                    time.perf_counter() - started,
-                    None if first_byte is None else first_byte - started,
-                )
+            events = self._events
+            if events:
+                seconds = time.perf_counter() - started
+                ttft = None if first_byte is None else first_byte - started
+                events.request_finished(route.label, status, seconds, ttft)
+                if events.summarized:
+                    events.request_summary(
+                        RequestSummary(
+                            request_id.decode("latin-1"),
+                            scope["method"],
+                            scope["path"],
+                            routing,
+                            None if result is None else result.worker,
+                            0 if result is None else result.attempts,
+                            status,
+                            seconds,
+                            ttft,
+                        )
+                    )
 
     async def _dispatch(
         self,
@@ -448,6 +462,8 @@ class RoutingMiddleware:
                 routing=routing,
             )
             if result.retry is None:
+                result.worker = worker.url
+                result.attempts = attempt
                 return result
             logger.warning(
                 "attempt %d on %s failed (%s); retrying elsewhere",
