@@ -9,7 +9,8 @@ uvicorn process the configuration and the probe's findings through one environme
 variable and rebuilds the same router there with :func:`app_from_env`.
 
 :func:`run` returns the process exit status: 0 after a normal shutdown, 1 when the
-server or the workers did not come up, 2 for a setting refused at start-up.
+workers did not come up, 2 for a setting refused at start-up, 3 when the server did not
+start (the port in use; uvicorn's own status for it).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from cache_router.ops.models import ModelDiscovery
 
 __all__ = [
     "SERVE_CONFIG_ENV",
+    "STARTUP_FAILURE",
     "admin_exposure",
     "app_from_env",
     "empty_fleet",
     "run",
+    "run_server",
     "server_options",
 ]
 
@@ -49,6 +52,9 @@ logger = logging.getLogger("cache_router.serve")
 #: Environment variable carrying the parent's configuration and start-up findings to the
 #: ``--workers`` processes (a name ``RouterConfig.load`` knows is no option).
 SERVE_CONFIG_ENV = "CACHE_ROUTER_SERVE_ARGS"
+
+#: The exit status when the server does not start, as uvicorn's own command's.
+STARTUP_FAILURE = 3
 
 _PROBE_TIMEOUT = 2.0
 #: File descriptors kept for everything but client and engine sockets (listener, logs,
@@ -100,9 +106,22 @@ def run(config: RouterConfig) -> int:
     )
     if config.workers > 1:
         return _serve_workers(router, uvicorn, unreachable)
-    server = uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config)))
-    server.run()
-    return 0 if server.started else 1
+    return run_server(uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config))))
+
+
+def run_server(server: Any) -> int:
+    """Run a ``uvicorn.Server``; 0 after a shutdown, :data:`STARTUP_FAILURE` when it never
+    started (the port in use, a failed lifespan startup), whatever uvicorn's version says.
+
+    A signal is re-raised by uvicorn after the graceful shutdown: SIGTERM then ends the
+    process (status 143 in a shell), SIGINT arrives as KeyboardInterrupt (130)."""
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        return STARTUP_FAILURE
+    return 0 if server.started else STARTUP_FAILURE
 
 
 #: The file ``--log-dir`` adds, appended to by every ``--workers`` process.
@@ -440,12 +459,15 @@ def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
     os.environ[SERVE_CONFIG_ENV] = json.dumps(
         {"config": config.to_dict(), "unreachable": unreachable, "models": models}
     )
-    uvicorn.run(
-        "cache_router.serve:app_from_env",
-        factory=True,
-        workers=config.workers,
-        **_uvicorn_settings(config),
-    )
+    try:
+        uvicorn.run(
+            "cache_router.serve:app_from_env",
+            factory=True,
+            workers=config.workers,
+            **_uvicorn_settings(config),
+        )
+    except SystemExit as exc:  # the socket is bound here, before the processes start
+        return STARTUP_FAILURE if exc.code else 0
     return 0
 
 
