@@ -329,6 +329,16 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.plot:  # before the run, not after a minute of it
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            print(
+                "cache-router demo: --plot needs matplotlib: pip install matplotlib "
+                "(or 'cache_router[plot]')",
+                file=sys.stderr,
+            )
+            return 2
     from cache_router.demo import DemoConfig, plot_results, render_table, run_demo, summary
 
     config = DemoConfig(
@@ -339,8 +349,6 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 110)  # keep table rows on one line in logs
     console.print(
         f"[bold]cache-router demo[/bold]: {config.engines} simulated engines and a router on "
         f"127.0.0.1, {config.requests} chat requests per policy "
