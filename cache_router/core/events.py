@@ -21,7 +21,7 @@ from cache_router.core.request import RoutingRequest
 __all__ = ["EventFanout", "RequestSummary", "RouterEvents"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
 class RequestSummary:
     """One routed request, as it ended: what an access log line says.
 
