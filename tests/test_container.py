@@ -6,20 +6,19 @@ completion is routed through them. No docker needed."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
 import pytest
 import yaml
 from test_cli import ROOT, free_port
+from test_engine_cli import running, wait_ready
 
 from cache_router import WorkerRegistry
 from cache_router.ops.probes import probe_app
@@ -61,42 +60,6 @@ def localized(argv: Sequence[str], ports: Mapping[str, int], own_port: int) -> l
     return out
 
 
-@contextmanager
-def running(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Iterator[Any]:
-    process = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate(timeout=5)
-
-
-def wait_for(process: Any, url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode}")
-        assert time.monotonic() < deadline, f"{url} did not answer"
-        try:
-            if httpx.get(url, timeout=1.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-
-
 def routed_engine(router_url: str) -> str:
     answer = httpx.post(
         f"{router_url}/v1/completions",
@@ -125,7 +88,7 @@ def start_engines(stack: ExitStack, entrypoint: list[str]) -> dict[str, int]:
         process = stack.enter_context(running(argv))
         health = COMPOSE["services"][name]["healthcheck"]["test"]
         assert "/health" in " ".join(health)
-        wait_for(process, f"http://127.0.0.1:{ports[name]}/health")
+        wait_ready(process, f"http://127.0.0.1:{ports[name]}/health")
     return ports
 
 
@@ -149,7 +112,7 @@ def test_compose_router_routes_to_the_compose_engines() -> None:
         argv = localized(entrypoint + router_command, ports, router_port)
         router = stack.enter_context(running(argv))
         url = f"http://127.0.0.1:{router_port}"
-        wait_for(router, f"{url}/readiness")
+        wait_ready(router, f"{url}/readiness")
         assert routed_engine(url) in engine_services()
         # The image's HEALTHCHECK, pointed at this router's port.
         check = [
@@ -172,5 +135,5 @@ def test_the_image_default_command_with_workers_from_the_environment() -> None:
         workers = " ".join(f"http://127.0.0.1:{port}" for port in ports.values())
         router = stack.enter_context(running(argv, {"CACHE_ROUTER_WORKER_URLS": workers}))
         url = f"http://127.0.0.1:{router_port}"
-        wait_for(router, f"{url}/readiness")
+        wait_ready(router, f"{url}/readiness")
         assert routed_engine(url) in engine_services()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import httpx
@@ -33,23 +34,33 @@ def test_every_constructor_knob_is_a_flag_with_help() -> None:
     assert args.knob_model == parameters["model"].default
 
 
-def wait_ready(process: subprocess.Popen[str], url: str, timeout: float = 20.0) -> None:
+def wait_ready(process: subprocess.Popen[str], url: str, timeout: float = 30.0) -> None:
+    """Poll ``GET url`` until it answers 200; fail if ``process`` exits first."""
     deadline = time.monotonic() + timeout
     while True:
-        assert process.poll() is None, f"exited early with {process.returncode}"
-        assert time.monotonic() < deadline, "did not start in time"
+        assert process.poll() is None, f"{process.args} exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"{url} did not answer in time"
         try:
-            httpx.get(url, timeout=1.0, trust_env=False)
-            return
+            if httpx.get(url, timeout=1.0, trust_env=False).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
 
 
 @contextmanager
-def engine_process(argv: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
-    """Run ``argv``; SIGTERM it on exit (its status and stderr are then on the process)."""
+def running(
+    argv: Sequence[str], env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """Run ``argv`` (``env`` added to this environment); SIGTERM it on exit, so its status
+    and stderr are on the process afterwards."""
     process = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     try:
         yield process
@@ -57,7 +68,7 @@ def engine_process(argv: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         try:
-            process.communicate(timeout=15)
+            process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate(timeout=5)
@@ -68,7 +79,7 @@ def test_engine_serves_models_and_completions_and_stops_on_sigterm() -> None:
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "cache_router", "engine", "--port", str(port)]
     argv += ["--model", "sim-7b", "--name", "e1", "--decode-seconds-per-token", "0"]
-    with engine_process(argv) as process:
+    with running(argv) as process:
         wait_ready(process, f"{url}/v1/models")
         models = httpx.get(f"{url}/v1/models", trust_env=False).json()
         assert [entry["id"] for entry in models["data"]] == ["sim-7b"]
