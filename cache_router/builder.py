@@ -23,6 +23,7 @@ from cache_router.core.events import RouterEvents
 from cache_router.core.policies import Policy, make_policy
 from cache_router.core.registry import WorkerRegistry
 from cache_router.core.retry import RetryConfig
+from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics
@@ -242,6 +243,9 @@ def build_router(
         router.admin = _admin_app(router, api_key=config.admin_api_key, metrics=router.metrics)
     _add_scale_out(router)
     _add_discovery(router)
+    ensure_handler(config.log_level, config.log_format)
+    if config.log_level in ("debug", "info"):
+        router.events.append(AccessLog())
     router.events.extend(events)
     router.background.extend(background)
     return router

@@ -14,7 +14,9 @@ environment and the ``--config`` file beneath them. Running the router is
 Every failure a user can cause -- a bad flag, a malformed worker URL, a knob out of range,
 workers that never come up -- ends with a one-line message and a non-zero exit status,
 never a traceback: exit 2 for bad usage (argparse's convention), 1 for runtime failures,
-130 when interrupted.
+3 when the server cannot start (the port in use, as uvicorn's own command), 130 when
+interrupted, and a SIGTERM ends the process after a graceful shutdown (143 in a shell).
+``cache-router engine`` serves a simulated engine (:mod:`cache_router.testing.engine_cli`).
 """
 
 from __future__ import annotations
@@ -325,9 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cache-aware LLM request routing. Without a command, runs the demo.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{serve,demo}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,demo,engine}")
     _add_serve(commands)
     _add_demo(commands)
+    from cache_router.testing.engine_cli import add_engine_parser
+
+    add_engine_parser(commands, _Formatter)
     return parser
 
 
@@ -346,6 +351,16 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.plot:  # before the run, not after a minute of it
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            print(
+                "cache-router demo: --plot needs matplotlib: pip install matplotlib "
+                "(or 'cache_router[plot]')",
+                file=sys.stderr,
+            )
+            return 2
     from cache_router.demo import DemoConfig, plot_results, render_table, run_demo, summary
 
     config = DemoConfig(
@@ -356,8 +371,6 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 110)  # keep table rows on one line in logs
     console.print(
         f"[bold]cache-router demo[/bold]: {config.engines} simulated engines and a router on "
         f"127.0.0.1, {config.requests} chat requests per policy "
@@ -399,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cache_router import serve
 
             return serve.run(config)
+        if args.command == "engine":
+            from cache_router.testing.engine_cli import run_engine
+
+            return run_engine(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -51,6 +51,7 @@ from cache_router.proxy.tls import TLSSettingError, client_ssl_context
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "OPTIONS",
     "REQUEST_ID_HEADERS",
@@ -70,6 +71,7 @@ CONFIG_ENV = "CACHE_ROUTER_CONFIG"
 OTHER_ENV = frozenset({CONFIG_ENV, "CACHE_ROUTER_SERVE_ARGS", "CACHE_ROUTER_LAUNCHER"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 #: Where SGLang's router looks for a client's request id, in this order.
 REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 TRANSPORTS = ("auto", "http1", "aiohttp", "httpx")
@@ -148,7 +150,9 @@ class RouterConfig:
     log_level: str = field(
         default="info",
         metadata=_meta(
-            "router and server log level (debug also logs every request)", choices=LOG_LEVELS
+            "router and server log level (info: an access line per routed request; debug: also "
+            "each routing decision and the HTTP libraries' own logs)",
+            choices=LOG_LEVELS,
         ),
     )
     log_dir: str | None = field(
@@ -156,6 +160,13 @@ class RouterConfig:
         metadata=_meta(
             "also write the log to a file in this directory (created if missing), besides "
             "standard error"
+        ),
+    )
+    log_format: str = field(
+        default="text",
+        metadata=_meta(
+            "log lines as text, or one JSON object per line (json) for log pipelines",
+            choices=LOG_FORMATS,
         ),
     )
     timeout_keep_alive: float = field(

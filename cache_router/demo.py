@@ -355,6 +355,7 @@ def run_policy(
             balance_abs_threshold=config.balance_abs_threshold,
             balance_rel_threshold=config.balance_rel_threshold,
             disable_health_check=True,
+            log_level="warning",  # the table is the output, not a line per request
         )
         router = build_router(settings, policy=policy_from_config(settings, seed=config.seed))
         with serve_app(router.app(), lifespan="on") as router_url:
@@ -411,7 +412,9 @@ def _ms(seconds: float) -> str:
 
 
 def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
-    """A rich Table with one row per policy (about 100 columns wide)."""
+    """A rich Table with one row per policy that fits 80 columns: two-line headers, no
+    vertical rules, and only the per-engine shares wrap (between numbers, never inside)."""
+    from rich import box
     from rich.table import Table
 
     table = Table(
@@ -420,28 +423,30 @@ def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
             f"{config.engines} simulated engines ({config.max_running} running each)"
         ),
         caption=(
-            "latency and TTFT (time to first token) in ms as p50 / p99; cache hit: share of "
-            "prompt characters the engines found cached; peak load gap: largest "
+            "latency and TTFT (time to first token): p50/p99 in ms; cache hit: share of "
+            "prompt characters the engines found cached; peak gap: largest "
             "busiest-minus-idlest in-flight difference seen"
         ),
         caption_justify="left",
+        box=box.SIMPLE_HEAD,
     )
+    numbers: dict[str, Any] = {"justify": "right", "no_wrap": True}
     table.add_column("policy", style="bold", no_wrap=True)
-    table.add_column("req/s", justify="right", no_wrap=True)
-    table.add_column("latency", justify="right", no_wrap=True)
-    table.add_column("TTFT", justify="right", no_wrap=True)
-    table.add_column("cache hit", justify="right", no_wrap=True)
-    table.add_column("requests per engine", no_wrap=True)
-    table.add_column("peak load gap", justify="right", no_wrap=True)
+    table.add_column("req/s", **numbers)
+    table.add_column("latency\np50/p99", **numbers)
+    table.add_column("TTFT\np50/p99", **numbers)
+    table.add_column("cache\nhit", **numbers)
+    table.add_column("requests\nper engine", min_width=4)
+    table.add_column("peak\ngap", **numbers)
     show_errors = any(result.errors for result in results)
     if show_errors:
-        table.add_column("errors", justify="right", no_wrap=True)
+        table.add_column("errors", **numbers)
     for result in results:
         row = [
             result.policy,
             f"{result.throughput:.1f}",
-            f"{_ms(percentile(result.latencies, 0.5))} / {_ms(percentile(result.latencies, 0.99))}",
-            f"{_ms(percentile(result.ttfts, 0.5))} / {_ms(percentile(result.ttfts, 0.99))}",
+            _p50_p99(result.latencies),
+            _p50_p99(result.ttfts),
             f"{result.hit_rate:.0%}",
             " ".join(f"{share:.0%}" for share in result.shares),
             str(result.peak_load_gap),
@@ -450,6 +455,10 @@ def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
             row.append(str(result.errors))
         table.add_row(*row)
     return table
+
+
+def _p50_p99(samples: Sequence[float]) -> str:
+    return f"{_ms(percentile(samples, 0.5))}/{_ms(percentile(samples, 0.99))}"
 
 
 def summary(results: Sequence[PolicyResult]) -> str | None:

@@ -9,7 +9,8 @@ uvicorn process the configuration and the probe's findings through one environme
 variable and rebuilds the same router there with :func:`app_from_env`.
 
 :func:`run` returns the process exit status: 0 after a normal shutdown, 1 when the
-server or the workers did not come up, 2 for a setting refused at start-up.
+workers did not come up, 2 for a setting refused at start-up, 3 when the server did not
+start (the port in use; uvicorn's own status for it).
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ import httpx
 
 from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
+from cache_router.ops.access_log import formatter
 from cache_router.ops.allowlist import parse_host
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
 
 __all__ = [
     "SERVE_CONFIG_ENV",
+    "STARTUP_FAILURE",
     "admin_exposure",
     "app_from_env",
     "empty_fleet",
     "run",
+    "run_server",
     "server_options",
 ]
 
@@ -48,6 +52,9 @@ logger = logging.getLogger("cache_router.serve")
 #: Environment variable carrying the parent's configuration and start-up findings to the
 #: ``--workers`` processes (a name ``RouterConfig.load`` knows is no option).
 SERVE_CONFIG_ENV = "CACHE_ROUTER_SERVE_ARGS"
+
+#: The exit status when the server does not start, as uvicorn's own command's.
+STARTUP_FAILURE = 3
 
 _PROBE_TIMEOUT = 2.0
 #: File descriptors kept for everything but client and engine sockets (listener, logs,
@@ -58,7 +65,7 @@ _FD_RESERVE = 64
 def run(config: RouterConfig) -> int:
     """Serve ``config``'s router until interrupted; returns the exit status."""
     try:
-        configure_logging(config.log_level, config.log_dir)
+        configure_logging(config.log_level, config.log_dir, config.log_format)
     except OSError as exc:
         print(f"cache-router serve: error: log_dir {config.log_dir}: {exc}", file=sys.stderr)
         return 2
@@ -99,27 +106,47 @@ def run(config: RouterConfig) -> int:
     )
     if config.workers > 1:
         return _serve_workers(router, uvicorn, unreachable)
-    server = uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config)))
-    server.run()
-    return 0 if server.started else 1
+    return run_server(uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config))))
 
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+def run_server(server: Any) -> int:
+    """Run a ``uvicorn.Server``; 0 after a shutdown, :data:`STARTUP_FAILURE` when it never
+    started (the port in use, a failed lifespan startup), whatever uvicorn's version says.
+
+    A signal is re-raised by uvicorn after the graceful shutdown: SIGTERM then ends the
+    process (status 143 in a shell), SIGINT arrives as KeyboardInterrupt (130)."""
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        return STARTUP_FAILURE
+    return 0 if server.started else STARTUP_FAILURE
+
+
 #: The file ``--log-dir`` adds, appended to by every ``--workers`` process.
 LOG_FILE = "cache-router.log"
+#: Loggers of the HTTP libraries, kept at warning below ``--log-level debug`` (httpx
+#: alone logs every request at info).
+LIBRARY_LOGGERS = ("httpx", "httpcore", "aiohttp", "hpack")
 
 
-def configure_logging(level: str, log_dir: str | None = None) -> None:
+def configure_logging(level: str, log_dir: str | None = None, log_format: str = "text") -> None:
     """Log to standard error, and with ``log_dir`` also to :data:`LOG_FILE` in it (the
-    router's own loggers; uvicorn's server lines stay on standard error). Raises OSError
-    when the directory cannot be made or the file opened."""
+    router's own loggers; uvicorn's server lines stay on standard error), as ``log_format``
+    (``text`` or ``json``). Raises OSError when the directory cannot be made or the file
+    opened."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_dir is not None:
         os.makedirs(log_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(log_dir, LOG_FILE), encoding="utf-8"))
-    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT, handlers=handlers)
-    if level != "debug":  # httpx logs every request at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    shape = formatter(log_format)
+    for handler in handlers:
+        handler.setFormatter(shape)
+    logging.basicConfig(level=level.upper(), handlers=handlers)
+    if level != "debug":
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _import_uvicorn() -> Any:
@@ -405,6 +432,8 @@ def _uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
         "access_log": config.log_level == "debug",
         "lifespan": "on",
         "server_header": False,
+        # json: uvicorn's own lines go through the root handlers too, one format per stream.
+        **({"log_config": None} if config.log_format == "json" else {}),
         **server_options(config),
     }
 
@@ -434,12 +463,15 @@ def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
     os.environ[SERVE_CONFIG_ENV] = json.dumps(
         {"config": config.to_dict(), "unreachable": unreachable, "models": models}
     )
-    uvicorn.run(
-        "cache_router.serve:app_from_env",
-        factory=True,
-        workers=config.workers,
-        **_uvicorn_settings(config),
-    )
+    try:
+        uvicorn.run(
+            "cache_router.serve:app_from_env",
+            factory=True,
+            workers=config.workers,
+            **_uvicorn_settings(config),
+        )
+    except SystemExit as exc:  # the socket is bound here, before the processes start
+        return STARTUP_FAILURE if exc.code else 0
     return 0
 
 
@@ -456,7 +488,7 @@ def app_from_env() -> Any:
         raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
     handed = json.loads(raw)
     config = RouterConfig.from_dict(handed["config"])
-    configure_logging(config.log_level, config.log_dir)
+    configure_logging(config.log_level, config.log_dir, config.log_format)
     router = build_router(config)
     _apply_findings(router, handed["unreachable"], handed["models"])
     return router.app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,3 +165,41 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
     assert process.returncode == 130
     assert "interrupted" in stderr
     assert "Traceback" not in stderr
+
+
+def _demo_process(
+    *args: str, pythonpath: str = str(ROOT), timeout: float = 50
+) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = pythonpath
+    return subprocess.run(
+        [sys.executable, "-m", "cache_router", "demo", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def test_the_demo_output_fits_80_columns_with_every_number_whole() -> None:
+    done = _demo_process("--engines", "6", "--requests", "12", "--concurrency", "4")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    for policy in demo.DEFAULT_POLICIES:
+        # policy, req/s, latency and TTFT p50/p99, cache hit, then the first engine share
+        row = rf"^\s*{policy}\s+\d+\.\d\s+\d+/\d+\s+\d+/\d+\s+\d+%\s+\d+%"
+        assert any(re.match(row, line) for line in lines), f"{policy}: {done.stdout}"
+    assert "Traceback" not in done.stderr
+
+
+def test_plot_without_matplotlib_stops_before_the_run(tmp_path: Path) -> None:
+    # A module that shadows matplotlib and fails to import, as a missing one does.
+    (tmp_path / "matplotlib.py").write_text("raise ImportError('no matplotlib here')\n")
+    chart = tmp_path / "chart.png"
+    done = _demo_process("--plot", str(chart), pythonpath=f"{tmp_path}{os.pathsep}{ROOT}")
+    assert done.returncode == 2
+    assert "--plot needs matplotlib: pip install matplotlib" in done.stderr
+    assert done.stdout == ""  # no engines started, no table
+    assert not chart.exists()

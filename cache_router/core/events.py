@@ -4,16 +4,43 @@ The middleware calls these at fixed points; it does not know who listens. Subcla
 :class:`RouterEvents` and override what you need (every hook is a no-op by default), then
 pass instances to ``CacheRouterMiddleware(events=[...])``. Hooks run on the request path:
 keep them cheap and never raise from them.
+
+:meth:`RouterEvents.request_summary` is the one hook whose argument is built for it: the
+middleware builds a :class:`RequestSummary` only when some listener overrides the hook
+(:attr:`EventFanout.summarized`), so without an access log it costs one attribute test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cache_router.core.registry import Worker
 from cache_router.core.request import RoutingRequest
 
-__all__ = ["EventFanout", "RouterEvents"]
+__all__ = ["EventFanout", "RequestSummary", "RouterEvents"]
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
+class RequestSummary:
+    """One routed request, as it ended: what an access log line says.
+
+    ``routing`` is None when the request was refused before it was parsed (bad method,
+    body or key); its ``outcome`` and ``matched`` are what the policy recorded on the last
+    attempt. ``worker`` is the URL of the last attempt's worker, ``attempts`` how many were
+    made (0 when none was). ``status`` is what the client got (0 if it left first);
+    ``first_byte`` the seconds to the first body byte sent (the TTFT of a stream).
+    """
+
+    request_id: str
+    method: str
+    path: str
+    routing: RoutingRequest | None
+    worker: str | None
+    attempts: int
+    status: int
+    seconds: float
+    first_byte: float | None
 
 
 class RouterEvents:
@@ -41,12 +68,23 @@ class RouterEvents:
         """A routed request ended. ``route`` is the typed path or the transparent prefix;
         ``status`` is what the client got (0 if it left before the response started)."""
 
+    def request_summary(self, summary: RequestSummary) -> None:
+        """A routed request ended (after :meth:`request_finished`), with everything an
+        access log records; called only on listeners that override it."""
+
 
 class EventFanout(RouterEvents):
     """Calls each hook on every listener, in order."""
 
     def __init__(self, listeners: Sequence[RouterEvents] = ()) -> None:
         self.listeners = tuple(listeners)
+        self._summarizers = tuple(
+            listener
+            for listener in self.listeners
+            if type(listener).request_summary is not RouterEvents.request_summary
+        )
+        #: Whether any listener wants :meth:`request_summary` (else none is built).
+        self.summarized = bool(self._summarizers)
 
     def __bool__(self) -> bool:
         return bool(self.listeners)
@@ -76,3 +114,7 @@ class EventFanout(RouterEvents):
     ) -> None:
         for listener in self.listeners:
             listener.request_finished(route, status, seconds, first_byte)
+
+    def request_summary(self, summary: RequestSummary) -> None:
+        for listener in self._summarizers:
+            listener.request_summary(summary)

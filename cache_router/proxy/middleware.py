@@ -35,7 +35,7 @@ import anyio
 import httpx
 
 from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel
-from cache_router.core.events import EventFanout, RouterEvents
+from cache_router.core.events import EventFanout, RequestSummary, RouterEvents
 from cache_router.core.policies import (
     BindsRegistry,
     CacheAwarePolicy,
@@ -396,15 +396,18 @@ class RoutingMiddleware:
         status = 0
         first_byte: float | None = None
         admitted = False
+        routing: RoutingRequest | None = None
+        result: RelayResult | None = None
         try:
             body = await self._validate(route, scope, receive, raw_headers)
             if len(body) > LARGE_BODY:
                 # Off the event loop: the skim is C code, but the key's slices are not.
-                routing, parsed = await anyio.to_thread.run_sync(
+                request, parsed = await anyio.to_thread.run_sync(
                     self._routing_request, route, body, raw_headers
                 )
             else:
-                routing, parsed = self._routing_request(route, body, raw_headers)
+                request, parsed = self._routing_request(route, body, raw_headers)
+            routing = request
             if self.admission is not None:
                 # A client that leaves while queued gives its place up at once.
                 if not await self.admission.enter(partial(_until_gone, receive)):
@@ -412,11 +415,11 @@ class RoutingMiddleware:
                 admitted = True
             if route.paired and parsed is not None:
                 result = await self._dispatch_pair(
-                    scope, receive, send, routing, parsed, body, raw_headers, echo
+                    scope, receive, send, request, parsed, body, raw_headers, echo
                 )
             else:
                 result = await self._dispatch(
-                    scope, receive, send, routing, body, raw_headers, echo, route.role
+                    scope, receive, send, request, body, raw_headers, echo, route.role
                 )
             status = result.status or 0
             first_byte = result.first_byte
@@ -428,13 +431,25 @@ class RoutingMiddleware:
         finally:
             if admitted:
                 self.admission.leave()  # type: ignore[union-attr]
-            if self._events:
-                self._events.request_finished(
-                    route.label,
-                    status,
-                    time.perf_counter() - started,
-                    None if first_byte is None else first_byte - started,
-                )
+            events = self._events
+            if events:
+                seconds = time.perf_counter() - started
+                ttft = None if first_byte is None else first_byte - started
+                events.request_finished(route.label, status, seconds, ttft)
+                if events.summarized:
+                    events.request_summary(
+                        RequestSummary(
+                            request_id.decode("latin-1"),
+                            scope["method"],
+                            scope["path"],
+                            routing,
+                            None if result is None else result.worker,
+                            0 if result is None else result.attempts,
+                            status,
+                            seconds,
+                            ttft,
+                        )
+                    )
 
     async def _dispatch(
         self,
@@ -488,6 +503,8 @@ class RoutingMiddleware:
                 routing=routing,
             )
             if result.retry is None:
+                result.worker = worker.url
+                result.attempts = attempt
                 return result
             logger.warning(
                 "attempt %d on %s failed (%s); retrying elsewhere",

@@ -209,7 +209,7 @@ class PDRouter:
                     group.cancel_scope.cancel()
         finally:
             collection.release()  # the leg's task may have been cancelled before it ran
-        return result
+        return _served_by(result, prefill, decode)
 
     async def _two_steps(
         self,
@@ -244,12 +244,13 @@ class PDRouter:
             await send_error(send, outcome, echo)
             result = RelayResult()
             result.status = outcome.status
+            result.worker, result.attempts = prefill.url, 1
             return result
         if not decode.available:  # it fell ill while the prefill ran
             decode = self.choose_decode(routing)
         payload = with_fields(body, parsed, {"kv_transfer_params": outcome}) if outcome else body
         lease = self.registry.acquire(decode)
-        return await self.upstream.relay(
+        result = await self.upstream.relay(
             method=method,
             url=upstream_url(decode.url, scope),
             headers=_worker_headers(headers, decode),
@@ -262,6 +263,7 @@ class PDRouter:
             events=events,
             routing=routing,
         )
+        return _served_by(result, prefill, decode)
 
     async def _prefill_first(
         self,
@@ -492,6 +494,13 @@ def engine_error(status: int, content: bytes, request_id: bytes) -> RouterError:
     return upstream_error(
         502, f"failed with status {status} (prefill)", "pd_prefill_failed", request_id
     )
+
+
+def _served_by(result: RelayResult, prefill: Worker, decode: Worker) -> RelayResult:
+    """``result`` naming the pair that served it (for the access log): one attempt."""
+    result.worker = f"{prefill.url} -> {decode.url}"
+    result.attempts = 1
+    return result
 
 
 def _leg_error(exc: UpstreamError, request_id: bytes) -> RouterError:

@@ -597,9 +597,13 @@ class Collection:
 class RelayResult:
     """What became of one relayed exchange."""
 
-    __slots__ = ("first_byte", "retry", "status")
+    __slots__ = ("attempts", "first_byte", "retry", "status", "worker")
 
     def __init__(self) -> None:
+        #: Set by the middleware on the result it keeps: the attempt's worker URL and
+        #: number, for the access log.
+        self.worker: str | None = None
+        self.attempts = 0
         #: Why the caller may retry elsewhere (nothing was sent), or None.
         self.retry: str | None = None
         #: Status sent to the client; None if nothing was (client gone, or retry).

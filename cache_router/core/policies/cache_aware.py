@@ -227,6 +227,7 @@ class CacheAwarePolicy:
                     lowest = load
             imbalanced = self._imbalanced(highest, lowest)
         sole_holder = False
+        request.matched = 0  # the request may be on its second attempt
         if imbalanced:
             decision = "balanced"
             chosen = least_loaded(candidates, self._rng)
@@ -236,6 +237,7 @@ class CacheAwarePolicy:
             matched = 0
             if key and tree is not None:
                 match = tree.prefix_match(key)
+                request.matched = match.length
                 if match.length / len(key) > self.cache_threshold:
                     holders = [worker for worker in candidates if worker.url in match.tenants]
                     if holders:
@@ -259,6 +261,7 @@ class CacheAwarePolicy:
         # Recorded only now, after the gate: the counter and the tree see the final choice.
         decisions = self.decisions
         decisions[decision] = decisions.get(decision, 0) + 1
+        request.outcome = decision
         if key:
             if tree is None:
                 tree = self._forest.tree(tree_key)
