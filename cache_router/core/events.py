@@ -4,6 +4,11 @@ The middleware calls these at fixed points; it does not know who listens. Subcla
 :class:`RouterEvents` and override what you need (every hook is a no-op by default), then
 pass instances to ``CacheRouterMiddleware(events=[...])``. Hooks run on the request path:
 keep them cheap and never raise from them.
+
+A :class:`RequestTracer` (at most one, the middleware's ``tracer``) also hears each routed
+request start and each attempt go out, and may add headers to that attempt: that is how
+trace context reaches the engines. The middleware calls those two hooks only when a tracer
+is set, so a router without one pays a single ``if`` per request and attempt.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from collections.abc import Sequence
 from cache_router.core.registry import Worker
 from cache_router.core.request import RoutingRequest
 
-__all__ = ["EventFanout", "RouterEvents"]
+__all__ = ["EventFanout", "RequestTracer", "RouterEvents"]
+
+#: Outbound request headers, as the relay sends them.
+HeaderList = list[tuple[bytes, bytes]]
 
 
 class RouterEvents:
@@ -76,3 +84,29 @@ class EventFanout(RouterEvents):
     ) -> None:
         for listener in self.listeners:
             listener.request_finished(route, status, seconds, first_byte)
+
+
+class RequestTracer(RouterEvents):
+    """A listener that also sees where a request starts and where each attempt goes out.
+
+    Its :class:`RouterEvents` hooks are called as any listener's; the request's hooks are
+    called in the task that serves the request, so a tracer may keep per-request state in
+    a context variable.
+    """
+
+    def request_started(
+        self,
+        method: str,
+        route: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> None:
+        """A request for ``route`` arrived (before validation: a rejected request ends
+        with :meth:`request_finished` like any other). ``headers`` are the client's."""
+
+    def attempt_started(self, worker: Worker, attempt: int, headers: HeaderList) -> HeaderList:
+        """Attempt ``attempt`` goes to ``worker`` (before its lease is taken) with
+        ``headers``; returns the headers to send instead. ``headers`` may be shared by the
+        request's other attempts: return a new list rather than change it."""
+        return headers
