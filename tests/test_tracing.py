@@ -8,6 +8,7 @@ receive, to check that the ``traceparent`` they get names the attempt's span.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -202,6 +203,7 @@ def test_retries_are_sibling_attempt_spans(
     failed = dict(first.attributes or {})
     assert failed["cache_router.worker"] == urls[0]
     assert failed["http.response.status_code"] == 503
+    assert failed["error.type"] == "503"
     assert failed["cache_router.retry_reason"] == "status 503"
     assert first.status.status_code == StatusCode.ERROR
     served = dict(second.attributes or {})
@@ -222,6 +224,57 @@ def test_retries_are_sibling_attempt_spans(
         server.context.trace_id,
         second.context.span_id,
     )
+
+
+def dead_url() -> str:
+    """A loopback URL nothing listens on (its port was just bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_connect_failure_ends_its_attempt_span_before_the_retry(
+    tracing: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = tracing
+    dead = dead_url()
+    with serve_app(SimulatedEngine()) as engine_url:
+        router = build_router(
+            config([dead, engine_url]), policy=FirstPolicy(), tracer_provider=provider
+        )
+        with serve_app(router.app()) as url:
+            assert httpx.post(url + CHAT, json=BODY, timeout=10).status_code == 200
+            server = server_span(exporter)
+    first, second = sorted(
+        by_kind(exporter.get_finished_spans(), SpanKind.CLIENT),
+        key=lambda span: dict(span.attributes or {})["cache_router.attempt"],
+    )
+    assert dict(first.attributes or {})["cache_router.worker"] == dead
+    assert dict(first.attributes or {})["error.type"] == "connect"
+    assert "http.response.status_code" not in dict(first.attributes or {})
+    assert dict(second.attributes or {})["cache_router.worker"] == engine_url
+    for attempt in (first, second):
+        assert attempt.parent is not None and attempt.parent.span_id == server.context.span_id
+    assert dict(server.attributes or {})["cache_router.attempts"] == 2
+
+
+def test_a_client_leaving_mid_stream_ends_both_spans(
+    tracing: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = tracing
+    engine = SimulatedEngine(decode_seconds_per_token=0.05)
+    body = {**BODY, "stream": True, "max_tokens": 200}
+    with serve_app(engine) as engine_url:
+        router = build_router(config([engine_url]), tracer_provider=provider)
+        with serve_app(router.app()) as url:
+            with httpx.stream("POST", url + CHAT, json=body, timeout=10) as response:
+                assert next(response.iter_bytes())
+            server = server_span(exporter)  # the client closed the connection
+            assert router.registry.total_load() == 0
+    (attempt,) = by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)
+    assert dict(attempt.attributes or {})["error.type"] == "cancelled"
+    assert attempt.status.status_code == StatusCode.ERROR
+    assert dict(server.attributes or {})["http.response.status_code"] == 200
 
 
 def test_a_streamed_requests_server_span_ends_with_its_body(

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextvars import ContextVar
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 import anyio
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -58,19 +59,26 @@ class _HeaderGetter(Getter[Sequence[tuple[bytes, bytes]]]):
         return [header.decode("latin-1") for header, _ in carrier]
 
 
-class _HeaderSetter(Setter[HeaderList]):
-    def set(self, carrier: HeaderList, key: str, value: str) -> None:
-        carrier.append((key.encode("latin-1"), value.encode("latin-1")))
-
-
 _GETTER = _HeaderGetter()
-_SETTER = _HeaderSetter()
+
+
+@lru_cache(maxsize=1024)
+def _address(url: str) -> dict[str, str | int]:
+    """The attributes naming a worker, computed once per worker URL."""
+    parts = urlsplit(url)
+    attributes: dict[str, str | int] = {
+        "server.address": parts.hostname or "",
+        "cache_router.worker": url,
+    }
+    if parts.port is not None:
+        attributes["server.port"] = parts.port
+    return attributes
 
 
 class _Trace:
     """One request's spans: the server span and its attempts still open, by worker."""
 
-    __slots__ = ("attempts", "context", "method", "route", "span", "tried")
+    __slots__ = ("attempts", "context", "method", "request", "route", "span", "tried")
 
     def __init__(self, span: Span, method: str, route: str) -> None:
         self.span = span
@@ -79,6 +87,7 @@ class _Trace:
         self.route = route
         self.attempts: dict[Worker, Span] = {}
         self.tried = 0
+        self.request: RoutingRequest | None = None
 
 
 _current: ContextVar[_Trace | None] = ContextVar("cache_router_trace", default=None)
@@ -126,16 +135,12 @@ class OtelTracer(RequestTracer):
         state = _current.get()
         if state is None:
             return headers
-        address = urlsplit(worker.url)
-        attributes: dict[str, str | int] = {
+        attributes = {
+            **_address(worker.url),
             "http.request.method": state.method,
-            "server.address": address.hostname or "",
-            "cache_router.worker": worker.url,
             "cache_router.attempt": attempt,
             "cache_router.worker.load": worker.load,
         }
-        if address.port is not None:
-            attributes["server.port"] = address.port
         if attempt > 1:
             attributes["http.request.resend_count"] = attempt - 1
         span = self.tracer.start_span(
@@ -143,48 +148,45 @@ class OtelTracer(RequestTracer):
         )
         state.attempts[worker] = span
         state.tried = attempt
+        # W3C trace context naming this attempt (what the propagator's inject writes,
+        # without building a context for it).
+        context = span.get_span_context()
         sent = [header for header in headers if header[0] not in _TRACE_HEADERS]
-        _PROPAGATOR.inject(sent, trace.set_span_in_context(span), _SETTER)
+        sent.append(
+            (
+                b"traceparent",
+                b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags),
+            )
+        )
+        if context.trace_state:
+            sent.append((b"tracestate", context.trace_state.to_header().encode("latin-1")))
         return sent
 
     def request_routed(self, worker: Worker, request: RoutingRequest) -> None:
         state = _current.get()
-        if state is not None and state.span.is_recording():
-            span = state.span
-            span.set_attribute("cache_router.key_length", len(request.key))
-            if request.model is not None:
-                span.set_attribute("cache_router.model", request.model)
+        if state is not None:
+            state.request = request
 
     def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
-        span = _attempt(worker)
+        state = _current.get()
+        span = None if state is None else state.attempts.get(worker)
         if span is not None:
             span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                _fail(span, str(status))
 
     def upstream_completed(self, worker: Worker, status: int, seconds: float) -> None:
-        state = _current.get()
-        if state is not None:
-            span = state.attempts.pop(worker, None)
-            if span is not None:
-                if status >= 400:
-                    _fail(span, str(status))
-                span.end()
+        _end_attempt(worker)
 
     def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
-        state = _current.get()
-        if state is not None:
-            span = state.attempts.pop(worker, None)
-            if span is not None:
-                _fail(span, "timeout" if timeout else "connect" if connect else "broken")
-                span.end()
+        _end_attempt(worker, "timeout" if timeout else "connect" if connect else "broken")
 
     def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
         state = _current.get()
-        if state is not None:
-            span = state.attempts.pop(worker, None)
-            if span is not None:
-                span.set_attribute("cache_router.retry_reason", reason)
-                _fail(span, reason)
-                span.end()
+        span = None if state is None else state.attempts.pop(worker, None)
+        if span is not None:  # a status worth a retry (after a failure it has ended)
+            span.set_attribute("cache_router.retry_reason", reason)
+            span.end()
 
     def request_finished(
         self, route: str, status: int, seconds: float, first_byte: float | None
@@ -197,20 +199,32 @@ class OtelTracer(RequestTracer):
             _fail(span, "cancelled")
             span.end()
         span = state.span
+        attributes: dict[str, str | int] = {}
+        request = state.request
+        if request is not None:
+            attributes["cache_router.key_length"] = len(request.key)
+            if request.model is not None:
+                attributes["cache_router.model"] = request.model
         if state.tried:
-            span.set_attribute("cache_router.attempts", state.tried)
+            attributes["cache_router.attempts"] = state.tried
         if status:
-            span.set_attribute("http.response.status_code", status)
+            attributes["http.response.status_code"] = status
             if status >= 500:
                 _fail(span, str(status))
         else:
-            span.set_attribute("error.type", "client_disconnected")
+            attributes["error.type"] = "client_disconnected"
+        span.set_attributes(attributes)
         span.end()
 
 
-def _attempt(worker: Worker) -> Span | None:
+def _end_attempt(worker: Worker, failure: str | None = None) -> None:
+    """End ``worker``'s attempt span, as failed with ``failure`` when one is given."""
     state = _current.get()
-    return None if state is None else state.attempts.get(worker)
+    span = None if state is None else state.attempts.pop(worker, None)
+    if span is not None:
+        if failure is not None:
+            _fail(span, failure)
+        span.end()
 
 
 def _fail(span: Span, kind: str) -> None:
@@ -233,8 +247,9 @@ def otlp_provider(endpoint: str) -> TracerProvider:
     resource = Resource.create({"service.name": SERVICE_NAME}).merge(
         OTELResourceDetector().detect()
     )
-    # Shut down by the app's lifespan (shutdown_provider), not by an atexit hook of its own.
-    provider = SdkTracerProvider(resource=resource, shutdown_on_exit=False)
+    # Shut down by the app's lifespan (ProviderShutdown); the SDK's exit hook, which that
+    # removes, covers a server run without one.
+    provider = SdkTracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     return provider
 
