@@ -24,6 +24,7 @@ from cache_router.core.policies import Policy, make_policy
 from cache_router.core.registry import WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.ops.admin import AdminApp
+from cache_router.ops.fleet import redact_url
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.probes import probe_app
@@ -249,6 +250,7 @@ def _add_tracing(router: Router, provider: TracerProvider | None, policy: str) -
             assert endpoint is not None
             provider = otlp_provider(endpoint)
             router.background.append(ProviderShutdown(provider))
+            logger.info("exporting traces to %s", redact_url(endpoint))
     except ImportError as exc:
         raise ValueError(
             f"tracing needs OpenTelemetry ({exc.name} is missing): pip install 'cache_router[otel]'"
