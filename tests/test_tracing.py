@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.types import Receive, Scope, Send
 
-from cache_router.builder import build_router
+from cache_router.builder import Router, build_router
 from cache_router.config import ConfigError, RouterConfig
 from cache_router.core.policies import RoutingRequest
 from cache_router.core.registry import Worker
@@ -83,6 +84,16 @@ def tracing() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     provider, exporter = traced()
     yield provider, exporter
     provider.shutdown()
+
+
+@contextmanager
+def routed(engine: Any, provider: TracerProvider) -> Iterator[tuple[Router, str]]:
+    """The router (``provider`` tracing it) in front of ``engine``, both served; yields the
+    router and its URL."""
+    with serve_app(engine) as engine_url:
+        router = build_router(config([engine_url]), tracer_provider=provider)
+        with serve_app(router.app()) as url:
+            yield router, url
 
 
 def by_kind(spans: Sequence[ReadableSpan], kind: SpanKind) -> list[ReadableSpan]:
@@ -262,15 +273,12 @@ def test_a_client_leaving_mid_stream_ends_both_spans(
     tracing: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = tracing
-    engine = SimulatedEngine(decode_seconds_per_token=0.05)
     body = {**BODY, "stream": True, "max_tokens": 200}
-    with serve_app(engine) as engine_url:
-        router = build_router(config([engine_url]), tracer_provider=provider)
-        with serve_app(router.app()) as url:
-            with httpx.stream("POST", url + CHAT, json=body, timeout=10) as response:
-                assert next(response.iter_bytes())
-            server = server_span(exporter)  # the client closed the connection
-            assert router.registry.total_load() == 0
+    with routed(SimulatedEngine(decode_seconds_per_token=0.05), provider) as (router, url):
+        with httpx.stream("POST", url + CHAT, json=body, timeout=10) as response:
+            assert next(response.iter_bytes())
+        server = server_span(exporter)  # the client closed the connection
+        assert router.registry.total_load() == 0
     (attempt,) = by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)
     assert dict(attempt.attributes or {})["error.type"] == "cancelled"
     assert attempt.status.status_code == StatusCode.ERROR
@@ -281,21 +289,18 @@ def test_a_streamed_requests_server_span_ends_with_its_body(
     tracing: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = tracing
-    engine = SimulatedEngine(decode_seconds_per_token=0.05)
     body = {**BODY, "stream": True, "max_tokens": 8}
-    with serve_app(engine) as engine_url:
-        router = build_router(config([engine_url]), tracer_provider=provider)
-        with (
-            serve_app(router.app()) as url,
-            httpx.stream("POST", url + CHAT, json=body, timeout=10) as response,
-        ):
-            chunks = response.iter_bytes()
-            assert next(chunks)
-            # The engine is still generating: neither span has ended.
-            assert exporter.get_finished_spans() == ()
-            rest = b"".join(chunks)
-            assert rest.endswith(b"data: [DONE]\n\n")
-            server = server_span(exporter)
+    with (
+        routed(SimulatedEngine(decode_seconds_per_token=0.05), provider) as (_, url),
+        httpx.stream("POST", url + CHAT, json=body, timeout=10) as response,
+    ):
+        chunks = response.iter_bytes()
+        assert next(chunks)
+        # The engine is still generating: neither span has ended.
+        assert exporter.get_finished_spans() == ()
+        rest = b"".join(chunks)
+        assert rest.endswith(b"data: [DONE]\n\n")
+        server = server_span(exporter)
     (attempt,) = by_kind(exporter.get_finished_spans(), SpanKind.CLIENT)
     assert dict(server.attributes or {})["http.response.status_code"] == 200
     assert attempt.end_time is not None and server.end_time is not None
@@ -306,12 +311,10 @@ def test_a_refused_request_has_a_server_span_and_no_attempt(
     tracing: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = tracing
-    with serve_app(SimulatedEngine()) as engine_url:
-        router = build_router(config([engine_url]), tracer_provider=provider)
-        with serve_app(router.app()) as url:
-            response = httpx.post(url + CHAT, content=b"{not json", timeout=10)
-            assert response.status_code == 400
-            server = server_span(exporter)
+    with routed(SimulatedEngine(), provider) as (_, url):
+        response = httpx.post(url + CHAT, content=b"{not json", timeout=10)
+        assert response.status_code == 400
+        server = server_span(exporter)
     assert by_kind(exporter.get_finished_spans(), SpanKind.CLIENT) == []
     attributes = dict(server.attributes or {})
     assert attributes["http.response.status_code"] == 400
