@@ -14,17 +14,18 @@ import logging
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
 from cache_router.config import OPTIONS, RouterConfig, prefill_entry
-from cache_router.core.events import RouterEvents
+from cache_router.core.events import RequestTracer, RouterEvents
 from cache_router.core.policies import Policy, make_policy
 from cache_router.core.registry import WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
+from cache_router.ops.fleet import redact_url
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.probes import probe_app
@@ -36,6 +37,9 @@ from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.mount import PrefixMount
 from cache_router.proxy.relay import TransportChoice
 from cache_router.proxy.tls import client_ssl_context
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = [
     "CacheRouterMiddleware",
@@ -103,6 +107,9 @@ class Router:
             return "sglang"
         return "vllm" if self.config.vllm_pd_disaggregation else None
 
+    #: Spans for every routed request (``tracer_provider`` or ``otlp_endpoint``), or None.
+    tracer: RequestTracer | None = None
+
     def middleware(self, app: ASGIApp, /, **options: Any) -> RouterApp:
         """The routing middleware around ``app``, with the admin API and the background
         tasks (see :class:`RouterApp`).
@@ -146,6 +153,7 @@ class Router:
             "pd_protocol": self.pd_protocol,
             "prefill_policy": self.prefill_policy,
             "decode_policy": self.decode_policy,
+            "tracer": self.tracer,
         }
         events = [*self.events, *options.pop("events", ())]
         background = [*self.background, *options.pop("background", ())]
@@ -179,14 +187,18 @@ def build_router(
     events: Iterable[RouterEvents] = (),
     background: Iterable[BackgroundTask] = (),
     transport: TransportChoice | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Router:
     """Wire a production router from ``config``.
 
     ``registry`` and ``policy`` replace the ones ``config`` describes (``worker_urls``,
     ``policy`` and its knobs), for callers that add workers at run time or bring a policy
     of their own; ``events`` and ``background`` join the listeners and tasks built here.
-    Raises ``ValueError`` for a setting a part refuses.
+    ``tracer_provider`` (an OpenTelemetry ``TracerProvider``, the ``otel`` extra) traces
+    every routed request; without one, ``config.otlp_endpoint`` makes one that exports
+    there and is shut down with the app. Raises ``ValueError`` for a setting a part refuses.
     """
+    policy_name = config.policy if policy is None else type(policy).__name__
     if registry is None:
         registry = WorkerRegistry(list(dict.fromkeys(config.worker_urls)))
         for entry in config.prefill_urls:
@@ -204,6 +216,7 @@ def build_router(
             # Decode has no prefix to reuse: what balances it is load.
             decode = "power_of_two" if config.policy == "cache_aware" else config.policy
         router.decode_policy = policy_from_config(config, name=decode)
+    _add_tracing(router, tracer_provider, policy_name)
     router.ssl_context = client_ssl_context(
         config.ca_cert_paths, config.client_cert_path, config.client_key_path
     )
@@ -329,6 +342,26 @@ def _add_discovery(router: Router) -> None:
         )
 
 
+def _add_tracing(router: Router, provider: TracerProvider | None, policy: str) -> None:
+    """The request tracer, from ``provider`` or from ``otlp_endpoint``; none without either."""
+    endpoint = router.config.otlp_endpoint
+    if provider is None and endpoint is None:
+        return
+    try:
+        from cache_router.ops.tracing import OtelTracer, ProviderShutdown, otlp_provider
+
+        if provider is None:
+            assert endpoint is not None
+            provider = otlp_provider(endpoint)
+            router.background.append(ProviderShutdown(provider))
+            logger.info("exporting traces to %s", redact_url(endpoint))
+    except ImportError as exc:
+        raise ValueError(
+            f"tracing needs OpenTelemetry ({exc.name} is missing): pip install 'cache_router[otel]'"
+        ) from None
+    router.tracer = OtelTracer(provider, policy)
+
+
 def _metrics(registry: WorkerRegistry, policy: Policy) -> PrometheusMetrics | None:
     """Prometheus metrics when prometheus-client is installed (the ``metrics`` extra)."""
     try:
@@ -397,6 +430,7 @@ class CacheRouterMiddleware:
     parameters, with that class's meaning (``api_key`` is the key *clients* must present,
     ``transport``, ``typed_routes``, ``events``, ...), or :class:`RouterConfig` fields
     (``worker_urls``, ``health_check_interval_secs``, ``disable_health_check``, ...).
+    ``tracer_provider`` traces every routed request (see :func:`build_router`).
     ``router`` exposes the wired parts.
     """
 
@@ -408,6 +442,7 @@ class CacheRouterMiddleware:
         policy: Policy | None = None,
         *,
         config: RouterConfig | None = None,
+        tracer_provider: TracerProvider | None = None,
         **options: Any,
     ) -> None:
         fields = {name: options.pop(name) for name in list(options) if name in _CONFIG_ONLY}
@@ -415,7 +450,9 @@ class CacheRouterMiddleware:
             config = RouterConfig(**fields)
         elif fields:
             config = config.replace(**fields)
-        self.router = build_router(config, registry=registry, policy=policy)
+        self.router = build_router(
+            config, registry=registry, policy=policy, tracer_provider=tracer_provider
+        )
         self.app = self.router.middleware(app, **options)
         self.routing = self.app.routing
         self.registry = self.router.registry

@@ -525,6 +525,14 @@ class RouterConfig:
     prometheus_host: str = field(
         default="127.0.0.1", metadata=_meta("address of the metrics listener")
     )
+    otlp_endpoint: str | None = field(
+        default=None,
+        metadata=_meta(
+            "export a trace span per routed request and per upstream attempt to this "
+            "OTLP/HTTP collector, e.g. http://otel-collector:4318 (needs the otel extra; "
+            "none: off)"
+        ),
+    )
     # -- scale-out ------------------------------------------------------------------------
     redis_url: str | None = field(
         default=None,
@@ -947,6 +955,13 @@ def _fleet_name(name: str) -> str:
     return name
 
 
+def _otlp_endpoint(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise _Invalid("must be an http:// or https:// URL with a host")
+    return url
+
+
 def _redis_url(url: str) -> str:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in _REDIS_SCHEMES:
@@ -993,6 +1008,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "router_api_key": _secret,
     "admin_api_key": _secret,
     "redis_url": _redis_url,
+    "otlp_endpoint": _otlp_endpoint,
     "fleet_name": _fleet_name,
     "request_id_headers": _header_names,
     "forward_headers": _header_names,

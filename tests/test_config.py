@@ -55,6 +55,7 @@ SAMPLES: dict[str, list[str]] = {
     "drop_headers": ["x-debug"],
     "cors_allowed_origins": ["http://localhost:3000"],
     "prometheus_host": ["0.0.0.0"],
+    "otlp_endpoint": ["http://127.0.0.1:4318"],
     "session_key_header": ["x-conversation"],
     "ca_cert_paths": [certifi.where()],
     "prefill_urls": ["http://127.0.0.1:11", "9001"],

@@ -8,6 +8,11 @@ keep them cheap and never raise from them.
 :meth:`RouterEvents.request_summary` is the one hook whose argument is built for it: the
 middleware builds a :class:`RequestSummary` only when some listener overrides the hook
 (:attr:`EventFanout.summarized`), so without an access log it costs one attribute test.
+
+A :class:`RequestTracer` (at most one, the middleware's ``tracer``) also hears each routed
+request start and each attempt go out, and may add headers to that attempt: that is how
+trace context reaches the engines. The middleware calls those two hooks only when a tracer
+is set, so a router without one pays a single ``if`` per request and attempt.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from dataclasses import dataclass
 from cache_router.core.registry import Worker
 from cache_router.core.request import RoutingRequest
 
-__all__ = ["EventFanout", "RequestSummary", "RouterEvents"]
+__all__ = ["EventFanout", "RequestSummary", "RequestTracer", "RouterEvents"]
+
+#: Outbound request headers, as the relay sends them.
+HeaderList = list[tuple[bytes, bytes]]
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
@@ -118,3 +126,29 @@ class EventFanout(RouterEvents):
     def request_summary(self, summary: RequestSummary) -> None:
         for listener in self._summarizers:
             listener.request_summary(summary)
+
+
+class RequestTracer(RouterEvents):
+    """A listener that also sees where a request starts and where each attempt goes out.
+
+    Its :class:`RouterEvents` hooks are called as any listener's; the request's hooks are
+    called in the task that serves the request, so a tracer may keep per-request state in
+    a context variable.
+    """
+
+    def request_started(
+        self,
+        method: str,
+        route: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> None:
+        """A request for ``route`` arrived (before validation: a rejected request ends
+        with :meth:`request_finished` like any other). ``headers`` are the client's."""
+
+    def attempt_started(self, worker: Worker, attempt: int, headers: HeaderList) -> HeaderList:
+        """Attempt ``attempt`` goes to ``worker`` (before its lease is taken) with
+        ``headers``; returns the headers to send instead. ``headers`` may be shared by the
+        request's other attempts: return a new list rather than change it."""
+        return headers

@@ -35,7 +35,7 @@ import anyio
 import httpx
 
 from cache_router.core.errors import NoAvailableWorker, RouterError, UnknownModel
-from cache_router.core.events import EventFanout, RequestSummary, RouterEvents
+from cache_router.core.events import EventFanout, RequestSummary, RequestTracer, RouterEvents
 from cache_router.core.policies import (
     BindsRegistry,
     CacheAwarePolicy,
@@ -216,6 +216,8 @@ class RoutingMiddleware:
         max_concurrent_requests: cap on requests in flight through this middleware, with a
             wait queue of ``queue_size`` and ``queue_timeout`` seconds; None for no cap.
         events: :class:`RouterEvents` listeners (circuit breakers, metrics).
+        tracer: a :class:`RequestTracer` (:mod:`cache_router.ops.tracing`), also a listener,
+            that sees each request start and may add headers to each attempt; None: off.
         api_key: when set, routed requests must carry it (``Authorization: Bearer`` or
             ``x-api-key``; compared in constant time) or get 401; it is not forwarded.
         serve_models: answer ``GET /v1/models`` with the models the registry knows (given
@@ -256,6 +258,7 @@ class RoutingMiddleware:
         queue_size: int = 100,
         queue_timeout: float = 60.0,
         events: Iterable[RouterEvents] = (),
+        tracer: RequestTracer | None = None,
         api_key: str | None = None,
         serve_models: bool = True,
         max_routing_key_length: int = DEFAULT_MAX_ROUTING_KEY_LENGTH,
@@ -308,7 +311,8 @@ class RoutingMiddleware:
                 max_concurrent_requests, queue_size=queue_size, queue_timeout=queue_timeout
             )
         )
-        self._events = EventFanout(list(events))
+        self._tracer = tracer
+        self._events = EventFanout([*events, tracer] if tracer is not None else list(events))
         self.upstream = Upstream(
             transport=transport,
             timeout=timeout,
@@ -326,6 +330,7 @@ class RoutingMiddleware:
                 decode_policy if decode_policy is not None else PowerOfTwoPolicy(),
                 total_timeout=total_timeout,
             )
+            self.pd.tracer = tracer
         self._overrides = _checked_overrides(upstream_headers or {})
         self.api_key = api_key
         self.serve_models = serve_models
@@ -393,6 +398,10 @@ class RoutingMiddleware:
             _ranked_header(raw_headers, self._request_id_ranks) or new_request_id().encode()
         )
         echo = ((b"x-request-id", request_id),)
+        if self._tracer is not None:
+            self._tracer.request_started(
+                scope["method"], route.label, scope["path"], raw_headers, request_id
+            )
         status = 0
         first_byte: float | None = None
         admitted = False
@@ -485,6 +494,8 @@ class RoutingMiddleware:
                 _log_decision(scope, routing, worker, attempt, echo[0][1])
             key = worker.api_key  # its own engine key, for the few workers that have one
             sent = headers if key is None else with_worker_key(headers, key)
+            if self._tracer is not None:
+                sent = self._tracer.attempt_started(worker, attempt, sent)
             # Nothing may run between the acquire and the relay, which owns the lease from
             # its first line and releases it however the exchange ends.
             lease = self.registry.acquire(worker)

@@ -34,7 +34,7 @@ from typing import Any, Literal, cast
 import anyio
 
 from cache_router.core.errors import NoAvailableWorker, RouterError
-from cache_router.core.events import RouterEvents
+from cache_router.core.events import RequestTracer, RouterEvents
 from cache_router.core.policies import BindsRegistry, Policy, RoutingRequest
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.proxy.asgi import Headers, Receive, Scope, Send
@@ -107,6 +107,18 @@ class PDRouter:
                 policy.bind(registry)
         self._total_timeout = total_timeout
         self._room: Callable[[int], int] = (rng or random.SystemRandom()).getrandbits
+        #: Hears each half go out (set by the middleware that owns this router).
+        self.tracer: RequestTracer | None = None
+
+    def _headers_for(
+        self, worker: Worker, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """What ``worker`` is sent: its own key, if it has one, and the trace context of
+        its half (an attempt span each)."""
+        sent = headers if worker.api_key is None else with_worker_key(headers, worker.api_key)
+        if self.tracer is not None:
+            sent = self.tracer.attempt_started(worker, 1, sent)
+        return sent
 
     def _candidates(self, role: str, routing: RoutingRequest) -> list[Worker]:
         candidates = self.registry.candidates(routing.model, role)
@@ -173,7 +185,7 @@ class PDRouter:
         collection = self.upstream.collection(
             method=method,
             url=upstream_url(prefill.url, scope),
-            headers=_worker_headers(headers, prefill),
+            headers=self._headers_for(prefill, headers),
             body=payload,
             lease=self.registry.acquire(prefill),
             events=events,
@@ -194,7 +206,7 @@ class PDRouter:
                     result = await self.upstream.relay(
                         method=method,
                         url=upstream_url(decode.url, scope),
-                        headers=_worker_headers(headers, decode),
+                        headers=self._headers_for(decode, headers),
                         body=payload,
                         lease=lease,
                         receive=receive,
@@ -232,7 +244,7 @@ class PDRouter:
             receive,
             method,
             upstream_url(prefill.url, scope),
-            _worker_headers(headers, prefill),
+            self._headers_for(prefill, headers),
             _vllm_prefill_body(parsed),
             prefill,
             events,
@@ -253,7 +265,7 @@ class PDRouter:
         result = await self.upstream.relay(
             method=method,
             url=upstream_url(decode.url, scope),
-            headers=_worker_headers(headers, decode),
+            headers=self._headers_for(decode, headers),
             body=payload,
             lease=lease,
             receive=receive,
@@ -507,12 +519,6 @@ def _leg_error(exc: UpstreamError, request_id: bytes) -> RouterError:
     if exc.kind == "timeout":
         return upstream_error(504, "timed out (prefill)", "upstream_timeout", request_id)
     return upstream_error(502, "unreachable (prefill)", "upstream_unreachable", request_id)
-
-
-def _worker_headers(
-    headers: list[tuple[bytes, bytes]], worker: Worker
-) -> list[tuple[bytes, bytes]]:
-    return headers if worker.api_key is None else with_worker_key(headers, worker.api_key)
 
 
 def batch_size(parsed: Mapping[str, Any]) -> int | None:
