@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
@@ -36,6 +36,9 @@ from starlette.types import Receive, Scope, Send
 
 from cache_router.core.errors import error_body
 from cache_router.core.tree import RadixTree, encode_tokens
+
+if TYPE_CHECKING:
+    from cache_router.testing.kv_publisher import BlockCache, KVEventPublisher
 
 __all__ = ["EngineStats", "SimulatedEngine"]
 
@@ -172,6 +175,13 @@ class SimulatedEngine:
         Tokens generated when the request does not say (16 tokens = 32 ms by default).
     ``max_tokens_limit`` (default 4,096)
         Larger ``max_tokens`` values are refused with 400.
+    ``block_size`` (default ``None``: a character-level radix tree)
+        Cache full blocks of this many tokens instead, as vLLM and SGLang do
+        (:class:`~cache_router.testing.kv_publisher.BlockCache`); needs the ``precise`` extra.
+    ``kv_events`` (default ``None``)
+        With ``block_size``: a started
+        :class:`~cache_router.testing.kv_publisher.KVEventPublisher` that publishes every
+        change of the cache as vLLM KV events.
 
     The cache lookup happens when a request is admitted (leaves the queue) and the prompt
     enters the cache when its prefill is over, as in SGLang: two identical prompts
@@ -196,6 +206,8 @@ class SimulatedEngine:
         decode_seconds_per_token: float = 2e-3,
         default_max_tokens: int = 16,
         max_tokens_limit: int = 4096,
+        block_size: int | None = None,
+        kv_events: KVEventPublisher | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -214,7 +226,9 @@ class SimulatedEngine:
         self.decode_seconds_per_token = decode_seconds_per_token
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
-        self._cache = RadixTree(capacity)
+        self.block_size = block_size
+        self.kv_events = kv_events
+        self._cache = self._new_cache()
         self._slots = anyio.Semaphore(max_running)
         self._headers = {"x-engine": name}
         self._sse_headers = {**_SSE_HEADERS, **self._headers}
@@ -287,7 +301,18 @@ class SimulatedEngine:
 
     def flush_cache(self) -> None:
         """Empty the prefix cache (SGLang's ``POST /flush_cache``)."""
-        self._cache = RadixTree(self.capacity)
+        if isinstance(self._cache, RadixTree):
+            self._cache = RadixTree(self.capacity)
+        else:
+            self._cache.clear()
+
+    def _new_cache(self) -> RadixTree | BlockCache:
+        if self.block_size is None:
+            return RadixTree(self.capacity)
+        from cache_router.testing.kv_publisher import BlockCache
+
+        publish = None if self.kv_events is None else self.kv_events.publish
+        return BlockCache(self.capacity, self.block_size, publish)
 
     async def _execute(self, job: _Job) -> AsyncGenerator[int, None]:
         """Queue, prefill and decode ``job``, yielding each decode step's index.
