@@ -223,18 +223,17 @@ class KVIndex:
         result: dict[str, int] = {}
         matched = 0
         try:
-            keys = _chain(_ROOT, tokens, block_size)
+            for key in _chain(_ROOT, tokens, block_size):
+                held = holders.get(key, 0) & alive
+                lost = alive ^ held
+                if lost and matched:
+                    _assign(result, names, lost, matched)
+                alive = held
+                if not alive:
+                    return result
+                matched += block_size
         except (OverflowError, TypeError):  # not token ids: nothing can match
             return {}
-        for key in keys:
-            held = holders.get(key, 0) & alive
-            lost = alive ^ held
-            if lost and matched:
-                _assign(result, names, lost, matched)
-            alive = held
-            if not alive:
-                return result
-            matched += block_size
         _assign(result, names, alive, matched)
         return result
 
@@ -375,16 +374,21 @@ class KVIndex:
 def _chain(parent: int, tokens: Sequence[int], block_size: int) -> Iterator[int]:
     """Keys of the full blocks of ``tokens`` following the block keyed ``parent``.
 
-    Token ids are packed as 32-bit integers here, at once (so a value that is not a token
-    id raises ``OverflowError`` or ``TypeError`` before any key is made); each block's key
-    hashes the parent key with the block's bytes. Bytes hashing is seeded per process, so
-    keys cannot be forged from outside.
+    Each block's key hashes the parent key with the block's token ids packed as 32-bit
+    integers (bytes hashing is seeded per process, so keys cannot be forged from outside).
+    The first block is packed alone, since most prompts stop matching there, the rest in
+    one go. A value that is not a token id raises ``OverflowError`` or ``TypeError``.
     """
-    return _keys(parent, array("I", tokens).tobytes(), block_size * 4)
-
-
-def _keys(key: int, data: bytes, width: int) -> Iterator[int]:
-    for start in range(0, len(data) - width + 1, width):
+    full = len(tokens) // block_size * block_size
+    if not full:
+        return
+    key = hash((parent, array("I", tokens[:block_size]).tobytes()))
+    yield key
+    if full == block_size:
+        return
+    data = array("I", tokens[block_size:full]).tobytes()
+    width = block_size * 4
+    for start in range(0, len(data), width):
         key = hash((key, data[start : start + width]))
         yield key
 
