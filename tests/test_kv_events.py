@@ -372,3 +372,15 @@ def test_requests_that_are_not_token_ids_match_nothing() -> None:
     index.apply_event("a", stored([1], None, PROMPT[:4]))
     assert index.match([-1, 2, 3, 4]) == {}
     assert index.match([2**40, 2, 3, 4]) == {}
+
+
+def test_the_index_benchmark_runs() -> None:
+    """A smoke-sized run of benchmarks/kv_index.py, so the script does not rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kv_index.py"
+    command = [sys.executable, str(script), "--sizes", "640", "--queries", "10"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "B/block" in done.stdout and "640" in done.stdout

@@ -224,3 +224,41 @@ async def test_an_oversized_message_is_refused_before_it_is_buffered() -> None:
             assert stats is not None
             await settle(lambda: not stats.connected)  # ZMQ dropped the publisher
             assert index.blocks("e") == 0 and not index.is_live("e")
+
+
+def test_the_publisher_encodes_batches_as_vllm_does() -> None:
+    """Byte for byte: the newer map events and vLLM 0.10's arrays (test_kv_events' structs)."""
+    import msgspec
+    from test_kv_events import (
+        RECORDED_ARRAY_BATCH,
+        ArrayBatch,
+        NewAllBlocksCleared,
+        NewBlockRemoved,
+        NewBlockStored,
+    )
+
+    from cache_router.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+    from cache_router.testing.kv_publisher import encode_batch
+
+    digest = b"\x07" * 32
+    events = [
+        BlockStored((digest,), None, [1, 2, 3, 4], 4, medium="GPU"),
+        BlockRemoved((digest,), "GPU"),
+        AllBlocksCleared(),
+    ]
+    vllm = ArrayBatch(
+        1.5,
+        [
+            NewBlockStored([digest], None, [1, 2, 3, 4], 4, None, "GPU", None),
+            NewBlockRemoved([digest], "GPU"),
+            NewAllBlocksCleared(),
+        ],
+        0,
+    )
+    assert encode_batch(events, ts=1.5, encoding="map") == msgspec.msgpack.encode(vllm)
+    recorded = [
+        BlockStored((1, 2), None, list(range(1, 9)), 4, medium="GPU"),
+        BlockRemoved((1,), "GPU"),
+        AllBlocksCleared(),
+    ]
+    assert encode_batch(recorded, ts=1.5, encoding="array") == RECORDED_ARRAY_BATCH

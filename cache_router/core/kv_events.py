@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     msgspec = None  # type: ignore[assignment]
 
 __all__ = [
+    "BLOCK_REMOVED_ARRAY_FIELDS",
+    "BLOCK_STORED_ARRAY_FIELDS",
     "END_SEQUENCE",
     "AllBlocksCleared",
     "BlockHash",
@@ -141,7 +143,7 @@ def decode_batch(payload: bytes) -> EventBatch:
 # Field order of the array encodings (after the tag), common to every release that sent
 # arrays. Later fields differ between producers (vLLM appended ``lora_name``, SGLang a
 # ``metadata`` array), so past these only a string in vLLM's ``lora_name`` slot is read.
-_STORED_FIELDS = (
+BLOCK_STORED_ARRAY_FIELDS = (
     "block_hashes",
     "parent_block_hash",
     "token_ids",
@@ -149,7 +151,7 @@ _STORED_FIELDS = (
     "lora_id",
     "medium",
 )
-_REMOVED_FIELDS = ("block_hashes", "medium")
+BLOCK_REMOVED_ARRAY_FIELDS = ("block_hashes", "medium")
 
 
 def _decode_event(item: object) -> KVEvent | None:
@@ -177,10 +179,11 @@ def _decode_event(item: object) -> KVEvent | None:
 
 def _positional(tag: str, values: list[Any]) -> Mapping[str, Any]:
     if tag != "BlockStored":
-        return dict(zip(_REMOVED_FIELDS, values, strict=False))
-    fields = dict(zip(_STORED_FIELDS, values, strict=False))
-    if len(values) > len(_STORED_FIELDS) and isinstance(values[len(_STORED_FIELDS)], str):
-        fields["lora_name"] = values[len(_STORED_FIELDS)]
+        return dict(zip(BLOCK_REMOVED_ARRAY_FIELDS, values, strict=False))
+    fields = dict(zip(BLOCK_STORED_ARRAY_FIELDS, values, strict=False))
+    extra = values[len(BLOCK_STORED_ARRAY_FIELDS) :]
+    if extra and isinstance(extra[0], str):
+        fields["lora_name"] = extra[0]
     return fields
 
 

@@ -166,6 +166,8 @@ class KVEventSubscriber:
 
     async def _follow(self, source: KVEventSource) -> None:
         assert self._context is not None
+        if self._sources.get(source.worker) is not source:
+            return  # removed or replaced before this task started
         stats = self._stats[source.worker]
         scope = anyio.CancelScope()
         self._scopes[source.worker] = scope

@@ -33,6 +33,7 @@ import msgspec
 import zmq
 
 from cache_router.core.kv_events import (
+    BLOCK_STORED_ARRAY_FIELDS,
     AllBlocksCleared,
     BlockHash,
     BlockRemoved,
@@ -153,19 +154,10 @@ class BlockCache:
 
 # -- wire encoding ---------------------------------------------------------------------------
 
-_STORED_ARRAY = (
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-    "lora_name",
-)
-
 
 def _event_wire(event: KVEvent, encoding: Literal["map", "array"]) -> Any:
-    """An event as vLLM encodes it: a map tagged under "type" (newer) or a tagged array."""
+    """An event as vLLM encodes it: a map tagged under "type" (newer) or a tagged array
+    (vLLM 0.10: the fields up to ``medium``)."""
     if isinstance(event, BlockStored):
         fields: dict[str, Any] = {
             "block_hashes": list(event.block_hashes),
@@ -177,7 +169,7 @@ def _event_wire(event: KVEvent, encoding: Literal["map", "array"]) -> Any:
             "lora_name": event.lora_name,
         }
         if encoding == "array":
-            return ["BlockStored", *(fields[name] for name in _STORED_ARRAY)]
+            return ["BlockStored", *(fields[name] for name in BLOCK_STORED_ARRAY_FIELDS)]
         return {"type": "BlockStored", **fields}
     if isinstance(event, BlockRemoved):
         if encoding == "array":
