@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
@@ -37,6 +37,9 @@ from starlette.types import Receive, Scope, Send
 from cache_router.core.errors import error_body
 from cache_router.core.tree import RadixTree, encode_tokens
 from cache_router.testing.pd import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
+
+if TYPE_CHECKING:
+    from cache_router.testing.kv_publisher import BlockCache, KVEventPublisher
 
 __all__ = ["EngineStats", "SimulatedEngine"]
 
@@ -185,6 +188,13 @@ class SimulatedEngine:
         How long a decode engine waits for its prefill's KV before failing with 500; the
         bounds of a prefill engine's room/transfer store; the bootstrap port a decode
         engine uses when a request's ``bootstrap_port`` is null.
+    ``block_size`` (default ``None``: a character-level radix tree)
+        Cache full blocks of this many tokens instead, as vLLM and SGLang do
+        (:class:`~cache_router.testing.kv_publisher.BlockCache`); needs the ``precise`` extra.
+    ``kv_events`` (default ``None``)
+        With ``block_size``: a started
+        :class:`~cache_router.testing.kv_publisher.KVEventPublisher` that publishes every
+        change of the cache as vLLM KV events.
 
     The cache lookup happens when a request is admitted (leaves the queue) and the prompt
     enters the cache when its prefill is over, as in SGLang: two identical prompts
@@ -215,6 +225,8 @@ class SimulatedEngine:
         pd_store_size: int = 10_000,
         pd_store_ttl: float = 300.0,
         default_bootstrap_port: int | None = None,
+        block_size: int | None = None,
+        kv_events: KVEventPublisher | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -244,7 +256,9 @@ class SimulatedEngine:
                 store_ttl=pd_store_ttl,
                 default_bootstrap_port=default_bootstrap_port,
             )
-        self._cache = RadixTree(capacity)
+        self.block_size = block_size
+        self.kv_events = kv_events
+        self._cache = self._new_cache()
         self._slots = anyio.Semaphore(max_running)
         self._headers = {"x-engine": name}
         self._sse_headers = {**_SSE_HEADERS, **self._headers}
@@ -323,7 +337,18 @@ class SimulatedEngine:
 
     def flush_cache(self) -> None:
         """Empty the prefix cache (SGLang's ``POST /flush_cache``)."""
-        self._cache = RadixTree(self.capacity)
+        if isinstance(self._cache, RadixTree):
+            self._cache = RadixTree(self.capacity)
+        else:
+            self._cache.clear()
+
+    def _new_cache(self) -> RadixTree | BlockCache:
+        if self.block_size is None:
+            return RadixTree(self.capacity)
+        from cache_router.testing.kv_publisher import BlockCache
+
+        publish = None if self.kv_events is None else self.kv_events.publish
+        return BlockCache(self.capacity, self.block_size, publish)
 
     async def _execute(self, job: _Job) -> AsyncGenerator[int, None]:
         """Queue, prefill and decode ``job``, yielding each decode step's index.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-from typing import Any, get_type_hints
+from typing import Any
 
 from cache_router.serve import run_server
 from cache_router.testing.engine import SimulatedEngine
@@ -34,13 +34,16 @@ ENGINE_HELP = {
     "decode_seconds_per_token": "cost per generated token (one streamed chunk each)",
     "default_max_tokens": "tokens generated when a request does not say",
     "max_tokens_limit": "larger max_tokens values are refused with 400",
+    "block_size": "cache whole blocks of this many tokens, as vLLM does (needs the precise extra)",
 }
 
 
 #: Knobs that are no flag: a prefill/decode engine needs a second server beside it (its
-#: bootstrap or side-channel app), which ``cache_router.testing.serve_pd_fleet`` starts.
+#: bootstrap or side-channel app), which ``cache_router.testing.serve_pd_fleet`` starts;
+#: a KV-event publisher is an object with sockets of its own.
 NOT_FLAGS = frozenset(
     {
+        "kv_events",
         "role",
         "pd_protocol",
         "transfer_timeout",
@@ -54,17 +57,18 @@ NOT_FLAGS = frozenset(
 def engine_knobs() -> dict[str, tuple[type, Any]]:
     """``SimulatedEngine``'s keyword arguments that are flags: name -> (scalar type,
     default)."""
-    hints = get_type_hints(SimulatedEngine.__init__)
+    # Each flag's annotation is evaluated on its own: the others may name types that are
+    # imported for type checking only (an optional extra's).
+    namespace = vars(sys.modules[SimulatedEngine.__module__])
     knobs: dict[str, tuple[type, Any]] = {}
     for name, parameter in inspect.signature(SimulatedEngine.__init__).parameters.items():
         if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or name in NOT_FLAGS:
             continue
+        hint = parameter.annotation
+        if isinstance(hint, str):
+            hint = eval(hint, dict(namespace))  # our own annotations, never input
         # ``int | None`` and the like: the flag parses the non-None member.
-        kinds = [
-            kind
-            for kind in getattr(hints[name], "__args__", (hints[name],))
-            if kind is not type(None)
-        ]
+        kinds = [kind for kind in getattr(hint, "__args__", (hint,)) if kind is not type(None)]
         knobs[name] = (kinds[0], parameter.default)
     return knobs
 

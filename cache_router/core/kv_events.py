@@ -1,0 +1,236 @@
+"""Decoding of the KV-cache events vLLM and SGLang publish, in every encoding in use.
+
+Engines that publish KV events (vLLM ``--kv-events-config``, SGLang ``--kv-events-config``)
+send ZMQ multipart messages ``(topic, sequence, payload)``: ``sequence`` is an 8-byte
+big-endian counter from 0 per publisher process and ``payload`` a msgpack
+``KVEventBatch``. The encoding of the payload changed across releases, and a fleet may
+mix them, so this module reads all of them into one set of plain classes:
+
+* the batch is an array ``[ts, events]`` or ``[ts, events, data_parallel_rank]`` (one vLLM
+  snapshot sent it as a map with those keys);
+* each event is either a tagged array ``["BlockStored", hashes, parent, tokens,
+  block_size, lora_id, medium, ...]`` (older vLLM, SGLang), read by position with trailing
+  fields ignored, or a map with the tag under ``"type"`` and named fields (newer vLLM);
+* block hashes are integers (SGLang, vLLM with int hashes) or bytes (vLLM's sha256).
+
+No I/O here: the ZMQ side is :mod:`cache_router.ops.kv_subscriber`. Decoding needs
+``msgspec`` (the ``precise`` extra); importing this module does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+try:
+    import msgspec
+except ImportError:  # pragma: no cover - depends on the environment
+    msgspec = None  # type: ignore[assignment]
+
+__all__ = [
+    "BLOCK_REMOVED_ARRAY_FIELDS",
+    "BLOCK_STORED_ARRAY_FIELDS",
+    "END_SEQUENCE",
+    "AllBlocksCleared",
+    "BlockHash",
+    "BlockRemoved",
+    "BlockStored",
+    "EventBatch",
+    "KVEvent",
+    "KVEventDecodeError",
+    "decode_batch",
+    "decode_sequence",
+]
+
+#: An engine's block hash: bytes (vLLM's sha256 digests) or an integer (SGLang, vLLM with
+#: ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``). Only ever compared with hashes of the same engine.
+BlockHash: TypeAlias = int | bytes
+
+#: The sequence number a replay socket sends after the last batch: -1 as 8 signed bytes.
+END_SEQUENCE = -1
+
+
+class KVEventDecodeError(ValueError):
+    """A message that is not a KV-event batch in any known encoding."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Full blocks entered the engine's cache; ``parent_block_hash`` precedes the first."""
+
+    block_hashes: tuple[BlockHash, ...]
+    parent_block_hash: BlockHash | None
+    token_ids: Sequence[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    #: One entry per block (vLLM): multimodal hashes, cache salt, LoRA name. A block with an
+    #: entry is a different cache entry from one with the same tokens and none.
+    extra_keys: Sequence[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """Blocks left the engine's cache (tier ``medium``)."""
+
+    block_hashes: tuple[BlockHash, ...]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """The engine emptied its cache (reset, or a restart)."""
+
+
+KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """One published message: the events of one engine step, in order.
+
+    ``unknown`` counts events whose tag this decoder does not know (skipped, not fatal:
+    a newer engine may add kinds).
+    """
+
+    ts: float
+    events: tuple[KVEvent, ...]
+    data_parallel_rank: int | None = None
+    unknown: int = 0
+
+
+def decode_sequence(frame: bytes) -> int:
+    """The sequence number of a message frame: 8 bytes, big-endian, signed (-1 = end)."""
+    if len(frame) != 8:
+        raise KVEventDecodeError(f"sequence frame has {len(frame)} bytes, not 8")
+    return int.from_bytes(frame, "big", signed=True)
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """Decode a msgpack ``KVEventBatch`` in any of the encodings described above."""
+    if msgspec is None:  # pragma: no cover - depends on the environment
+        raise RuntimeError("decoding KV events needs msgspec: pip install 'cache_router[precise]'")
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise KVEventDecodeError(f"payload is not msgpack: {exc}") from exc
+    if isinstance(raw, list) and len(raw) >= 2:
+        ts, events, rank = raw[0], raw[1], raw[2] if len(raw) > 2 else None
+    elif isinstance(raw, dict) and "events" in raw:
+        ts, events, rank = raw.get("ts"), raw["events"], raw.get("data_parallel_rank")
+    else:
+        raise KVEventDecodeError("a batch is an array [ts, events, rank?] or a map")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise KVEventDecodeError("batch timestamp is not a number")
+    if not isinstance(events, list):
+        raise KVEventDecodeError("batch events is not an array")
+    decoded: list[KVEvent] = []
+    unknown = 0
+    for item in events:
+        event = _decode_event(item)
+        if event is None:
+            unknown += 1
+        else:
+            decoded.append(event)
+    return EventBatch(float(ts), tuple(decoded), _opt_int(rank, "data_parallel_rank"), unknown)
+
+
+# Field order of the array encodings (after the tag), common to every release that sent
+# arrays. Later fields differ between producers (vLLM appended ``lora_name``, SGLang a
+# ``metadata`` array), so past these only a string in vLLM's ``lora_name`` slot is read.
+BLOCK_STORED_ARRAY_FIELDS = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+)
+BLOCK_REMOVED_ARRAY_FIELDS = ("block_hashes", "medium")
+
+
+def _decode_event(item: object) -> KVEvent | None:
+    """One event from its array or map form; None for an unknown tag."""
+    if isinstance(item, list) and item and isinstance(item[0], str):
+        tag = item[0]
+        fields = _positional(tag, item[1:])
+    elif isinstance(item, dict) and isinstance(item.get("type"), str):
+        tag = item["type"]
+        fields = item
+    else:
+        raise KVEventDecodeError("an event is a tagged array or a map with a 'type'")
+    if tag == "BlockStored":
+        return _block_stored(fields)
+    if tag == "BlockRemoved":
+        return BlockRemoved(
+            _hashes(fields.get("block_hashes")),
+            _opt_str(fields.get("medium"), "medium"),
+            _opt_int(fields.get("group_idx"), "group_idx"),
+        )
+    if tag == "AllBlocksCleared":
+        return AllBlocksCleared()
+    return None
+
+
+def _positional(tag: str, values: list[Any]) -> Mapping[str, Any]:
+    if tag != "BlockStored":
+        return dict(zip(BLOCK_REMOVED_ARRAY_FIELDS, values, strict=False))
+    fields = dict(zip(BLOCK_STORED_ARRAY_FIELDS, values, strict=False))
+    extra = values[len(BLOCK_STORED_ARRAY_FIELDS) :]
+    if extra and isinstance(extra[0], str):
+        fields["lora_name"] = extra[0]
+    return fields
+
+
+def _block_stored(fields: Mapping[str, Any]) -> BlockStored:
+    tokens = fields.get("token_ids")
+    if not isinstance(tokens, list) or not all(
+        isinstance(token, int) and not isinstance(token, bool) for token in tokens
+    ):
+        raise KVEventDecodeError("BlockStored token_ids is not an array of integers")
+    block_size = fields.get("block_size")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise KVEventDecodeError("BlockStored block_size is not a positive integer")
+    parent = fields.get("parent_block_hash")
+    extra = fields.get("extra_keys")
+    return BlockStored(
+        block_hashes=_hashes(fields.get("block_hashes")),
+        parent_block_hash=None if parent is None else _hash(parent),
+        token_ids=tokens,
+        block_size=block_size,
+        lora_id=_opt_int(fields.get("lora_id"), "lora_id"),
+        medium=_opt_str(fields.get("medium"), "medium"),
+        lora_name=_opt_str(fields.get("lora_name"), "lora_name"),
+        extra_keys=extra if isinstance(extra, list) else None,
+        group_idx=_opt_int(fields.get("group_idx"), "group_idx"),
+        kv_cache_spec_kind=_opt_str(fields.get("kv_cache_spec_kind"), "kv_cache_spec_kind"),
+    )
+
+
+def _hash(value: object) -> BlockHash:
+    if isinstance(value, bytes) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise KVEventDecodeError("a block hash is an integer or bytes")
+
+
+def _hashes(value: object) -> tuple[BlockHash, ...]:
+    if not isinstance(value, list):
+        raise KVEventDecodeError("block_hashes is not an array")
+    return tuple(map(_hash, value))
+
+
+def _opt_int(value: object, name: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise KVEventDecodeError(f"{name} is not an integer")
+
+
+def _opt_str(value: object, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise KVEventDecodeError(f"{name} is not a string")

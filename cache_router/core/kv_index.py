@@ -1,0 +1,400 @@
+"""An exact index of the KV-cache blocks each engine holds, fed by its published events.
+
+The engines' own block hashes cannot be compared with anything the router computes: they
+depend on a per-process seed and on the hash function of each release. But every
+``BlockStored`` event carries the block's token ids and the engine hash of its parent, so
+the index keys blocks by **content**: a block's key is a hash of (the parent block's key,
+the block's token ids), chained from the start of the prompt. A request's tokens give the
+same chain, so matching a prompt is one dictionary lookup per block, and it stops at the
+first block no live worker holds.
+
+Per worker the index keeps a map from the engine's hash to the key (``BlockRemoved`` names
+engine hashes) with a reference count per key, since two engine blocks may carry the same
+tokens (vLLM groups, re-stores). Which workers hold a key is one integer bitmask, so a
+match costs the same for 2 or 200 workers.
+
+What is indexed, and what is not (each skipped event is counted in :meth:`stats`):
+
+* Only blocks in GPU memory (``medium`` None or ``"GPU"``): a block offloaded to CPU or
+  disk still has to be loaded back, and its removal from that tier must not erase the GPU
+  copy. Removals of other tiers are ignored the same way.
+* Only full blocks of the index's block size; a partial last block is ignored, as engines
+  only reuse full blocks.
+* Not LoRA blocks, nor blocks whose ``extra_keys`` entry is set (multimodal inputs, cache
+  salt): their cache identity is more than their tokens, and the tokens alone would
+  match requests that cannot reuse them. Their descendants are skipped with them.
+* Only the first KV-cache group of hybrid models (``group_idx`` None or 0) and only
+  full-attention kinds.
+* A block whose parent the index does not know (missed events) is skipped: the index may
+  under-report what an engine holds, never over-report.
+
+Memory is bounded: each worker keeps at most ``max_blocks_per_worker`` blocks, the oldest
+stored dropped first. An engine's cache is bounded too, so the cap only bites when
+removals were missed.
+
+The index does no I/O and knows nothing about ZMQ: :mod:`cache_router.ops.kv_subscriber`
+feeds it and sets each worker's liveness. A worker that is not live (never synced, or
+lost events) is left out of matches, so a policy falls back to its approximate view.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from cache_router.core.kv_events import (
+    AllBlocksCleared,
+    BlockHash,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    KVEvent,
+)
+
+__all__ = ["IndexStats", "KVIndex"]
+
+#: The key the chain of every prompt starts from.
+_ROOT = 0
+#: Tiers counted as resident: None (releases without tiers) and the GPU.
+_RESIDENT_MEDIA = frozenset({None, "GPU"})
+#: Cache-group kinds whose blocks are a reusable prefix.
+_PREFIX_KINDS = frozenset({None, "full_attention", "mla_attention"})
+
+#: Reason of a worker that has not been marked live yet.
+NOT_SYNCED = "not synced"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    """Counters of a :class:`KVIndex` (events skipped are not errors; see the module doc)."""
+
+    workers: int
+    live_workers: int
+    keys: int  # distinct block contents held by at least one worker
+    blocks: int  # (worker, engine block) pairs
+    block_size: int | None
+    stored: int
+    removed: int
+    cleared: int
+    evicted: int  # dropped by the per-worker cap
+    skipped_tier: int
+    skipped_partial: int
+    skipped_orphan: int
+    skipped_lora: int
+    skipped_group: int
+    skipped_block_size: int
+
+
+class _Worker:
+    """One worker's blocks: engine hash -> key, and how many engine blocks hold each key."""
+
+    __slots__ = ("bit", "by_engine", "last_ts", "refs", "stale")
+
+    def __init__(self, bit: int) -> None:
+        self.bit = bit
+        self.by_engine: dict[BlockHash, int] = {}
+        self.refs: dict[int, int] = {}
+        self.stale: str | None = NOT_SYNCED
+        self.last_ts: float | None = None
+
+
+class KVIndex:
+    """Which full token blocks each worker's engine holds; see the module doc.
+
+    ``block_size`` is the engines' block size in tokens (vLLM's default is 16, SGLang's
+    ``page_size`` 1); ``None`` adopts the block size of the first full block stored.
+    Workers are named by any string (the router uses worker URLs).
+    """
+
+    __slots__ = (
+        "_counts",
+        "_holders",
+        "_live_mask",
+        "_max_blocks",
+        "_names",
+        "_workers",
+        "block_size",
+    )
+
+    def __init__(
+        self, block_size: int | None = None, *, max_blocks_per_worker: int = 500_000
+    ) -> None:
+        if block_size is not None and block_size < 1:
+            raise ValueError("block_size must be positive")
+        if max_blocks_per_worker < 1:
+            raise ValueError("max_blocks_per_worker must be positive")
+        self.block_size = block_size
+        self._max_blocks = max_blocks_per_worker
+        self._holders: dict[int, int] = {}  # key -> bitmask of the workers holding it
+        self._workers: dict[str, _Worker] = {}
+        self._names: dict[int, str] = {}  # bit -> worker
+        self._live_mask = 0
+        self._counts = dict.fromkeys(
+            (
+                "stored",
+                "removed",
+                "cleared",
+                "evicted",
+                "skipped_tier",
+                "skipped_partial",
+                "skipped_orphan",
+                "skipped_lora",
+                "skipped_group",
+                "skipped_block_size",
+            ),
+            0,
+        )
+
+    # -- workers and liveness -------------------------------------------------------------
+
+    def _worker(self, worker: str) -> _Worker:
+        state = self._workers.get(worker)
+        if state is None:
+            bit = 1
+            while bit in self._names:
+                bit <<= 1
+            state = self._workers[worker] = _Worker(bit)
+            self._names[bit] = worker
+        return state
+
+    def add_worker(self, worker: str) -> None:
+        """Track ``worker`` (not live until :meth:`mark_live`); a no-op if tracked."""
+        self._worker(worker)
+
+    def remove_worker(self, worker: str) -> None:
+        """Forget ``worker`` and its blocks."""
+        state = self._workers.pop(worker, None)
+        if state is None:
+            return
+        self._drop_all(state)
+        self._live_mask &= ~state.bit
+        del self._names[state.bit]
+
+    def workers(self) -> frozenset[str]:
+        return frozenset(self._workers)
+
+    def mark_live(self, worker: str) -> None:
+        """The worker's event stream is in sync: its blocks count in matches."""
+        state = self._worker(worker)
+        state.stale = None
+        self._live_mask |= state.bit
+
+    def mark_stale(self, worker: str, reason: str) -> None:
+        """The worker's stream lost events: leave it out of matches until marked live."""
+        state = self._worker(worker)
+        state.stale = reason
+        self._live_mask &= ~state.bit
+
+    def is_live(self, worker: str) -> bool:
+        state = self._workers.get(worker)
+        return state is not None and state.stale is None
+
+    def staleness(self, worker: str) -> str | None:
+        """Why ``worker`` is not live (None when it is); untracked workers: not synced."""
+        state = self._workers.get(worker)
+        return NOT_SYNCED if state is None else state.stale
+
+    def live_workers(self) -> frozenset[str]:
+        return frozenset(name for name, state in self._workers.items() if state.stale is None)
+
+    def last_event_ts(self, worker: str) -> float | None:
+        """The engine timestamp of the last batch applied for ``worker``."""
+        state = self._workers.get(worker)
+        return None if state is None else state.last_ts
+
+    def blocks(self, worker: str) -> int:
+        """Engine blocks indexed for ``worker``."""
+        state = self._workers.get(worker)
+        return 0 if state is None else len(state.by_engine)
+
+    # -- matching ---------------------------------------------------------------------------
+
+    def match(self, tokens: Sequence[int]) -> dict[str, int]:
+        """Tokens of ``tokens``' longest cached prefix, per live worker holding at least one
+        block of it (in whole blocks). Cost: one hash and lookup per matched block, plus one.
+        """
+        alive = self._live_mask
+        block_size = self.block_size
+        if not alive or block_size is None or len(tokens) < block_size:
+            return {}
+        holders = self._holders
+        names = self._names
+        result: dict[str, int] = {}
+        matched = 0
+        try:
+            for key in _chain(_ROOT, tokens, block_size):
+                held = holders.get(key, 0) & alive
+                lost = alive ^ held
+                if lost and matched:
+                    _assign(result, names, lost, matched)
+                alive = held
+                if not alive:
+                    return result
+                matched += block_size
+        except (OverflowError, TypeError):  # not token ids: nothing can match
+            return {}
+        _assign(result, names, alive, matched)
+        return result
+
+    # -- events -------------------------------------------------------------------------------
+
+    def apply(self, worker: str, batch: EventBatch) -> None:
+        """Apply one published batch of ``worker``'s events, in order."""
+        state = self._worker(worker)
+        state.last_ts = batch.ts
+        for event in batch.events:
+            self._apply(state, event)
+
+    def apply_event(self, worker: str, event: KVEvent) -> None:
+        self._apply(self._worker(worker), event)
+
+    def clear(self, worker: str) -> None:
+        """Drop every block of ``worker`` (its engine emptied its cache or we lost track)."""
+        state = self._workers.get(worker)
+        if state is not None:
+            self._drop_all(state)
+
+    def _apply(self, state: _Worker, event: KVEvent) -> None:
+        if isinstance(event, BlockStored):
+            self._store(state, event)
+        elif isinstance(event, BlockRemoved):
+            if event.medium not in _RESIDENT_MEDIA:
+                self._counts["skipped_tier"] += 1
+            elif event.group_idx not in (None, 0):
+                self._counts["skipped_group"] += 1
+            else:
+                for engine_hash in event.block_hashes:
+                    key = state.by_engine.pop(engine_hash, None)
+                    if key is not None:
+                        self._unref(state, key)
+                        self._counts["removed"] += 1
+        elif isinstance(event, AllBlocksCleared):
+            self._drop_all(state)
+            self._counts["cleared"] += 1
+
+    def _skip(self, event: BlockStored) -> str | None:
+        """The counter an unindexable store goes to, or None when it is indexed."""
+        if event.medium not in _RESIDENT_MEDIA:
+            return "skipped_tier"
+        if event.group_idx not in (None, 0) or event.kv_cache_spec_kind not in _PREFIX_KINDS:
+            return "skipped_group"
+        if event.lora_id is not None or event.lora_name is not None:
+            return "skipped_lora"
+        size = self.block_size
+        if size is None and len(event.token_ids) >= event.block_size:
+            size = self.block_size = event.block_size
+        if size is None or event.block_size < size:
+            return "skipped_partial"
+        if event.block_size > size:
+            return "skipped_block_size"
+        return None
+
+    def _store(self, state: _Worker, event: BlockStored) -> None:
+        counts = self._counts
+        reason = self._skip(event)
+        if reason is not None:
+            counts[reason] += 1
+            return
+        parent = event.parent_block_hash
+        key = _ROOT if parent is None else state.by_engine.get(parent)
+        if key is None:
+            counts["skipped_orphan"] += 1
+            return
+        block_size = event.block_size
+        extra = event.extra_keys
+        hashes = event.block_hashes
+        try:
+            keys = list(_chain(key, event.token_ids, block_size))
+        except (OverflowError, TypeError):
+            counts["skipped_block_size"] += 1
+            return
+        for index, engine_hash in enumerate(hashes):
+            if index >= len(keys):
+                counts["skipped_partial"] += len(hashes) - index
+                return
+            if extra is not None and index < len(extra) and extra[index] is not None:
+                counts["skipped_lora"] += len(hashes) - index
+                return
+            self._add(state, engine_hash, keys[index])
+            counts["stored"] += 1
+
+    def _add(self, state: _Worker, engine_hash: BlockHash, key: int) -> None:
+        by_engine = state.by_engine
+        old = by_engine.pop(engine_hash, None)
+        if old is not None:
+            self._unref(state, old)
+        by_engine[engine_hash] = key
+        refs = state.refs
+        count = refs.get(key, 0)
+        refs[key] = count + 1
+        if not count:
+            self._holders[key] = self._holders.get(key, 0) | state.bit
+        if len(by_engine) > self._max_blocks:
+            oldest = next(iter(by_engine))
+            self._unref(state, by_engine.pop(oldest))
+            self._counts["evicted"] += 1
+
+    def _unref(self, state: _Worker, key: int) -> None:
+        refs = state.refs
+        count = refs[key] - 1
+        if count:
+            refs[key] = count
+            return
+        del refs[key]
+        held = self._holders[key] & ~state.bit
+        if held:
+            self._holders[key] = held
+        else:
+            del self._holders[key]
+
+    def _drop_all(self, state: _Worker) -> None:
+        holders = self._holders
+        keep = ~state.bit
+        for key in state.refs:
+            held = holders[key] & keep
+            if held:
+                holders[key] = held
+            else:
+                del holders[key]
+        state.refs.clear()
+        state.by_engine.clear()
+
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            workers=len(self._workers),
+            live_workers=bin(self._live_mask).count("1"),
+            keys=len(self._holders),
+            blocks=sum(len(state.by_engine) for state in self._workers.values()),
+            block_size=self.block_size,
+            **self._counts,
+        )
+
+
+def _chain(parent: int, tokens: Sequence[int], block_size: int) -> Iterator[int]:
+    """Keys of the full blocks of ``tokens`` following the block keyed ``parent``.
+
+    Each block's key hashes the parent key with the block's token ids packed as 32-bit
+    integers (bytes hashing is seeded per process, so keys cannot be forged from outside).
+    The first block is packed alone, since most prompts stop matching there, the rest in
+    one go. A value that is not a token id raises ``OverflowError`` or ``TypeError``.
+    """
+    full = len(tokens) // block_size * block_size
+    if not full:
+        return
+    key = hash((parent, array("I", tokens[:block_size]).tobytes()))
+    yield key
+    if full == block_size:
+        return
+    data = array("I", tokens[block_size:full]).tobytes()
+    width = block_size * 4
+    for start in range(0, len(data), width):
+        key = hash((key, data[start : start + width]))
+        yield key
+
+
+def _assign(result: dict[str, int], names: dict[int, str], mask: int, matched: int) -> None:
+    while mask:
+        low = mask & -mask
+        result[names[low]] = matched
+        mask ^= low
