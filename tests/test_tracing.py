@@ -387,3 +387,46 @@ def test_otlp_endpoint_exports_batches_and_flushes_on_shutdown() -> None:
 def test_a_malformed_otlp_endpoint_is_refused(endpoint: str) -> None:
     with pytest.raises(ConfigError, match="otlp_endpoint"):
         RouterConfig(worker_urls=["http://127.0.0.1:1"], otlp_endpoint=endpoint)
+
+
+def test_each_half_of_a_prefill_decode_pair_is_an_attempt_span() -> None:
+    """SGLang's protocol: both halves go out at once, each with the trace context of its
+    own attempt span under the request's server span."""
+    from cache_router.testing import serve_pd_fleet
+
+    provider, exporter = traced()
+    prefill = SimulatedEngine(name="p", role="prefill", pd_protocol="sglang")
+    decode = SimulatedEngine(name="d", role="decode", pd_protocol="sglang")
+    recorded = {"p": Recording(prefill), "d": Recording(decode)}
+    # The fleet serves the engines and their bootstrap server; the router reaches the same
+    # engines through recorders.
+    with (
+        serve_pd_fleet([prefill], [decode], "sglang") as fleet,
+        serve_apps([recorded["p"], recorded["d"]]) as (p_url, d_url),
+    ):
+        router = build_router(
+            RouterConfig(
+                pd_disaggregation=True,
+                prefill_urls=[f"{p_url} {fleet.bootstrap_ports[0]}"],
+                decode_urls=[d_url],
+                disable_health_check=True,
+            ),
+            tracer_provider=provider,
+        )
+        with serve_app(router.app()) as url:
+            answer = httpx.post(f"{url}/generate", json={"text": "hi"}, trust_env=False)
+            assert answer.status_code == 200, answer.text
+    spans = exporter.get_finished_spans()
+    (server,) = [span for span in spans if span.kind == SpanKind.SERVER]
+    attempts = [span for span in spans if span.kind == SpanKind.CLIENT]
+    assert len(attempts) == 2
+    assert all(span.parent is not None for span in attempts)
+    assert {span.parent.span_id for span in attempts} == {server.context.span_id}  # type: ignore[union-attr]
+    sent = {
+        name: values(recorder.headers[-1], "traceparent")[0] for name, recorder in recorded.items()
+    }
+    trace_id = f"{server.context.trace_id:032x}"
+    assert all(value.split("-")[1] == trace_id for value in sent.values())
+    assert {value.split("-")[2] for value in sent.values()} == {
+        f"{span.context.span_id:016x}" for span in attempts
+    }
