@@ -166,9 +166,7 @@ def pd_fleet(
             vllm_pd_disaggregation=protocol == "vllm",
             prefill_urls=[f"{url} {port}" for url in urls[: len(prefills)]],
             decode_urls=urls[len(prefills) :],
-            disable_health_check=True,
-            disable_retries=True,
-            **options,
+            **{"disable_health_check": True, "disable_retries": True, **options},
         )
         router = build_router(config)
         with serve_apps([router.app()]) as (router_url,):
@@ -498,7 +496,13 @@ def test_chaos_run_ends_with_every_load_at_zero(protocol: str) -> None:
     plan = [rng.choice(FAULTS) for _ in range(500)]
     statuses: list[int] = []
     with pd_fleet(
-        prefills, decodes, protocol=protocol, request_timeout_secs=1, disable_circuit_breaker=True
+        prefills,
+        decodes,
+        protocol=protocol,
+        request_timeout_secs=1,
+        disable_circuit_breaker=True,
+        disable_retries=False,  # retried pairs take and give back leases too
+        retry_initial_backoff_ms=0,
     ) as fleet:
 
         async def one(fault: str | None, index: int, http: httpx.AsyncClient) -> None:
@@ -568,3 +572,59 @@ def test_a_burst_sharing_one_prefix_spreads_over_the_prefill_workers() -> None:
         assert min(counts) > 0, counts
         # cache_aware's rule (--balance-abs-threshold 64): never more than 64 above the least.
         assert max(counts) - min(counts) <= 65, counts
+
+
+# -- retries: a half that fails before any byte reached the client ----------------------
+
+RETRYING = {"disable_retries": False, "retry_initial_backoff_ms": 0, "policy": "round_robin"}
+
+
+@pytest.mark.parametrize("protocol", ["sglang", "vllm"])
+def test_a_failing_prefill_is_retried_on_another_pair(protocol: str) -> None:
+    rooms = Rooms()
+    prefills = [
+        PDEngine("prefill", rooms, "bad", protocol=protocol, fail=503),
+        PDEngine("prefill", rooms, "good", protocol=protocol),
+    ]
+    decodes = [PDEngine("decode", rooms, "d1", protocol=protocol)]
+    path = "/generate" if protocol == "sglang" else "/v1/completions"
+    with pd_fleet(prefills, decodes, protocol=protocol, **RETRYING) as fleet, client(fleet) as http:
+        for _ in range(4):
+            answer = http.post(path, json={"text": "hi", "prompt": "hi", "max_tokens": 2})
+            assert answer.status_code == 200, answer.text
+        assert len(prefills[0].bodies) >= 1  # it was tried, and every request still served
+        wait_until(lambda: fleet.loads() == [0, 0, 0])
+        if protocol == "vllm":
+            assert len(decodes[0].bodies) == 4  # the decode half only after a good prefill
+        # A client error is the client's answer at once: no other pair is tried.
+        sent = len(prefills[0].bodies) + len(prefills[1].bodies)
+        prefills[0].fail = prefills[1].fail = 400
+        refused = http.post(path, json={"text": "hi", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 400
+        assert len(prefills[0].bodies) + len(prefills[1].bodies) == sent + 1
+
+
+def test_an_unreachable_decode_is_retried_on_another_pair() -> None:
+    rooms = Rooms()
+    prefills = [PDEngine("prefill", rooms, "p1")]
+    decodes = [PDEngine("decode", rooms, "d1")]
+    with serve_apps([*prefills, *decodes]) as (prefill_url, decode_url):
+        config = RouterConfig(
+            pd_disaggregation=True,
+            prefill_urls=[f"{prefill_url} 8998"],
+            decode_urls=["http://127.0.0.1:9", decode_url],  # nothing listens on port 9
+            disable_health_check=True,
+            disable_circuit_breaker=True,
+            retry_initial_backoff_ms=0,
+            decode_policy="round_robin",
+        )
+        router = build_router(config)
+        with (
+            serve_apps([router.app()]) as (url,),
+            httpx.Client(base_url=url, trust_env=False) as http,
+        ):
+            for _ in range(2):
+                answer = http.post("/generate", json={"text": "hi"}, timeout=20)
+                assert answer.status_code == 200, answer.text
+            assert len(decodes[0].bodies) == 2
+            wait_until(lambda: [worker.load for worker in router.registry] == [0, 0, 0])

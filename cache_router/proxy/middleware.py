@@ -329,6 +329,7 @@ class RoutingMiddleware:
                 prefill_policy if prefill_policy is not None else self.policy,
                 decode_policy if decode_policy is not None else PowerOfTwoPolicy(),
                 total_timeout=total_timeout,
+                retry=self.retry,
             )
             self.pd.tracer = tracer
         self._overrides = _checked_overrides(upstream_headers or {})

@@ -29,6 +29,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping
+from collections.abc import Collection as Collection_
 from typing import Any, Literal, cast
 
 import anyio
@@ -37,10 +38,12 @@ from cache_router.core.errors import NoAvailableWorker, RouterError
 from cache_router.core.events import RequestTracer, RouterEvents
 from cache_router.core.policies import BindsRegistry, Policy, RoutingRequest
 from cache_router.core.registry import Worker, WorkerRegistry
+from cache_router.core.retry import RetryConfig
 from cache_router.proxy.asgi import Headers, Receive, Scope, Send
 from cache_router.proxy.clients import UpstreamError
 from cache_router.proxy.outbound import upstream_url, with_worker_key
 from cache_router.proxy.relay import (
+    RETRYABLE_STATUSES,
     BodyRewrite,
     Collection,
     RelayResult,
@@ -73,6 +76,7 @@ _REMOTE_DECODE = {
 #: Fields a one-token prefill request must not carry (a minimum above one token is an error).
 _DECODE_ONLY = frozenset({"stream_options", "min_tokens", "min_completion_tokens"})
 _dumps = json.dumps
+_NO_EVENTS = RouterEvents()
 logger = logging.getLogger("cache_router")
 
 
@@ -93,6 +97,7 @@ class PDRouter:
         decode_policy: Policy,
         *,
         total_timeout: float | None,
+        retry: RetryConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if protocol not in PD_PROTOCOLS:
@@ -106,6 +111,7 @@ class PDRouter:
             if isinstance(policy, BindsRegistry):
                 policy.bind(registry)
         self._total_timeout = total_timeout
+        self.retry = retry if retry is not None else RetryConfig()
         self._room: Callable[[int], int] = (rng or random.SystemRandom()).getrandbits
         #: Hears each half go out (set by the middleware that owns this router).
         self.tracer: RequestTracer | None = None
@@ -120,25 +126,31 @@ class PDRouter:
             sent = self.tracer.attempt_started(worker, 1, sent)
         return sent
 
-    def _candidates(self, role: str, routing: RoutingRequest) -> list[Worker]:
-        candidates = self.registry.candidates(routing.model, role)
-        if not candidates:
-            raise NoAvailableWorker(f"no healthy {role} worker is available; retry later")
-        return list(candidates)
-
-    def choose_pair(self, routing: RoutingRequest) -> tuple[Worker, Worker]:
-        """The prefill and the decode worker for ``routing``; both sides are checked before
-        either policy runs, so a request refused for want of one half leaves nothing in
-        the other's policy state (``NoAvailableWorker``)."""
-        prefills = self._candidates("prefill", routing)
-        decodes = self._candidates("decode", routing)
+    def choose_pair(
+        self, routing: RoutingRequest, failed: Collection_[Worker] = ()
+    ) -> tuple[Worker, Worker, bool, bool]:
+        """The prefill and the decode worker for ``routing``, neither among ``failed``,
+        and whether each side has another worker to retry on; both sides are checked
+        before either policy runs, so a request refused for want of one half leaves
+        nothing in the other's policy state (``NoAvailableWorker``)."""
+        prefills = self._candidates("prefill", routing, failed)
+        decodes = self._candidates("decode", routing, failed)
         return (
             self.prefill_policy.select(routing, prefills),
             self.decode_policy.select(routing, decodes),
+            len(prefills) > 1,
+            len(decodes) > 1,
         )
 
-    def choose_decode(self, routing: RoutingRequest) -> Worker:
-        return self.decode_policy.select(routing, self._candidates("decode", routing))
+    def _candidates(
+        self, role: str, routing: RoutingRequest, failed: Collection_[Worker] = ()
+    ) -> list[Worker]:
+        candidates = self.registry.candidates(routing.model, role)
+        if failed:
+            candidates = [worker for worker in candidates if worker not in failed]
+        if not candidates:
+            raise NoAvailableWorker(f"no healthy {role} worker is available; retry later")
+        return list(candidates)
 
     async def dispatch(
         self,
@@ -153,39 +165,55 @@ class PDRouter:
         events: RouterEvents,
     ) -> RelayResult:
         """Serve one generation request with a prefill/decode pair; the result is the
-        decode half's (its status None when the client left before any answer)."""
-        if self.protocol == "sglang":
-            return await self._bootstrap(
-                scope, receive, send, routing, parsed, body, headers, echo, events
+        decode half's (its status None when the client left before any answer).
+
+        A half that fails before anything reached the client (a connect failure, no
+        answer, a retryable status) is tried again on another worker of its side, with a
+        new pair, as many times as the retry settings allow.
+        """
+        exchange = _PairExchange(scope, receive, send, routing, parsed, body, headers, echo)
+        exchange.events = events
+        failed: list[Worker] = []
+        attempt = 1
+        while True:
+            last = attempt >= self.retry.max_attempts
+            if self.protocol == "sglang":
+                result, culprit = await self._bootstrap(exchange, failed, last)
+            else:
+                result, culprit = await self._two_steps(exchange, failed, last)
+            if result.retry is None or culprit is None:
+                result.attempts = attempt
+                return result
+            logger.warning(
+                "request %s: %s half on %s failed (%s); retrying with another pair",
+                exchange.request_id.decode("latin-1"),
+                culprit.role,
+                culprit.url,
+                result.retry,
             )
-        return await self._two_steps(
-            scope, receive, send, routing, parsed, body, headers, echo, events
-        )
+            events.request_retried(culprit, attempt, result.retry)
+            failed.append(culprit)
+            await anyio.sleep(self.retry.backoff(attempt))
+            attempt += 1
 
     async def _bootstrap(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        routing: RoutingRequest,
-        parsed: Mapping[str, Any],
-        body: bytes,
-        headers: list[tuple[bytes, bytes]],
-        echo: Headers,
-        events: RouterEvents,
-    ) -> RelayResult:
-        prefill, decode = self.choose_pair(routing)
-        payload = with_bootstrap(body, parsed, prefill, batch_size(parsed), self._room)
-        method: str = scope["method"]
-        request_id = echo[0][1]
+        self, exchange: _PairExchange, failed: list[Worker], last: bool
+    ) -> tuple[RelayResult, Worker | None]:
+        """One try of SGLang's protocol: both halves at once. Returns the result and, when
+        it says retry, the worker whose half failed."""
+        routing, scope, events = exchange.routing, exchange.scope, exchange.events
+        prefill, decode, other_prefill, other_decode = self.choose_pair(routing, failed)
+        payload = with_bootstrap(
+            exchange.body, exchange.parsed, prefill, batch_size(exchange.parsed), self._room
+        )
         if events:
             events.request_routed(prefill, routing)
         # The prefill's lease is taken now, before any await, so the next request's choice
         # sees it; the collection owns it from here.
         collection = self.upstream.collection(
-            method=method,
+            method=exchange.method,
             url=upstream_url(prefill.url, scope),
-            headers=self._headers_for(prefill, headers),
+            headers=self._headers_for(prefill, exchange.headers),
             body=payload,
             lease=self.registry.acquire(prefill),
             events=events,
@@ -193,9 +221,10 @@ class PDRouter:
         )
         leg = PrefillLeg(
             collection,
-            request_id,
-            merge_logprobs=wants_logprobs(scope["path"], parsed),
-            stream=bool(parsed.get("stream")),
+            exchange.request_id,
+            merge_logprobs=wants_logprobs(scope["path"], exchange.parsed),
+            stream=bool(exchange.parsed.get("stream")),
+            may_retry=other_prefill and not last,
         )
         try:
             async with anyio.create_task_group() as group:
@@ -204,15 +233,16 @@ class PDRouter:
                     # Nothing may run between the acquire and the relay, which owns the lease.
                     lease = self.registry.acquire(decode)
                     result = await self.upstream.relay(
-                        method=method,
+                        method=exchange.method,
                         url=upstream_url(decode.url, scope),
-                        headers=self._headers_for(decode, headers),
+                        headers=self._headers_for(decode, exchange.headers),
                         body=payload,
                         lease=lease,
-                        receive=receive,
-                        send=send,
-                        response_headers=echo,
-                        request_id=request_id,
+                        receive=exchange.receive,
+                        send=exchange.send,
+                        response_headers=exchange.echo,
+                        request_id=exchange.request_id,
+                        may_retry=other_decode and not last,
                         events=events,
                         routing=routing,
                         companion=leg,
@@ -221,116 +251,102 @@ class PDRouter:
                     group.cancel_scope.cancel()
         finally:
             collection.release()  # the leg's task may have been cancelled before it ran
-        return _served_by(result, prefill, decode)
+        # The half whose failure asked for the retry (the other may have failed later).
+        culprit = prefill if leg.retry is not None and result.retry == leg.retry else decode
+        return _served_by(result, prefill, decode), culprit
 
     async def _two_steps(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        routing: RoutingRequest,
-        parsed: Mapping[str, Any],
-        body: bytes,
-        headers: list[tuple[bytes, bytes]],
-        echo: Headers,
-        events: RouterEvents,
-    ) -> RelayResult:
-        prefill, decode = self.choose_pair(routing)
-        request_id = echo[0][1]
-        method: str = scope["method"]
+        self, exchange: _PairExchange, failed: list[Worker], last: bool
+    ) -> tuple[RelayResult, Worker | None]:
+        """One try of vLLM's protocol: the prefill, then the decode with what it returned."""
+        routing, scope, events = exchange.routing, exchange.scope, exchange.events
+        prefill, decode, other_prefill, other_decode = self.choose_pair(routing, failed)
         if events:
             events.request_routed(prefill, routing)
-        outcome = await self._prefill_first(
-            receive,
-            method,
-            upstream_url(prefill.url, scope),
-            self._headers_for(prefill, headers),
-            _vllm_prefill_body(parsed),
-            prefill,
-            events,
-            request_id,
-        )
-        if outcome is None:  # the client left
-            return RelayResult()
-        if isinstance(outcome, RouterError):
-            await send_error(send, outcome, echo)
-            result = RelayResult()
-            result.status = outcome.status
-            result.worker, result.attempts = prefill.url, 1
-            return result
+        outcome = await self._prefill_first(exchange, prefill, may_retry=other_prefill and not last)
+        result = RelayResult()
+        if outcome.gone:
+            return result, None
+        if outcome.retry is not None:
+            result.retry = outcome.retry
+            return result, prefill
+        if outcome.error is not None:
+            await send_error(exchange.send, outcome.error, exchange.echo)
+            result.status = outcome.error.status
+            result.worker = prefill.url
+            return result, None
         if not decode.available:  # it fell ill while the prefill ran
-            decode = self.choose_decode(routing)
-        payload = with_fields(body, parsed, {"kv_transfer_params": outcome}) if outcome else body
+            decode = self.decode_policy.select(routing, self._candidates("decode", routing, failed))
+        params = outcome.params
+        body = exchange.body
+        if params:
+            body = with_fields(body, exchange.parsed, {"kv_transfer_params": params})
         lease = self.registry.acquire(decode)
         result = await self.upstream.relay(
-            method=method,
+            method=exchange.method,
             url=upstream_url(decode.url, scope),
-            headers=self._headers_for(decode, headers),
-            body=payload,
+            headers=self._headers_for(decode, exchange.headers),
+            body=body,
             lease=lease,
-            receive=receive,
-            send=send,
-            response_headers=echo,
-            request_id=request_id,
+            receive=exchange.receive,
+            send=exchange.send,
+            response_headers=exchange.echo,
+            request_id=exchange.request_id,
+            may_retry=other_decode and not last,
             events=events,
             routing=routing,
         )
-        return _served_by(result, prefill, decode)
+        return _served_by(result, prefill, decode), decode
 
     async def _prefill_first(
-        self,
-        receive: Receive,
-        method: str,
-        url: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        prefill: Worker,
-        events: RouterEvents,
-        request_id: bytes,
-    ) -> dict[str, Any] | RouterError | None:
-        """The vLLM prefill step: its ``kv_transfer_params``, the client's error, or None
-        when the client left (the exchange is cancelled at once)."""
-        gone = False
+        self, exchange: _PairExchange, prefill: Worker, *, may_retry: bool
+    ) -> _PrefillOutcome:
+        """The vLLM prefill step, cancelled at once if the client leaves."""
+        outcome = _PrefillOutcome()
         answer: tuple[int, bytes] | None = None
-        error: RouterError | None = None
+        request_id, receive = exchange.request_id, exchange.receive
         total = self._total_timeout
         deadline = math.inf if total is None else anyio.current_time() + total
         with anyio.CancelScope(deadline=deadline):
             async with anyio.create_task_group() as group:
 
                 async def watch() -> None:
-                    nonlocal gone
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    gone = True
+                    outcome.gone = True
                     group.cancel_scope.cancel()
 
                 group.start_soon(watch)
                 collection = self.upstream.collection(
-                    method=method,
-                    url=url,
-                    headers=headers,
-                    body=body,
+                    method=exchange.method,
+                    url=upstream_url(prefill.url, exchange.scope),
+                    headers=self._headers_for(prefill, exchange.headers),
+                    body=_vllm_prefill_body(exchange.parsed),
                     lease=self.registry.acquire(prefill),
-                    events=events,
+                    events=exchange.events,
                     limit=_PREFILL_ANSWER_LIMIT,
                 )
                 try:
                     answer = await collection.run()
                 except UpstreamError as exc:
-                    error = _leg_error(exc, request_id)
+                    outcome.error = _leg_error(exc, request_id)
+                    outcome.retry = _retry_reason(exc) if may_retry else None
                 finally:
                     collection.release()
                 group.cancel_scope.cancel()
-        if gone:
-            return None
-        if error is not None:
-            return error
+        if outcome.gone or outcome.error is not None:
+            return outcome
         if answer is None:
-            return upstream_error(504, "timed out (prefill)", "upstream_timeout", request_id)
+            outcome.error = upstream_error(
+                504, "timed out (prefill)", "upstream_timeout", request_id
+            )
+            return outcome
         status, content = answer
         if not 200 <= status < 300:
-            return engine_error(status, content, request_id)
+            outcome.error = engine_error(status, content, request_id)
+            if may_retry and status in RETRYABLE_STATUSES:
+                outcome.retry = f"prefill status {status}"
+            return outcome
         params = _transfer_params(content)
         if params is None:
             # As vLLM's routers do: the decode worker then computes the prompt itself.
@@ -340,8 +356,57 @@ class PDRouter:
                 request_id.decode("latin-1"),
                 prefill.url,
             )
-            return {}
-        return params
+        outcome.params = params
+        return outcome
+
+
+class _PairExchange:
+    """One client request served by prefill/decode pairs: what every try shares."""
+
+    __slots__ = (
+        "body",
+        "echo",
+        "events",
+        "headers",
+        "method",
+        "parsed",
+        "receive",
+        "request_id",
+        "routing",
+        "scope",
+        "send",
+    )
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        routing: RoutingRequest,
+        parsed: Mapping[str, Any],
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        echo: Headers,
+    ) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.routing, self.parsed, self.body = routing, parsed, body
+        self.headers, self.echo = headers, echo
+        self.method: str = scope["method"]
+        self.request_id: bytes = echo[0][1]
+        self.events: RouterEvents = _NO_EVENTS
+
+
+class _PrefillOutcome:
+    """What the vLLM prefill step came to: ``params`` for the decode, or an ``error``
+    (with a ``retry`` reason when another prefill worker may take it), or ``gone``."""
+
+    __slots__ = ("error", "gone", "params", "retry")
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] | None = None
+        self.error: RouterError | None = None
+        self.retry: str | None = None
+        self.gone = False
 
 
 class PrefillLeg:
@@ -356,8 +421,12 @@ class PrefillLeg:
         *,
         merge_logprobs: bool = False,
         stream: bool = False,
+        may_retry: bool = False,
     ) -> None:
         self._collection = collection
+        self._may_retry = may_retry
+        #: Why another prefill worker may take the request, once this one failed so.
+        self.retry: str | None = None
         self._merge = merge_logprobs
         self._stream = stream
         self._request_id = request_id
@@ -380,11 +449,15 @@ class PrefillLeg:
         try:
             status, answer = await self._collection.run()
         except UpstreamError as exc:
+            if self._may_retry:
+                self.retry = _retry_reason(exc)
             self._fail(_leg_error(exc, self._request_id))
         else:
             if 200 <= status < 300:
                 self.answer = answer
             else:
+                if self._may_retry and status in RETRYABLE_STATUSES:
+                    self.retry = f"prefill status {status}"
                 self._fail(engine_error(status, answer, self._request_id))
         finally:
             self._done.set()
@@ -511,8 +584,15 @@ def engine_error(status: int, content: bytes, request_id: bytes) -> RouterError:
 def _served_by(result: RelayResult, prefill: Worker, decode: Worker) -> RelayResult:
     """``result`` naming the pair that served it (for the access log): one attempt."""
     result.worker = f"{prefill.url} -> {decode.url}"
-    result.attempts = 1
     return result
+
+
+def _retry_reason(exc: UpstreamError) -> str | None:
+    """Why a prefill that failed so may be tried elsewhere (never after a timeout: the
+    engine may still be working on it)."""
+    if exc.connect:
+        return "prefill connect failure"
+    return None if exc.kind == "timeout" else f"prefill gave no answer ({exc})"
 
 
 def _leg_error(exc: UpstreamError, request_id: bytes) -> RouterError:

@@ -146,6 +146,12 @@ class Companion(Protocol):
         """Why the companion failed, once it has; else None."""
         ...
 
+    @property
+    def retry(self) -> str | None:
+        """Once it failed: why the whole exchange may be tried again elsewhere (nothing
+        is answered then), or None to answer :attr:`error`."""
+        ...
+
     def rewrite(self, status: int) -> BodyRewrite | None:
         """How the relayed ``status`` answer's body must change (after :meth:`wait`
         returned no error), or None to relay it as it comes."""
@@ -379,7 +385,7 @@ class Upstream:
                     group.cancel_scope.cancel()
             if not exchange.finished and not exchange.client_gone:
                 if companion is not None and companion.error is not None:
-                    await self._companion_failed(exchange, companion.error)
+                    await self._companion_failed(exchange, companion)
                 else:
                     await self._timed_out(exchange)
         finally:
@@ -443,7 +449,9 @@ class Upstream:
                 error = await exchange.companion.wait()
                 if error is not None:
                     exchange.finished = True
-                    await exchange.answer(error)
+                    result.retry = exchange.companion.retry
+                    if result.retry is None:
+                        await exchange.answer(error)
                     return
                 rewrite = exchange.companion.rewrite(status)
             if exchange.may_retry and status in RETRYABLE_STATUSES:
@@ -505,13 +513,16 @@ class Upstream:
         else:
             await exchange.error(502, "unreachable", "upstream_unreachable")
 
-    async def _companion_failed(self, exchange: _Exchange, error: RouterError) -> None:
-        """The companion failed and cancelled this exchange: its error is the answer, or,
-        once the answer has started, the client connection is cut."""
+    async def _companion_failed(self, exchange: _Exchange, companion: Companion) -> None:
+        """The companion failed and cancelled this exchange: its error is the answer (or a
+        retry, when it says so), or, once the answer has started, the connection is cut."""
         if exchange.result.status is not None:
             exchange.failure = UpstreamAborted(f"a companion of {exchange.worker.url} failed")
+        elif companion.retry is not None:
+            exchange.result.retry = companion.retry
         else:
-            await exchange.answer(error)
+            assert companion.error is not None
+            await exchange.answer(companion.error)
 
     async def _timed_out(self, exchange: _Exchange) -> None:
         """The total timeout cut the exchange: 504 if nothing was sent, else cut the stream."""
