@@ -266,7 +266,17 @@ class KVEventPublisher:
         """Stop, then start again on the same ports with the sequence back at 0, as after
         an engine restart."""
         self.stop()
-        self.start()
+        # ZMQ unbinds closed sockets in its I/O thread, a moment later: the ports may still
+        # be taken when the new sockets bind, so binding is retried for a bounded time.
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self.start()
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> KVEventPublisher:
         return self.start()
