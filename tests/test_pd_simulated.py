@@ -105,3 +105,35 @@ def test_a_slower_decode_engine_gets_fewer_requests() -> None:
         assert sum(served.values()) == 160
         assert served["slow"] < served["fast"], served
         assert all(worker.load == 0 for worker in router.registry)
+
+
+def test_the_middleware_takes_a_pd_fleet_inside_an_app() -> None:
+    """As docs/pd.md shows: a registry of the caller's, workers added with their roles, the
+    middleware mounted in a Starlette app that keeps its own routes."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from cache_router import CacheRouterMiddleware, WorkerRegistry
+
+    async def hello(request: object) -> PlainTextResponse:
+        return PlainTextResponse("the app's own route")
+
+    with serve_pd_fleet(1, 1, "sglang", prefill_options=FAST, decode_options=FAST) as fleet:
+        registry = WorkerRegistry()
+        (prefill_url, port), (decode_url,) = fleet.prefill[0], fleet.decode_urls
+        registry.add(prefill_url, role="prefill", bootstrap_port=port)
+        registry.add(decode_url, role="decode")
+        app = Starlette(routes=[Route("/hello", hello)])
+        app.add_middleware(
+            CacheRouterMiddleware,
+            registry,
+            config=RouterConfig(pd_disaggregation=True, disable_health_check=True),
+        )
+        with serve_apps([app]) as (url,), httpx.Client(base_url=url, trust_env=False) as http:
+            assert http.get("/hello").text == "the app's own route"
+            answer = http.post("/generate", json={"text": "hi"}, timeout=20)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-engine"] == "decode-0"
+        assert paired(fleet.decode_engines) == 1
+        assert [worker.load for worker in registry] == [0, 0]
