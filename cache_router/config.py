@@ -1091,7 +1091,15 @@ def _cross_checks(
             f"worker_urls (from {where('worker_urls')}): a disaggregated fleet has prefill "
             "and decode workers only (prefill_urls, decode_urls)"
         )
-    if get("prometheus_port") is not None and get("workers") > 1:
+    metrics_port = get("prometheus_port")
+    if metrics_port is not None and metrics_port == get("port") and metrics_port != 0:
+        hosts = {get("host"), get("prometheus_host")}
+        if len(hosts) == 1 or hosts & {"0.0.0.0", "::"}:
+            problems.append(
+                f"prometheus_port (from {where('prometheus_port')}): {metrics_port} is also "
+                f"the router's port (from {where('port')}); the metrics listener needs its own"
+            )
+    if metrics_port is not None and get("workers") > 1:
         problems.append(
             f"prometheus_port (from {where('prometheus_port')}): one metrics listener cannot "
             f"serve {get('workers')} processes' metrics (from {where('workers')}); scrape "

@@ -289,6 +289,14 @@ def test_one_metrics_listener_cannot_serve_several_processes() -> None:
     assert done.returncode == 2 and "prometheus_port" in done.stderr
 
 
+def test_the_metrics_port_cannot_be_the_routers_own() -> None:
+    """Refused at start, naming both options, rather than a bind failure after start-up."""
+    same = ("--port", "30123", "--prometheus-port", "30123")
+    done = run_cli("serve", "--worker-urls", "http://127.0.0.1:9", *same)
+    assert done.returncode == 2
+    assert "prometheus_port" in done.stderr and "router's port" in done.stderr
+
+
 def test_queue_answers_through_the_cli_are_sglangs() -> None:
     """One slot, one queue place, the slot held: of two more requests one waits and times
     out with 408, the other finds the queue full, 429; neither reaches the engine or leaves
