@@ -19,7 +19,8 @@ prefix saves work, the decode side by load -- and speaks one of two wire protoco
 Each half takes its own lease from the registry at the moment its request goes out, and
 each is released exactly once: the prefill's when its answer has been read (its work is
 done) or its exchange ends any other way, the decode's as every relayed lease is; both
-before :meth:`PDRouter.dispatch` returns, however the request ends.
+before :meth:`PDRouter.dispatch` returns, however the request ends. A half that fails
+before the client got anything is retried with a new pair, each try with leases of its own.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ PD_ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 _ROOM_BITS = 63
 #: The prefill's answer is read whole; a generation of one token is far smaller.
 _PREFILL_ANSWER_LIMIT = 4 * 1024 * 1024
-_BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 #: What the vLLM prefill request asks: compute the prompt, keep its KV for a remote decode.
 _REMOTE_DECODE = {
     "do_remote_decode": True,
