@@ -230,22 +230,8 @@ class PDRouter:
             async with anyio.create_task_group() as group:
                 group.start_soon(leg.run)
                 try:
-                    # Nothing may run between the acquire and the relay, which owns the lease.
-                    lease = self.registry.acquire(decode)
-                    result = await self.upstream.relay(
-                        method=exchange.method,
-                        url=upstream_url(decode.url, scope),
-                        headers=self._headers_for(decode, exchange.headers),
-                        body=payload,
-                        lease=lease,
-                        receive=exchange.receive,
-                        send=exchange.send,
-                        response_headers=exchange.echo,
-                        request_id=exchange.request_id,
-                        may_retry=other_decode and not last,
-                        events=events,
-                        routing=routing,
-                        companion=leg,
+                    result = await self._relay_decode(
+                        exchange, decode, payload, other_decode and not last, leg
                     )
                 finally:
                     group.cancel_scope.cancel()
@@ -259,7 +245,7 @@ class PDRouter:
         self, exchange: _PairExchange, failed: list[Worker], last: bool
     ) -> tuple[RelayResult, Worker | None]:
         """One try of vLLM's protocol: the prefill, then the decode with what it returned."""
-        routing, scope, events = exchange.routing, exchange.scope, exchange.events
+        routing, events = exchange.routing, exchange.events
         prefill, decode, other_prefill, other_decode = self.choose_pair(routing, failed)
         if events:
             events.request_routed(prefill, routing)
@@ -281,22 +267,37 @@ class PDRouter:
         body = exchange.body
         if params:
             body = with_fields(body, exchange.parsed, {"kv_transfer_params": params})
+        result = await self._relay_decode(exchange, decode, body, other_decode and not last)
+        return _served_by(result, prefill, decode), decode
+
+    async def _relay_decode(
+        self,
+        exchange: _PairExchange,
+        decode: Worker,
+        body: bytes,
+        may_retry: bool,
+        companion: PrefillLeg | None = None,
+    ) -> RelayResult:
+        """The decode half, relayed to the client under a lease of its own."""
+        url = upstream_url(decode.url, exchange.scope)
+        headers = self._headers_for(decode, exchange.headers)
+        # Nothing may run between the acquire and the relay, which owns the lease.
         lease = self.registry.acquire(decode)
-        result = await self.upstream.relay(
+        return await self.upstream.relay(
             method=exchange.method,
-            url=upstream_url(decode.url, scope),
-            headers=self._headers_for(decode, exchange.headers),
+            url=url,
+            headers=headers,
             body=body,
             lease=lease,
             receive=exchange.receive,
             send=exchange.send,
             response_headers=exchange.echo,
             request_id=exchange.request_id,
-            may_retry=other_decode and not last,
-            events=events,
-            routing=routing,
+            may_retry=may_retry,
+            events=exchange.events,
+            routing=exchange.routing,
+            companion=companion,
         )
-        return _served_by(result, prefill, decode), decode
 
     async def _prefill_first(
         self, exchange: _PairExchange, prefill: Worker, *, may_retry: bool
