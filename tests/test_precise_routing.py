@@ -31,6 +31,7 @@ from cache_router import (
 )
 from cache_router.builder import Router
 from cache_router.config import ConfigError
+from cache_router.core.kv_index import KVIndex
 from cache_router.core.policies import POLICY_NAMES
 from cache_router.testing import SimulatedEngine, serve_app
 from cache_router.testing.kv_publisher import KVEventPublisher
@@ -38,6 +39,7 @@ from cache_router.testing.kv_publisher import KVEventPublisher
 pytestmark = pytest.mark.timeout(60)
 
 BLOCK = 4
+PENDING = 0.2
 
 
 def ids(text: str) -> list[int]:
@@ -95,7 +97,9 @@ class Fleet:
 def fleet_and_router(count: int = 2, **engine: Any) -> Iterator[tuple[Fleet, Router, str]]:
     with ExitStack() as stack:
         fleet = Fleet(stack, count, **engine)
-        router = build_router(fleet.config())
+        # A short pending window: the tests wait it out to see the index alone.
+        policy = PreciseCacheAwarePolicy(KVIndex(BLOCK), pending_window=PENDING)
+        router = build_router(fleet.config(), policy=policy)
         url = stack.enter_context(serve_app(router.app(), lifespan="on"))
         policy = router.policy
         assert isinstance(policy, PreciseCacheAwarePolicy)
@@ -136,6 +140,7 @@ def test_routing_follows_what_the_engine_really_holds_after_an_eviction() -> Non
         for n in range(8):
             generate(fleet.urls[holder], f"unrelated work {n} " * 4)
         generate(fleet.urls[other], prompt)
+        time.sleep(2 * PENDING)  # what this router sent is no longer pending
         settle(
             lambda: (
                 holds(router, fleet.urls[other], prompt)
@@ -175,6 +180,7 @@ def test_a_worker_whose_stream_is_stale_is_scored_by_the_tree() -> None:
         generate(b, "reveals the gap " * 3)
         settle(lambda: not index.is_live(b))
         assert index.staleness(b) == "lost events"
+        time.sleep(2 * PENDING)  # the request this router sent A is no longer pending
         # Now B is scored by the tree: its guess (all 113 characters) beats A's exact 112.
         mixed = policy.lookups["mixed"]
         assert generate(url, prompt).headers["x-engine"] == "e1"
@@ -265,6 +271,30 @@ def test_admin_added_workers_get_a_stream_and_removed_ones_lose_it() -> None:
         removed = httpx.delete(url + f"/router/workers/{fleet.urls[1]}", trust_env=False)
         assert removed.status_code in (200, 202, 204), removed.text
         settle(lambda: fleet.urls[1] not in policy.index.workers())
+
+
+def test_a_burst_on_a_new_prefix_follows_its_first_request_before_any_event() -> None:
+    """Blocks are reported once computed: until then, what was just sent counts."""
+    from cache_router import WorkerRegistry
+
+    clock = [0.0]
+    index = KVIndex(BLOCK)
+    policy = PreciseCacheAwarePolicy(index, pending_window=1.0, clock=lambda: clock[0])
+    registry = WorkerRegistry(["http://a:1", "http://b:1", "http://c:1"])
+    for worker in registry:
+        index.mark_live(worker.url)
+    key = encode_tokens(ids(SYSTEM + "first"))
+    chosen = {policy.select(RoutingRequest(key, tokens=True), registry.workers).url}
+    for n in range(10):
+        request = RoutingRequest(encode_tokens(ids(SYSTEM + f"next {n}")), tokens=True)
+        chosen.add(policy.select(request, registry.workers).url)
+        assert request.outcome == "cache_hit"
+    assert len(chosen) == 1
+    clock[0] = 2.5  # two windows later, nothing sent is pending any more
+    policy.select(RoutingRequest(encode_tokens(ids("rotates")), tokens=True), registry.workers)
+    request = RoutingRequest(encode_tokens(ids(SYSTEM + "late")), tokens=True)
+    policy.select(request, registry.workers)
+    assert request.outcome == "cache_miss"
 
 
 # -- construction -------------------------------------------------------------------------

@@ -60,9 +60,23 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
     ``mixed`` (index and tree), ``tree`` (no live stream, or a text key).
     """
 
-    def __init__(self, index: KVIndex | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        index: KVIndex | None = None,
+        *,
+        pending_window: float = 2.0,
+        max_pending_size: int = 2**22,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
+        if pending_window <= 0:
+            raise ValueError("pending_window must be positive")
         self.index = index if index is not None else KVIndex()
+        self.pending_window = pending_window
+        self._max_pending = max_pending_size
+        #: Token keys sent in the last one or two windows: ``[current, previous]``.
+        self._pending = [RadixTree(max_pending_size), RadixTree(max_pending_size)]
+        self._rotate_at = self._clock() + pending_window
         #: The current request's matches per worker, kept from :meth:`_lookup` for the
         #: spill gate's :meth:`_warm` (one selection runs at a time: ``select`` never awaits).
         self._matches: dict[str, int] = _NONE
@@ -78,15 +92,29 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
             lookups["tree"] += 1
             return super()._lookup(request, tree, candidates)
         is_live = index.is_live
-        stale = [worker.url for worker in candidates if not is_live(worker.url)]
-        if len(stale) == len(candidates):
+        live: set[str] = set()
+        stale: list[str] = []
+        for worker in candidates:
+            if is_live(worker.url):
+                live.add(worker.url)
+            else:
+                stale.append(worker.url)
+        if not live:
             lookups["tree"] += 1
             return super()._lookup(request, tree, candidates)
         key = request.key
         exact = index.match(decode_token_key(key))
         # Only candidates count: a longer match on a worker that may not take the request
         # must not turn a shorter hit on one that may into a miss.
-        matches = {worker.url: exact[worker.url] for worker in candidates if worker.url in exact}
+        matches = {url: length for url, length in exact.items() if url in live}
+        # Prompts just sent are not stored yet (the engine reports blocks once computed):
+        # a burst on a new prefix must follow its first request, not scatter.
+        for pending in self._pending:
+            sent = pending.prefix_match(key)
+            if sent.length:
+                for url in sent.tenants:
+                    if url in live and matches.get(url, 0) < sent.length:
+                        matches[url] = sent.length
         if stale and tree is not None:
             # Workers without a live stream keep the tree's guess (the deepest match's
             # holders; a shorter partial match of theirs is not looked for).
@@ -102,6 +130,19 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
             return _NO_MATCH
         best = max(matches.values())
         return PrefixMatch(best, frozenset(url for url, n in matches.items() if n == best))
+
+    def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker:
+        pending = self._pending
+        now = self._clock()
+        if now >= self._rotate_at:  # before the lookup: what expired must not count
+            idle = now >= self._rotate_at + self.pending_window  # both windows are over
+            pending[1] = RadixTree(self._max_pending) if idle else pending[0]
+            pending[0] = RadixTree(self._max_pending)
+            self._rotate_at = now + self.pending_window
+        chosen = super().select(request, candidates)
+        if request.tokens and request.key:
+            pending[0].insert(request.key, chosen.url)
+        return chosen
 
     def _warm(self, request: RoutingRequest, tree: RadixTree | None, cut: int) -> Collection[str]:
         matches = self._matches
