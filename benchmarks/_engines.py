@@ -52,6 +52,7 @@ ENGINE_KNOBS = frozenset(
         "decode_seconds_per_token",
         "default_max_tokens",
         "max_tokens_limit",
+        "block_size",
     }
 )
 
@@ -67,16 +68,39 @@ class Slot:
 
 
 class Fleet:
-    """The engines, their knobs and the in-process load sampler."""
+    """The engines, their knobs and the in-process load sampler.
 
-    def __init__(self, count: int, knobs: dict[str, Any], sample_interval: float) -> None:
+    With ``kv_events``, every engine publishes its KV events (vLLM's ZMQ protocol) through
+    a publisher of its own that outlives resets, as an engine process would: a reset
+    publishes ``AllBlocksCleared`` before the fresh engine starts (engines cache in blocks
+    only when the ``block_size`` knob is set).
+    """
+
+    def __init__(
+        self, count: int, knobs: dict[str, Any], sample_interval: float, *, kv_events: bool = False
+    ) -> None:
         self.knobs = dict(knobs)
+        self.publishers: list[Any] = []
+        if kv_events:
+            from cache_router.testing.kv_publisher import KVEventPublisher
+
+            self.publishers = [KVEventPublisher().start() for _ in range(count)]
         self.slots = [Slot(self._engine(i)) for i in range(count)]
         self.sample_interval = sample_interval
         self._reset_sampler()
 
     def _engine(self, index: int) -> SimulatedEngine:
+        if self.publishers and self.knobs.get("block_size"):
+            events = self.publishers[index]
+            return SimulatedEngine(name=f"engine{index}", kv_events=events, **self.knobs)
         return SimulatedEngine(name=f"engine{index}", **self.knobs)
+
+    def event_endpoints(self) -> list[list[str | None]]:
+        return [[p.endpoint, p.replay_endpoint] for p in self.publishers]
+
+    def close(self) -> None:
+        for publisher in self.publishers:
+            publisher.stop()
 
     def _reset_sampler(self) -> None:
         self.peak_gap = 0
@@ -88,6 +112,11 @@ class Fleet:
         if unknown:
             raise ValueError(f"unknown engine knobs: {sorted(unknown)}")
         self.knobs.update(knobs)
+        if self.publishers:
+            from cache_router.core.kv_events import AllBlocksCleared
+
+            for publisher in self.publishers:
+                publisher.publish([AllBlocksCleared()])
         for index, slot in enumerate(self.slots):
             slot.engine = self._engine(index)
         self._reset_sampler()
@@ -231,7 +260,8 @@ async def serve(fleet: Fleet, watch_stdin: bool) -> None:
             raise RuntimeError("engine servers did not start in 10 s")
         urls = [f"http://{HOST}:{sock.getsockname()[1]}" for _, sock in servers]
         control_url = f"http://{HOST}:{control[1].getsockname()[1]}"
-        print(json.dumps({"engines": urls, "control": control_url}), flush=True)
+        info = {"engines": urls, "control": control_url, "kv_events": fleet.event_endpoints()}
+        print(json.dumps(info), flush=True)
         await stop.wait()
     finally:
         for server, _ in everything:
@@ -252,6 +282,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--capacity", type=int, default=200_000, help="cache chars per engine")
     parser.add_argument("--sample-interval", type=float, default=0.005)
     parser.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="each engine publishes KV events on ZMQ (with the block_size knob)",
+    )
+    parser.add_argument(
         "--no-stdin-watch", action="store_true", help="do not exit when stdin closes"
     )
     args = parser.parse_args(argv)
@@ -271,13 +306,18 @@ def main(argv: list[str] | None = None) -> None:
             "capacity": args.capacity,
         },
         args.sample_interval,
+        kv_events=args.kv_events,
     )
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(fleet, not args.no_stdin_watch))
+        run: Any = asyncio.run
     else:
-        uvloop.run(serve(fleet, not args.no_stdin_watch))
+        run = uvloop.run
+    try:
+        run(serve(fleet, not args.no_stdin_watch))
+    finally:
+        fleet.close()
 
 
 if __name__ == "__main__":

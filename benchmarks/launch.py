@@ -184,8 +184,17 @@ class Managed:
 class EngineFleet(Managed):
     """The ``benchmarks._engines`` process: N simulated engines plus a control port."""
 
-    def __init__(self, count: int, *, log_dir: Path, startup_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        count: int,
+        *,
+        log_dir: Path,
+        startup_timeout: float = 20.0,
+        kv_events: bool = False,
+    ) -> None:
         argv = [sys.executable, "-m", "benchmarks._engines", "--count", str(count)]
+        if kv_events:
+            argv.append("--kv-events")
         super().__init__(argv, "engines", log_dir=log_dir, stdin_pipe=True)
         try:
             line = self._read_line(startup_timeout)
@@ -195,6 +204,8 @@ class EngineFleet(Managed):
             raise
         self.urls: list[str] = info["engines"]
         self.control: str = info["control"]
+        #: Per engine ``[endpoint, replay_endpoint]`` of its KV events (``kv_events``).
+        self.kv_events: list[list[str | None]] = info.get("kv_events", [])
 
     def _read_line(self, timeout: float) -> str:
         assert self.process.stdout is not None

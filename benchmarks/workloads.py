@@ -92,6 +92,12 @@ def _completion_body(prompt: str, output_len: int) -> bytes:
     return json.dumps(payload).encode()
 
 
+def _chat_body(system: str, question: str, output_len: int) -> bytes:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    payload = {"model": MODEL, "messages": messages, "max_tokens": output_len, "stream": True}
+    return json.dumps(payload).encode()
+
+
 async def _stream_all(
     session: aiohttp.ClientSession, url: str, bodies: list[bytes], concurrency: int
 ) -> list[Outcome]:
@@ -138,21 +144,44 @@ class SharedPrefix(Workload):
     question_len: int = 200
     output_len: int = 16
     concurrency: int = 64
+    #: Streaming chat (a system and a user message) instead of completions.
+    chat: bool = False
+    #: The engines' prefix-cache size in characters (None: the default engine's).
+    capacity: int | None = None
+    #: Engines cache (and publish KV events) in blocks of this many tokens (None: not).
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chat:
+            object.__setattr__(self, "name", "shared_prefix_chat")
+
+    @property
+    def engine_knobs(self) -> dict[str, Any]:
+        knobs = dict(SIMULATED_ENGINE)
+        if self.capacity is not None:
+            knobs["capacity"] = self.capacity
+        if self.block_size is not None:
+            knobs["block_size"] = self.block_size
+        return knobs
 
     async def run(
         self, session: aiohttp.ClientSession, base_url: str, rng: random.Random
     ) -> list[Outcome]:
         systems = [random_text(rng, self.system_prompt_len) for _ in range(self.num_groups)]
-        bodies = [
-            _completion_body(
-                systems[i % self.num_groups] + "\n" + random_text(rng, self.question_len),
-                self.output_len,
-            )
+        pairs = [
+            (systems[i % self.num_groups], random_text(rng, self.question_len))
             for i in range(self.num_groups * self.prompts_per_group)
         ]
         # Interleaved in a seeded random order: a fixed stride (group i % G) would line up
         # with round robin's own stride whenever G and the engine count share a factor.
-        rng.shuffle(bodies)
+        rng.shuffle(pairs)
+        if self.chat:
+            bodies = [_chat_body(system, question, self.output_len) for system, question in pairs]
+            return await _stream_all(session, base_url + CHAT, bodies, self.concurrency)
+        bodies = [
+            _completion_body(system + "\n" + question, self.output_len)
+            for system, question in pairs
+        ]
         return await _stream_all(session, base_url + COMPLETIONS, bodies, self.concurrency)
 
 

@@ -15,19 +15,20 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 
-from cache_router.config import OPTIONS, RouterConfig, prefill_entry
+from cache_router.config import OPTIONS, RouterConfig, kv_events_entry, prefill_entry
 from cache_router.core.events import RequestTracer, RouterEvents
-from cache_router.core.policies import Policy, make_policy
-from cache_router.core.registry import WorkerRegistry
+from cache_router.core.policies import Policy, PreciseCacheAwarePolicy, make_policy
+from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
 from cache_router.ops.fleet import redact_url
 from cache_router.ops.health import CircuitBreakers, HealthChecker
-from cache_router.ops.metrics import PrometheusMetrics
+from cache_router.ops.metrics import PrometheusMetrics, register_kv_metrics
 from cache_router.ops.probes import probe_app
 from cache_router.ops.sglang_workers import SGLANG_STARTUP_WAIT, SGLangWorkerApi
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
@@ -69,6 +70,7 @@ def policy_from_config(
         session_key_header=config.session_key_header,
         prefix_hash_length=config.prefix_hash_length,
         manual_max_keys=config.manual_max_keys,
+        kv_block_size=config.kv_block_size,
         seed=seed,
     )
 
@@ -214,7 +216,8 @@ def build_router(
         decode = config.decode_policy
         if decode is None:
             # Decode has no prefix to reuse: what balances it is load.
-            decode = "power_of_two" if config.policy == "cache_aware" else config.policy
+            cache_aware = config.policy in ("cache_aware", "precise_cache_aware")
+            decode = "power_of_two" if cache_aware else config.policy
         router.decode_policy = policy_from_config(config, name=decode)
     _add_tracing(router, tracer_provider, policy_name)
     router.ssl_context = client_ssl_context(
@@ -255,6 +258,7 @@ def build_router(
             )
         router.admin = _admin_app(router, api_key=config.admin_api_key, metrics=router.metrics)
     _add_scale_out(router)
+    _add_kv_events(router)
     _add_discovery(router)
     ensure_handler(config.log_level, config.log_format)
     if config.log_level in ("debug", "info"):
@@ -416,6 +420,64 @@ def _add_scale_out(router: Router) -> None:
         sources = True
     if sources and router.metrics is not None:
         register_load_metrics(router.metrics, router.registry)
+
+
+def _add_kv_events(router: Router) -> None:
+    """The KV-event subscriber feeding a precise policy's index, one stream per worker
+    with an event endpoint, following workers as they join and leave the registry."""
+    policy = router.policy
+    if not isinstance(policy, PreciseCacheAwarePolicy):
+        return
+    config = router.config
+    explicit = {
+        url: (events, replay) for url, events, replay in map(kv_events_entry, config.kv_events)
+    }
+    port, replay_port = config.kv_events_port, config.kv_events_replay_port
+    if not explicit and port is None:
+        logger.warning(
+            "precise_cache_aware without --kv-events or --kv-events-port: no engine's "
+            "events are followed, every worker is routed by the approximate tree"
+        )
+        return
+    try:
+        from cache_router.ops.kv_subscriber import KVEventSource, KVEventSubscriber
+    except ImportError as exc:
+        raise ValueError(
+            f"precise_cache_aware needs pyzmq and msgspec ({exc.name} is missing): "
+            "pip install 'cache_router[precise]'"
+        ) from None
+
+    def source(worker: Worker) -> KVEventSource | None:
+        endpoint, replay = explicit.get(worker.url, (None, None))
+        if endpoint is None:
+            if port is None:
+                return None
+            endpoint = f"tcp://{_zmq_host(worker.url)}:{port}"
+        if replay is None and replay_port is not None:
+            replay = f"{endpoint.rpartition(':')[0]}:{replay_port}"
+        return KVEventSource(worker.url, endpoint, replay, topic=config.kv_events_topic)
+
+    resync = config.kv_events_resync_secs
+    subscriber = KVEventSubscriber(policy.index, resync_after=resync or None)
+
+    def follow(worker: Worker) -> None:
+        found = source(worker)
+        if found is not None:
+            subscriber.add(found)
+
+    for worker in router.registry:
+        follow(worker)
+    router.registry.on_add(follow)
+    router.registry.on_remove(lambda worker: subscriber.remove(worker.url))
+    router.background.append(subscriber)
+    if router.metrics is not None:
+        register_kv_metrics(router.metrics, policy, subscriber.stats)
+
+
+def _zmq_host(url: str) -> str:
+    """The host of a worker URL as a ZMQ endpoint names it (IPv6 in brackets)."""
+    host = urlsplit(url).hostname or "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 class CacheRouterMiddleware:

@@ -59,6 +59,7 @@ __all__ = [
     "ConfigError",
     "Option",
     "RouterConfig",
+    "kv_events_entry",
     "prefill_entry",
 ]
 
@@ -283,6 +284,54 @@ class RouterConfig:
         default=100_000,
         metadata=_meta(
             "manual: X-SMG-Routing-Key values remembered (least recently used dropped)", low=1
+        ),
+    )
+    # -- precise_cache_aware: the engines' KV-cache events (docs/precise-routing.md) -------
+    kv_events: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "precise_cache_aware: where a worker's engine publishes its KV events, each "
+            "WORKER_URL=tcp://HOST:PORT, optionally followed by ,tcp://HOST:REPLAY_PORT "
+            "(overrides kv_events_port and kv_events_replay_port for that worker)"
+        ),
+    )
+    kv_events_port: int | None = field(
+        default=None,
+        metadata=_meta(
+            "precise_cache_aware: every worker publishes on tcp://<its host>:PORT (vLLM's "
+            "default is 5557; none: only the kv_events entries)",
+            low=1,
+            high=65535,
+        ),
+    )
+    kv_events_replay_port: int | None = field(
+        default=None,
+        metadata=_meta(
+            "precise_cache_aware: the engines' replay port, on each event endpoint's host "
+            "(lost events are asked for again; none: a gap makes the worker stale)",
+            low=1,
+            high=65535,
+        ),
+    )
+    kv_events_resync_secs: float = field(
+        default=30.0,
+        metadata=_meta(
+            "precise_cache_aware: seconds after lost events (that no replay filled) before "
+            "a worker's index counts again, missing what was stored before the loss (0: "
+            "only after the engine clears its cache or restarts)",
+            low=0.0,
+        ),
+    )
+    kv_events_topic: str = field(
+        default="",
+        metadata=_meta("precise_cache_aware: the topic the engines publish under (prefix)"),
+    )
+    kv_block_size: int | None = field(
+        default=None,
+        metadata=_meta(
+            "precise_cache_aware: the engines' KV block size in tokens (vLLM --block-size, "
+            "SGLang --page-size; none: learned from the first event)",
+            low=1,
         ),
     )
     max_routing_key_length: int = field(
@@ -901,6 +950,34 @@ def prefill_entry(text: str) -> tuple[str, int | None]:
     return normalized, int(port)
 
 
+def kv_events_entry(text: str) -> tuple[str, str, str | None]:
+    """A ``--kv-events`` item, ``WORKER_URL=tcp://HOST:PORT[,tcp://HOST:REPLAY_PORT]``:
+    (worker URL, event endpoint, replay endpoint or None)."""
+    url, sep, endpoints = text.strip().rpartition("=")
+    if not sep:
+        raise _Invalid(f"{text!r} is not WORKER_URL=tcp://HOST:PORT")
+    try:
+        normalized = normalize_url(url)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    endpoint, _, replay = endpoints.partition(",")
+    for item in (endpoint, replay) if replay else (endpoint,):
+        host, _, port = item.removeprefix("tcp://").rpartition(":")
+        if not item.startswith("tcp://") or not host or not port.isdigit():
+            raise _Invalid(f"event endpoint {item!r} is not tcp://HOST:PORT")
+        if not 0 < int(port) < 65536:
+            raise _Invalid(f"event endpoint {item!r}: {port} is not a port number")
+    return normalized, endpoint, replay or None
+
+
+def _kv_events(entries: tuple[str, ...]) -> tuple[str, ...]:
+    parsed = {url: rest for url, *rest in map(kv_events_entry, entries)}
+    return tuple(
+        f"{url}={endpoint}" + (f",{replay}" if replay else "")
+        for url, (endpoint, replay) in parsed.items()
+    )
+
+
 def _prefill_urls(entries: tuple[str, ...]) -> tuple[str, ...]:
     parsed = dict(prefill_entry(entry) for entry in entries)
     return tuple(url if port is None else f"{url} {port}" for url, port in parsed.items())
@@ -997,6 +1074,7 @@ def _nameserver(text: str) -> str:
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "worker_urls": _worker_urls,
     "prefill_urls": _prefill_urls,
+    "kv_events": _kv_events,
     "decode_urls": _worker_urls,
     "host": _non_empty,
     "session_key_header": _header_name,
@@ -1126,6 +1204,12 @@ def _cross_checks(
                 f"between {_MIN_FLUSH} and fleet_heartbeat_secs ({heartbeat:g}, from "
                 f"{where('fleet_heartbeat_secs')}), got {flush!r}"
             )
+    if "precise_cache_aware" not in (get("policy"), get("prefill_policy")):
+        for name in ("kv_events", "kv_events_port", "kv_events_replay_port", "kv_block_size"):
+            if get(name) not in ((), None):
+                problems.append(
+                    f"{name} (from {where(name)}): only used with policy precise_cache_aware"
+                )
     selectors = get("selector") or get("prefill_selector") or get("decode_selector")
     if get("service_discovery") and not selectors:
         problems.append(

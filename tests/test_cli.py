@@ -125,6 +125,7 @@ def test_serve_policy_choices_are_sglangs() -> None:
     assert set(POLICY_NAMES) == {
         *("random", "round_robin", "cache_aware", "power_of_two"),
         *("manual", "consistent_hashing", "consistent_hash", "prefix_hash"),
+        "precise_cache_aware",  # ours: cache_aware on the engines' KV events
     }
     for name in POLICY_NAMES:
         assert serve_config("--worker-urls", "http://a:1", "--policy", name).policy == name

@@ -60,10 +60,14 @@ SAMPLES: dict[str, list[str]] = {
     "ca_cert_paths": [certifi.where()],
     "prefill_urls": ["http://127.0.0.1:11", "9001"],
     "decode_urls": ["http://127.0.0.1:12", "http://127.0.0.1:13"],
+    "kv_events": ["http://127.0.0.1:14=tcp://127.0.0.1:5557,tcp://127.0.0.1:5558"],
+    "kv_events_topic": ["kv"],
 }
 #: Options that only go with a disaggregated fleet (no worker_urls): given on top of
 #: ``--pd-disaggregation`` instead.
 PD_OPTIONS = {"prefill_urls", "decode_urls", "prefill_policy", "decode_policy"}
+#: Options that only go with ``--policy precise_cache_aware``.
+KV_OPTIONS = {"kv_events", "kv_events_port", "kv_events_replay_port", "kv_block_size"}
 #: What a flag's text becomes, where that is not the text itself.
 PARSED = {"prefill_urls": ("http://127.0.0.1:11 9001",)}
 #: Options whose value must be a file that pairs with another's: tests/test_tls.py gives
@@ -619,6 +623,9 @@ def test_every_option_has_a_flag_generated_from_it() -> None:
         given = base
         if name in PD_OPTIONS:
             given, context = ["serve", "--pd-disaggregation"], {"pd_disaggregation": True}
+        elif name in KV_OPTIONS:
+            given = [*base, "--policy", "precise_cache_aware"]
+            context = {**context, "policy": "precise_cache_aware"}
         elif name in ("worker_urls", "pd_disaggregation", "vllm_pd_disaggregation"):
             given, context = ["serve"], {}
         args = build_parser().parse_args([*given, option.flag, *text])
@@ -663,8 +670,11 @@ def test_the_cli_and_the_config_accept_the_same_ranges() -> None:
                 cli_accepts = True
             except argparse.ArgumentTypeError:
                 cli_accepts = False
+            context: dict[str, Any] = {"worker_urls": (URL,)}
+            if option.name in KV_OPTIONS:
+                context["policy"] = "precise_cache_aware"
             try:
-                RouterConfig(**{"worker_urls": (URL,), option.name: option.kind(value)})
+                RouterConfig(**{**context, option.name: option.kind(value)})
                 config_accepts = True
             except ConfigError:
                 config_accepts = False

@@ -23,17 +23,24 @@ imported when a :class:`PrometheusMetrics` is created.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cache_router.core.events import RouterEvents
+from cache_router.core.policies.precise import PreciseCacheAwarePolicy
 from cache_router.core.registry import Worker, WorkerRegistry
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "PrometheusMetrics", "circuit_state"]
+__all__ = [
+    "CIRCUIT_STATES",
+    "DURATION_BUCKETS",
+    "PrometheusMetrics",
+    "circuit_state",
+    "register_kv_metrics",
+]
 
 #: Histogram buckets in seconds, 1 ms to 240 s, as SGLang's router uses for its durations:
 #: fine enough for a cached short completion, long enough for a long generation.
@@ -264,3 +271,86 @@ def circuit_state(worker: Worker) -> str | None:
     state = getattr(breaker, "state", None)
     state = getattr(state, "value", state)  # an Enum of names
     return state if isinstance(state, str) else None
+
+
+class _StreamCounters(Protocol):
+    """What the KV-event metrics read of one stream (``ops.kv_subscriber.StreamStats``)."""
+
+    batches: int
+    gaps: int
+    replay_failures: int
+
+
+def register_kv_metrics(
+    metrics: PrometheusMetrics,
+    policy: PreciseCacheAwarePolicy,
+    stream: Callable[[str], _StreamCounters | None],
+) -> None:
+    """Add the precise policy's index and event-stream series to ``metrics``:
+
+    ``<prefix>_kv_index_blocks{worker}`` (gauge, engine blocks indexed),
+    ``<prefix>_kv_index_keys`` (gauge, distinct block contents),
+    ``<prefix>_kv_stream_live{worker}`` (1 live, 0 stale: that worker is routed by the tree),
+    ``<prefix>_kv_event_batches_total{worker}``, ``<prefix>_kv_event_gaps_total{worker}``,
+    ``<prefix>_kv_event_replay_failures_total{worker}`` and
+    ``<prefix>_precise_lookups_total{source}`` (``exact``, ``mixed``, ``tree``), read at
+    scrape time (``stream(worker)`` gives a worker's stream counters).
+    """
+    metrics.collector_registry.register(_KVCollector(metrics.prefix, policy, stream))
+
+
+class _KVCollector:
+    def __init__(
+        self,
+        prefix: str,
+        policy: PreciseCacheAwarePolicy,
+        stream: Callable[[str], _StreamCounters | None],
+    ) -> None:
+        self._prefix = prefix
+        self._policy = policy
+        self._stream = stream
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        prefix, index = self._prefix, self._policy.index
+        labels = ["worker"]
+        blocks: Any = GaugeMetricFamily(
+            f"{prefix}_kv_index_blocks", "Engine KV blocks indexed for the worker.", labels=labels
+        )
+        live: Any = GaugeMetricFamily(
+            f"{prefix}_kv_stream_live",
+            "1 while the worker's KV-event stream is in sync (0: routed by the tree).",
+            labels=labels,
+        )
+        counters = {
+            name: CounterMetricFamily(f"{prefix}_kv_event_{name}", text, labels=labels)
+            for name, text in (
+                ("batches", "KV-event batches applied to the index."),
+                ("gaps", "Jumps in the KV-event sequence (lost messages)."),
+                ("replay_failures", "Gaps the engine's replay socket could not fill."),
+            )
+        }
+        for worker in sorted(index.workers()):
+            blocks.add_metric([worker], index.blocks(worker))
+            live.add_metric([worker], 1 if index.is_live(worker) else 0)
+            stats = self._stream(worker)
+            if stats is not None:
+                for name, family in counters.items():
+                    family.add_metric([worker], getattr(stats, name))
+        yield blocks
+        yield live
+        yield from counters.values()
+        yield GaugeMetricFamily(
+            f"{prefix}_kv_index_keys",
+            "Distinct KV block contents held by at least one worker.",
+            value=index.stats().keys,
+        )
+        lookups: Any = CounterMetricFamily(
+            f"{prefix}_precise_lookups",
+            "How the precise policy matched prompts: exact, mixed (index and tree), tree.",
+            labels=["source"],
+        )
+        for source, count in self._policy.lookups.items():
+            lookups.add_metric([source], count)
+        yield lookups

@@ -5,6 +5,7 @@ from cache_router.core.policies.cache_aware import CacheAwarePolicy
 from cache_router.core.policies.factory import POLICY_NAMES, make_policy
 from cache_router.core.policies.hashing import ConsistentHashingPolicy, PrefixHashPolicy
 from cache_router.core.policies.manual import ManualPolicy
+from cache_router.core.policies.precise import PreciseCacheAwarePolicy
 from cache_router.core.policies.ring import HashRing
 from cache_router.core.policies.simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 
@@ -17,6 +18,7 @@ __all__ = [
     "ManualPolicy",
     "Policy",
     "PowerOfTwoPolicy",
+    "PreciseCacheAwarePolicy",
     "PrefixHashPolicy",
     "RandomPolicy",
     "RoundRobinPolicy",

@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from cache_router.core.errors import NoAvailableWorker
 from cache_router.core.policies.base import RoutingRequest, least_loaded
 from cache_router.core.registry import Worker, WorkerRegistry
-from cache_router.core.tree import RadixForest, RadixTree
+from cache_router.core.tree import PrefixMatch, RadixForest, RadixTree
 
 __all__ = ["SPILL_MIN_MARGIN", "CacheAwarePolicy"]
 
@@ -40,6 +40,8 @@ SPILL_MIN_MARGIN = 4.0
 #: the same, so a replica that joined late (or lost the stream's history) learns where the
 #: busy prefixes live within a few dozen requests on them.
 REANNOUNCE_EVERY = 64
+
+_NO_MATCH = PrefixMatch(0, frozenset())
 
 
 class CacheAwarePolicy:
@@ -235,8 +237,8 @@ class CacheAwarePolicy:
             decision = "cache_miss"
             pool = candidates
             matched = 0
-            if key and tree is not None:
-                match = tree.prefix_match(key)
+            if key:
+                match = self._lookup(request, tree, candidates)
                 request.matched = match.length
                 if match.length / len(key) > self.cache_threshold:
                     holders = [worker for worker in candidates if worker.url in match.tenants]
@@ -254,9 +256,8 @@ class CacheAwarePolicy:
                 if ahead > SPILL_MIN_MARGIN or ahead > self.balance_abs_threshold:
                     margin = self.spill_margin(total / count)
                     if ahead > margin:
-                        assert tree is not None  # a hit came from it
                         chosen, decision = self._spill(
-                            tree, key, matched, candidates, chosen, load, total, margin
+                            request, tree, matched, candidates, chosen, load, total, margin
                         )
         # Recorded only now, after the gate: the counter and the tree see the final choice.
         decisions = self.decisions
@@ -271,10 +272,27 @@ class CacheAwarePolicy:
                     listener(request, chosen.url)
         return chosen
 
+    def _lookup(
+        self, request: RoutingRequest, tree: RadixTree | None, candidates: Sequence[Worker]
+    ) -> PrefixMatch:
+        """The longest cached prefix of ``request.key`` and the workers holding all of it
+        (the tree's answer may name workers that are not ``candidates``).
+
+        The one place the policy asks what is cached: a subclass that knows more than the
+        tree (the precise policy's event index) answers here and in :meth:`_warm`, and
+        every rule above stays the same.
+        """
+        return _NO_MATCH if tree is None else tree.prefix_match(request.key)
+
+    def _warm(self, request: RoutingRequest, tree: RadixTree | None, cut: int) -> Collection[str]:
+        """Workers holding at least the first ``cut`` characters of ``request.key``
+        (called by the spill gate, after :meth:`_lookup` of the same request)."""
+        return () if tree is None else tree.prefix_match(request.key[:cut]).tenants
+
     def _spill(
         self,
-        tree: RadixTree,
-        key: str,
+        request: RoutingRequest,
+        tree: RadixTree | None,
         matched: int,
         candidates: Sequence[Worker],
         holder: Worker,
@@ -293,8 +311,8 @@ class CacheAwarePolicy:
         cheap test in :meth:`select` passes, so its second tree walk stays off the common
         path.
         """
-        cut = min(matched, int(len(key) * self.cache_threshold) + 1)
-        warm_urls = tree.prefix_match(key[:cut]).tenants
+        cut = min(matched, int(len(request.key) * self.cache_threshold) + 1)
+        warm_urls = self._warm(request, tree, cut)
         warm = [worker for worker in candidates if worker.url in warm_urls]
         if not warm:  # unreachable while the tree keeps its invariant; stay put
             return holder, "cache_hit"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from cache_router.core.kv_index import KVIndex
 from cache_router.core.policies.base import Policy
 from cache_router.core.policies.cache_aware import CacheAwarePolicy
 from cache_router.core.policies.hashing import ConsistentHashingPolicy, PrefixHashPolicy
 from cache_router.core.policies.manual import ManualPolicy
+from cache_router.core.policies.precise import PreciseCacheAwarePolicy
 from cache_router.core.policies.simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 
 __all__ = ["POLICY_NAMES", "make_policy"]
@@ -20,6 +24,7 @@ POLICY_NAMES = (
     "consistent_hashing",
     "consistent_hash",  # vllm-router's spelling of the same policy
     "prefix_hash",
+    "precise_cache_aware",  # cache_aware on the engines' KV events (docs/precise-routing.md)
 )
 
 
@@ -36,25 +41,31 @@ def make_policy(
     session_key_header: str = "x-session-id",
     prefix_hash_length: int = 256,
     manual_max_keys: int = 100_000,
+    kv_block_size: int | None = None,
 ) -> Policy:
     """The policy called ``name`` (one of :data:`POLICY_NAMES`) with SGLang's knobs.
 
     Each policy reads its own knobs and ignores the others', as in SGLang: the cache-aware
     ones, ``session_key_header`` (``consistent_hashing``), ``prefix_hash_length``
-    (``prefix_hash``, in tokens) and ``manual_max_keys`` (``manual``). ``seed`` makes
+    (``prefix_hash``, in tokens), ``manual_max_keys`` (``manual``) and ``kv_block_size``
+    (``precise_cache_aware``: the engines' block size in tokens, None to learn it from
+    the first event). ``seed`` makes
     the random choices reproducible. Raises ``ValueError`` for an unknown name or a knob out
     of range.
     """
-    if name == "cache_aware":
-        return CacheAwarePolicy(
-            cache_threshold=cache_threshold,
-            balance_abs_threshold=balance_abs_threshold,
-            balance_rel_threshold=balance_rel_threshold,
-            eviction_interval=eviction_interval,
-            max_tree_size=max_tree_size,
-            seed=seed,
-            spill=spill,
-        )
+    if name in ("cache_aware", "precise_cache_aware"):
+        knobs: dict[str, Any] = {
+            "cache_threshold": cache_threshold,
+            "balance_abs_threshold": balance_abs_threshold,
+            "balance_rel_threshold": balance_rel_threshold,
+            "eviction_interval": eviction_interval,
+            "max_tree_size": max_tree_size,
+            "seed": seed,
+            "spill": spill,
+        }
+        if name == "cache_aware":
+            return CacheAwarePolicy(**knobs)
+        return PreciseCacheAwarePolicy(KVIndex(kv_block_size), **knobs)
     if name == "round_robin":
         return RoundRobinPolicy()
     if name == "random":

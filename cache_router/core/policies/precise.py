@@ -1,0 +1,151 @@
+"""Precise cache-aware routing: what each engine *says* it holds, not what the router guesses.
+
+:class:`CacheAwarePolicy` infers each engine's cache from where it sent earlier prompts.
+Engines that publish KV-cache events let a :class:`~cache_router.core.kv_index.KVIndex`
+know exactly which token blocks each one holds (evictions included, and work other
+routers sent). This policy asks that index instead of the tree, and keeps every rule of
+the cache-aware policy: the fleet-wide imbalance rule, the hit threshold, the least loaded
+holder, the spill gate. Only the question "who holds how much of this prompt" changes.
+
+The index knows tokens, so only token keys (``RoutingRequest.tokens``: ``input_ids``
+bodies, or a tokenizing key extractor) are matched exactly. Per request:
+
+* a text key (no tokenizer for it) is routed by the approximate tree alone, as
+  ``cache_aware`` would;
+* a token key is matched in the index for every worker whose event stream is live, and in
+  the tree for the others (never synced, lost events, disconnected): one stale stream
+  degrades that worker's routing to the guess, not the fleet's.
+
+The tree is still fed with every decision, so a worker whose stream goes stale falls back
+on a recent guess rather than on nothing.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from cache_router.core.kv_index import KVIndex
+from cache_router.core.policies.base import RoutingRequest
+from cache_router.core.policies.cache_aware import CacheAwarePolicy
+from cache_router.core.registry import Worker
+from cache_router.core.tree import PrefixMatch, RadixTree
+
+__all__ = ["PreciseCacheAwarePolicy", "decode_token_key"]
+
+_NONE: dict[str, int] = {}
+_NO_MATCH = PrefixMatch(0, frozenset())
+
+
+def decode_token_key(key: str) -> array[int]:
+    """The token ids of a key made by :func:`~cache_router.core.tree.encode_tokens`.
+
+    One C-level pass (a UTF-32 encode), not a Python loop over the tokens: the key is one
+    code point per token, and ``surrogatepass`` keeps the ids that are surrogate points.
+    """
+    ids = array("I")
+    ids.frombytes(key.encode("utf-32-le", "surrogatepass"))
+    return ids
+
+
+class PreciseCacheAwarePolicy(CacheAwarePolicy):
+    """:class:`CacheAwarePolicy` whose prefix matches come from an exact KV-event index.
+
+    ``index`` is the :class:`KVIndex` the router's event subscriber keeps (one is made if
+    not given, with the engines' block size learned from the first event); the other
+    keywords are :class:`CacheAwarePolicy`'s knobs. Matches are in tokens, like the tree's
+    for token keys, so both sources compare directly and the rules' thresholds keep their
+    meaning. ``lookups`` counts how matches were answered: ``exact`` (index only),
+    ``mixed`` (index and tree), ``tree`` (no live stream, or a text key).
+    """
+
+    def __init__(
+        self,
+        index: KVIndex | None = None,
+        *,
+        pending_window: float = 2.0,
+        max_pending_size: int = 2**22,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if pending_window <= 0:
+            raise ValueError("pending_window must be positive")
+        self.index = index if index is not None else KVIndex()
+        self.pending_window = pending_window
+        self._max_pending = max_pending_size
+        #: Token keys sent in the last one or two windows: ``[current, previous]``.
+        self._pending = [RadixTree(max_pending_size), RadixTree(max_pending_size)]
+        self._rotate_at = self._clock() + pending_window
+        #: The current request's matches per worker, kept from :meth:`_lookup` for the
+        #: spill gate's :meth:`_warm` (one selection runs at a time: ``select`` never awaits).
+        self._matches: dict[str, int] = _NONE
+        self.lookups: dict[str, int] = {"exact": 0, "mixed": 0, "tree": 0}
+
+    def _lookup(
+        self, request: RoutingRequest, tree: RadixTree | None, candidates: Sequence[Worker]
+    ) -> PrefixMatch:
+        index = self.index
+        lookups = self.lookups
+        self._matches = _NONE
+        if not request.tokens or index.block_size is None:
+            lookups["tree"] += 1
+            return super()._lookup(request, tree, candidates)
+        is_live = index.is_live
+        live: set[str] = set()
+        stale: list[str] = []
+        for worker in candidates:
+            if is_live(worker.url):
+                live.add(worker.url)
+            else:
+                stale.append(worker.url)
+        if not live:
+            lookups["tree"] += 1
+            return super()._lookup(request, tree, candidates)
+        key = request.key
+        exact = index.match(decode_token_key(key))
+        # Only candidates count: a longer match on a worker that may not take the request
+        # must not turn a shorter hit on one that may into a miss.
+        matches = {url: length for url, length in exact.items() if url in live}
+        # Prompts just sent are not stored yet (the engine reports blocks once computed):
+        # a burst on a new prefix must follow its first request, not scatter.
+        for pending in self._pending:
+            sent = pending.prefix_match(key)
+            if sent.length:
+                for url in sent.tenants:
+                    if url in live and matches.get(url, 0) < sent.length:
+                        matches[url] = sent.length
+        if stale and tree is not None:
+            # Workers without a live stream keep the tree's guess (the deepest match's
+            # holders; a shorter partial match of theirs is not looked for).
+            guess = tree.prefix_match(key)
+            for url in stale:
+                if url in guess.tenants:
+                    matches[url] = guess.length
+            lookups["mixed"] += 1
+        else:
+            lookups["exact"] += 1
+        self._matches = matches
+        if not matches:
+            return _NO_MATCH
+        best = max(matches.values())
+        return PrefixMatch(best, frozenset(url for url, n in matches.items() if n == best))
+
+    def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker:
+        pending = self._pending
+        now = self._clock()
+        if now >= self._rotate_at:  # before the lookup: what expired must not count
+            idle = now >= self._rotate_at + self.pending_window  # both windows are over
+            pending[1] = RadixTree(self._max_pending) if idle else pending[0]
+            pending[0] = RadixTree(self._max_pending)
+            self._rotate_at = now + self.pending_window
+        chosen = super().select(request, candidates)
+        if request.tokens and request.key:
+            pending[0].insert(request.key, chosen.url)
+        return chosen
+
+    def _warm(self, request: RoutingRequest, tree: RadixTree | None, cut: int) -> Collection[str]:
+        matches = self._matches
+        if matches is _NONE:
+            return super()._warm(request, tree, cut)
+        return {url for url, length in matches.items() if length >= cut}
