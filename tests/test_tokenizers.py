@@ -17,7 +17,8 @@ pytest.importorskip("jinja2")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from cache_router import RoutingMiddleware, RoutingRequest, WorkerRegistry
+from cache_router import RouterConfig, RoutingMiddleware, RoutingRequest, WorkerRegistry, builder
+from cache_router.builder import build_router
 from cache_router.core.policies import RoundRobinPolicy
 from cache_router.core.registry import Worker
 from cache_router.core.routing_key import DEFAULT_TYPED_ROUTES, chat_key
@@ -165,7 +166,8 @@ def test_llama3_template_gets_the_bos_variable_trims_and_raises(llama3: Path) ->
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     assert tokenizer.render_chat(messages) == expected
-    assert tokenizer.encode_chat(messages) == _raw(llama3).encode(expected, add_special_tokens=False).ids
+    plain = _raw(llama3).encode(expected, add_special_tokens=False).ids
+    assert tokenizer.encode_chat(messages) == plain
     with pytest.raises(TokenizeError, match="Unknown role: robot"):
         tokenizer.encode_chat([{"role": "robot", "content": "beep"}])
 
@@ -194,7 +196,11 @@ def test_named_templates_and_a_template_file(tmp_path: Path) -> None:
 
 def test_content_parts_are_joined_unless_the_template_iterates_them(chatml: Path) -> None:
     tokenizer = HFTokenizer.from_path(chatml)
-    parts = [{"type": "text", "text": "Hello"}, {"type": "image_url"}, {"type": "text", "text": "x"}]
+    parts = [
+        {"type": "text", "text": "Hello"},
+        {"type": "image_url"},
+        {"type": "text", "text": "x"},
+    ]
     rendered = tokenizer.render_chat([{"role": "user", "content": parts}])
     assert "<|im_start|>user\nHello\nx<|im_end|>" in rendered
     iterating = HFTokenizer(
@@ -234,7 +240,7 @@ def test_an_unsafe_attribute_renders_nothing(chatml: Path) -> None:
 def test_from_path_refuses_what_is_not_local(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither a local directory"):
         HFTokenizer.from_path("meta-llama/Llama-3.1-8B-Instruct")
-    with pytest.raises(ValueError, match="has no tokenizer.json"):
+    with pytest.raises(ValueError, match=r"has no tokenizer\.json"):
         HFTokenizer.from_path(tmp_path)
 
 
@@ -318,11 +324,14 @@ def test_token_routes_key_every_path_by_tokens(chatml: Path) -> None:
     ]:
         key, tokens = routes[path](body)
         assert tokens and decode_tokens(key) == raw.encode(text).ids  # with the BOS
-    assert decode_tokens(
-        routes["/v1/completions"]({"model": "qwen", "prompt": text, "add_special_tokens": False})[
-            0
-        ]
-    ) == raw.encode(text, add_special_tokens=False).ids
+    assert (
+        decode_tokens(
+            routes["/v1/completions"](
+                {"model": "qwen", "prompt": text, "add_special_tokens": False}
+            )[0]
+        )
+        == raw.encode(text, add_special_tokens=False).ids
+    )
     # Token ids are keyed as given, with or without a tokenizer.
     assert routes["/generate"]({"model": "qwen", "input_ids": [5, 6, 7]}) == (
         encode_tokens([5, 6, 7]),
@@ -446,3 +455,72 @@ def test_a_request_through_a_real_router_gets_a_token_key(chatml: Path) -> None:
     chat, generate = policy.requests
     assert chat.tokens and decode_tokens(chat.key) == [ord(c) for c in render_chat(messages)]
     assert (generate.key, generate.tokens) == ("abc", True)
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_build_router_keys_by_tokens_for_token_policies(
+    chatml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tokenizer_path`` (``MODEL=PATH`` and ``PATH``) reaches the served router; each
+    path is loaded once."""
+    monkeypatch.setattr(builder, "TOKEN_POLICIES", frozenset({"cache_aware"}))
+    engine = SimulatedEngine(model="sim", decode_seconds_per_token=0.0)
+    policy = _Recording()
+    messages = [{"role": "user", "content": "Hello there"}]
+    with serve_app(engine) as engine_url:
+        config = RouterConfig(
+            worker_urls=[engine_url],
+            tokenizer_path=(f"sim={builder.CODEPOINTS}", f"qwen={chatml}"),
+            model_path=str(chatml),
+            disable_health_check=True,
+        )
+        router = build_router(config, policy=policy)
+        assert router.typed_routes is not None
+        with serve_app(router.app()) as url, httpx.Client(base_url=url, trust_env=False) as client:
+            for model in ("sim", "qwen", "other"):
+                body = {"model": model, "messages": messages, "max_tokens": 1}
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+    hf = HFTokenizer.from_path(chatml)
+    sim, qwen, other = (decode_tokens(request.key) for request in policy.requests)
+    assert all(request.tokens for request in policy.requests)
+    assert sim == [ord(char) for char in render_chat(messages)]
+    assert qwen == other == hf.encode_chat(messages)
+
+
+def test_tokenizers_are_for_token_policies_only(
+    chatml: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = RouterConfig(worker_urls=["http://127.0.0.1:9"], model_path=str(chatml))
+    with caplog.at_level("WARNING", logger="cache_router"):
+        assert build_router(config).typed_routes is None
+    assert "requests keep character keys" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("paths", "model_path", "problem"),
+    [
+        (("meta-llama/Llama-3.1-8B",), None, "neither a local directory"),
+        ((), "meta-llama/Llama-3.1-8B", "neither a local directory"),
+        (("a=/x", "a=/y"), None, "model 'a' twice"),
+        (("/x", "/y"), None, "two paths for any model"),
+    ],
+)
+def test_bad_tokenizer_settings_are_refused_at_start(
+    paths: tuple[str, ...], model_path: str | None, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(builder, "TOKEN_POLICIES", frozenset({"cache_aware"}))
+    config = RouterConfig(
+        worker_urls=["http://127.0.0.1:9"], tokenizer_path=paths, model_path=model_path
+    )
+    with pytest.raises(ValueError, match=problem):
+        build_router(config)
+
+
+def test_a_path_with_an_equals_sign_is_a_path(tmp_path: Path, chatml: Path) -> None:
+    odd = tmp_path / "a=b"
+    odd.mkdir()
+    (odd / "tokenizer.json").write_bytes((chatml / "tokenizer.json").read_bytes())
+    assert builder._tokenizer_specs([str(odd), "m=/p"], "/model") == ({"m": "/p"}, str(odd))
+    assert builder._tokenizer_specs(["m=/p"], "/model") == ({"m": "/p"}, "/model")

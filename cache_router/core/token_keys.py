@@ -103,9 +103,7 @@ class _TokenKeys:
             ids = ids[: self.max_tokens]
         return encode_tokens(ids), True
 
-    def text(
-        self, body: Mapping[str, Any], value: object, fallback: KeyExtractor
-    ) -> RoutingKey:
+    def text(self, body: Mapping[str, Any], value: object, fallback: KeyExtractor) -> RoutingKey:
         """A text prompt (or a batch's first) tokenized; ids and anything else as before."""
         tokenizer = self.tokenizer(body)
         if isinstance(value, list) and value and isinstance(value[0], str):

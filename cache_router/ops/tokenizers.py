@@ -59,9 +59,7 @@ _SPECIAL_NAMES = (
     "mask_token",
 )
 #: A template that loops over a message's content parts renders them itself ("openai").
-_ITERATES_CONTENT = re.compile(
-    r"\bfor\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content\b)"
-)
+_ITERATES_CONTENT = re.compile(r"\bfor\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content\b)")
 #: Prefixes tried per lookup, from the end of the prompt back.
 _LOOKUPS = 8
 
@@ -173,9 +171,7 @@ class HFTokenizer:
         self._head, self._tail = self._added_around()
 
     @classmethod
-    def from_path(
-        cls, path: str | Path, *, cache: PrefixCache | bool = True
-    ) -> HFTokenizer:
+    def from_path(cls, path: str | Path, *, cache: PrefixCache | bool = True) -> HFTokenizer:
         """Load from a model directory (``tokenizer.json``, ``tokenizer_config.json``,
         ``chat_template.jinja``) or a ``tokenizer.json`` file (its directory's config and
         template are read too). ``cache``: True for a default :class:`PrefixCache`, False for
@@ -419,4 +415,3 @@ def load_tokenizer(path: str | Path) -> HFTokenizer:
     if tokenizer.chat_template is None:
         logger.warning("tokenizer %s has no chat template: chats keep character keys", path)
     return tokenizer
-
