@@ -37,6 +37,7 @@ from cache_router.core.tree import encode_tokens
 __all__ = [
     "CHARS_PER_TOKEN",
     "TOKEN_PATHS",
+    "KeyTokenizer",
     "PromptTokenizer",
     "TokenizeError",
     "token_routes",
@@ -77,6 +78,43 @@ class PromptTokenizer(Protocol):
         ...
 
 
+@runtime_checkable
+class KeyTokenizer(PromptTokenizer, Protocol):
+    """Optional: a tokenizer that gives the key (:func:`encode_tokens` of the ids) itself,
+    e.g. from keys it cached, so no list of ids is built per request only to be encoded."""
+
+    def text_key(self, text: str, *, add_special_tokens: bool = True) -> str:
+        """``encode_tokens(self.encode_text(text, ...))``."""
+        ...
+
+    def chat_key(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        tools: Sequence[Any] | None = None,
+    ) -> str:
+        """``encode_tokens(self.encode_chat(messages, ...))``."""
+        ...
+
+
+class _Keys:
+    """A tokenizer's keys: its own :class:`KeyTokenizer` methods, else its ids encoded."""
+
+    __slots__ = ("chat_key", "text_key")
+
+    def __init__(self, tokenizer: PromptTokenizer) -> None:
+        self.text_key: Callable[..., str]
+        self.chat_key: Callable[..., str]
+        if isinstance(tokenizer, KeyTokenizer):  # once, not per request
+            self.text_key, self.chat_key = tokenizer.text_key, tokenizer.chat_key
+        else:
+            encode_text, encode_chat = tokenizer.encode_text, tokenizer.encode_chat
+            self.text_key = lambda *args, **options: encode_tokens(encode_text(*args, **options))
+            self.chat_key = lambda *args, **options: encode_tokens(encode_chat(*args, **options))
+
+
 class _TokenKeys:
     """The token extractors of one tokenizer table (see :func:`token_routes`)."""
 
@@ -88,20 +126,18 @@ class _TokenKeys:
         default: PromptTokenizer | None,
         max_tokens: int,
     ) -> None:
-        self.tokenizers = dict(tokenizers)
-        self.default = default
+        self.tokenizers = {model: _Keys(tokenizer) for model, tokenizer in tokenizers.items()}
+        self.default = None if default is None else _Keys(default)
         self.max_tokens = max_tokens
         self.max_chars = max_tokens * CHARS_PER_TOKEN
 
-    def tokenizer(self, body: Mapping[str, Any]) -> PromptTokenizer | None:
+    def tokenizer(self, body: Mapping[str, Any]) -> _Keys | None:
         model = body.get("model")
         found = self.tokenizers.get(model) if model is None or isinstance(model, str) else None
         return self.default if found is None else found
 
-    def key(self, ids: list[int]) -> RoutingKey:
-        if len(ids) > self.max_tokens:
-            ids = ids[: self.max_tokens]
-        return encode_tokens(ids), True
+    def key(self, key: str) -> RoutingKey:
+        return (key[: self.max_tokens] if len(key) > self.max_tokens else key), True
 
     def text(self, body: Mapping[str, Any], value: object, fallback: KeyExtractor) -> RoutingKey:
         """A text prompt (or a batch's first) tokenized; ids and anything else as before."""
@@ -112,13 +148,13 @@ class _TokenKeys:
             return fallback(body)
         special = body.get("add_special_tokens")
         try:
-            ids = tokenizer.encode_text(
+            key = tokenizer.text_key(
                 value[: self.max_chars],
                 add_special_tokens=special if isinstance(special, bool) else True,
             )
         except TokenizeError:
             return fallback(body)
-        return self.key(ids)
+        return self.key(key)
 
     def generate(self, body: Mapping[str, Any]) -> RoutingKey:
         """SGLang ``/generate``: ``text`` tokenized, else ``input_ids`` as given."""
@@ -143,7 +179,7 @@ class _TokenKeys:
         special = body.get("add_special_tokens")
         tools = body.get("tools")
         try:
-            ids = tokenizer.encode_chat(
+            key = tokenizer.chat_key(
                 bounded,
                 add_generation_prompt=generation if isinstance(generation, bool) else True,
                 add_special_tokens=special if isinstance(special, bool) else False,
@@ -151,7 +187,7 @@ class _TokenKeys:
             )
         except TokenizeError:
             return chat_key(body)
-        return self.key(ids)
+        return self.key(key)
 
 
 def _bounded_messages(messages: list[Any], max_chars: int) -> list[Mapping[str, Any]] | None:

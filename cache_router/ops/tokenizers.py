@@ -29,7 +29,6 @@ import json
 import logging
 import re
 import threading
-from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding, Tokenizer
 
 from cache_router.core.token_keys import TokenizeError
+from cache_router.core.tree import decode_tokens, encode_tokens
 
 __all__ = ["HFTokenizer", "PrefixCache", "compile_chat_template", "load_tokenizer"]
 
@@ -97,8 +97,10 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 class PrefixCache:
-    """Token ids of prompt prefixes that end right after a special token, least recently
-    used dropped beyond ``max_entries`` or ``max_chars`` characters of prefixes."""
+    """The token ids of prompt prefixes that end right after a special token, as routing
+    keys (:func:`~cache_router.core.tree.encode_tokens`: compact, and joined to the rest
+    without a list in between); least recently used dropped beyond ``max_entries``, or
+    beyond ``max_chars`` characters of prefixes and keys."""
 
     def __init__(self, max_entries: int = 1024, max_chars: int = 4 * 1024 * 1024) -> None:
         if max_entries <= 0 or max_chars <= 0:
@@ -108,32 +110,34 @@ class PrefixCache:
         self.chars = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, array[int]] = OrderedDict()
+        self._entries: OrderedDict[str, str] = OrderedDict()
         # Extractors run on the event loop, large bodies' in worker threads too.
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, prefix: str) -> array[int] | None:
+    def get(self, prefix: str) -> str | None:
+        """The key of ``prefix``'s tokens, or None."""
         with self._lock:
-            ids = self._entries.get(prefix)
-            if ids is not None:
+            key = self._entries.get(prefix)
+            if key is not None:
                 self._entries.move_to_end(prefix)
-            return ids
+            return key
 
-    def put(self, prefix: str, ids: Sequence[int]) -> None:
-        if len(prefix) > self.max_chars:
+    def put(self, prefix: str, key: str) -> None:
+        size = len(prefix) + len(key)
+        if size > self.max_chars:
             return
         with self._lock:
             if prefix in self._entries:
                 self._entries.move_to_end(prefix)
                 return
-            self._entries[prefix] = array("I", ids)
-            self.chars += len(prefix)
+            self._entries[prefix] = key
+            self.chars += size
             while len(self._entries) > self.max_entries or self.chars > self.max_chars:
-                old, _ = self._entries.popitem(last=False)
-                self.chars -= len(old)
+                old, old_key = self._entries.popitem(last=False)
+                self.chars -= len(old) + len(old_key)
 
 
 def _token_content(value: Any) -> str | None:
@@ -215,7 +219,27 @@ class HFTokenizer:
         add_special_tokens: bool = False,
         tools: Sequence[Any] | None = None,
     ) -> list[int]:
-        return self.encode_prompt(
+        return decode_tokens(
+            self.chat_key(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                add_special_tokens=add_special_tokens,
+                tools=tools,
+            )
+        )
+
+    def text_key(self, text: str, *, add_special_tokens: bool = True) -> str:
+        return encode_tokens(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def chat_key(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        tools: Sequence[Any] | None = None,
+    ) -> str:
+        return self.prompt_key(
             self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools),
             add_special_tokens=add_special_tokens,
             first=_first_content(messages),
@@ -246,27 +270,25 @@ class HFTokenizer:
         except jinja2.exceptions.TemplateError as exc:  # the sandbox's refusals included
             raise TokenizeError(f"chat template: {exc}") from None
 
-    def encode_prompt(
+    def prompt_key(
         self, text: str, *, add_special_tokens: bool = False, first: str | None = None
-    ) -> list[int]:
-        """``text``'s ids through the prefix cache; ``first``: text whose end marks a
-        prefix worth keeping (the first message: a system prompt others share)."""
+    ) -> str:
+        """The key of ``text``'s tokens, through the prefix cache; ``first``: text whose
+        end marks a prefix worth keeping (the first message: a system prompt others share)."""
         if self.cache is None or self._boundaries is None or self._head is None:
-            return self.encode_text(text, add_special_tokens=add_special_tokens)
-        ids = self._encode_cached(text, first)
-        if add_special_tokens:
-            return [*self._head, *ids, *(self._tail or ())]
-        return ids
+            return self.text_key(text, add_special_tokens=add_special_tokens)
+        key = self._cached_key(text, first)
+        return f"{self._head}{key}{self._tail}" if add_special_tokens else key
 
-    def _encode_cached(self, text: str, first: str | None) -> list[int]:
+    def _cached_key(self, text: str, first: str | None) -> str:
         """Look the prompt's prefixes up from the longest (the last :data:`_LOOKUPS`
         special tokens' ends, and the end of the first message); tokenize the rest behind
-        the special token the prefix ends with, whose id the prefix's ids already end with."""
+        the special token the prefix ends with, whose id the prefix's key already ends with."""
         cache = self.cache
         assert cache is not None and self._boundaries is not None
         marks = [(match.start(), match.end()) for match in self._boundaries.finditer(text)]
         if not marks:
-            return self.encode_text(text, add_special_tokens=False)
+            return self.text_key(text, add_special_tokens=False)
         ends = [end for _, end in marks]
         shared = _end_after(text, ends, first)
         tried = marks[-_LOOKUPS:]
@@ -277,29 +299,30 @@ class HFTokenizer:
             if cached is None:
                 continue
             encoding = self.tokenizer.encode(text[start:], add_special_tokens=False)
-            if not encoding.ids or encoding.ids[0] != cached[-1]:
+            ids = encoding.ids
+            if not ids or not cached or ids[0] != ord(cached[-1]):
                 break  # not split where expected: tokenize it whole
             cache.hits += 1
-            ids = [*cached, *encoding.ids[1:]]
-            self._remember(text, (ends[-1], shared), ids, encoding, start, len(cached) - 1)
-            return ids
+            key = cached[:-1] + encode_tokens(ids)
+            self._remember(text, (ends[-1], shared), key, encoding, start, len(cached) - 1)
+            return key
         cache.misses += 1
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        ids = list(encoding.ids)
-        self._remember(text, (ends[-1], shared), ids, encoding, 0, 0)
-        return ids
+        key = encode_tokens(encoding.ids)
+        self._remember(text, (ends[-1], shared), key, encoding, 0, 0)
+        return key
 
     def _remember(
         self,
         text: str,
         ends: tuple[int | None, ...],
-        ids: list[int],
+        key: str,
         encoding: Encoding,
         shift: int,
         base: int,
     ) -> None:
         """Cache the prefixes of ``text`` ending at ``ends``; ``encoding`` tokenized
-        ``text[shift:]`` and its first id is ``ids[base]``."""
+        ``text[shift:]`` and its first token is ``key[base]``."""
         assert self.cache is not None
         starts = [offset[0] + shift for offset in encoding.offsets]
         for end in set(ends):
@@ -307,7 +330,7 @@ class HFTokenizer:
                 continue
             count = base + bisect_left(starts, end)
             if count:
-                self.cache.put(text[:end], ids[:count])
+                self.cache.put(text[:end], key[:count])
 
     def _boundary_pattern(self) -> re.Pattern[str] | None:
         """The special tokens a prompt may be split after: added special tokens matched on
@@ -337,15 +360,15 @@ class HFTokenizer:
         names.sort(key=len, reverse=True)
         return re.compile("|".join(map(re.escape, names)))
 
-    def _added_around(self) -> tuple[list[int] | None, list[int] | None]:
-        """The ids ``add_special_tokens`` puts before and after a prompt's own (e.g. a BOS),
-        or ``(None, None)`` when the post-processor does something else."""
+    def _added_around(self) -> tuple[str | None, str | None]:
+        """The keys of the ids ``add_special_tokens`` puts before and after a prompt's own
+        (e.g. a BOS), or ``(None, None)`` when the post-processor does something else."""
         probe = "a b"
         plain = list(self.tokenizer.encode(probe, add_special_tokens=False).ids)
         full = list(self.tokenizer.encode(probe, add_special_tokens=True).ids)
         for start in range(len(full) - len(plain) + 1):
             if full[start : start + len(plain)] == plain:
-                return full[:start], full[start + len(plain) :]
+                return encode_tokens(full[:start]), encode_tokens(full[start + len(plain) :])
         return None, None
 
 

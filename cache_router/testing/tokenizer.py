@@ -20,10 +20,27 @@ __all__ = ["CodePointTokenizer"]
 
 class CodePointTokenizer:
     """One token per character, its code point (a
-    :class:`~cache_router.core.token_keys.PromptTokenizer`); no special tokens."""
+    :class:`~cache_router.core.token_keys.KeyTokenizer`); no special tokens. A text's key
+    is the text itself, so keying costs what rendering the chat costs."""
 
     def encode_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return decode_tokens(text)
+
+    def text_key(self, text: str, *, add_special_tokens: bool = True) -> str:
+        return text
+
+    def chat_key(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        tools: Sequence[Any] | None = None,
+    ) -> str:
+        try:
+            return render_chat(list(messages))
+        except _BadRequest as exc:  # the engine answers 400 to what it cannot render
+            raise TokenizeError(str(exc)) from None
 
     def encode_chat(
         self,
@@ -33,7 +50,4 @@ class CodePointTokenizer:
         add_special_tokens: bool = False,
         tools: Sequence[Any] | None = None,
     ) -> list[int]:
-        try:
-            return decode_tokens(render_chat(list(messages)))
-        except _BadRequest as exc:  # the engine answers 400 to what it cannot render
-            raise TokenizeError(str(exc)) from None
+        return decode_tokens(self.chat_key(messages))
