@@ -3,7 +3,7 @@
 Run::
 
     python benchmarks/tokenize_cost.py [--vocab 16000 --prompts 16 --conversations 64
-                                        --turns 8 --passes 3]
+                                        --turns 8 --passes 3 --corpus-chars 4000000]
 
 Tokenizer
     No model files can be downloaded here, so a byte-level BPE (as GPT-2, Llama 3 and
@@ -120,9 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=64)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--corpus-chars", type=int, default=4_000_000)
     args = parser.parse_args(argv)
 
-    text = stdlib_text(4_000_000)
+    text = stdlib_text(args.corpus_chars)
     tokenizer = trained(args.vocab, text)
     bodies = requests(text, args)
     whole = HFTokenizer(tokenizer, CHATML, cache=None)

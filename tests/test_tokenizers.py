@@ -524,3 +524,12 @@ def test_a_path_with_an_equals_sign_is_a_path(tmp_path: Path, chatml: Path) -> N
     (odd / "tokenizer.json").write_bytes((chatml / "tokenizer.json").read_bytes())
     assert builder._tokenizer_specs([str(odd), "m=/p"], "/model") == ({"m": "/p"}, str(odd))
     assert builder._tokenizer_specs(["m=/p"], "/model") == ({"m": "/p"}, "/model")
+
+
+def test_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """A smoke-sized run, so benchmarks/tokenize_cost.py never rots (no timing checked)."""
+    from benchmarks import tokenize_cost
+
+    argv = ["--vocab", "600", "--prompts", "2", "--conversations", "3", "--turns", "2"]
+    assert tokenize_cost.main([*argv, "--passes", "1", "--corpus-chars", "200000"]) == 0
+    assert "| tokens, prefix cache |" in capsys.readouterr().out
