@@ -32,7 +32,14 @@ from cache_router.core.policies import (
 from cache_router.core.registry import Lease, Worker, WorkerRegistry
 from cache_router.core.request import RoutingRequest
 from cache_router.core.retry import RetryConfig
-from cache_router.core.tree import PrefixMatch, RadixForest, RadixTree, encode_tokens
+from cache_router.core.token_keys import PromptTokenizer, token_routes
+from cache_router.core.tree import (
+    PrefixMatch,
+    RadixForest,
+    RadixTree,
+    decode_tokens,
+    encode_tokens,
+)
 from cache_router.ops.admin import AdminApp
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.proxy.admission import Overloaded, QueueTimeout
@@ -55,6 +62,7 @@ __all__ = [
     "PreciseCacheAwarePolicy",
     "PrefixHashPolicy",
     "PrefixMatch",
+    "PromptTokenizer",
     "QueueTimeout",
     "RadixForest",
     "RadixTree",
@@ -73,8 +81,10 @@ __all__ = [
     "WorkerRegistry",
     "build_router",
     "create_router_app",
+    "decode_tokens",
     "encode_tokens",
     "make_policy",
+    "token_routes",
 ]
 
 __version__ = "0.1.0"

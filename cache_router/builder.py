@@ -12,8 +12,9 @@ from __future__ import annotations
 import inspect
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -24,6 +25,8 @@ from cache_router.core.events import RequestTracer, RouterEvents
 from cache_router.core.policies import Policy, PreciseCacheAwarePolicy, make_policy
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
+from cache_router.core.routing_key import KeyExtractor
+from cache_router.core.token_keys import PromptTokenizer, token_routes
 from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
 from cache_router.ops.fleet import redact_url
@@ -111,6 +114,8 @@ class Router:
 
     #: Spans for every routed request (``tracer_provider`` or ``otlp_endpoint``), or None.
     tracer: RequestTracer | None = None
+    #: Token key extractors (``tokenizer_path``, precise policy), or None: the defaults.
+    typed_routes: Mapping[str, KeyExtractor] | None = None
 
     def middleware(self, app: ASGIApp, /, **options: Any) -> RouterApp:
         """The routing middleware around ``app``, with the admin API and the background
@@ -156,6 +161,7 @@ class Router:
             "prefill_policy": self.prefill_policy,
             "decode_policy": self.decode_policy,
             "tracer": self.tracer,
+            "typed_routes": self.typed_routes,
         }
         events = [*self.events, *options.pop("events", ())]
         background = [*self.background, *options.pop("background", ())]
@@ -220,6 +226,7 @@ def build_router(
             decode = "power_of_two" if cache_aware else config.policy
         router.decode_policy = policy_from_config(config, name=decode)
     _add_tracing(router, tracer_provider, policy_name)
+    router.typed_routes = _token_routes(config)
     router.ssl_context = client_ssl_context(
         config.ca_cert_paths, config.client_cert_path, config.client_key_path
     )
@@ -607,3 +614,69 @@ def create_router_app(
     admin unless passed). Benchmarks and tests use it to measure the routing path alone;
     deployments want :func:`build_router`."""
     return RouterApp(probe_app(registry), registry, policy, **middleware_options)
+
+
+#: The policies that route on token keys when tokenizers are configured.
+TOKEN_POLICIES = frozenset({"precise_cache_aware"})
+#: A ``tokenizer_path`` naming the simulated engine's tokenizer (one token per character),
+#: for a router in front of :class:`cache_router.testing.SimulatedEngine`.
+CODEPOINTS = "builtin:codepoints"
+
+
+def _token_routes(config: RouterConfig) -> dict[str, KeyExtractor] | None:
+    """Key extractors that tokenize with the configured tokenizers, for the policies that
+    route on tokens; each path is loaded once, however many models share it."""
+    if not config.tokenizer_path and config.model_path is None:
+        return None
+    if config.policy not in TOKEN_POLICIES:
+        logger.warning(
+            "tokenizer_path and model_path serve the precise_cache_aware policy; with %s "
+            "requests keep character keys",
+            config.policy,
+        )
+        return None
+    models, default = _tokenizer_specs(config.tokenizer_path, config.model_path)
+    loaded: dict[str, PromptTokenizer] = {}
+    for path in {*models.values(), *([default] if default is not None else [])}:
+        loaded[path] = _load_tokenizer(path)
+    return token_routes(
+        {model: loaded[path] for model, path in models.items()},
+        None if default is None else loaded[default],
+        max_tokens=config.max_routing_key_length,
+    )
+
+
+def _tokenizer_specs(
+    paths: Sequence[str], model_path: str | None
+) -> tuple[dict[str, str], str | None]:
+    """``tokenizer_path`` values (``PATH`` or ``MODEL=PATH``) and ``model_path`` as
+    ``({model: path}, path for any model)``: a value that is an existing path is a path
+    even with a ``=`` in it, and a ``PATH`` for any model comes before ``model_path`` (as
+    SGLang's ``--tokenizer-path`` overrides its ``--model-path``)."""
+    models: dict[str, str] = {}
+    default: str | None = None
+    for value in paths:
+        model, sign, path = value.partition("=")
+        if not sign or not model or not path or Path(value).expanduser().exists():
+            if default is not None:
+                raise ValueError(f"tokenizer_path: two paths for any model, {default} and {value}")
+            default = value
+        elif model in models:
+            raise ValueError(f"tokenizer_path gives model {model!r} twice")
+        else:
+            models[model] = path
+    return models, default if default is not None else model_path
+
+
+def _load_tokenizer(path: str) -> PromptTokenizer:
+    if path == CODEPOINTS:
+        from cache_router.testing.tokenizer import CodePointTokenizer
+
+        return CodePointTokenizer()
+    try:
+        from cache_router.ops.tokenizers import load_tokenizer
+    except ImportError as exc:
+        raise ValueError(
+            f"tokenizer_path needs the precise extra (pip install 'cache_router[precise]'): {exc}"
+        ) from None
+    return load_tokenizer(path)

@@ -112,6 +112,8 @@ _METAVARS = {
     "max_tree_size": "CHARS",
     "max_payload_size": "BYTES",
     "transparent_prefixes": "PATH",
+    "tokenizer_path": "[MODEL=]PATH",
+    "model_path": "PATH",
     "health_check_endpoint": "PATH",
     "admin_prefix": "PATH",
     "api_key": "KEY",
@@ -197,7 +199,6 @@ _PD = (
     "prefill/decode disaggregation here takes --prefill and --decode workers (or workers "
     "added with a worker_type): SGLang's mini load balancer is not a router"
 )
-_TOKENIZER = "the router does not tokenize: routing keys are the prompt's characters or token ids"
 REFUSED_FLAGS: Mapping[str, str] = {
     "--mini-lb": _PD,
     "--enable-igw": (
@@ -208,8 +209,6 @@ REFUSED_FLAGS: Mapping[str, str] = {
         "there is no token bucket: --max-concurrent-requests caps the requests in flight, "
         "with --queue-size and --queue-timeout-secs"
     ),
-    "--model-path": _TOKENIZER,
-    "--tokenizer-path": _TOKENIZER,
 }
 
 

@@ -340,6 +340,21 @@ class RouterConfig:
             "longest routing key: characters for text keys, tokens for token keys", low=1
         ),
     )
+    tokenizer_path: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "precise_cache_aware: the models' tokenizers, to key requests by tokens: PATH "
+            "(any model) or MODEL=PATH, a local model directory or tokenizer.json "
+            "(docs/precise-routing.md)"
+        ),
+    )
+    model_path: str | None = field(
+        default=None,
+        metadata=_meta(
+            "precise_cache_aware: a local model directory whose tokenizer serves any model "
+            "no tokenizer_path names (SGLang's flag)"
+        ),
+    )
     # -- requests and workers -------------------------------------------------------------
     max_payload_size: int = field(
         default=512 * 1024 * 1024,

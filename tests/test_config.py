@@ -58,6 +58,8 @@ SAMPLES: dict[str, list[str]] = {
     "otlp_endpoint": ["http://127.0.0.1:4318"],
     "session_key_header": ["x-conversation"],
     "ca_cert_paths": [certifi.where()],
+    "tokenizer_path": ["llama=/models/llama", "/models/qwen/tokenizer.json"],
+    "model_path": ["/models/qwen"],
     "prefill_urls": ["http://127.0.0.1:11", "9001"],
     "decode_urls": ["http://127.0.0.1:12", "http://127.0.0.1:13"],
     "kv_events": ["http://127.0.0.1:14=tcp://127.0.0.1:5557,tcp://127.0.0.1:5558"],

@@ -273,7 +273,6 @@ def test_dp_aware_is_accepted_with_a_warning() -> None:
     [
         (["--mini-lb"], "--mini-lb"),
         (["--rate-limit-tokens-per-second", "10"], "--rate-limit-tokens-per-second"),
-        (["--model-path", "meta-llama/x"], "--model-path"),
     ],
 )
 def test_sglang_flags_not_implemented_are_refused_by_name(argv: list[str], named: str) -> None:

@@ -29,12 +29,21 @@ tree of the forest, and a tree it empties leaves the forest.
 from __future__ import annotations
 
 import heapq
+import sys
 import time
+from array import array
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["MAX_TOKEN_ID", "PrefixMatch", "RadixForest", "RadixTree", "encode_tokens"]
+__all__ = [
+    "MAX_TOKEN_ID",
+    "PrefixMatch",
+    "RadixForest",
+    "RadixTree",
+    "decode_tokens",
+    "encode_tokens",
+]
 
 Name = TypeVar("Name", bound=Hashable)
 
@@ -56,6 +65,22 @@ def encode_tokens(token_ids: Iterable[int]) -> str:
         return "".join(map(chr, token_ids))
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"token ids must be integers in 0..{MAX_TOKEN_ID}") from exc
+
+
+#: UTF-32 in the machine's byte order, so the code units are the array's items as they are.
+_UTF32 = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"
+
+
+def decode_tokens(key: str) -> list[int]:
+    """The token ids :func:`encode_tokens` encoded into ``key``: ``decode_tokens(
+    encode_tokens(ids)) == ids``.
+
+    One pass in C (UTF-32, surrogates passed through, since ``encode_tokens`` may have made
+    them) instead of an ``ord`` call per token: policies decode a key per request.
+    """
+    units = array("I")
+    units.frombytes(key.encode(_UTF32, "surrogatepass"))
+    return units.tolist()
 
 
 @dataclass(frozen=True, slots=True)
