@@ -359,3 +359,52 @@ def test_metrics_show_the_index_and_the_streams() -> None:
         assert "cache_router_kv_event_batches_total{" in text
         assert "cache_router_kv_event_gaps_total{" in text
         assert 'cache_router_precise_lookups_total{source="exact"}' in text
+
+
+def test_serve_routes_chat_on_exact_token_keys_from_its_flags() -> None:
+    """The whole path from the command line: ``--policy precise_cache_aware`` with the
+    engines' event streams and a tokenizer, chat requests keyed by tokens and matched in
+    the index (the metrics count exact lookups)."""
+    from test_cli import serve_process
+
+    system = {"role": "system", "content": SYSTEM * 3}
+    with ExitStack() as stack:
+        fleet = Fleet(stack, 2)
+        events = [
+            f"{url}={publisher.endpoint},{publisher.replay_endpoint}"
+            for url, publisher in zip(fleet.urls, fleet.publishers, strict=True)
+        ]
+        served = stack.enter_context(
+            serve_process(
+                "--worker-urls",
+                *fleet.urls,
+                "--policy",
+                "precise_cache_aware",
+                "--kv-events",
+                *events,
+                "--kv-block-size",
+                str(BLOCK),
+                "--tokenizer-path",
+                "builtin:codepoints",
+                "--admin-prefix",
+                "/router",
+                "--admin-allow-unauthenticated",
+            )
+        )
+        engines = []
+        for turn in range(4):
+            body = {"messages": [system, {"role": "user", "content": f"q{turn}"}], "max_tokens": 1}
+            answer = httpx.post(
+                f"{served.url}/v1/chat/completions", json=body, timeout=30, trust_env=False
+            )
+            assert answer.status_code == 200, answer.text
+            engines.append(answer.headers["x-engine"])
+            time.sleep(0.3)  # the engine publishes the blocks it stored
+        assert len(set(engines)) == 1  # the shared system prompt keeps them together
+        metrics = httpx.get(f"{served.url}/router/metrics", trust_env=False).text
+        exact = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith('cache_router_precise_lookups_total{source="exact"}')
+        ]
+        assert exact and float(exact[0].split()[-1]) >= 3
