@@ -67,6 +67,17 @@ INSTANT_ENGINE: dict[str, Any] = {
     "capacity": 24_000,
 }
 
+
+def _simulated_engine(capacity: int | None, block_size: int | None) -> dict[str, Any]:
+    """:data:`SIMULATED_ENGINE` with another cache size and/or block-based caching."""
+    knobs = dict(SIMULATED_ENGINE)
+    if capacity is not None:
+        knobs["capacity"] = capacity
+    if block_size is not None:
+        knobs["block_size"] = block_size
+    return knobs
+
+
 _VOCABULARY = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
     "sigma tau upsilon phi chi psi omega cache prefix router engine token batch queue prompt "
@@ -157,12 +168,7 @@ class SharedPrefix(Workload):
 
     @property
     def engine_knobs(self) -> dict[str, Any]:
-        knobs = dict(SIMULATED_ENGINE)
-        if self.capacity is not None:
-            knobs["capacity"] = self.capacity
-        if self.block_size is not None:
-            knobs["block_size"] = self.block_size
-        return knobs
+        return _simulated_engine(self.capacity, self.block_size)
 
     async def run(
         self, session: aiohttp.ClientSession, base_url: str, rng: random.Random
@@ -193,10 +199,16 @@ class MultiTurn(Workload):
     system_prompt_len: int = 1000
     question_len: int = 200
     output_len: int = 32
+    #: Engines cache (and publish KV events) in blocks of this many tokens (None: not).
+    block_size: int | None = None
 
     @property
     def in_flight(self) -> int:
         return self.num_users
+
+    @property
+    def engine_knobs(self) -> dict[str, Any]:
+        return _simulated_engine(None, self.block_size)
 
     async def run(
         self, session: aiohttp.ClientSession, base_url: str, rng: random.Random
@@ -238,10 +250,16 @@ class Burst(Workload):
     system_prompt_len: int = 2000
     question_len: int = 200
     output_len: int = 16
+    #: Engines cache (and publish KV events) in blocks of this many tokens (None: not).
+    block_size: int | None = None
 
     @property
     def in_flight(self) -> int:
         return self.num_requests
+
+    @property
+    def engine_knobs(self) -> dict[str, Any]:
+        return _simulated_engine(None, self.block_size)
 
     async def run(
         self, session: aiohttp.ClientSession, base_url: str, rng: random.Random

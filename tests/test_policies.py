@@ -18,7 +18,11 @@ from cache_router.core.policies import (
     RoutingRequest,
     least_loaded,
 )
-from cache_router.core.policies.cache_aware import REANNOUNCE_EVERY, SPILL_MIN_MARGIN
+from cache_router.core.policies.cache_aware import (
+    HOT_WINDOW,
+    REANNOUNCE_EVERY,
+    SPILL_MIN_MARGIN,
+)
 from cache_router.core.registry import Lease, Worker, WorkerRegistry
 from cache_router.core.tree import PrefixMatch, encode_tokens
 
@@ -696,12 +700,19 @@ HOT_KEY = SHARED + "question"
 
 
 def hot_holder(
-    holder_load: int, cold_loads: tuple[int, ...], spill: bool = True
+    holder_load: int, cold_loads: tuple[int, ...], spill: bool = True, *, hot: bool = True
 ) -> tuple[CacheAwarePolicy, list[Worker]]:
-    """Worker 0 alone holds ``HOT_KEY`` with ``holder_load`` in flight; the rest are cold."""
+    """Worker 0 alone holds ``HOT_KEY`` with ``holder_load`` in flight; the rest are cold.
+
+    ``hot``: the latest selections all shared ``HOT_KEY``'s prefix (a burst on it), else
+    of other prefixes.
+    """
     registry = fleet(1 + len(cold_loads))
     policy = CacheAwarePolicy(spill=spill, seed=6)
     workers = registry.workers
+    for i in range(HOT_WINDOW):
+        policy.select(request(SHARED + f"burst {i}" if hot else f"other prompt {i}"), [workers[0]])
+    policy.decisions.update(cache_hit=0, cache_miss=0)
     policy.tree().insert(HOT_KEY, workers[0].url)
     hold(registry, workers[0], holder_load)
     for worker, load in zip(workers[1:], cold_loads, strict=True):
@@ -745,6 +756,22 @@ def test_cold_spill_needs_the_absolute_condition_strictly() -> None:
     policy, (a, b, c) = hot_holder(6, (0, 2))
     assert policy.select(request(HOT_KEY), [a, b, c]) is b
     assert policy.decisions["spilled"] == 1
+
+
+def test_no_cold_spill_for_a_prefix_that_is_not_hot() -> None:
+    # The holder is far ahead, as in the test above, but the latest selections were of
+    # other prefixes: this one carries less than one worker's share of traffic, so a copy
+    # elsewhere would evict some other prefix to shed load the prefix does not cause.
+    policy, (a, b, c) = hot_holder(61, (39, 41), hot=False)
+    assert not policy.needs_more_holders(HOT_KEY, 3, 1)
+    assert policy.select(request(HOT_KEY), [a, b, c]) is a
+    assert policy.decisions == {"cache_hit": 1, "cache_miss": 0, "balanced": 0}
+    # A prefix with more than a third of the latest selections needs a second holder of 3.
+    policy, (a, b, c) = hot_holder(61, (39, 41))
+    assert policy.needs_more_holders(HOT_KEY, 3, 1)
+    assert policy.needs_more_holders(HOT_KEY, 3, 2)
+    assert not policy.needs_more_holders(HOT_KEY, 3, 3)
+    assert policy.select(request(HOT_KEY), [a, b, c]) is b
 
 
 def test_spill_target_becomes_a_holder_and_later_hits_spread() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 from cache_router.core.errors import NoAvailableWorker
@@ -41,6 +42,15 @@ SPILL_MIN_MARGIN = 4.0
 #: busy prefixes live within a few dozen requests on them.
 REANNOUNCE_EVERY = 64
 
+#: A prefix is told apart by this many leading characters (or tokens) of its key: short
+#: enough for short system prompts, and prefixes that share it only count as one hotter prefix.
+PREFIX_HEAD = 64
+
+#: A prefix's share of traffic is its share of this many latest selections: few enough
+#: that a burst on one prefix shows within a margin's worth of its requests, enough that
+#: one of many prefixes (16 in the shared-prefix benchmark) does not look hot by chance.
+HOT_WINDOW = 16
+
 _NO_MATCH = PrefixMatch(0, frozenset())
 
 
@@ -62,9 +72,12 @@ class CacheAwarePolicy:
           ``cache_threshold``, holding a shorter part of the key (the tree names only the
           deepest node's holders) -- is more than ``margin`` below the holder, go there
           (``spilled_warm``): the move costs the prefill of a short tail;
-       b. else, if even that warm worker is a hot spot against the mean load of the *cold*
-          workers (above ``cold_mean * balance_rel_threshold`` and above ``cold_mean +
-          margin``), go to the least loaded worker (``spilled``);
+       b. else, if the prefix is *hot* -- its share of the latest :data:`HOT_WINDOW`
+          selections, times the number of candidates, exceeds its warm workers' count: it
+          carries more traffic than its holders' share -- and even that warm worker is a
+          hot spot against the mean load of the *cold* workers (above ``cold_mean *
+          balance_rel_threshold`` and above ``cold_mean + margin``), go to the least loaded
+          worker (``spilled``);
        c. else stay with the holder.
     4. Record the key under the chosen worker, whichever rule chose it: after a spill the
        target becomes a holder of the prefix, so later hits can choose among both.
@@ -77,7 +90,11 @@ class CacheAwarePolicy:
     evicts something on its target, so it waits until the prefix is hot everywhere it is
     cached. Comparing with the *cold* workers, not the whole fleet, matters: once most of
     the fleet holds a hot prefix, the fleet mean is the holders' own load and no holder
-    ever looks hot, while the idle rest wait for the fleet-wide rule's gap of 64.
+    ever looks hot, while the idle rest wait for the fleet-wide rule's gap of 64. A holder
+    ahead because of *other* prefixes is not this prefix's hot spot: copying it elsewhere
+    would evict some other prefix there and shed load this prefix does not cause, which
+    under cache pressure costs more hits than the queue it shortens (the fleet-wide rule
+    still bounds that imbalance).
 
     One :class:`RadixTree` is kept per model (and apart for token-id keys), and all of them
     share one budget of ``max_tree_size`` characters (a :class:`RadixForest`): the model
@@ -125,6 +142,9 @@ class CacheAwarePolicy:
         self._bound: list[WorkerRegistry] = []
         self._placement_listeners: list[Callable[[RoutingRequest, str], None]] = []
         self._quiet_hits = 0  # sole-holder hits not reported since the last re-announcement
+        #: The heads of the latest :data:`HOT_WINDOW` selections, and how often each occurs.
+        self._recent: deque[str] = deque()
+        self._recent_counts: dict[str, int] = {}
         #: How each selection was decided: ``cache_hit``, ``cache_miss`` or ``balanced``;
         #: with the spill gate also ``spilled_warm`` and ``spilled`` (hits the gate moved),
         #: each key added on its first occurrence. Every selection counts exactly once.
@@ -267,10 +287,32 @@ class CacheAwarePolicy:
             if tree is None:
                 tree = self._forest.tree(tree_key)
             tree.insert(key, chosen.url)
+            self._remember(key)
             if self._placement_listeners and self._is_news(sole_holder and decision == "cache_hit"):
                 for listener in self._placement_listeners:
                     listener(request, chosen.url)
         return chosen
+
+    def _remember(self, key: str) -> None:
+        """Count ``key``'s prefix among the latest :data:`HOT_WINDOW` selections."""
+        head = key[:PREFIX_HEAD]
+        recent = self._recent
+        counts = self._recent_counts
+        recent.append(head)
+        counts[head] = counts.get(head, 0) + 1
+        if len(recent) > HOT_WINDOW:
+            old = recent.popleft()
+            left = counts[old] - 1
+            if left:
+                counts[old] = left
+            else:
+                del counts[old]
+
+    def needs_more_holders(self, key: str, workers: int, holders: int) -> bool:
+        """Whether the prefix of ``key`` carries more traffic than ``holders`` workers'
+        share: its share of the latest :data:`HOT_WINDOW` selections times ``workers``."""
+        count = self._recent_counts.get(key[:PREFIX_HEAD], 0)
+        return count * workers > holders * HOT_WINDOW
 
     def _lookup(
         self, request: RoutingRequest, tree: RadixTree | None, candidates: Sequence[Worker]
@@ -306,8 +348,9 @@ class CacheAwarePolicy:
         holders of the node at the first qualifying length, a superset of the deepest node's
         holders (a node's tenants include its descendants'). Moving to one costs a short
         tail of prefill, so a margin is enough. Replicating onto a *cold* worker costs the
-        whole prefix and evicts something there, so it waits until even the least loaded
-        warm worker is a hot spot against the cold ones' mean. This path runs only when the
+        whole prefix and evicts something there, so it waits until the prefix carries more
+        than its holders' share of traffic and even the least loaded warm worker is a hot
+        spot against the cold ones' mean. This path runs only when the
         cheap test in :meth:`select` passes, so its second tree walk stays off the common
         path.
         """
@@ -321,7 +364,7 @@ class CacheAwarePolicy:
         if load - coolest > margin:
             return target, "spilled_warm"
         cold = len(candidates) - len(warm)
-        if cold:
+        if cold and self.needs_more_holders(request.key, len(candidates), len(warm)):
             warm_load = sum(worker.effective_load for worker in warm)
             cold_mean = (total - warm_load) / cold
             if coolest > cold_mean * self.balance_rel_threshold and coolest > cold_mean + margin:
