@@ -87,7 +87,9 @@ def test_the_log_formatters_convert_each_second_once(monkeypatch: pytest.MonkeyP
 
     from cache_router.ops.access_log import TEXT_FORMAT, formatter
 
-    records = [logging.LogRecord("x", logging.INFO, "f", 1, "line %d", (n,), None) for n in range(3)]
+    records = [
+        logging.LogRecord("x", logging.INFO, "f", 1, "line %d", (n,), None) for n in range(3)
+    ]
     for n, record in enumerate(records):
         record.created, record.msecs = 1_800_000_000.25 + n * 0.3, 250.0 + n * 300 % 1000
     records[2].created = 1_800_000_001.0  # the next second
