@@ -81,46 +81,62 @@ class RouterEvents:
         access log records; called only on listeners that override it."""
 
 
+def _hears(listener: RouterEvents, hook: str) -> bool:
+    """Whether ``listener`` does something on ``hook`` (not the base class's no-op)."""
+    method = getattr(listener, hook, None)
+    return getattr(method, "__func__", None) is not getattr(RouterEvents, hook)
+
+
 class EventFanout(RouterEvents):
-    """Calls each hook on every listener, in order."""
+    """Calls each hook on every listener that overrides it, in order.
+
+    Each hook keeps its own tuple of listeners, built once: a request pays one call per
+    listener that acts on a hook, not one per listener and hook (an access log hears one
+    hook of seven, circuit breakers three).
+    """
 
     def __init__(self, listeners: Sequence[RouterEvents] = ()) -> None:
         self.listeners = tuple(listeners)
-        self._summarizers = tuple(
-            listener
-            for listener in self.listeners
-            if type(listener).request_summary is not RouterEvents.request_summary
-        )
+        self._routed = self._hearing("request_routed")
+        self._answered = self._hearing("upstream_answered")
+        self._failed = self._hearing("upstream_failed")
+        self._completed = self._hearing("upstream_completed")
+        self._retried = self._hearing("request_retried")
+        self._finished = self._hearing("request_finished")
+        self._summarizers = self._hearing("request_summary")
         #: Whether any listener wants :meth:`request_summary` (else none is built).
         self.summarized = bool(self._summarizers)
+
+    def _hearing(self, hook: str) -> tuple[RouterEvents, ...]:
+        return tuple(listener for listener in self.listeners if _hears(listener, hook))
 
     def __bool__(self) -> bool:
         return bool(self.listeners)
 
     def request_routed(self, worker: Worker, request: RoutingRequest) -> None:
-        for listener in self.listeners:
+        for listener in self._routed:
             listener.request_routed(worker, request)
 
     def upstream_answered(self, worker: Worker, status: int, seconds: float) -> None:
-        for listener in self.listeners:
+        for listener in self._answered:
             listener.upstream_answered(worker, status, seconds)
 
     def upstream_failed(self, worker: Worker, *, timeout: bool, connect: bool) -> None:
-        for listener in self.listeners:
+        for listener in self._failed:
             listener.upstream_failed(worker, timeout=timeout, connect=connect)
 
     def upstream_completed(self, worker: Worker, status: int, seconds: float) -> None:
-        for listener in self.listeners:
+        for listener in self._completed:
             listener.upstream_completed(worker, status, seconds)
 
     def request_retried(self, worker: Worker, attempt: int, reason: str) -> None:
-        for listener in self.listeners:
+        for listener in self._retried:
             listener.request_retried(worker, attempt, reason)
 
     def request_finished(
         self, route: str, status: int, seconds: float, first_byte: float | None
     ) -> None:
-        for listener in self.listeners:
+        for listener in self._finished:
             listener.request_finished(route, status, seconds, first_byte)
 
     def request_summary(self, summary: RequestSummary) -> None:

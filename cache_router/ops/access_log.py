@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cache_router.core.events import RequestSummary, RouterEvents
@@ -28,6 +29,7 @@ __all__ = [
     "TEXT_FORMAT",
     "AccessLog",
     "JsonFormatter",
+    "TextFormatter",
     "ensure_handler",
     "formatter",
 ]
@@ -82,11 +84,11 @@ class AccessLog(RouterEvents):
         }
         # Made and handled directly: ``logger.info`` would also walk the stack for the
         # caller's file and line, meaningless for an access line and a third of its cost.
-        logger.handle(
-            logger.makeRecord(
-                logger.name, logging.INFO, __file__, 0, _LINE, (fields,), None, extra=fields
-            )
-        )
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, _LINE, (fields,), None)
+        # The fields become attributes in one update: ``extra=`` would check each name
+        # against the record's own, and these never clash (a test holds them to that).
+        record.__dict__.update(fields)
+        logger.handle(record)
 
 
 #: Attributes every LogRecord has; the others came in ``extra`` and are the record's fields.
@@ -97,14 +99,49 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+class _SecondStamp:
+    """``strftime`` of a second, redone only when the second changes: an access line a
+    request would otherwise convert and format the same second over and over."""
+
+    __slots__ = ("_converter", "_format", "_last")
+
+    def __init__(self, format: str, converter: Callable[[float | None], time.struct_time]):
+        self._format = format
+        self._converter = converter
+        self._last = (-1, "")  # one attribute, so a reader never sees half an update
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, time.strftime(self._format, self._converter(second)))
+        return last[1]
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`'s formatter, its default timestamp made once per second."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+        self._stamp = _SecondStamp(self.default_time_format, self.converter)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return f"{self._stamp(record.created)},{int(record.msecs):03d}"  # as logging's default
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
     ``message``, every field given in ``extra``, and ``exc`` with a traceback."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         entry: dict[str, Any] = {
-            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "time": f"{self._stamp(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -122,7 +159,7 @@ def formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
         return JsonFormatter()
     if log_format == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return TextFormatter()
     raise ValueError(f"log format must be text or json, not {log_format!r}")
 
 
