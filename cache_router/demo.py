@@ -398,13 +398,13 @@ def run_policy(
             prefill_options=options,
             decode_options=options,
         ) as fleet:
-            switch = "pd_disaggregation" if config.pd == "sglang" else "vllm_pd_disaggregation"
             settings = RouterConfig(
+                pd_disaggregation=config.pd == "sglang",
+                vllm_pd_disaggregation=config.pd == "vllm",
                 prefill_urls=tuple(
                     url if port is None else f"{url} {port}" for url, port in fleet.prefill
                 ),
                 decode_urls=tuple(fleet.decode_urls),
-                **{switch: True},
                 **common,
             )
             engine_urls = [*fleet.prefill_urls, *fleet.decode_urls]
