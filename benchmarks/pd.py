@@ -18,7 +18,9 @@ Per protocol the engines start once. Each repetition starts every router afresh,
 up, and drives every request kind through it (64 in flight, unique prompts), resetting
 the engines before each kind; routers take turns within a repetition, so outside load
 spoils one repetition of every router rather than every run of one. The reported row per
-(protocol, router, kind) is the run with the median requests/s. ``paired`` counts the
+(protocol, router, kind) is the run with the median requests/s, but with the median
+router CPU per request over all runs (``--report FILE`` rebuilds the table from the
+``--json`` lines of an earlier run). ``paired`` counts the
 decode engines' requests whose KV cache a prefill engine provided: every request, when
 the router pairs correctly. ``vs ref`` is router CPU per request over the protocol's
 reference router's (sglang-router for SGLang's protocol, vllm-router for vLLM's).
@@ -27,6 +29,8 @@ reference router's (sglang-router for SGLang's protocol, vllm-router for vLLM's)
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,7 +67,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("rps", "req/s", "{:.0f}"),
     ("latency_p50_ms", "p50 ms", "{:.1f}"),
     ("latency_p99_ms", "p99 ms", "{:.1f}"),
-    ("router_cpu_us_per_req", "router CPU µs/req", "{:.0f}"),
+    ("router_cpu_us_median", "router CPU µs/req", "{:.0f}"),
     ("cpu_vs_reference", "vs ref", "{:.2f}x"),
 )
 
@@ -132,18 +136,35 @@ def _one_router(
     return rows
 
 
-def _compare(rows: list[dict[str, Any]]) -> None:
-    """Set ``cpu_vs_reference`` on every row whose protocol's reference router ran."""
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (protocol, router, request kind), in the order first run: the run with
+    the median requests/s, plus the median router CPU per request over all runs
+    (``router_cpu_us_median``) and that median over the reference router's
+    (``cpu_vs_reference``), when the protocol's reference router ran."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["protocol"], run["router"], run["workload"]), []).append(run)
+    rows = []
+    for group in groups.values():
+        row = median_row(group)
+        cpu = sorted(
+            run["router_cpu_us_per_req"]
+            for run in group
+            if run.get("router_cpu_us_per_req") is not None
+        )
+        row["router_cpu_us_median"] = statistics.median(cpu) if cpu else None
+        rows.append(row)
     reference = {
-        (row["protocol"], row["workload"]): row.get("router_cpu_us_per_req")
+        (row["protocol"], row["workload"]): row["router_cpu_us_median"]
         for row in rows
         if row["router"] == REFERENCE[row["protocol"]]
     }
     for row in rows:
         base = reference.get((row["protocol"], row["workload"]))
-        mine = row.get("router_cpu_us_per_req")
+        mine = row["router_cpu_us_median"]
         if base and mine is not None:
             row["cpu_vs_reference"] = round(mine / base, 3)
+    return rows
 
 
 def run_pd_benchmarks(
@@ -163,7 +184,7 @@ def run_pd_benchmarks(
     """One row per (protocol, router, request kind): the median of ``repeat`` runs."""
     thresholds = thresholds or Thresholds()
     log_dir = make_log_dir()
-    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    runs: list[dict[str, Any]] = []
     print(f"# logs in {log_dir}", file=log, flush=True)
     for protocol in protocols:
         speakers = [r for r in routers if protocol in ROUTERS[r].pd_flags]
@@ -179,7 +200,7 @@ def run_pd_benchmarks(
                     )  # fmt: skip
                     for row in rows:
                         row["repetition"] = repetition
-                        runs.setdefault((protocol, router, row["workload"]), []).append(row)
+                        runs.append(row)
                         print(
                             f"#   {row['workload']}: {row['requests']} reqs, {row['errors']}"
                             f" errors, paired {row.get('paired')}, {row['rps']} req/s, router"
@@ -189,9 +210,7 @@ def run_pd_benchmarks(
                         )
                     if jsonl is not None:
                         write_jsonl(rows, jsonl)
-    result = [median_row(group) for group in runs.values()]
-    _compare(result)
-    return result
+    return summarize(runs)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -230,6 +249,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--repeat", type=int, default=3, help="runs per combination; the median is reported"
     )
     parser.add_argument("--json", type=Path, help="append one JSON line per run to this file")
+    parser.add_argument(
+        "--report", type=Path, help="run nothing: print the table of the runs in this JSON file"
+    )
     args = parser.parse_args(argv)
     if not (1 <= args.prefill <= 32 and 1 <= args.decode <= 32):
         parser.error("--prefill and --decode must be in 1..32")
@@ -242,6 +264,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.report is not None:
+        runs = [json.loads(line) for line in args.report.read_text().splitlines() if line]
+        rows = summarize(runs)
+        print(markdown_table(rows, COLUMNS, text_columns=3))
+        return rows
     missing = [r for r in args.routers if not ROUTERS[r].installed]
     for name in missing:
         print(f"# {name} is not installed; skipped", file=sys.stderr)

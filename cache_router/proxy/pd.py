@@ -218,7 +218,11 @@ class PDRouter:
                         companion=leg,
                     )
                 finally:
-                    group.cancel_scope.cancel()
+                    # A finished leg needs no cancelling, and cancelling a scope costs a
+                    # delivery round on every request (the usual case: the relay waited
+                    # for the leg before answering).
+                    if not leg.done:
+                        group.cancel_scope.cancel()
         finally:
             collection.release()  # the leg's task may have been cancelled before it ran
         return _served_by(result, prefill, decode)
@@ -366,6 +370,11 @@ class PrefillLeg:
         self.error: RouterError | None = None
         #: The prefill's answer, once read.
         self.answer: bytes | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`run` is over (its task ends in the same step)."""
+        return self._done.is_set()
 
     def attach(self, cancel: Callable[[], None]) -> None:
         self._cancel_main = cancel
