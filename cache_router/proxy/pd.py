@@ -24,15 +24,17 @@ before :meth:`PDRouter.dispatch` returns, however the request ends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, cast
 
 import anyio
 
+from cache_router.core._loop import on_asyncio
 from cache_router.core.errors import NoAvailableWorker, RouterError
 from cache_router.core.events import RequestTracer, RouterEvents
 from cache_router.core.policies import BindsRegistry, Policy, RoutingRequest
@@ -109,6 +111,7 @@ class PDRouter:
         self._room: Callable[[int], int] = (rng or random.SystemRandom()).getrandbits
         #: Hears each half go out (set by the middleware that owns this router).
         self.tracer: RequestTracer | None = None
+        self._on_asyncio: bool | None = None  # known at the first request
 
     def _headers_for(
         self, worker: Worker, headers: list[tuple[bytes, bytes]]
@@ -197,35 +200,55 @@ class PDRouter:
             merge_logprobs=wants_logprobs(scope["path"], parsed),
             stream=bool(parsed.get("stream")),
         )
+
+        async def decode_half() -> RelayResult:
+            # Nothing may run between the acquire and the relay, which owns the lease.
+            return await self.upstream.relay(
+                method=method,
+                url=upstream_url(decode.url, scope),
+                headers=self._headers_for(decode, headers),
+                body=payload,
+                lease=self.registry.acquire(decode),
+                receive=receive,
+                send=send,
+                response_headers=echo,
+                request_id=request_id,
+                events=events,
+                routing=routing,
+                companion=leg,
+            )
+
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(leg.run)
-                try:
-                    # Nothing may run between the acquire and the relay, which owns the lease.
-                    lease = self.registry.acquire(decode)
-                    result = await self.upstream.relay(
-                        method=method,
-                        url=upstream_url(decode.url, scope),
-                        headers=self._headers_for(decode, headers),
-                        body=payload,
-                        lease=lease,
-                        receive=receive,
-                        send=send,
-                        response_headers=echo,
-                        request_id=request_id,
-                        events=events,
-                        routing=routing,
-                        companion=leg,
-                    )
-                finally:
-                    # A finished leg needs no cancelling, and cancelling a scope costs a
-                    # delivery round on every request (the usual case: the relay waited
-                    # for the leg before answering).
-                    if not leg.done:
-                        group.cancel_scope.cancel()
+            result = await self._beside(leg, decode_half())
         finally:
             collection.release()  # the leg's task may have been cancelled before it ran
         return _served_by(result, prefill, decode)
+
+    async def _beside(
+        self, leg: PrefillLeg, decode: Coroutine[Any, Any, RelayResult]
+    ) -> RelayResult:
+        """Await ``decode`` (the relayed decode half) with ``leg`` running beside it; a leg
+        still running when ``decode`` ends is cancelled."""
+        if self._on_asyncio is None:
+            self._on_asyncio = on_asyncio()
+        if self._on_asyncio:
+            # A bare task, as the relay's disconnect watcher: an anyio task group costs
+            # several times more per request. Cancelled, not awaited: its lease is given
+            # back by the caller, its connection closed as it unwinds.
+            task = asyncio.ensure_future(leg.run())
+            task.add_done_callback(_retrieve)
+            try:
+                return await decode
+            finally:
+                task.cancel()  # a no-op once the leg is over (the usual case)
+        async with anyio.create_task_group() as group:
+            group.start_soon(leg.run)
+            try:
+                result = await decode
+            finally:
+                if not leg.done:  # a finished leg needs no cancel delivery round
+                    group.cancel_scope.cancel()
+        return result
 
     async def _two_steps(
         self,
@@ -515,6 +538,13 @@ def engine_error(status: int, content: bytes, request_id: bytes) -> RouterError:
     return upstream_error(
         502, f"failed with status {status} (prefill)", "pd_prefill_failed", request_id
     )
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """A prefill leg's task is never awaited: a failure it did not expect is logged here
+    rather than as a never-retrieved exception at collection time."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("prefill leg failed", exc_info=task.exception())
 
 
 def _served_by(result: RelayResult, prefill: Worker, decode: Worker) -> RelayResult:
