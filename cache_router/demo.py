@@ -495,28 +495,16 @@ def _ms(seconds: float) -> str:
 def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
     """A rich Table with one row per policy that fits 80 columns: two-line headers, no
     vertical rules, and only the per-engine shares wrap (between numbers, never inside)."""
-    from rich import box
-    from rich.table import Table
-
     if config.pd is not None:
         return _pd_table(results, config)
-    table = Table(
-        title=(
-            f"{config.requests} chat requests, {config.concurrency} concurrent clients, "
-            f"{config.engines} simulated engines ({config.max_running} running each)"
-        ),
-        caption=(
-            "latency and TTFT (time to first token): p50/p99 in ms; cache hit: share of "
-            "prompt characters the engines found cached; peak gap: largest "
-            "busiest-minus-idlest in-flight difference seen"
-        ),
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
+    table = _new_table(
+        f"{config.requests} chat requests, {config.concurrency} concurrent clients, "
+        f"{config.engines} simulated engines ({config.max_running} running each)",
+        "latency and TTFT (time to first token): p50/p99 in ms; cache hit: share of "
+        "prompt characters the engines found cached; peak gap: largest "
+        "busiest-minus-idlest in-flight difference seen",
     )
-    numbers: dict[str, Any] = {"justify": "right", "no_wrap": True}
-    table.add_column("policy", style="bold", no_wrap=True)
-    table.add_column("req/s", **numbers)
-    table.add_column("latency\np50/p99", **numbers)
+    numbers = _NUMBERS
     table.add_column("TTFT\np50/p99", **numbers)
     table.add_column("cache\nhit", **numbers)
     table.add_column("requests\nper engine", min_width=4)
@@ -544,33 +532,36 @@ def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
 _PD_NAMES = {"sglang": "SGLang bootstrap protocol", "vllm": "vLLM two-step protocol"}
 
 
-def _pd_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
-    """The table of a PD run: each role's spread, and the requests paired and served
-    (80 columns: time to first token gives way to the second shares column)."""
+_NUMBERS: dict[str, Any] = {"justify": "right", "no_wrap": True}
+
+
+def _new_table(title: str, caption: str) -> Any:
+    """A rich Table in the demo's style with the columns every run has: policy, req/s and
+    latency."""
     from rich import box
     from rich.table import Table
 
-    assert config.pd is not None
-    table = Table(
-        title=(
-            f"{config.requests} chat requests, {config.concurrency} clients, "
-            f"{config.prefill_engines} prefill + {config.decode_engines} decode simulated "
-            f"engines, {_PD_NAMES[config.pd]}"
-        ),
-        caption=(
-            "policy: the prefill side's (decode: power_of_two, or the same policy); latency: "
-            "p50/p99 in ms; cache hit: share of prompt characters the prefill engines found "
-            "cached; shares: of each role's requests; paired: requests a decode engine "
-            "served with the KV cache "
-            "a prefill engine prepared, of the requests answered (ok)"
-        ),
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-    )
-    numbers: dict[str, Any] = {"justify": "right", "no_wrap": True}
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("policy", style="bold", no_wrap=True)
-    table.add_column("req/s", **numbers)
-    table.add_column("latency\np50/p99", **numbers)
+    table.add_column("req/s", **_NUMBERS)
+    table.add_column("latency\np50/p99", **_NUMBERS)
+    return table
+
+
+def _pd_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
+    """The table of a PD run: each role's spread, and the requests paired and served
+    (80 columns: time to first token gives way to the second shares column)."""
+    assert config.pd is not None
+    table = _new_table(
+        f"{config.requests} chat requests, {config.concurrency} clients, "
+        f"{config.prefill_engines} prefill + {config.decode_engines} decode simulated "
+        f"engines, {_PD_NAMES[config.pd]}",
+        "policy: the prefill side's (decode: power_of_two, or the same policy); latency: "
+        "p50/p99 in ms; cache hit: share of prompt characters the prefill engines found "
+        "cached; shares: of each role's requests; paired: requests a decode engine served "
+        "with the KV cache a prefill engine prepared, of the requests answered (ok)",
+    )
+    numbers = _NUMBERS
     table.add_column("cache\nhit", **numbers)
     table.add_column("prefill\nshares", min_width=4)
     table.add_column("decode\nshares", min_width=4)
