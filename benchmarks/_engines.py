@@ -16,7 +16,12 @@ Besides the engines, a control port serves the harness (never the routers):
   to the engines being measured) and each engine's peak load;
 * ``GET /loads`` returns the current loads (the same figure as each engine's ``/get_load``).
 
-On start the process prints one JSON line ``{"engines": [urls], "control": url}`` on stdout.
+With ``--pd sglang|vllm`` the fleet is disaggregated: ``--prefill`` prefill engines (each with
+its bootstrap or side-channel server on a port of its own, kept across resets) and
+``--decode`` decode engines (``cache_router.testing.pd``).
+
+On start the process prints one JSON line ``{"engines": [urls], "control": url}`` on stdout;
+a PD fleet adds ``"prefill": [[url, bootstrap_port or null], ...]`` and ``"decode": [urls]``.
 It exits on SIGTERM/SIGINT, and when its standard input closes, so it never outlives a
 harness that died without stopping it.
 """
@@ -38,6 +43,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from cache_router.testing.engine import SimulatedEngine
+from cache_router.testing.pd import PDProtocol
 
 HOST = "127.0.0.1"
 
@@ -67,8 +73,23 @@ class Slot:
         await self.engine(scope, receive, send)
 
 
+class SideSlot:
+    """A prefill engine's bootstrap/side-channel server, following its slot's engine."""
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pd = self.slot.engine.pd
+        assert pd is not None and pd.app is not None
+        await pd.app(scope, receive, send)
+
+
 class Fleet:
     """The engines, their knobs and the in-process load sampler.
+
+    ``pd`` (a protocol) makes the first ``prefill`` engines prefill engines and the rest
+    decode engines; ``side_urls`` is set once their side servers listen.
 
     With ``kv_events``, every engine publishes its KV events (vLLM's ZMQ protocol) through
     a publisher of its own that outlives resets, as an engine process would: a reset
@@ -77,7 +98,14 @@ class Fleet:
     """
 
     def __init__(
-        self, count: int, knobs: dict[str, Any], sample_interval: float, *, kv_events: bool = False
+        self,
+        count: int,
+        knobs: dict[str, Any],
+        sample_interval: float,
+        *,
+        pd: PDProtocol | None = None,
+        prefill: int = 0,
+        kv_events: bool = False,
     ) -> None:
         self.knobs = dict(knobs)
         self.publishers: list[Any] = []
@@ -85,15 +113,49 @@ class Fleet:
             from cache_router.testing.kv_publisher import KVEventPublisher
 
             self.publishers = [KVEventPublisher().start() for _ in range(count)]
+        self.pd = pd
+        self.prefill = prefill if pd else 0
+        self.side_urls: list[str] = []
         self.slots = [Slot(self._engine(i)) for i in range(count)]
+        self.sides = [SideSlot(slot) for slot in self.slots[: self.prefill]]
         self.sample_interval = sample_interval
         self._reset_sampler()
 
     def _engine(self, index: int) -> SimulatedEngine:
-        if self.publishers and self.knobs.get("block_size"):
-            events = self.publishers[index]
-            return SimulatedEngine(name=f"engine{index}", kv_events=events, **self.knobs)
-        return SimulatedEngine(name=f"engine{index}", **self.knobs)
+        if self.pd is None:
+            if self.publishers and self.knobs.get("block_size"):
+                events = self.publishers[index]
+                return SimulatedEngine(name=f"engine{index}", kv_events=events, **self.knobs)
+            return SimulatedEngine(name=f"engine{index}", **self.knobs)
+        if index < self.prefill:
+            engine = SimulatedEngine(
+                name=f"prefill-{index}", role="prefill", pd_protocol=self.pd, **self.knobs
+            )
+            if self.side_urls:
+                assert engine.pd is not None
+                engine.pd.advertise(self.side_urls[index])
+            return engine
+        return SimulatedEngine(
+            name=f"decode-{index - self.prefill}", role="decode", pd_protocol=self.pd, **self.knobs
+        )
+
+    def advertise(self, side_urls: list[str]) -> None:
+        """Tell each prefill engine where its side server listens (vLLM names it)."""
+        self.side_urls = side_urls
+        for slot, url in zip(self.slots, side_urls, strict=False):
+            assert slot.engine.pd is not None
+            slot.engine.pd.advertise(url)
+
+    def announcement(self, urls: list[str]) -> dict[str, Any]:
+        """The extra keys of the start line for a PD fleet."""
+        if self.pd is None:
+            return {}
+        ports = [_port(url) if self.pd == "sglang" else None for url in self.side_urls]
+        return {
+            "prefill": [[url, port] for url, port in zip(urls, ports, strict=False)],
+            "decode": urls[self.prefill :],
+            "protocol": self.pd,
+        }
 
     def event_endpoints(self) -> list[list[str | None]]:
         return [[p.endpoint, p.replay_endpoint] for p in self.publishers]
@@ -237,10 +299,15 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     threading.Thread(target=wait_for_eof, name="stdin-watch", daemon=True).start()
 
 
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
 async def serve(fleet: Fleet, watch_stdin: bool) -> None:
     servers = [_server(slot, _listen()) for slot in fleet.slots]
+    sides = [_server(side, _listen()) for side in fleet.sides]
     control = _server(control_app(fleet), _listen())
-    everything = [*servers, control]
+    everything = [*servers, *sides, control]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -259,9 +326,15 @@ async def serve(fleet: Fleet, watch_stdin: bool) -> None:
         else:
             raise RuntimeError("engine servers did not start in 10 s")
         urls = [f"http://{HOST}:{sock.getsockname()[1]}" for _, sock in servers]
+        fleet.advertise([f"http://{HOST}:{sock.getsockname()[1]}" for _, sock in sides])
         control_url = f"http://{HOST}:{control[1].getsockname()[1]}"
-        info = {"engines": urls, "control": control_url, "kv_events": fleet.event_endpoints()}
-        print(json.dumps(info), flush=True)
+        start = {
+            "engines": urls,
+            "control": control_url,
+            "kv_events": fleet.event_endpoints(),
+            **fleet.announcement(urls),
+        }
+        print(json.dumps(start), flush=True)
         await stop.wait()
     finally:
         for server, _ in everything:
@@ -289,9 +362,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-stdin-watch", action="store_true", help="do not exit when stdin closes"
     )
+    parser.add_argument(
+        "--pd", choices=("sglang", "vllm"), help="a prefill/decode fleet speaking this protocol"
+    )
+    parser.add_argument(
+        "--prefill", type=int, default=1, help="with --pd: how many of --count are prefill"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.count <= 64:
         parser.error("--count must be in 1..64")
+    if args.pd and not 1 <= args.prefill < args.count:
+        parser.error("--pd needs 1 <= --prefill < --count (at least one decode engine)")
     return args
 
 
@@ -307,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         args.sample_interval,
         kv_events=args.kv_events,
+        pd=args.pd,
+        prefill=args.prefill,
     )
     try:
         import uvloop

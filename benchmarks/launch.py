@@ -25,8 +25,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -34,6 +34,7 @@ __all__ = [
     "ROUTERS",
     "EngineFleet",
     "Managed",
+    "PDLaunch",
     "RouterSpec",
     "Thresholds",
     "cpu_seconds",
@@ -182,7 +183,11 @@ class Managed:
 
 
 class EngineFleet(Managed):
-    """The ``benchmarks._engines`` process: N simulated engines plus a control port."""
+    """The ``benchmarks._engines`` process: N simulated engines plus a control port.
+
+    With ``pd`` (a protocol) the first ``prefill`` engines are prefill engines, the rest
+    decode engines, and :attr:`pd_workers` is the fleet as a router's flags.
+    """
 
     def __init__(
         self,
@@ -191,10 +196,14 @@ class EngineFleet(Managed):
         log_dir: Path,
         startup_timeout: float = 20.0,
         kv_events: bool = False,
+        pd: str | None = None,
+        prefill: int = 1,
     ) -> None:
         argv = [sys.executable, "-m", "benchmarks._engines", "--count", str(count)]
         if kv_events:
             argv.append("--kv-events")
+        if pd is not None:
+            argv += ["--pd", pd, "--prefill", str(prefill)]
         super().__init__(argv, "engines", log_dir=log_dir, stdin_pipe=True)
         try:
             line = self._read_line(startup_timeout)
@@ -206,6 +215,12 @@ class EngineFleet(Managed):
         self.control: str = info["control"]
         #: Per engine ``[endpoint, replay_endpoint]`` of its KV events (``kv_events``).
         self.kv_events: list[list[str | None]] = info.get("kv_events", [])
+        #: ``--prefill URL [PORT] ... --decode URL ...`` (empty for a plain fleet).
+        self.pd_workers: list[str] = []
+        for url, port in info.get("prefill", ()):
+            self.pd_workers += ["--prefill", url, *([str(port)] if port is not None else [])]
+        for url in info.get("decode", ()):
+            self.pd_workers += ["--decode", url]
 
     def _read_line(self, timeout: float) -> str:
         assert self.process.stdout is not None
@@ -253,19 +268,52 @@ CommandBuilder = Callable[[list[str], str, int, Thresholds], list[str]]
 
 
 @dataclass(frozen=True)
+class PDLaunch:
+    """A disaggregated fleet as a router is told it (SGLang's flag names, which all share)."""
+
+    protocol: str  # "sglang" (bootstrap rooms) or "vllm" (two steps, kv_transfer_params)
+    workers: tuple[str, ...]  # --prefill URL [PORT] ... --decode URL ...
+    prefill_policy: str = "cache_aware"
+    decode_policy: str = "power_of_two"
+
+
+def _no_flags() -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
 class RouterSpec:
-    """How to launch one router and how to tell it is ready."""
+    """How to launch one router and how to tell it is ready.
+
+    ``extra`` flags go after the fleet's and the policy's in both modes; ``pd_flags`` maps
+    each PD protocol the router speaks to the flag that turns it on.
+    """
 
     name: str
     command: Callable[[], list[str] | None]  # the launcher prefix, None if not installed
     flags: CommandBuilder
     ready_path: str = "/readiness"
+    extra: Callable[[], list[str]] = _no_flags
+    pd_flags: Mapping[str, str] = field(default_factory=dict)
 
-    def argv(self, urls: list[str], policy: str, port: int, thresholds: Thresholds) -> list[str]:
+    def _prefix(self) -> list[str]:
         prefix = self.command()
         if prefix is None:
             raise RuntimeError(f"{self.name} is not installed")
-        return [*prefix, *self.flags(urls, policy, port, thresholds)]
+        return prefix
+
+    def argv(self, urls: list[str], policy: str, port: int, thresholds: Thresholds) -> list[str]:
+        return [*self._prefix(), *self.flags(urls, policy, port, thresholds), *self.extra()]
+
+    def pd_argv(self, pd: PDLaunch, port: int, thresholds: Thresholds) -> list[str]:
+        flag = self.pd_flags.get(pd.protocol)
+        if flag is None:
+            raise RuntimeError(f"{self.name} does not speak the {pd.protocol} PD protocol")
+        return [
+            *self._prefix(), "--host", HOST, "--port", str(port), flag, *pd.workers,
+            "--prefill-policy", pd.prefill_policy, "--decode-policy", pd.decode_policy,
+            *thresholds.flags(), *self.extra(),
+        ]  # fmt: skip
 
     @property
     def installed(self) -> bool:
@@ -316,27 +364,46 @@ def _common(urls: list[str], policy: str, port: int, thresholds: Thresholds) -> 
     ]  # fmt: skip
 
 
-def _rust_router(log_level: str) -> CommandBuilder:
-    def flags(urls: list[str], policy: str, port: int, thresholds: Thresholds) -> list[str]:
+def _rust_router(log_level: str) -> Callable[[], list[str]]:
+    def extra() -> list[str]:
         return [
-            *_common(urls, policy, port, thresholds),
             "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
             "--log-level", log_level,
             "--worker-startup-check-interval", "1",
         ]  # fmt: skip
 
-    return flags
+    return extra
+
+
+_SGLANG_PD = {"sglang": "--pd-disaggregation"}
 
 
 ROUTERS: dict[str, RouterSpec] = {
     spec.name: spec
     for spec in (
-        RouterSpec("cache_router", _cache_router_command, _common),
-        RouterSpec("sglang-router", _peer("sglang_router", "launch"), _rust_router("warn")),
         RouterSpec(
-            "vllm-router", _peer("vllm_router.launch_router", None), _rust_router("warning")
+            "cache_router",
+            _cache_router_command,
+            _common,
+            pd_flags={"sglang": "--pd-disaggregation", "vllm": "--vllm-pd-disaggregation"},
         ),
-        RouterSpec("smg", _peer("smg", "launch"), _rust_router("warn")),
+        RouterSpec(
+            "sglang-router",
+            _peer("sglang_router", "launch"),
+            _common,
+            extra=_rust_router("warn"),
+            pd_flags=_SGLANG_PD,
+        ),
+        RouterSpec(
+            "vllm-router",
+            _peer("vllm_router.launch_router", None),
+            _common,
+            extra=_rust_router("warning"),
+            pd_flags={"vllm": "--vllm-pd-disaggregation"},
+        ),
+        RouterSpec(
+            "smg", _peer("smg", "launch"), _common, extra=_rust_router("warn"), pd_flags=_SGLANG_PD
+        ),
     )
 }
 
@@ -353,11 +420,17 @@ class RouterProcess(Managed):
         *,
         log_dir: Path,
         startup_timeout: float = 30.0,
+        pd: PDLaunch | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
+        argv = (
+            spec.argv(urls, policy, self.port, thresholds)
+            if pd is None
+            else spec.pd_argv(pd, self.port, thresholds)
+        )
         super().__init__(
-            spec.argv(urls, policy, self.port, thresholds),
+            argv,
             f"{spec.name}-{policy}-{self.port}",
             log_dir=log_dir,
         )

@@ -5,10 +5,11 @@ two-core machine the client competes with the router and the engines for CPU, an
 aiohttp's client costs a fraction of httpx's per request. Request bodies are encoded before
 the clock starts whenever the workload allows it.
 
-Every request is streamed (``"stream": true``) so that the time to first token (TTFT) can be
+Requests are streamed (``"stream": true``) so that the time to first token (TTFT) can be
 measured: it is the time until the first body bytes arrive. A request counts as an error
 when the status is not 200, the transport fails, or the stream does not end with
-``data: [DONE]``.
+``data: [DONE]``. :func:`json_request` sends the non-streamed kind (the prefill/decode
+benchmark's): there an answer that is not one JSON object is the error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import aiohttp
 
 __all__ = [
     "Outcome",
+    "json_request",
     "make_session",
     "percentile",
     "run_closed_loop",
@@ -110,6 +112,26 @@ async def stream_request(
         return Outcome(False, ended - started, ttft, 200, "stream ended without [DONE]")
     text = sse_text(payload) if collect_text else ""
     return Outcome(True, ended - started, ttft, 200, None, text)
+
+
+async def json_request(session: aiohttp.ClientSession, url: str, body: bytes) -> Outcome:
+    """POST ``body`` to ``url`` and read its whole (non-streamed) JSON answer."""
+    started = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers=_JSON) as response:
+            payload = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return Outcome(
+            False, time.perf_counter() - started, None, 0, f"{type(exc).__name__}: {exc}"
+        )
+    latency = time.perf_counter() - started
+    if status != 200:
+        detail = payload[:200].decode("utf-8", "replace")
+        return Outcome(False, latency, None, status, f"HTTP {status}: {detail}")
+    if payload[:1] != b"{" or payload.rstrip()[-1:] != b"}":
+        return Outcome(False, latency, None, status, "the answer is not a JSON object")
+    return Outcome(True, latency, None, status)
 
 
 async def run_closed_loop(concurrency: int, jobs: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:

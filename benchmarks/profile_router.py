@@ -1,7 +1,7 @@
 """Profile ``cache-router serve`` under the overhead workload with py-spy.
 
     python -m benchmarks.profile_router [--policy cache_aware] [--seconds 15]
-        [--out profile] [--top 30]
+        [--out profile] [--top 30] [--pd sglang|vllm --kind generate]
 
 Starts the simulated engines (zero latency) and a cache_router process, samples the router
 with ``py-spy record`` (``pip install py-spy``; needs ptrace rights, e.g. root) while the
@@ -9,6 +9,10 @@ overhead workload runs in a loop, then prints where the router's CPU goes: the f
 with the most samples on-CPU, by self time and by inclusive time, and the share of samples
 per top-level area (uvicorn/httptools, the middleware, httpx, the aiohttp transport, JSON,
 the policy). Writes ``<out>.txt`` (collapsed stacks) and ``<out>.svg`` (a flame graph).
+
+With ``--pd`` the fleet is disaggregated (``--engines`` split into one prefill engine per
+four, at least one, and decode engines), the router runs in that PD mode and the workload
+is ``benchmarks.pd``'s request ``--kind``.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.launch import ROUTERS, EngineFleet, Managed, RouterProcess, Thresholds
+from benchmarks.launch import ROUTERS, EngineFleet, Managed, PDLaunch, RouterProcess, Thresholds
 from benchmarks.routers import run_async
-from benchmarks.workloads import INSTANT_ENGINE, Overhead
+from benchmarks.workloads import INSTANT_ENGINE, PD_KINDS, Overhead, PDRequests, Workload
 
 #: Substrings of a frame that put a sample into an area, checked leaf first.
 AREAS: tuple[tuple[str, str], ...] = (
@@ -97,19 +101,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engines", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("profile"))
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--pd", choices=("sglang", "vllm"), help="a prefill/decode fleet")
+    parser.add_argument("--kind", choices=sorted(PD_KINDS), default="generate_stream")
+    parser.add_argument(
+        "--native", action="store_true", help="also sample C frames (uvloop, httptools, libc)"
+    )
     args = parser.parse_args(argv)
+    native = args.native
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         sys.exit("py-spy is not installed: pip install py-spy")
     from benchmarks.launch import make_log_dir
 
     log_dir = make_log_dir()
-    workload = Overhead(num_requests=2000, concurrency=args.concurrency)
+    workload: Workload = Overhead(num_requests=2000, concurrency=args.concurrency)
+    if args.pd:
+        workload = PDRequests(kind=args.kind, concurrency=args.concurrency)
     raw, svg = args.out.with_suffix(".txt"), args.out.with_suffix(".svg")
+    prefill = max(1, args.engines // 4)
     with (
-        EngineFleet(args.engines, log_dir=log_dir) as fleet,
+        EngineFleet(args.engines, log_dir=log_dir, pd=args.pd, prefill=prefill) as fleet,
         RouterProcess(
-            ROUTERS["cache_router"], fleet.urls, args.policy, Thresholds(), log_dir=log_dir
+            ROUTERS["cache_router"],
+            fleet.urls,
+            args.policy,
+            Thresholds(),
+            log_dir=log_dir,
+            pd=PDLaunch(args.pd, tuple(fleet.pd_workers)) if args.pd else None,
         ) as router,
     ):
         fleet.reset(INSTANT_ENGINE)
@@ -129,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                     fmt,
                     "--output",
                     str(path),
-                    "--nonblocking",
+                    # py-spy pauses the process to read C stacks
+                    *(["--native"] if native else ["--nonblocking"]),
                 ],
                 f"py-spy-{fmt}",
                 log_dir=log_dir,
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n# collapsed stacks: {raw}; flame graph: {svg}", file=sys.stderr)
 
 
-async def _drive_once(workload: Overhead, url: str, seed: int) -> None:
+async def _drive_once(workload: Workload, url: str, seed: int) -> None:
     from benchmarks.loadgen import make_session
 
     async with make_session(workload.connections + 8, 60.0) as session:

@@ -37,12 +37,18 @@ def _cell(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"
-    lines = [header, rule]
+def markdown_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[tuple[str, str, str]] = COLUMNS,
+    *,
+    text_columns: int = 3,
+) -> str:
+    """``rows`` as a markdown table of ``columns``; the first ``text_columns`` align left."""
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(columns)))
+    lines = [header, rule + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k), f) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(k), f) for k, _, f in columns) + " |")
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ from benchmarks.workloads import (
     random_text,
 )
 
-__all__ = ["main", "run_benchmarks"]
+__all__ = ["main", "measure", "median_row", "run_async", "run_benchmarks"]
 
 DIRECT = "direct"
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
@@ -256,7 +256,7 @@ def _run_one(
 _SPREAD_KEYS = ("rps", "latency_p50_ms", "ttft_p99_ms", "router_cpu_us_per_req", "cache_hit_rate")
 
 
-def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median throughput, with every run's key figures attached."""
     ordered = sorted(runs, key=lambda row: row["rps"] or 0.0)
     row = dict(ordered[(len(ordered) - 1) // 2])
@@ -316,7 +316,7 @@ def run_benchmarks(
                     file=log,
                     flush=True,
                 )
-    return [_median_row(group) for group in runs.values()]
+    return [median_row(group) for group in runs.values()]
 
 
 def _names(value: str, allowed: Sequence[str], what: str) -> list[str]:

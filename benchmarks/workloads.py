@@ -20,6 +20,10 @@ token, and the routers' prefix trees count characters too.
   fixed concurrency (closed loop): what the router itself costs, in CPU and in throughput.
 * ``overhead_paced`` -- the same prompts sent open loop at a fixed rate below saturation:
   the latency the router adds to a request when nobody queues.
+
+:class:`PDRequests` is the prefill/decode benchmark's workload (``benchmarks/pd.py``):
+``overhead``'s shape for one request kind -- SGLang's ``/generate`` or chat, streamed or
+not.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.loadgen import Outcome, run_closed_loop, run_paced, stream_request
+from benchmarks.loadgen import (
+    Outcome,
+    json_request,
+    run_closed_loop,
+    run_paced,
+    stream_request,
+)
 
 __all__ = [
     "SIZES",
@@ -40,6 +50,7 @@ __all__ = [
     "Burst",
     "MultiTurn",
     "Overhead",
+    "PDRequests",
     "SharedPrefix",
     "Workload",
     "make_workloads",
@@ -302,6 +313,66 @@ class Overhead(Workload):
             return await _stream_all(session, url, bodies, self.concurrency)
         jobs = [partial(stream_request, session, url, body) for body in bodies]
         return await run_paced(self.rate, self.concurrency, jobs)
+
+
+#: The request kinds of :class:`PDRequests`: path and whether the answer is streamed.
+PD_KINDS: dict[str, tuple[str, bool]] = {
+    "generate_stream": ("/generate", True),
+    "generate": ("/generate", False),
+    "chat_stream": (CHAT, True),
+    "chat": (CHAT, False),
+}
+
+
+def _pd_body(kind: str, prompt: str, output_len: int) -> bytes:
+    path, stream = PD_KINDS[kind]
+    payload: dict[str, Any]
+    if path == "/generate":
+        payload = {
+            "text": prompt,
+            "sampling_params": {"max_new_tokens": output_len},
+            "stream": stream,
+        }
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        payload = {"model": MODEL, "messages": messages, "max_tokens": output_len}
+        payload["stream"] = stream
+    return json.dumps(payload).encode()
+
+
+@dataclass(frozen=True)
+class PDRequests(Workload):
+    """Unique short prompts of one kind (:data:`PD_KINDS`) through a prefill/decode pair,
+    to engines with zero prefill and decode time, at a fixed concurrency (closed loop):
+    what the router costs per PD request."""
+
+    name: str = field(init=False, default="")
+    kind: str = "generate_stream"
+    num_requests: int = 2000
+    prompt_len: int = 200
+    output_len: int = 1
+    concurrency: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in PD_KINDS:
+            raise ValueError(f"unknown PD request kind {self.kind!r}")
+        object.__setattr__(self, "name", self.kind)
+
+    @property
+    def engine_knobs(self) -> dict[str, Any]:
+        return dict(INSTANT_ENGINE)
+
+    async def run(
+        self, session: aiohttp.ClientSession, base_url: str, rng: random.Random
+    ) -> list[Outcome]:
+        path, stream = PD_KINDS[self.kind]
+        send = stream_request if stream else json_request
+        bodies = [
+            _pd_body(self.kind, random_text(rng, self.prompt_len), self.output_len)
+            for _ in range(self.num_requests)
+        ]
+        jobs = (partial(send, session, base_url + path, body) for body in bodies)
+        return await run_closed_loop(self.concurrency, jobs)
 
 
 WORKLOAD_NAMES = ("shared_prefix", "multi_turn", "burst", "overhead", "overhead_paced")

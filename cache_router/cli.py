@@ -314,6 +314,29 @@ def _add_demo(commands: Any) -> None:
     )
     demo.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="workload seed")
     demo.add_argument(
+        "--pd",
+        nargs="?",
+        const="sglang",
+        choices=("sglang", "vllm"),
+        metavar="PROTOCOL",
+        help="a prefill/decode fleet instead of --engines: 'sglang' (bootstrap rooms, the "
+        "default) or 'vllm' (two steps, kv_transfer_params)",
+    )
+    demo.add_argument(
+        "--prefill",
+        type=_bounded(int, 1, 32),
+        default=defaults.prefill_engines,
+        metavar="N",
+        help="with --pd: prefill engines",
+    )
+    demo.add_argument(
+        "--decode",
+        type=_bounded(int, 1, 32),
+        default=defaults.decode_engines,
+        metavar="N",
+        help="with --pd: decode engines",
+    )
+    demo.add_argument(
         "--plot", metavar="PNG", help="also write a chart to this file (needs matplotlib)"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in CI logs")
@@ -368,11 +391,20 @@ def _demo(args: argparse.Namespace) -> int:
         policies=args.policies,
         concurrency=args.concurrency,
         seed=args.seed,
+        pd=args.pd,
+        prefill_engines=args.prefill,
+        decode_engines=args.decode,
     )
     console = Console()
+    fleet = f"{config.engines} simulated engines"
+    if config.pd is not None:
+        fleet = (
+            f"{config.prefill_engines} prefill and {config.decode_engines} decode simulated "
+            f"engines ({config.pd} protocol)"
+        )
     console.print(
-        f"[bold]cache-router demo[/bold]: {config.engines} simulated engines and a router on "
-        f"127.0.0.1, {config.requests} chat requests per policy "
+        f"[bold]cache-router demo[/bold]: {fleet} and a router on 127.0.0.1, "
+        f"{config.requests} chat requests per policy "
         "(run `cache-router serve --help` to route real engines)"
     )
     results = run_demo(config, console=console, progress=not args.no_progress)

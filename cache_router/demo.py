@@ -13,6 +13,12 @@ streamed answers), the engines' own cache hit rate, each engine's share of reque
 the peak load gap (the largest difference between the busiest and the idlest engine's
 in-flight requests at any sampled moment -- what the balance rule keeps bounded).
 
+With ``pd`` set (``--pd``) the fleet is disaggregated (docs/pd.md): simulated prefill and
+decode engines (:func:`~cache_router.testing.serve_pd_fleet`) speaking SGLang's bootstrap
+protocol or vLLM's two steps, the router in PD mode, each policy choosing the prefill
+engine (the decode side balances by load). The table then shows each role's spread and
+how many requests the decode engines served with a KV cache a prefill engine prepared.
+
 Needs ``uvicorn`` and ``rich``; ``--plot`` also needs ``matplotlib``.
 """
 
@@ -34,6 +40,7 @@ from cache_router.builder import build_router, policy_from_config
 from cache_router.config import RouterConfig
 from cache_router.core.policies import POLICY_NAMES
 from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.pd import PD_PROTOCOLS
 
 __all__ = [
     "DEFAULT_POLICIES",
@@ -86,10 +93,18 @@ class DemoConfig:
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
     cache_threshold: float = 0.3
+    #: A disaggregated fleet speaking this protocol ("sglang" or "vllm"); None: plain.
+    pd: str | None = None
+    prefill_engines: int = 2
+    decode_engines: int = 2
 
     def __post_init__(self) -> None:
         if self.engines < 1:
             raise ValueError("the demo needs at least one engine")
+        if self.pd is not None and self.pd not in PD_PROTOCOLS:
+            raise ValueError(f"pd must be one of {', '.join(PD_PROTOCOLS)}")
+        if self.prefill_engines < 1 or self.decode_engines < 1:
+            raise ValueError("a PD fleet needs a prefill and a decode engine at least")
         if self.requests < 1:
             raise ValueError("the demo needs at least one request")
         if self.concurrency < 1:
@@ -124,6 +139,12 @@ class PolicyResult:
     peak_load_gap: int
     #: ``(seconds since start, in-flight requests per engine)``, sampled every 20 ms.
     load_samples: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
+    #: Each engine's PD role ("prefill", "decode"), or "" on a plain fleet.
+    roles: list[str] = field(default_factory=list)
+    #: Requests the decode engines served with a prefill's KV cache, and refused for want
+    #: of one (a PD fleet only).
+    paired: int = 0
+    refused: int = 0
 
     @property
     def completed(self) -> int:
@@ -137,6 +158,12 @@ class PolicyResult:
     def shares(self) -> list[float]:
         total = sum(self.requests_per_engine)
         return [count / total if total else 0.0 for count in self.requests_per_engine]
+
+    def role_shares(self, role: str) -> list[float]:
+        """Each ``role`` engine's share of the requests ``role`` engines received."""
+        counts = [n for n, r in zip(self.requests_per_engine, self.roles, strict=True) if r == role]
+        total = sum(counts)
+        return [count / total if total else 0.0 for count in counts]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -324,46 +351,97 @@ async def _drive(
     return record, elapsed, samples, stats
 
 
+def _engine_options(config: DemoConfig) -> dict[str, Any]:
+    return {
+        "capacity": config.engine_capacity,
+        "max_running": config.max_running,
+        "prefill_seconds_per_char": config.prefill_seconds_per_char,
+        "decode_seconds_per_token": config.decode_seconds_per_token,
+        "default_max_tokens": config.max_tokens,
+    }
+
+
 def run_policy(
     name: str,
     workload: Sequence[Conversation],
     config: DemoConfig,
     advance: Callable[[], None] = lambda: None,
 ) -> PolicyResult:
-    """Run ``workload`` through a router using policy ``name`` in front of fresh engines."""
-    from cache_router.testing import SimulatedEngine, serve_app, serve_apps
+    """Run ``workload`` through a router using policy ``name`` in front of fresh engines
+    (a prefill/decode fleet when ``config.pd`` is set)."""
+    from cache_router.testing import SimulatedEngine, serve_apps, serve_pd_fleet
 
-    engines = [
-        SimulatedEngine(
-            name=f"engine-{index}",
-            capacity=config.engine_capacity,
-            max_running=config.max_running,
-            prefill_seconds_per_char=config.prefill_seconds_per_char,
-            decode_seconds_per_token=config.decode_seconds_per_token,
-            default_max_tokens=config.max_tokens,
-        )
-        for index in range(config.engines)
-    ]
-    with serve_apps(engines) as engine_urls:
-        # The production assembly, less the health checks: the engines share this process's
-        # event loop with the clients, so a check that times out while the loop is busy
-        # would take an engine out mid-run and skew the comparison the demo is about.
-        settings = RouterConfig(
-            worker_urls=tuple(engine_urls),
-            policy=name,
-            cache_threshold=config.cache_threshold,
-            balance_abs_threshold=config.balance_abs_threshold,
-            balance_rel_threshold=config.balance_rel_threshold,
-            disable_health_check=True,
-            log_level="warning",  # the table is the output, not a line per request
-        )
-        router = build_router(settings, policy=policy_from_config(settings, seed=config.seed))
-        with serve_app(router.app(), lifespan="on") as router_url:
-            record, elapsed, samples, stats = anyio.run(
-                _drive, router_url, engine_urls, router.registry, workload, config, advance
+    # The production assembly, less the health checks: the engines share this process's
+    # event loop with the clients, so a check that times out while the loop is busy
+    # would take an engine out mid-run and skew the comparison the demo is about.
+    common: dict[str, Any] = {
+        "policy": name,
+        "cache_threshold": config.cache_threshold,
+        "balance_abs_threshold": config.balance_abs_threshold,
+        "balance_rel_threshold": config.balance_rel_threshold,
+        "disable_health_check": True,
+        "log_level": "warning",  # the table is the output, not a line per request
+    }
+    options = _engine_options(config)
+    if config.pd is None:
+        engines = [
+            SimulatedEngine(name=f"engine-{index}", **options) for index in range(config.engines)
+        ]
+        with serve_apps(engines) as engine_urls:
+            settings = RouterConfig(worker_urls=tuple(engine_urls), **common)
+            outcome = _route(settings, engine_urls, workload, config, advance)
+    else:
+        with serve_pd_fleet(
+            config.prefill_engines,
+            config.decode_engines,
+            "vllm" if config.pd == "vllm" else "sglang",
+            prefill_options=options,
+            decode_options=options,
+        ) as fleet:
+            settings = RouterConfig(
+                pd_disaggregation=config.pd == "sglang",
+                vllm_pd_disaggregation=config.pd == "vllm",
+                prefill_urls=tuple(
+                    url if port is None else f"{url} {port}" for url, port in fleet.prefill
+                ),
+                decode_urls=tuple(fleet.decode_urls),
+                **common,
             )
-    prompt = sum(int(entry["prompt_chars"]) for entry in stats)
-    cached = sum(int(entry["cached_chars"]) for entry in stats)
+            engine_urls = [*fleet.prefill_urls, *fleet.decode_urls]
+            outcome = _route(settings, engine_urls, workload, config, advance)
+    return _result(name, *outcome)
+
+
+def _route(
+    settings: RouterConfig,
+    engine_urls: Sequence[str],
+    workload: Sequence[Conversation],
+    config: DemoConfig,
+    advance: Callable[[], None],
+) -> tuple[_Recorder, float, list[tuple[float, tuple[int, ...]]], list[dict[str, Any]]]:
+    """Serve the router ``settings`` describe and drive ``workload`` through it."""
+    from cache_router.testing import serve_app
+
+    router = build_router(settings, policy=policy_from_config(settings, seed=config.seed))
+    with serve_app(router.app(), lifespan="on") as router_url:
+        return anyio.run(
+            _drive, router_url, engine_urls, router.registry, workload, config, advance
+        )
+
+
+def _result(
+    name: str,
+    record: _Recorder,
+    elapsed: float,
+    samples: list[tuple[float, tuple[int, ...]]],
+    stats: list[dict[str, Any]],
+) -> PolicyResult:
+    roles = [str(entry.get("pd", {}).get("role", "")) for entry in stats]
+    # On a PD fleet the prefix cache that matters is the prefill engines'.
+    cache = [entry for entry, role in zip(stats, roles, strict=True) if role != "decode"]
+    prompt = sum(int(entry["prompt_chars"]) for entry in cache)
+    cached = sum(int(entry["cached_chars"]) for entry in cache)
+    decodes = [entry["pd"] for entry, role in zip(stats, roles, strict=True) if role == "decode"]
     return PolicyResult(
         policy=name,
         engines=[str(entry["name"]) for entry in stats],
@@ -375,6 +453,9 @@ def run_policy(
         requests_per_engine=[int(entry["requests"]) for entry in stats],
         peak_load_gap=max((max(loads) - min(loads) for _, loads in samples), default=0),
         load_samples=samples,
+        roles=roles,
+        paired=sum(int(pd["paired"]) for pd in decodes),
+        refused=sum(int(pd["refused"]) for pd in decodes),
     )
 
 
@@ -414,26 +495,16 @@ def _ms(seconds: float) -> str:
 def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
     """A rich Table with one row per policy that fits 80 columns: two-line headers, no
     vertical rules, and only the per-engine shares wrap (between numbers, never inside)."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(
-        title=(
-            f"{config.requests} chat requests, {config.concurrency} concurrent clients, "
-            f"{config.engines} simulated engines ({config.max_running} running each)"
-        ),
-        caption=(
-            "latency and TTFT (time to first token): p50/p99 in ms; cache hit: share of "
-            "prompt characters the engines found cached; peak gap: largest "
-            "busiest-minus-idlest in-flight difference seen"
-        ),
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
+    if config.pd is not None:
+        return _pd_table(results, config)
+    table = _new_table(
+        f"{config.requests} chat requests, {config.concurrency} concurrent clients, "
+        f"{config.engines} simulated engines ({config.max_running} running each)",
+        "latency and TTFT (time to first token): p50/p99 in ms; cache hit: share of "
+        "prompt characters the engines found cached; peak gap: largest "
+        "busiest-minus-idlest in-flight difference seen",
     )
-    numbers: dict[str, Any] = {"justify": "right", "no_wrap": True}
-    table.add_column("policy", style="bold", no_wrap=True)
-    table.add_column("req/s", **numbers)
-    table.add_column("latency\np50/p99", **numbers)
+    numbers = _NUMBERS
     table.add_column("TTFT\np50/p99", **numbers)
     table.add_column("cache\nhit", **numbers)
     table.add_column("requests\nper engine", min_width=4)
@@ -457,6 +528,57 @@ def render_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
     return table
 
 
+#: How the demo's table names each PD protocol.
+_PD_NAMES = {"sglang": "SGLang bootstrap protocol", "vllm": "vLLM two-step protocol"}
+
+
+_NUMBERS: dict[str, Any] = {"justify": "right", "no_wrap": True}
+
+
+def _new_table(title: str, caption: str) -> Any:
+    """A rich Table in the demo's style with the columns every run has: policy, req/s and
+    latency."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("policy", style="bold", no_wrap=True)
+    table.add_column("req/s", **_NUMBERS)
+    table.add_column("latency\np50/p99", **_NUMBERS)
+    return table
+
+
+def _pd_table(results: Sequence[PolicyResult], config: DemoConfig) -> Any:
+    """The table of a PD run: each role's spread, and the requests paired and served
+    (80 columns: time to first token gives way to the second shares column)."""
+    assert config.pd is not None
+    table = _new_table(
+        f"{config.requests} chat requests, {config.concurrency} clients, "
+        f"{config.prefill_engines} prefill + {config.decode_engines} decode simulated "
+        f"engines, {_PD_NAMES[config.pd]}",
+        "policy: the prefill side's (decode: power_of_two, or the same policy); latency: "
+        "p50/p99 in ms; cache hit: share of prompt characters the prefill engines found "
+        "cached; shares: of each role's requests; paired: requests a decode engine served "
+        "with the KV cache a prefill engine prepared, of the requests answered (ok)",
+    )
+    numbers = _NUMBERS
+    table.add_column("cache\nhit", **numbers)
+    table.add_column("prefill\nshares", min_width=4)
+    table.add_column("decode\nshares", min_width=4)
+    table.add_column("paired\n/ok", **numbers)
+    for result in results:
+        table.add_row(
+            result.policy,
+            f"{result.throughput:.1f}",
+            _p50_p99(result.latencies),
+            f"{result.hit_rate:.0%}",
+            " ".join(f"{share:.0%}" for share in result.role_shares("prefill")),
+            " ".join(f"{share:.0%}" for share in result.role_shares("decode")),
+            f"{result.paired}/{result.completed}",
+        )
+    return table
+
+
 def _p50_p99(samples: Sequence[float]) -> str:
     return f"{_ms(percentile(samples, 0.5))}/{_ms(percentile(samples, 0.99))}"
 
@@ -467,12 +589,16 @@ def summary(results: Sequence[PolicyResult]) -> str | None:
     aware, robin = by_name.get("cache_aware"), by_name.get("round_robin")
     if aware is None or robin is None:
         return None
+    busiest = "engine"
+    shares = aware.shares
+    if "prefill" in aware.roles:  # the side the policy chose
+        busiest, shares = "prefill engine", aware.role_shares("prefill")
     return (
         f"cache_aware vs round_robin: cache hit {aware.hit_rate:.0%} vs {robin.hit_rate:.0%}, "
         f"median latency {_ms(percentile(aware.latencies, 0.5))} vs "
         f"{_ms(percentile(robin.latencies, 0.5))} ms, "
         f"{aware.throughput:.0f} vs {robin.throughput:.0f} req/s; "
-        f"the busiest engine took {max(aware.shares):.0%} of cache_aware's requests."
+        f"the busiest {busiest} took {max(shares):.0%} of cache_aware's requests."
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("uvicorn")
 
-from benchmarks import routers
+from benchmarks import pd, routers
 from benchmarks.launch import cpu_seconds
 from benchmarks.loadgen import percentile, sse_text
 from benchmarks.report import markdown_table
@@ -72,6 +72,34 @@ def test_smoke_run_covers_every_workload(
     assert table.count("\n| cache_router | cache_aware |") == len(WORKLOAD_NAMES)
 
 
+@pytest.mark.timeout(180)
+def test_pd_smoke_run_pairs_every_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pd.jsonl"
+    rows = pd.main(
+        ["--smoke", "--repeat", "1", "--routers", "cache_router", "--prefill", "1",
+         "--decode", "2", "--run-timeout", "60", "--json", str(out)]
+    )  # fmt: skip
+
+    assert {(row["protocol"], row["workload"]) for row in rows} == {
+        (protocol, kind) for protocol in pd.PROTOCOLS for kind in pd.PD_KINDS
+    }
+    for row in rows:
+        assert row["errors"] == 0, row["error_samples"]
+        # every request went through a prefill and a decode engine, paired
+        assert row["paired"] == row["requests"] == 12
+        assert row["refused"] == row["unpaired"] == 0
+        assert len(row["engine_requests"]) == 3
+        assert sum(row["engine_requests"]) == 2 * row["requests"]
+        assert row["router_cpu_us_per_req"] is not None
+        assert "cpu_vs_reference" not in row  # no reference router ran
+        assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+    assert len(out.read_text().splitlines()) == len(rows)
+    table = capsys.readouterr().out
+    assert table.count("| cache_router |") == len(rows)
+
+
 def test_helpers() -> None:
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
@@ -98,9 +126,9 @@ def test_repeated_runs_report_the_median() -> None:
         {"rps": rps, "errors": errors, "router_cpu_us_per_req": cpu}
         for rps, errors, cpu in ((300.0, 0, 30.0), (100.0, 2, 10.0), (200.0, 0, 20.0))
     ]
-    row = routers._median_row(runs)
+    row = routers.median_row(runs)
     assert row["rps"] == 200.0 and row["router_cpu_us_per_req"] == 20.0
     assert row["errors"] == 2  # the worst run's errors are never hidden
     assert row["repeats"] == 3
     assert row["rps_runs"] == [300.0, 100.0, 200.0]
-    assert "rps_runs" not in routers._median_row(runs[:1])
+    assert "rps_runs" not in routers.median_row(runs[:1])

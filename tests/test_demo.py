@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,48 @@ def test_cli_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cache_aware:" not in out  # the comparison line needs both policies
 
 
+@pytest.mark.parametrize("protocol", ["sglang", "vllm"])
+def test_pd_run_pairs_every_request(protocol: str) -> None:
+    config = replace(TINY, pd=protocol)
+    results = run_demo(config, progress=False)
+    for result in results:
+        assert result.errors == 0
+        assert result.completed == 12
+        assert result.engines == ["prefill-0", "prefill-1", "decode-0", "decode-1"]
+        assert result.roles == ["prefill", "prefill", "decode", "decode"]
+        # every request went through one prefill and one decode engine, and every decode
+        # engine's answer used the KV cache its prefill prepared
+        assert sum(result.requests_per_engine[:2]) == 12
+        assert sum(result.requests_per_engine[2:]) == 12
+        assert result.paired == 12 and result.refused == 0
+        assert sum(result.role_shares("prefill")) == pytest.approx(1.0)
+        assert sum(result.role_shares("decode")) == pytest.approx(1.0)
+        assert 0.0 < result.hit_rate <= 1.0  # the prefill engines' caches
+    # The policy chooses the prefill engine: round robin alternates.
+    assert results[1].requests_per_engine[:2] == [6, 6]
+    out = io.StringIO()
+    Console(file=out, width=80).print(render_table(results, config))
+    table = out.getvalue()
+    assert "12/12" in table and "2 prefill + 2 decode" in table
+    assert "prefill engine took" in (demo.summary(results) or "")
+
+
+def test_the_pd_demo_output_fits_80_columns() -> None:
+    done = _demo_process(
+        "--pd", "--prefill", "3", "--requests", "12", "--concurrency", "4",
+        "--policies", "cache_aware,round_robin",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert "SGLang bootstrap protocol" in done.stdout
+    for policy in ("cache_aware", "round_robin"):
+        # policy, req/s, latency, cache hit, 3 prefill shares, 2 decode shares, paired/ok
+        row = rf"^\s*{policy}\s+\d+\.\d\s+\d+/\d+\s+\d+%(\s+\d+%){{5}}\s+12/12\s*$"
+        assert any(re.match(row, line) for line in lines), f"{policy}: {done.stdout}"
+    assert "Traceback" not in done.stderr
+
+
 def test_workload_is_reproducible_and_sized() -> None:
     config = DemoConfig(requests=50, seed=7)
     first, second = build_workload(config), build_workload(config)
@@ -120,6 +163,10 @@ def test_bad_config_is_refused() -> None:
         DemoConfig(policies=("fastest",))
     with pytest.raises(ValueError):
         DemoConfig(engines=0)
+    with pytest.raises(ValueError, match="pd must be one of"):
+        DemoConfig(pd="grpc")
+    with pytest.raises(ValueError, match="prefill and a decode"):
+        DemoConfig(pd="vllm", decode_engines=0)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,7 +120,7 @@ def chunk_sizes(draw: st.DrawFn, size: int) -> Part:
     if form == "zeros":
         return part(b"000%x" % size)
     if form == "ext":
-        return part(b"%x;name=value;q=\"a b\"" % size)
+        return part(b'%x;name=value;q="a b"' % size)
     if form == "bad":
         return part(draw(st.sampled_from([b"zz", b"-1", b"", b"0x5", b"5z"])), "bad-chunk-size")
     if form == "space":
@@ -184,8 +184,10 @@ def framed(draw: st.DrawFn) -> tuple[bytes, bytes, frozenset[str]]:
     length = max(length, 0)
     form = draw(st.sampled_from(["plain"] * 20 + ["same-twice", "differ", "list", "odd", "odd"]))
     if form == "same-twice":
-        return b"content-length: %d\r\ncontent-length: %d\r\n" % (length, length), body, frozenset(
-            {"length-twice"}
+        return (
+            b"content-length: %d\r\ncontent-length: %d\r\n" % (length, length),
+            body,
+            frozenset({"length-twice"}),
         )
     if form == "differ":
         lines = b"content-length: %d\r\ncontent-length: %d\r\n" % (length, length + 1)

@@ -15,9 +15,7 @@ B = "http://engine-b.test:30000"
 
 def _run(first_error: Exception) -> tuple[httpx.Response, list[str], WorkerRegistry]:
     registry = WorkerRegistry([A, B])
-    router = RoutingMiddleware(
-        Starlette(), registry, policy=RoundRobinPolicy(), transport="httpx"
-    )
+    router = RoutingMiddleware(Starlette(), registry, policy=RoundRobinPolicy(), transport="httpx")
     hosts: list[str] = []
 
     def engine(request: httpx.Request) -> httpx.Response:

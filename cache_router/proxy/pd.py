@@ -25,16 +25,18 @@ before the client got anything is retried with a new pair, each try with leases 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from collections.abc import Collection as Collection_
 from typing import Any, Literal, cast
 
 import anyio
 
+from cache_router.core._loop import on_asyncio
 from cache_router.core.errors import NoAvailableWorker, RouterError
 from cache_router.core.events import RequestTracer, RouterEvents
 from cache_router.core.policies import BindsRegistry, Policy, RoutingRequest
@@ -115,6 +117,7 @@ class PDRouter:
         self._room: Callable[[int], int] = (rng or random.SystemRandom()).getrandbits
         #: Hears each half go out (set by the middleware that owns this router).
         self.tracer: RequestTracer | None = None
+        self._on_asyncio: bool | None = None  # known at the first request
 
     def _headers_for(
         self, worker: Worker, headers: list[tuple[bytes, bytes]]
@@ -226,20 +229,42 @@ class PDRouter:
             stream=bool(exchange.parsed.get("stream")),
             may_retry=other_prefill and not last,
         )
+
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(leg.run)
-                try:
-                    result = await self._relay_decode(
-                        exchange, decode, payload, other_decode and not last, leg
-                    )
-                finally:
-                    group.cancel_scope.cancel()
+            result = await self._beside(
+                leg, self._relay_decode(exchange, decode, payload, other_decode and not last, leg)
+            )
         finally:
             collection.release()  # the leg's task may have been cancelled before it ran
         # The half whose failure asked for the retry (the other may have failed later).
         culprit = prefill if leg.retry is not None and result.retry == leg.retry else decode
         return _served_by(result, prefill, decode), culprit
+
+    async def _beside(
+        self, leg: PrefillLeg, decode: Coroutine[Any, Any, RelayResult]
+    ) -> RelayResult:
+        """Await ``decode`` (the relayed decode half) with ``leg`` running beside it; a leg
+        still running when ``decode`` ends is cancelled."""
+        if self._on_asyncio is None:
+            self._on_asyncio = on_asyncio()
+        if self._on_asyncio:
+            # A bare task, as the relay's disconnect watcher: an anyio task group costs
+            # several times more per request. Cancelled, not awaited: its lease is given
+            # back by the caller, its connection closed as it unwinds.
+            task = asyncio.ensure_future(leg.run())
+            task.add_done_callback(_retrieve)
+            try:
+                return await decode
+            finally:
+                task.cancel()  # a no-op once the leg is over (the usual case)
+        async with anyio.create_task_group() as group:
+            group.start_soon(leg.run)
+            try:
+                result = await decode
+            finally:
+                if not leg.done:  # a finished leg needs no cancel delivery round
+                    group.cancel_scope.cancel()
+        return result
 
     async def _two_steps(
         self, exchange: _PairExchange, failed: list[Worker], last: bool
@@ -437,6 +462,11 @@ class PrefillLeg:
         #: The prefill's answer, once read.
         self.answer: bytes | None = None
 
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`run` is over (its task ends in the same step)."""
+        return self._done.is_set()
+
     def attach(self, cancel: Callable[[], None]) -> None:
         self._cancel_main = cancel
         if self.error is not None:
@@ -580,6 +610,13 @@ def engine_error(status: int, content: bytes, request_id: bytes) -> RouterError:
     return upstream_error(
         502, f"failed with status {status} (prefill)", "pd_prefill_failed", request_id
     )
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """A prefill leg's task is never awaited: a failure it did not expect is logged here
+    rather than as a never-retrieved exception at collection time."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("prefill leg failed", exc_info=task.exception())
 
 
 def _served_by(result: RelayResult, prefill: Worker, decode: Worker) -> RelayResult:
