@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from collections.abc import Collection as Collection_
 from typing import Any, Literal, cast
 
@@ -147,13 +147,13 @@ class PDRouter:
 
     def _candidates(
         self, role: str, routing: RoutingRequest, failed: Collection_[Worker] = ()
-    ) -> list[Worker]:
-        candidates = self.registry.candidates(routing.model, role)
+    ) -> Sequence[Worker]:
+        candidates = self.registry.candidates(routing.model, role)  # a fresh list already
         if failed:
             candidates = [worker for worker in candidates if worker not in failed]
         if not candidates:
             raise NoAvailableWorker(f"no healthy {role} worker is available; retry later")
-        return list(candidates)
+        return candidates
 
     async def dispatch(
         self,
@@ -694,10 +694,9 @@ def with_fields(body: bytes, parsed: Mapping[str, Any], fields: Mapping[str, Any
     if any(name in parsed for name in fields):
         return _dumps({**parsed, **fields}, separators=(",", ":")).encode()
     addition = _dumps(fields, separators=(",", ":")).encode()
-    end = body.rstrip()
     if not parsed:
         return addition
-    return end[:-1] + b"," + addition[1:]
+    return body.rstrip()[:-1] + b"," + addition[1:]
 
 
 def _vllm_prefill_body(parsed: Mapping[str, Any]) -> bytes:
