@@ -448,7 +448,7 @@ def test_roles_show_in_the_worker_apis_and_admin_adds_with_a_role() -> None:
 
 
 def test_logprob_merge_handles_events_split_anywhere() -> None:
-    from cache_router.proxy.pd import LogprobMerge
+    from cache_router.proxy.pd_bodies import LogprobMerge
 
     stream = (
         b'data: {"text":"a","meta_info":{"input_token_logprobs":[[-0.3,3,null]]}}\n\n'

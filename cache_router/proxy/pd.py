@@ -32,7 +32,7 @@ import math
 import random
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from collections.abc import Collection as Collection_
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import anyio
 
@@ -45,6 +45,16 @@ from cache_router.core.retry import RetryConfig
 from cache_router.proxy.asgi import Headers, Receive, Scope, Send
 from cache_router.proxy.clients import UpstreamError
 from cache_router.proxy.outbound import upstream_url, with_worker_key
+from cache_router.proxy.pd_bodies import (
+    LogprobMerge,
+    batch_size,
+    input_logprobs,
+    transfer_params,
+    vllm_prefill_body,
+    wants_logprobs,
+    with_bootstrap,
+    with_fields,
+)
 from cache_router.proxy.relay import (
     RETRYABLE_STATUSES,
     BodyRewrite,
@@ -53,7 +63,7 @@ from cache_router.proxy.relay import (
     Upstream,
     upstream_error,
 )
-from cache_router.proxy.responses import bad_request, send_error
+from cache_router.proxy.responses import send_error
 
 __all__ = ["PD_PROTOCOLS", "PD_ROUTES", "PDRouter", "PrefillLeg"]
 
@@ -62,22 +72,8 @@ PD_PROTOCOLS: tuple[PDProtocol, ...] = ("sglang", "vllm")
 #: The generation endpoints a prefill/decode pair serves; other routed paths go to the
 #: decode workers alone.
 PD_ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
-#: Bootstrap rooms are random 63-bit integers (SGLang's range: a signed 64-bit id).
-_ROOM_BITS = 63
 #: The prefill's answer is read whole; a generation of one token is far smaller.
 _PREFILL_ANSWER_LIMIT = 4 * 1024 * 1024
-#: What the vLLM prefill request asks: compute the prompt, keep its KV for a remote decode.
-_REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-#: Fields a one-token prefill request must not carry (a minimum above one token is an error).
-_DECODE_ONLY = frozenset({"stream_options", "min_tokens", "min_completion_tokens"})
-_dumps = json.dumps
 _NO_EVENTS = RouterEvents()
 logger = logging.getLogger("cache_router")
 
@@ -347,7 +343,7 @@ class PDRouter:
                     method=exchange.method,
                     url=upstream_url(prefill.url, exchange.scope),
                     headers=self._headers_for(prefill, exchange.headers),
-                    body=_vllm_prefill_body(exchange.parsed),
+                    body=vllm_prefill_body(exchange.parsed),
                     lease=self.registry.acquire(prefill),
                     events=exchange.events,
                     limit=_PREFILL_ANSWER_LIMIT,
@@ -373,7 +369,7 @@ class PDRouter:
             if may_retry and status in RETRYABLE_STATUSES:
                 outcome.retry = f"prefill status {status}"
             return outcome
-        params = _transfer_params(content)
+        params = transfer_params(content)
         if params is None:
             # As vLLM's routers do: the decode worker then computes the prompt itself.
             logger.warning(
@@ -498,7 +494,7 @@ class PrefillLeg:
         only the prefill computed (as SGLang's router merges them)."""
         if not self._merge or not 200 <= status < 300 or self.answer is None:
             return None
-        prompt = _input_logprobs(self.answer)
+        prompt = input_logprobs(self.answer)
         if prompt is None:
             return None
         return LogprobMerge(prompt, stream=self._stream)
@@ -507,82 +503,6 @@ class PrefillLeg:
         self.error = error
         if self._cancel_main is not None:
             self._cancel_main()
-
-
-class LogprobMerge:
-    """Prepends the prompt's ``meta_info.input_token_logprobs`` to a decode answer's: to
-    the whole JSON answer, or to each server-sent event that carries them."""
-
-    def __init__(self, prompt: list[Any], *, stream: bool) -> None:
-        self._prompt = prompt
-        self._stream = stream
-        self._pending = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        self._pending += chunk
-        if not self._stream:
-            return b""
-        complete, separator, rest = self._pending.rpartition(b"\n\n")
-        if not separator:
-            return b""
-        self._pending = rest
-        return b"".join(self._event(event) for event in complete.split(b"\n\n"))
-
-    def end(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        if self._stream:
-            return rest
-        merged = self._merged(rest)
-        return rest if merged is None else merged
-
-    def _event(self, event: bytes) -> bytes:
-        if event.startswith(b"data: ") and event != b"data: [DONE]":
-            merged = self._merged(event[6:])
-            if merged is not None:
-                return b"data: " + merged + b"\n\n"
-        return event + b"\n\n"
-
-    def _merged(self, payload: bytes) -> bytes | None:
-        try:
-            answer = json.loads(payload)
-        except ValueError:
-            return None
-        meta = answer.get("meta_info") if isinstance(answer, dict) else None
-        if not isinstance(meta, dict) or not isinstance(meta.get("input_token_logprobs"), list):
-            return None
-        meta["input_token_logprobs"] = [*self._prompt, *meta["input_token_logprobs"]]
-        return _dumps(answer, separators=(",", ":")).encode()
-
-
-def wants_logprobs(path: str, parsed: Mapping[str, Any]) -> bool:
-    """Whether the request asks for its prompt's logprobs (each API spells it its way)."""
-    if path == "/generate":
-        return bool(parsed.get("return_logprob"))
-    if path == "/v1/completions":
-        return parsed.get("logprobs") is not None
-    return bool(parsed.get("logprobs"))
-
-
-def _input_logprobs(answer: bytes) -> list[Any] | None:
-    """The prefill's ``meta_info.input_token_logprobs``: from its JSON answer, or from the
-    last event of a streamed one that has them."""
-    payloads = [answer]
-    if not answer.lstrip().startswith(b"{"):
-        payloads = [
-            event[6:]
-            for event in reversed(answer.split(b"\n\n"))
-            if event.startswith(b"data: ") and event != b"data: [DONE]"
-        ]
-    for payload in payloads:
-        try:
-            parsed = json.loads(payload)
-        except ValueError:
-            continue
-        meta = parsed.get("meta_info") if isinstance(parsed, dict) else None
-        found = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
-        if isinstance(found, list):
-            return found
-    return None
 
 
 class EngineError(RouterError):
@@ -637,85 +557,3 @@ def _leg_error(exc: UpstreamError, request_id: bytes) -> RouterError:
     if exc.kind == "timeout":
         return upstream_error(504, "timed out (prefill)", "upstream_timeout", request_id)
     return upstream_error(502, "unreachable (prefill)", "upstream_unreachable", request_id)
-
-
-def batch_size(parsed: Mapping[str, Any]) -> int | None:
-    """How many generations a request asks for at once, each needing its own bootstrap
-    room (as SGLang's router counts them): ``n`` above 1, or a list of prompts in
-    ``text``, ``prompt`` or ``input_ids``; None for a single one."""
-    n = parsed.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        return n
-    for name in ("text", "prompt", "input_ids"):
-        items = parsed.get(name)
-        if isinstance(items, list):
-            if not items:
-                raise bad_request(f"{name} is an empty list", "empty_batch")
-            # A list of token ids is one prompt; a list of strings or of id lists, many.
-            if name == "text" or isinstance(items[0], (str, list)):
-                return len(items)
-            return None
-    return None
-
-
-def with_bootstrap(
-    body: bytes,
-    parsed: Mapping[str, Any],
-    prefill: Worker,
-    batch: int | None,
-    room: Callable[[int], int],
-) -> bytes:
-    """``body`` with the prefill worker's bootstrap address and a fresh room (one per item
-    of a batch), as SGLang's prefill and decode servers both expect them."""
-    host, port = prefill.bootstrap_host, prefill.bootstrap_port
-    fields: dict[str, Any]
-    if batch is None:
-        fields = {
-            "bootstrap_host": host,
-            "bootstrap_port": port,
-            "bootstrap_room": room(_ROOM_BITS),
-        }
-    else:
-        fields = {
-            "bootstrap_host": [host] * batch,
-            "bootstrap_port": [port] * batch,
-            "bootstrap_room": [room(_ROOM_BITS) for _ in range(batch)],
-        }
-    return with_fields(body, parsed, fields)
-
-
-def with_fields(body: bytes, parsed: Mapping[str, Any], fields: Mapping[str, Any]) -> bytes:
-    """``body`` (the JSON object ``parsed`` came from) with ``fields`` set.
-
-    The fields are spliced in before the closing brace, so the client's bytes are not
-    serialized again; a body that already names one of them is rebuilt, so the router's
-    value is the only one (JSON parsers disagree on which of two equal keys wins).
-    """
-    if any(name in parsed for name in fields):
-        return _dumps({**parsed, **fields}, separators=(",", ":")).encode()
-    addition = _dumps(fields, separators=(",", ":")).encode()
-    if not parsed:
-        return addition
-    return body.rstrip()[:-1] + b"," + addition[1:]
-
-
-def _vllm_prefill_body(parsed: Mapping[str, Any]) -> bytes:
-    """The request for a vLLM prefill worker: compute the prompt, answer one token
-    without streaming, keep the KV cache for the decode worker to pull."""
-    request = {name: value for name, value in parsed.items() if name not in _DECODE_ONLY}
-    request["kv_transfer_params"] = _REMOTE_DECODE
-    request["stream"] = False
-    request["max_tokens"] = 1
-    if "max_completion_tokens" in request:
-        request["max_completion_tokens"] = 1
-    return _dumps(request, separators=(",", ":")).encode()
-
-
-def _transfer_params(content: bytes) -> dict[str, Any] | None:
-    """The ``kv_transfer_params`` object of a vLLM prefill answer, or None."""
-    try:
-        answer = json.loads(content)
-    except ValueError:
-        return None
-    params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-    return cast(dict[str, Any], params) if isinstance(params, dict) else None
