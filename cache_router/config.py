@@ -445,7 +445,8 @@ class RouterConfig:
     worker_allow: Sequence[str] = field(
         default=(),
         metadata=_meta(
-            "hosts the admin API may add workers on (empty: the hosts of the startup workers)"
+            "hosts (optionally :PORT or :LOW-HIGH) the admin API may add workers on "
+            "(empty: the hosts of the startup workers, any port)"
         ),
     )
     # -- health checks --------------------------------------------------------------------

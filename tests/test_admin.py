@@ -632,6 +632,29 @@ async def test_the_default_allow_list_is_the_startup_workers_hosts() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_port_range_keeps_other_services_on_an_allowed_host_out() -> None:
+    engine = MockEngine(name="target")
+    registry = WorkerRegistry()
+    with serve_app(engine) as url:
+        port = int(url.rsplit(":", 1)[1])
+        app = AdminApp(registry, worker_allow=[f"127.0.0.0/8:{port}"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            for target in (
+                "http://127.0.0.1:6379",
+                "http://127.0.0.1",
+                f"https://127.0.0.1:{port + 1}",
+            ):
+                refused = await client.post("/workers", json={"url": target})
+                assert_error(refused, 403, "worker_not_allowed")
+                assert "port" in refused.json()["error"]["message"]
+            added = await client.post("/workers", json={"url": url, "wait_healthy_secs": 5})
+            assert added.status_code == 201, added.text
+    assert engine.paths() == ["/health"]
+    assert [worker.url for worker in registry] == [url]
+
+
+@pytest.mark.anyio
 async def test_a_worker_being_added_is_not_added_twice() -> None:
     engine = MockEngine(name="slow", behaviour=Behaviour(hang=True))
     registry = WorkerRegistry()

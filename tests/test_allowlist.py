@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cache_router.ops.allowlist import HostAllowList, parse_host, url_host
+from cache_router.ops.allowlist import HostAllowList, parse_host, url_host, url_port
 
 LOCALHOST4 = ipaddress.IPv4Address("127.0.0.1")
 
@@ -105,7 +105,14 @@ def test_patterns_match_addresses_networks_and_names() -> None:
         ("http://engine.test", "not a URL"),
         ("10.0.0.0/33", "CIDR"),
         ("::ffff:0:0/104", "IPv4-mapped"),
-        ("engine.test:8000", "IPv6"),
+        ("engine.test:0", "ports"),
+        ("engine.test:70000", "ports"),
+        ("engine.test:9000-8000", "low before high"),
+        ("engine.test:80,81", "number or a range"),
+        ("engine.test:", "number or a range"),
+        ("[::1", "bracketed"),
+        ("[::1]8000", "bracketed"),
+        ("fd00::/8:8000", r"\[fd00::/8\]:PORT"),
         ("", "host"),
     ],
 )
@@ -134,3 +141,33 @@ def test_numeric_hosts_are_read_as_the_resolver_reads_them(text: str) -> None:
         if text.endswith(".") and reference is None:
             return  # we drop one trailing dot, which the resolver looks up as a name
         assert ours == reference, text
+
+
+def test_a_port_suffix_limits_a_pattern_to_those_ports() -> None:
+    allow = HostAllowList(
+        ["10.0.0.0/8:30000-30099", "engine-*.internal:8000", "[fd00::/8]:9000", "api.test"]
+    )
+    ten = parse_host("10.1.2.3")
+    assert [port for port in (29999, 30000, 30099, 30100, 6379) if allow.allows(ten, port)] == [
+        30000,
+        30099,
+    ]
+    assert allow.allows("engine-1.internal", 8000)
+    assert not allow.allows("engine-1.internal", 8001)
+    assert allow.allows(parse_host("fd00::5"), 9000)
+    assert not allow.allows(parse_host("[fd00::5]"), 9001)
+    # A pattern without ports admits any; one with ports never admits an unknown port.
+    assert allow.allows("api.test", 6379) and allow.allows("api.test")
+    assert not allow.allows(ten)
+    # The same host under two patterns: either may admit it.
+    both = HostAllowList(["10.0.0.5:8000", "10.0.0.0/8:9000"])
+    five = parse_host("10.0.0.5")
+    assert both.allows(five, 8000) and both.allows(five, 9000) and not both.allows(five, 7000)
+    assert HostAllowList(["*:8000"]).allows("anything.test", 8000)
+    assert not HostAllowList(["*:8000"]).allows("anything.test", 80)
+
+
+def test_url_port_is_the_written_port_or_the_schemes() -> None:
+    assert url_port("http://engine.test:8000/base") == 8000
+    assert url_port("http://engine.test") == 80
+    assert url_port("https://[::1]") == 443

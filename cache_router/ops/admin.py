@@ -80,7 +80,7 @@ from cache_router.core.registry import (
     checked_api_key,
     normalize_url,
 )
-from cache_router.ops.allowlist import HostAllowList, url_host
+from cache_router.ops.allowlist import HostAllowList, url_host, url_port
 from cache_router.ops.engine_key import worker_headers
 from cache_router.ops.load_source import LOCAL, load_source
 from cache_router.ops.metrics import circuit_state
@@ -389,10 +389,11 @@ class AdminApp:
         wait = 0.0
         if wait_healthy_secs is not None:
             wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
-        if not (self.worker_allow if allow is None else allow).allows(host):
+        port = url_port(url)
+        if not (self.worker_allow if allow is None else allow).allows(host, port):
             raise RouterError(
-                f"worker host {urlsplit(url).hostname!r} is not on this router's worker "
-                "allow-list (--worker-allow)",
+                f"worker host {urlsplit(url).hostname!r} port {port} is not on this "
+                "router's worker allow-list (--worker-allow)",
                 status=403,
                 error_type="permission_error",
                 code="worker_not_allowed",

@@ -16,6 +16,13 @@ Patterns: ``*`` alone allows every host; ``10.0.0.0/8`` or ``fd00::/8`` a networ
 ``10.0.0.5`` or ``::1`` one address (any spelling); ``engine-1.internal`` one name; and
 ``engine-*.internal`` names where each ``*`` stands for any run of characters within one
 label (it never matches a dot, as in TLS certificates).
+
+A pattern may end in ``:PORT`` or ``:LOW-HIGH`` to admit only those ports
+(``10.0.0.0/8:30000-30099``, ``engine-*.internal:8000``, ``*:8000``; IPv6 in brackets:
+``[fd00::/8]:8000``). Without one, every port of a matching host is admitted, so a host
+that also runs other services (Redis, a metrics endpoint) is reachable through the admin
+API unless its pattern names the engines' ports. A URL without a port is matched on its
+scheme's (80 or 443).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import Iterable
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-__all__ = ["Host", "HostAllowList", "parse_host", "url_host"]
+__all__ = ["Host", "HostAllowList", "parse_host", "url_host", "url_port"]
 
 #: A canonical host: an address, or a lower-case name.
 Host: TypeAlias = "ipaddress.IPv4Address | ipaddress.IPv6Address | str"
@@ -103,8 +110,66 @@ def url_host(url: str) -> Host:
     return parse_host(host)
 
 
+def url_port(url: str) -> int:
+    """The port ``url`` connects to: the one written, else its scheme's default."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+#: An inclusive port range; ``None`` admits every port.
+Ports: TypeAlias = "tuple[int, int] | None"
+
+
 class HostAllowList:
-    """A set of host patterns (see the module docstring); ``allows(host)`` matches one."""
+    """A set of host patterns, each optionally limited to ports (see the module
+    docstring); ``allows(host, port)`` is true when one pattern admits both."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns: tuple[str, ...] = tuple(patterns)
+        grouped: dict[Ports, list[str]] = {}
+        for pattern in self.patterns:
+            host_pattern, ports = _split_ports(pattern)
+            grouped.setdefault(ports, []).append(host_pattern)
+        self._groups = [(ports, _HostSet(hosts)) for ports, hosts in grouped.items()]
+
+    def allows(self, host: Host, port: int | None = None) -> bool:
+        """Whether a pattern admits ``host`` on ``port``; a pattern with ports never
+        admits an unknown (``None``) port."""
+        return any(
+            (ports is None or (port is not None and ports[0] <= port <= ports[1]))
+            and hosts.allows(host)
+            for ports, hosts in self._groups
+        )
+
+
+def _split_ports(pattern: str) -> tuple[str, Ports]:
+    """``pattern`` without its ``:PORT``/``:LOW-HIGH`` suffix, and the range it names.
+    A bare IPv6 pattern (more than one colon, no brackets) has no port."""
+    if pattern.startswith("["):
+        host, bracket, rest = pattern[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{pattern!r}: write a bracketed IPv6 pattern as [ADDRESS]:PORT")
+        return host, _port_range(pattern, rest[1:]) if rest else None
+    if pattern.count(":") != 1 or "://" in pattern:
+        return pattern, None
+    host, _, ports = pattern.partition(":")
+    return host, _port_range(pattern, ports)
+
+
+def _port_range(pattern: str, text: str) -> tuple[int, int]:
+    low_text, dash, high_text = text.partition("-")
+    if not low_text.isdigit() or (dash and not high_text.isdigit()):
+        raise ValueError(f"{pattern!r}: a port is a number or a range LOW-HIGH")
+    low = int(low_text)
+    high = int(high_text) if dash else low
+    if not 0 < low <= high < 65536:
+        raise ValueError(f"{pattern!r}: ports are 1-65535, low before high")
+    return low, high
+
+
+class _HostSet:
+    """Host patterns without ports, matched by kind: addresses by network, names by set
+    or one compiled expression for the wildcards."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns: tuple[str, ...] = tuple(patterns)
@@ -150,7 +215,8 @@ def _parse_pattern(
         try:
             network = ipaddress.ip_network(pattern, strict=False)
         except ValueError:
-            raise ValueError(f"{pattern!r} is not a CIDR network (e.g. 10.0.0.0/8)") from None
+            hint = " or [fd00::/8]:PORT" if ":" in pattern else ""
+            raise ValueError(f"{pattern!r} is not a CIDR network (e.g. 10.0.0.0/8{hint})") from None
         if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
             raise ValueError(f"{pattern!r}: write IPv4-mapped ranges as IPv4 networks")
         return "network", network
