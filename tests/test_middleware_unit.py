@@ -371,6 +371,32 @@ async def test_same_prefix_routes_to_the_same_worker(mock: respx.MockRouter) -> 
         await router.middleware.aclose()
 
 
+async def test_a_cache_salt_or_adapter_is_a_prefix_scope_of_its_own(
+    mock: respx.MockRouter,
+) -> None:
+    router = make_router([ENGINE_A, ENGINE_B])
+    try:
+        mock.post(url__regex=r"http://engine-[ab]\.test:8000/v1/chat/completions").respond(200)
+        prompt = [{"role": "system", "content": "shared system prompt " * 20}]
+        salted = {"messages": prompt, "cache_salt": "tenant-1"}
+        await post(router, "/v1/chat/completions", salted)
+        # The same prompt with no salt, another salt or an adapter is no hit on the salted
+        # prefix: the engine could not reuse those blocks.
+        for other in ({}, {"cache_salt": "tenant-2"}, {"lora_path": "adapter-a"}):
+            await post(router, "/v1/chat/completions", {"messages": prompt, **other})
+        assert router.policy.inner.decisions["cache_hit"] == 0
+        # Within one scope, prefixes are shared as ever.
+        await post(router, "/v1/chat/completions", salted)
+        await post(router, "/v1/chat/completions", {"messages": prompt, "lora_path": "adapter-a"})
+        assert router.policy.inner.decisions["cache_hit"] == 2
+        keys = [request.key for request in router.policy.requests]
+        assert keys[0] == keys[4] and keys[3] == keys[5]
+        assert len({keys[0], keys[1], keys[2], keys[3]}) == 4
+        router.assert_settled()
+    finally:
+        await router.middleware.aclose()
+
+
 async def test_lone_surrogate_escape_is_routed_not_refused(
     router: Router, mock: respx.MockRouter
 ) -> None:

@@ -501,3 +501,31 @@ def test_skim_accepts_a_byte_order_mark_like_the_whole_parse() -> None:
     raw = b'\xef\xbb\xbf{"prompt": "' + b"b" * 1000 + b'"}'
     assert parse_routing_fields(raw, 4)["prompt"][:4] == "bbbb"
     assert_same_keys(raw, 4)
+
+
+def test_cache_scope_marks_salts_extra_keys_and_adapters() -> None:
+    assert routing_key.cache_scope({"prompt": "p"}) == ""
+    for empty in ({"cache_salt": ""}, {"cache_salt": None}, {"cache_salt": 7}, {"extra_key": []}):
+        assert routing_key.cache_scope(empty) == ""
+    salt = routing_key.cache_scope({"cache_salt": "tenant-1"})
+    assert len(salt) == routing_key.SCOPE_MARKER_CHARS
+    assert routing_key.cache_scope({"cache_salt": "tenant-1", "prompt": "other"}) == salt
+    assert routing_key.cache_scope({"cache_salt": ["tenant-1", "tenant-2"]}) == salt
+    others = [
+        {"cache_salt": "tenant-2"},
+        {"extra_key": "tenant-1"},
+        {"lora_path": "tenant-1"},
+        {"cache_salt": "tenant-1", "extra_key": "x"},
+        {"cache_salt": "tenant-1", "lora_path": "x"},
+    ]
+    markers = {routing_key.cache_scope(body) for body in others}
+    assert salt not in markers and len(markers) == len(others)
+    # A lone surrogate (valid JSON) is hashed, not refused.
+    assert len(routing_key.cache_scope({"cache_salt": "\ud83d"})) == routing_key.SCOPE_MARKER_CHARS
+
+
+def test_skimmed_fields_carry_the_cache_scope() -> None:
+    body = {"prompt": "x" * 50_000, "cache_salt": "tenant-1", "lora_path": ["a", "b"], "n": 1}
+    raw = json.dumps(body).encode()
+    skimmed = routing_key.parse_routing_fields(raw, 64)
+    assert routing_key.cache_scope(skimmed) == routing_key.cache_scope(body) != ""

@@ -17,6 +17,7 @@ a key is made of, so its memory does not grow with a prompt the key would cut an
 
 from __future__ import annotations
 
+import hashlib
 import json as _json
 import re
 from collections.abc import Callable, Mapping
@@ -48,9 +49,11 @@ __all__ = [
     "DEFAULT_TYPED_ROUTES",
     "MAX_KEY_ITEMS",
     "ROUTING_FIELDS",
+    "SCOPE_FIELDS",
     "BodyError",
     "KeyExtractor",
     "RoutingKey",
+    "cache_scope",
     "chat_key",
     "generic_key",
     "parse_json_object",
@@ -243,6 +246,37 @@ def generic_key(body: Mapping[str, Any]) -> RoutingKey:
     return _EMPTY
 
 
+#: Request fields that split an engine's prefix cache: requests that differ in one never
+#: reuse each other's cached blocks (vLLM's and SGLang's ``cache_salt``, SGLang's
+#: ``extra_key`` and its LoRA adapter ``lora_path``; vLLM names an adapter as the model).
+SCOPE_FIELDS = ("cache_salt", "extra_key", "lora_path")
+#: Characters of a scope's marker (32 bits of its hash): short, so that the marker adds
+#: little to the matched share of a short prompt of the same scope.
+SCOPE_MARKER_CHARS = 2
+
+
+def cache_scope(body: Mapping[str, Any]) -> str:
+    """A short marker for the body's :data:`SCOPE_FIELDS`, or '' when none is set.
+
+    The middleware puts it in front of the routing key, so a prompt under one salt or
+    adapter never matches the same prompt cached under another, or under none, while
+    requests of one scope still share their prefixes. A batch's first item decides, as for
+    the key. The marker is a hash, so a client's long salt costs the tree two characters.
+    """
+    parts: list[str] = []
+    for name in SCOPE_FIELDS:
+        value = body.get(name)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, str) and value:
+            parts.append(f"{name}\0{value}")
+    if not parts:
+        return ""
+    text = "\0".join(parts).encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(text, digest_size=2 * SCOPE_MARKER_CHARS).digest()
+    return "".join(chr(digest[i] << 8 | digest[i + 1]) for i in range(0, len(digest), 2))
+
+
 #: Typed routes and how each finds its key; pass your own mapping to the middleware to
 #: add or drop endpoints.
 DEFAULT_TYPED_ROUTES: Mapping[str, KeyExtractor] = {
@@ -264,7 +298,17 @@ BOUNDED_EXTRACTORS: frozenset[KeyExtractor] = frozenset(
     {*DEFAULT_TYPED_ROUTES.values(), generic_key}
 )
 #: Every field a built-in extractor (or the model check) reads.
-ROUTING_FIELDS = ("model", "token_ids", "input_ids", "text", "prompt", "messages", "input", "query")
+ROUTING_FIELDS = (
+    "model",
+    "token_ids",
+    "input_ids",
+    "text",
+    "prompt",
+    "messages",
+    "input",
+    "query",
+    *SCOPE_FIELDS,
+)
 #: The most JSON bytes one character can take: a surrogate pair written as two escapes.
 _CHAR_BYTES = 12
 _MODEL_BYTES = 4096
@@ -513,6 +557,9 @@ if msgspec is not None:  # pragma: no branch
         messages: msgspec.Raw = msgspec.Raw()
         input: msgspec.Raw = msgspec.Raw()
         query: msgspec.Raw = msgspec.Raw()
+        cache_salt: msgspec.Raw = msgspec.Raw()
+        extra_key: msgspec.Raw = msgspec.Raw()
+        lora_path: msgspec.Raw = msgspec.Raw()
 
     class _MessageFields(msgspec.Struct):
         content: msgspec.Raw = msgspec.Raw()

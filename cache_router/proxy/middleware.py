@@ -51,6 +51,7 @@ from cache_router.core.routing_key import (
     BodyError,
     KeyExtractor,
     RoutingKey,
+    cache_scope,
     generic_key,
     parse_json_object,
     parse_routing_fields,
@@ -662,6 +663,9 @@ class RoutingMiddleware:
                 key = extract(parsed)
                 if len(key[0]) > limit:
                     key = (key[0][:limit], key[1])
+                scope = cache_scope(parsed)
+                if scope:
+                    key = (scope + key[0], key[1])
         except BodyError as error:
             raise bad_request(str(error), "invalid_prompt") from None
         model = parsed.get("model") if parsed is not None else None
