@@ -8,6 +8,7 @@ once through msgspec structs declared with the same options as the engines' own
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from cache_router.core.kv_events import (  # noqa: E402
     KVEventDecodeError,
     decode_batch,
     decode_sequence,
+    topic_epoch,
 )
 from cache_router.core.kv_index import NOT_SYNCED, KVIndex  # noqa: E402
 
@@ -53,23 +55,6 @@ class V010BlockRemoved(ArrayEvent, tag="BlockRemoved"):
 
 class V010AllBlocksCleared(ArrayEvent, tag="AllBlocksCleared"):
     pass
-
-
-class SGLangMetadata(msgspec.Struct, array_like=True, gc=False):
-    cache_salt: str
-
-
-class SGLangBlockStored(ArrayEvent, tag="BlockStored"):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None = None
-
-
-class SGLangBlockStoredWithMetadata(SGLangBlockStored, tag="BlockStored", kw_only=True):
-    metadata: SGLangMetadata
 
 
 class MapEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
@@ -189,22 +174,241 @@ def test_the_map_batch_snapshot_and_unknown_event_kinds() -> None:
     assert batch.unknown == 1 and batch.data_parallel_rank == 2
 
 
-META = SGLangMetadata("salt")
-
-
-def test_sglang_events_with_trailing_fields_and_no_rank() -> None:
-    payload = msgspec.msgpack.encode(
-        ArrayBatch(
-            4.0,
-            [SGLangBlockStoredWithMetadata([7], 6, [5], 1, None, "GPU", metadata=META)],
-        )
-    )
-    (event,) = decode_batch(payload).events
-    assert event == BlockStored((7,), 6, [5], 1, None, "GPU")
-    with_lora = ["BlockStored", [1], None, [5], 1, None, "GPU", "ad"]  # vLLM 0.10's lora_name
-    vllm_lora = msgspec.msgpack.encode([5.0, [with_lora]])
-    (event,) = decode_batch(vllm_lora).events
+def test_vllm_010_lora_name_in_the_slot_after_medium() -> None:
+    with_lora = ["BlockStored", [1], None, [5], 1, None, "GPU", "ad"]
+    (event,) = decode_batch(msgspec.msgpack.encode([5.0, [with_lora]])).events
     assert isinstance(event, BlockStored) and event.lora_name == "ad"
+    assert event.extra_keys is None and event.cache_salt is None
+
+
+# -- SGLang, release by release (python/sglang/srt/disaggregation/kv_events.py) ----------------
+# Each declared with the options of that release's KVCacheEvent and EventBatch.
+
+
+class SGLangV1Batch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The first release (sgl-project/sglang 006d053f): no rank."""
+
+    ts: float
+    events: list[Any]
+
+
+class SGLangV1Event(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class SGLangV1BlockStored(SGLangV1Event, tag="BlockStored"):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+
+
+class SGLangV1BlockRemoved(SGLangV1Event, tag="BlockRemoved"):
+    block_hashes: list[int]
+
+
+class SGLangV1AllBlocksCleared(SGLangV1Event, tag="AllBlocksCleared"):
+    pass
+
+
+class SGLangV2Batch(SGLangV1Batch):
+    """sgl-project/sglang 612d5790: the attention-DP rank, set by every publisher."""
+
+    attn_dp_rank: int | None = None
+
+
+class SGLangV3Batch(msgspec.Struct, array_like=True, gc=False):
+    """Later releases drop omit_defaults: a rank of None is sent as nil."""
+
+    ts: float
+    events: list[Any]
+    attn_dp_rank: int | None = None
+
+
+class SGLangV3Event(msgspec.Struct, array_like=True, gc=False, tag=True):
+    pass
+
+
+class SGLangV3BlockStored(SGLangV3Event, tag="BlockStored"):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None = None
+
+
+class SGLangMetadata(msgspec.Struct, omit_defaults=True, gc=False):
+    """A map, not an array: ``{"cache_salt": ...}``."""
+
+    cache_salt: str
+
+
+class SGLangV3BlockStoredWithMetadata(SGLangV3BlockStored, tag="BlockStored", kw_only=True):
+    """Sent only for salted stores (sglang#30827), so unsalted ones keep seven elements."""
+
+    metadata: SGLangMetadata
+
+
+class SGLangV3BlockRemoved(SGLangV3Event, tag="BlockRemoved"):
+    block_hashes: list[int]
+    medium: str | None = None
+
+
+class SGLangV3AllBlocksCleared(SGLangV3Event, tag="AllBlocksCleared"):
+    pass
+
+
+class SGLangMapEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    """sglang#37482 (e.g. wow-look-at-my/sglang bb6a6195): events become tagged maps, nil
+    fields left out, the salt a field of its own; the batch stays an array."""
+
+
+class SGLangMapBlockStored(SGLangMapEvent, tag="BlockStored"):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    cache_salt: str | None = None
+    session_id: str | None = None
+
+
+class SGLangReconciliationBatch(msgspec.Struct, array_like=True, gc=False):
+    """A fork's opt-in batch: the publisher's epoch and a control record appended."""
+
+    ts: float
+    events: list[Any]
+    attn_dp_rank: int | None
+    publisher_epoch: str
+    reconciliation: Any
+
+
+#: SGLang 0.4's [2.5, [["BlockStored", [11, 12], None, [1..8], 4, None],
+#: ["BlockRemoved", [11]], ["AllBlocksCleared"]]], byte by byte.
+RECORDED_SGLANG_V1_BATCH = bytes.fromhex(
+    "92"  # batch: array of 2, no rank
+    "cb4004000000000000"  # ts 2.5
+    "93"
+    "96"
+    "ab" + b"BlockStored".hex() + "920b0c"
+    "c0"
+    "98"
+    "0102030405060708"
+    "04"
+    "c0"  # lora_id; no medium
+    "92"
+    "ac" + b"BlockRemoved".hex() + "910b"
+    "91"
+    "b0" + b"AllBlocksCleared".hex()
+)
+
+
+def test_sglang_first_release_byte_for_byte() -> None:
+    structs = SGLangV1Batch(
+        2.5,
+        [
+            SGLangV1BlockStored([11, 12], None, list(range(1, 9)), 4, None),
+            SGLangV1BlockRemoved([11]),
+            SGLangV1AllBlocksCleared(),
+        ],
+    )
+    assert msgspec.msgpack.encode(structs) == RECORDED_SGLANG_V1_BATCH
+    batch = decode_batch(RECORDED_SGLANG_V1_BATCH)
+    assert batch.data_parallel_rank is None and batch.epoch is None
+    assert batch.events == (
+        BlockStored((11, 12), None, list(range(1, 9)), 4),
+        BlockRemoved((11,)),
+        AllBlocksCleared(),
+    )
+
+
+def test_sglang_attention_dp_rank() -> None:
+    payload = msgspec.msgpack.encode(SGLangV2Batch(1.0, [SGLangV1BlockRemoved([3])], 2))
+    assert (
+        payload
+        == bytes.fromhex("93cb3ff000000000000091")
+        + bytes.fromhex("92ac" + b"BlockRemoved".hex() + "9103")
+        + b"\x02"
+    )
+    batch = decode_batch(payload)
+    assert batch.data_parallel_rank == 2 and batch.events == (BlockRemoved((3,)),)
+
+
+def test_sglang_medium_without_omit_defaults_and_the_salt_map() -> None:
+    plain = SGLangV3BlockStored([7, 8], None, list(range(8)), 4, None)
+    salted = SGLangV3BlockStoredWithMetadata(
+        [9], None, list(range(4)), 4, None, "GPU", metadata=SGLangMetadata("tenant-a")
+    )
+    payload = msgspec.msgpack.encode(
+        SGLangV3Batch(3.0, [plain, salted, SGLangV3BlockRemoved([8]), SGLangV3AllBlocksCleared()])
+    )
+    # nil rank; the unsalted store is the legacy 7 elements with a nil medium; the salted one
+    # is 8, its last a map
+    assert payload.startswith(bytes.fromhex("93cb4008000000000000") + b"\x94\x97")
+    assert payload.endswith(b"\xc0")
+    assert bytes.fromhex("81aa") + b"cache_salt" + bytes.fromhex("a8") + b"tenant-a" in payload
+    batch = decode_batch(payload)
+    assert batch.data_parallel_rank is None
+    first, second, removed, cleared = batch.events
+    assert first == BlockStored((7, 8), None, list(range(8)), 4)
+    assert isinstance(second, BlockStored) and second.cache_salt == "tenant-a"
+    assert second.extra_keys == [("cache_salt", "tenant-a")]
+    assert (removed, cleared) == (BlockRemoved((8,)), AllBlocksCleared())
+
+
+def test_sglang_map_events_with_salt_and_session() -> None:
+    events = [
+        SGLangMapBlockStored([1, 2], None, list(range(8)), 4, medium="GPU", session_id="s"),
+        SGLangMapBlockStored([3], 2, list(range(8, 12)), 4, cache_salt="t", session_id="s"),
+    ]
+    payload = msgspec.msgpack.encode(SGLangV3Batch(4.0, events, 0))
+    raw = msgspec.msgpack.decode(payload)
+    assert raw[1][0] == {
+        "type": "BlockStored",
+        "block_hashes": [1, 2],
+        "parent_block_hash": None,
+        "token_ids": list(range(8)),
+        "block_size": 4,
+        "medium": "GPU",
+        "session_id": "s",
+    }
+    first, second = decode_batch(payload).events
+    assert first == BlockStored((1, 2), None, list(range(8)), 4, medium="GPU")
+    assert isinstance(second, BlockStored) and second.cache_salt == "t"
+    assert second.extra_keys == [("cache_salt", "t")]
+
+
+def test_sglang_eagle_pages_of_token_pairs() -> None:
+    """With EAGLE SGLang keys pages by bigrams: ``[[t0, t1], [t1, t2], ...]``."""
+    tokens = list(range(100, 109))  # two pages of 4 pairs need 9 tokens
+    pairs = [list(pair) for pair in itertools.pairwise(tokens)]
+    payload = msgspec.msgpack.encode([1.0, [["BlockStored", [5, 6], None, pairs, 4, None, None]]])
+    (event,) = decode_batch(payload).events
+    assert isinstance(event, BlockStored)
+    assert list(event.token_ids) == tokens[:8]
+    assert event.extra_keys == [("next_token", 104), ("next_token", 108)]
+    bad = [1.0, [["BlockStored", [5], None, [[1, 2], 3], 1, None, None]]]
+    with pytest.raises(KVEventDecodeError):
+        decode_batch(msgspec.msgpack.encode(bad))
+
+
+def test_a_forks_reconciliation_batch_gives_its_epoch() -> None:
+    control = ["CacheStateDigest", 7, 0, "xor-sha256-v1", "00"]
+    payload = msgspec.msgpack.encode(
+        SGLangReconciliationBatch(5.0, [SGLangV3AllBlocksCleared()], 1, "e1", control)
+    )
+    batch = decode_batch(payload)
+    assert batch.epoch == "e1" and batch.events == (AllBlocksCleared(),) and batch.unknown == 0
+    assert batch.data_parallel_rank == 1
+
+
+def test_the_epoch_in_sglangs_topic_frame() -> None:
+    assert topic_epoch(b"kv") is None
+    assert topic_epoch(b"kv\x00sgl-kv-epoch=ab12") == b"ab12"
+    assert topic_epoch(b"\x00sgl-kv-epoch=ab12\x00sgl-kv-snapshot=ff") == b"ab12"
 
 
 @pytest.mark.parametrize(
@@ -337,6 +541,26 @@ def test_what_is_not_indexed() -> None:
     assert (stats.skipped_orphan, stats.skipped_partial, stats.skipped_block_size) == (1, 2, 1)
     # a CPU-tier removal leaves the GPU copy alone
     index.apply_event("a", BlockRemoved((9,), "CPU"))
+    assert index.match(PROMPT) == {"a": 4}
+
+
+def test_salted_and_pair_keyed_sglang_blocks_are_not_indexed() -> None:
+    """A salted chain serves only its salt; a page of pairs only requests whose next token
+    matches too. Tokens alone would over-report both, so neither is indexed."""
+    index = live_index("a")
+    salted = SGLangV3BlockStoredWithMetadata(
+        [1], None, PROMPT[:4], 4, None, "GPU", metadata=SGLangMetadata("t")
+    )
+    child = SGLangV3BlockStoredWithMetadata(
+        [2], 1, PROMPT[4:8], 4, None, "GPU", metadata=SGLangMetadata("t")
+    )
+    plain = SGLangV3BlockStored([3], None, PROMPT[:4], 4, None, "GPU")
+    pairs = [list(pair) for pair in itertools.pairwise(PROMPT[:9])]
+    eagle = ["BlockStored", [4, 5], None, pairs, 4, None, "GPU"]
+    index.apply("a", decode_batch(msgspec.msgpack.encode(SGLangV3Batch(1.0, [salted, child]))))
+    index.apply("a", decode_batch(msgspec.msgpack.encode([1.0, [eagle]])))
+    assert index.match(PROMPT) == {} and index.blocks("a") == 0
+    index.apply("a", decode_batch(msgspec.msgpack.encode(SGLangV3Batch(2.0, [plain]))))
     assert index.match(PROMPT) == {"a": 4}
 
 

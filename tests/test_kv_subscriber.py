@@ -190,6 +190,46 @@ async def test_a_restarted_publisher_empties_the_index_and_is_followed_again() -
         publisher.stop()
 
 
+async def test_a_new_sglang_epoch_in_the_topic_is_a_restart() -> None:
+    """SGLang with a snapshot endpoint names its publisher's lifetime in the topic frame. A
+    restarted engine whose first batch seen after the reconnect carries the very number
+    expected next (no replay socket to compare with) is told apart only by that epoch."""
+    publisher = KVEventPublisher(topic="kv\x00sgl-kv-epoch=one", replay=False).start()
+    try:
+        cache = BlockCache(12 * BLOCK, BLOCK, publisher.publish)
+        index = KVIndex(BLOCK)
+        source = KVEventSource("e", publisher.endpoint, None, "kv")
+        async with following(index, source) as subscriber:
+            with anyio.fail_after(10):
+                while not index.is_live("e"):
+                    cache.clear()
+                    await anyio.sleep(0.05)
+            cache.insert(PROMPTS[0])
+            await settle(lambda: agrees(index, "e", cache, PROMPTS) and index.blocks("e") > 0)
+            stats = subscriber.stats("e")
+            assert stats is not None and stats.epoch == b"one" and stats.restarts == 0
+            before = index.blocks("e")
+            publisher.topic = b"kv\x00sgl-kv-epoch=two"
+            publisher.restart()
+            await settle(lambda: stats.connected and not stats.checked)
+            publisher.drop_next(stats.expected)  # the new publisher's first batches are lost
+            for _ in range(stats.expected):
+                publisher.publish([])
+            fresh = BlockCache(12 * BLOCK, BLOCK, publisher.publish)
+            with anyio.fail_after(10):
+                for prompt in PROMPTS[4:] * 20:  # until one gets through (slow joiner)
+                    fresh.insert(prompt)
+                    await anyio.sleep(0.2)
+                    if stats.checked:
+                        break
+            assert stats.restarts == 1 and stats.epoch == b"two"
+            assert index.blocks("e") <= len(fresh.blocks()) < before + len(fresh.blocks())
+            index.mark_live("e")
+            assert index.match(tokens(PROMPTS[0])) == {}  # the old engine's blocks are gone
+    finally:
+        publisher.stop()
+
+
 async def test_workers_are_added_and_removed_while_running() -> None:
     with KVEventPublisher() as first, KVEventPublisher() as second:
         caches = {

@@ -297,6 +297,28 @@ def test_a_burst_on_a_new_prefix_follows_its_first_request_before_any_event() ->
     assert request.outcome == "cache_miss"
 
 
+def test_a_prompt_just_sent_with_the_shared_part_is_warm_for_the_spill_gate() -> None:
+    """Before any engine reported the prefix, the spill gate may move a hit to a worker a
+    prompt sharing it was just sent to, as the cache-aware gate does with its tree: not
+    only to the holder of the deepest match."""
+    from cache_router import WorkerRegistry
+
+    index = KVIndex(BLOCK)
+    policy = PreciseCacheAwarePolicy(index, seed=6)
+    registry = WorkerRegistry(["http://a:1", "http://b:1", "http://c:1"])
+    a, b, _ = registry.workers
+    for worker in registry:
+        index.mark_live(worker.url)
+    policy.select(RoutingRequest(encode_tokens(ids(SYSTEM + "question one")), tokens=True), [a])
+    policy.select(RoutingRequest(encode_tokens(ids(SYSTEM + "unrelated")), tokens=True), [b])
+    leases = [registry.acquire(a) for _ in range(6)] + [registry.acquire(b)]
+    request = RoutingRequest(encode_tokens(ids(SYSTEM + "question two")), tokens=True)
+    assert policy.select(request, registry.workers) is b
+    assert request.outcome == "spilled_warm"
+    for lease in leases:
+        lease.release()
+
+
 # -- construction -------------------------------------------------------------------------
 
 

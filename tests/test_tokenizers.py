@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from cache_router.builder import build_router
 from cache_router.core.policies import RoundRobinPolicy
 from cache_router.core.registry import Worker
 from cache_router.core.routing_key import DEFAULT_TYPED_ROUTES, chat_key
-from cache_router.core.token_keys import TokenizeError, token_routes
+from cache_router.core.token_keys import OFFLOAD_ABOVE, TokenizeError, token_routes
 from cache_router.core.tree import decode_tokens, encode_tokens
 from cache_router.ops.probes import probe_app
 from cache_router.ops.tokenizers import HFTokenizer, PrefixCache, compile_chat_template
@@ -457,6 +459,45 @@ def test_a_request_through_a_real_router_gets_a_token_key(chatml: Path) -> None:
     assert (generate.key, generate.tokens) == ("abc", True)
 
 
+class _Gated(CodePointTokenizer):
+    """Tokenizes a long text only once the test lets it: a stand-in for seconds of work."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.proceed = threading.Event()
+        self.released: bool | None = None
+
+    def text_key(self, text: str, *, add_special_tokens: bool = True) -> str:
+        if len(text) > 10_000:
+            self.started.set()
+            self.released = self.proceed.wait(10)
+        return text
+
+
+def test_a_large_body_is_tokenized_off_the_event_loop() -> None:
+    """While a body over ``offload_above`` is being tokenized, a small request is served:
+    on the event loop, the small one would wait for it (and the gate would time out)."""
+    engine = SimulatedEngine(model="sim", decode_seconds_per_token=0.0)
+    tokenizer = _Gated()
+    with serve_app(engine) as engine_url:
+        registry = WorkerRegistry([engine_url])
+        routes = token_routes({"sim": tokenizer})
+        app = RoutingMiddleware(
+            probe_app(registry), registry, _Recording(), typed_routes=routes, transport="httpx"
+        )
+        with serve_app(app) as url, httpx.Client(base_url=url, trust_env=False) as client:
+            large = {"model": "sim", "text": "x" * 20_000, "sampling_params": {"max_new_tokens": 1}}
+            assert len(json.dumps(large)) > OFFLOAD_ABOVE
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(client.post, "/generate", json=large, timeout=30)
+                assert tokenizer.started.wait(10)
+                small = client.post("/generate", json={"model": "sim", "text": "hi"}, timeout=5)
+                assert small.status_code == 200 and tokenizer.released is None
+                tokenizer.proceed.set()
+                assert pending.result(30).status_code == 200
+    assert tokenizer.released is True
+
+
 # -- configuration ------------------------------------------------------------------------
 
 
@@ -535,3 +576,13 @@ def test_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--vocab", "600", "--prompts", "2", "--conversations", "3", "--turns", "2"]
     assert tokenize_cost.main([*argv, "--passes", "1", "--corpus-chars", "200000"]) == 0
     assert "| tokens, prefix cache |" in capsys.readouterr().out
+
+
+def test_the_offload_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """A smoke-sized run of benchmarks/offload_cost.py (no timing checked)."""
+    from benchmarks import offload_cost
+
+    argv = ["--vocab", "600", "--sizes", "1", "20", "--repeats", "1"]
+    assert offload_cost.main([*argv, "--corpus-chars", "200000"]) == 0
+    out = capsys.readouterr().out
+    assert "| 20 | 21," in out and "offloaded above 16,384 bytes" in out

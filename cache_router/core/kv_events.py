@@ -7,11 +7,19 @@ big-endian counter from 0 per publisher process and ``payload`` a msgpack
 mix them, so this module reads all of them into one set of plain classes:
 
 * the batch is an array ``[ts, events]`` or ``[ts, events, data_parallel_rank]`` (one vLLM
-  snapshot sent it as a map with those keys);
+  snapshot sent it as a map with those keys; an SGLang fork appends ``publisher_epoch`` and
+  a reconciliation record);
 * each event is either a tagged array ``["BlockStored", hashes, parent, tokens,
   block_size, lora_id, medium, ...]`` (older vLLM, SGLang), read by position with trailing
-  fields ignored, or a map with the tag under ``"type"`` and named fields (newer vLLM);
-* block hashes are integers (SGLang, vLLM with int hashes) or bytes (vLLM's sha256).
+  fields ignored but for vLLM 0.10's ``lora_name`` and SGLang's metadata map, or a map
+  with the tag under ``"type"`` and named fields (newer vLLM and SGLang);
+* block hashes are integers (SGLang, vLLM with int hashes) or bytes (vLLM's sha256);
+* token ids are a flat array, or (SGLang with EAGLE speculative decoding) pairs of
+  consecutive ids.
+
+What a block's cache identity holds besides its tokens ends up in ``extra_keys``, where
+vLLM puts it: SGLang's ``cache_salt``, and the token after each page of pairs. The index
+does not match such blocks (see :mod:`cache_router.core.kv_index`).
 
 No I/O here: the ZMQ side is :mod:`cache_router.ops.kv_subscriber`. Decoding needs
 ``msgspec`` (the ``precise`` extra); importing this module does not.
@@ -41,6 +49,7 @@ __all__ = [
     "KVEventDecodeError",
     "decode_batch",
     "decode_sequence",
+    "topic_epoch",
 ]
 
 #: An engine's block hash: bytes (vLLM's sha256 digests) or an integer (SGLang, vLLM with
@@ -49,6 +58,11 @@ BlockHash: TypeAlias = int | bytes
 
 #: The sequence number a replay socket sends after the last batch: -1 as 8 signed bytes.
 END_SEQUENCE = -1
+
+# SGLang with a snapshot endpoint appends its publisher's lifetime id to the topic frame:
+# ``topic \0sgl-kv-epoch=EPOCH`` (and ``\0sgl-kv-snapshot=ID`` on a snapshot's barrier).
+_EPOCH_MARKER = b"\x00sgl-kv-epoch="
+_SNAPSHOT_MARKER = b"\x00sgl-kv-snapshot="
 
 
 class KVEventDecodeError(ValueError):
@@ -71,6 +85,8 @@ class BlockStored:
     extra_keys: Sequence[Any] | None = None
     group_idx: int | None = None
     kv_cache_spec_kind: str | None = None
+    #: SGLang's per-request cache namespace; also entered in ``extra_keys``.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +111,15 @@ class EventBatch:
     """One published message: the events of one engine step, in order.
 
     ``unknown`` counts events whose tag this decoder does not know (skipped, not fatal:
-    a newer engine may add kinds).
+    a newer engine may add kinds). ``epoch`` is the publisher's lifetime id where the
+    batch carries one (an SGLang fork's ``publisher_epoch``).
     """
 
     ts: float
     events: tuple[KVEvent, ...]
     data_parallel_rank: int | None = None
     unknown: int = 0
+    epoch: str | None = None
 
 
 def decode_sequence(frame: bytes) -> int:
@@ -109,6 +127,16 @@ def decode_sequence(frame: bytes) -> int:
     if len(frame) != 8:
         raise KVEventDecodeError(f"sequence frame has {len(frame)} bytes, not 8")
     return int.from_bytes(frame, "big", signed=True)
+
+
+def topic_epoch(topic: bytes) -> bytes | None:
+    """The publisher epoch an SGLang topic frame carries (a new one after a restart)."""
+    start = topic.find(_EPOCH_MARKER)
+    if start < 0:
+        return None
+    start += len(_EPOCH_MARKER)
+    end = topic.find(_SNAPSHOT_MARKER, start)
+    return topic[start:] if end < 0 else topic[start:end]
 
 
 def decode_batch(payload: bytes) -> EventBatch:
@@ -119,8 +147,11 @@ def decode_batch(payload: bytes) -> EventBatch:
         raw = msgspec.msgpack.decode(payload)
     except msgspec.DecodeError as exc:
         raise KVEventDecodeError(f"payload is not msgpack: {exc}") from exc
+    epoch: object = None
     if isinstance(raw, list) and len(raw) >= 2:
         ts, events, rank = raw[0], raw[1], raw[2] if len(raw) > 2 else None
+        if len(raw) > 3:
+            epoch = raw[3]  # [ts, events, rank, publisher_epoch, reconciliation]
     elif isinstance(raw, dict) and "events" in raw:
         ts, events, rank = raw.get("ts"), raw["events"], raw.get("data_parallel_rank")
     else:
@@ -137,12 +168,13 @@ def decode_batch(payload: bytes) -> EventBatch:
             unknown += 1
         else:
             decoded.append(event)
-    return EventBatch(float(ts), tuple(decoded), _opt_int(rank, "data_parallel_rank"), unknown)
+    rank = _opt_int(rank, "data_parallel_rank")
+    return EventBatch(float(ts), tuple(decoded), rank, unknown, _opt_str(epoch, "epoch"))
 
 
 # Field order of the array encodings (after the tag), common to every release that sent
-# arrays. Later fields differ between producers (vLLM appended ``lora_name``, SGLang a
-# ``metadata`` array), so past these only a string in vLLM's ``lora_name`` slot is read.
+# arrays. The next slot differs between producers: vLLM 0.10's ``lora_name`` (a string),
+# SGLang's metadata (a map, ``{"cache_salt": ...}``, only on salted stores).
 BLOCK_STORED_ARRAY_FIELDS = (
     "block_hashes",
     "parent_block_hash",
@@ -184,32 +216,68 @@ def _positional(tag: str, values: list[Any]) -> Mapping[str, Any]:
     extra = values[len(BLOCK_STORED_ARRAY_FIELDS) :]
     if extra and isinstance(extra[0], str):
         fields["lora_name"] = extra[0]
+    elif extra and isinstance(extra[0], dict):
+        fields["metadata"] = extra[0]
     return fields
 
 
 def _block_stored(fields: Mapping[str, Any]) -> BlockStored:
-    tokens = fields.get("token_ids")
-    if not isinstance(tokens, list) or not all(
-        isinstance(token, int) and not isinstance(token, bool) for token in tokens
-    ):
-        raise KVEventDecodeError("BlockStored token_ids is not an array of integers")
     block_size = fields.get("block_size")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise KVEventDecodeError("BlockStored block_size is not a positive integer")
-    parent = fields.get("parent_block_hash")
+    hashes = _hashes(fields.get("block_hashes"))
+    tokens = fields.get("token_ids")
     extra = fields.get("extra_keys")
+    extra = extra if isinstance(extra, list) else None
+    if not isinstance(tokens, list):
+        raise KVEventDecodeError("BlockStored token_ids is not an array")
+    if tokens and isinstance(tokens[0], list):
+        tokens, extra = _bigram_pages(tokens, block_size, len(hashes))
+    elif not all(isinstance(token, int) and not isinstance(token, bool) for token in tokens):
+        raise KVEventDecodeError("BlockStored token_ids is not an array of integers")
+    metadata = fields.get("metadata")
+    salt = fields.get("cache_salt")
+    if salt is None and isinstance(metadata, dict):
+        salt = metadata.get("cache_salt")
+    salt = _opt_str(salt, "cache_salt")
+    if salt is not None and extra is None:
+        # SGLang seeds a salted chain's hashes with the salt: its blocks serve only
+        # requests with the same salt, which a token key cannot tell.
+        extra = [("cache_salt", salt)] * len(hashes)
+    parent = fields.get("parent_block_hash")
     return BlockStored(
-        block_hashes=_hashes(fields.get("block_hashes")),
+        block_hashes=hashes,
         parent_block_hash=None if parent is None else _hash(parent),
         token_ids=tokens,
         block_size=block_size,
         lora_id=_opt_int(fields.get("lora_id"), "lora_id"),
         medium=_opt_str(fields.get("medium"), "medium"),
         lora_name=_opt_str(fields.get("lora_name"), "lora_name"),
-        extra_keys=extra if isinstance(extra, list) else None,
+        extra_keys=extra,
         group_idx=_opt_int(fields.get("group_idx"), "group_idx"),
         kv_cache_spec_kind=_opt_str(fields.get("kv_cache_spec_kind"), "kv_cache_spec_kind"),
+        cache_salt=salt,
     )
+
+
+def _bigram_pages(pairs: list[Any], block_size: int, blocks: int) -> tuple[list[int], list[Any]]:
+    """SGLang's EAGLE pages: ``[[t0, t1], [t1, t2], ...]``, a page per ``block_size`` pairs.
+
+    The tokens are the pairs' firsts. A page is reused only when the token after it (its
+    last pair's second) matches too, so that token goes into the page's ``extra_keys``.
+    """
+    for pair in pairs:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(token, int) and not isinstance(token, bool) for token in pair)
+        ):
+            raise KVEventDecodeError("BlockStored token_ids mixes pairs and other values")
+    following = [
+        ("next_token", pairs[end - 1][1])
+        for end in range(block_size, min(len(pairs), blocks * block_size) + 1, block_size)
+    ]
+    return [pair[0] for pair in pairs], following
 
 
 def _hash(value: object) -> BlockHash:

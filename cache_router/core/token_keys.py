@@ -15,7 +15,10 @@ or whose prompt the tokenizer refuses (a template's ``raise_exception``), keeps 
 character key: the engine answers a bad request, the router only routes it.
 
 The work is bounded: at most ``max_tokens`` ids per key, and no more text than
-``max_chars`` is rendered or tokenized, however large the prompt.
+``max_chars`` is rendered or tokenized, however large the prompt. It is not done on the
+event loop for a body over ``offload_above`` bytes: each extractor carries that number,
+and :class:`~cache_router.proxy.middleware.RoutingMiddleware` keys such a body in a worker
+thread, so other requests go on meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cache_router.core.tree import encode_tokens
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "OFFLOAD_ABOVE",
     "TOKEN_PATHS",
     "KeyTokenizer",
     "PromptTokenizer",
@@ -48,6 +52,9 @@ __all__ = [
 CHARS_PER_TOKEN = 4
 #: The paths whose extractors :func:`token_routes` replaces.
 TOKEN_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+#: Bodies over this many bytes are tokenized off the event loop: from there on the
+#: tokenization costs far more than the hop to a thread (docs/precise-routing.md).
+OFFLOAD_ABOVE = 16 * 1024
 
 
 class TokenizeError(ValueError):
@@ -190,6 +197,20 @@ class _TokenKeys:
         return self.key(key)
 
 
+class _OffLoopExtractor:
+    """A key extractor that tells the middleware (``offload_above``) from which body size
+    on it is to be called in a worker thread."""
+
+    __slots__ = ("extract", "offload_above")
+
+    def __init__(self, extract: KeyExtractor, offload_above: int) -> None:
+        self.extract = extract
+        self.offload_above = offload_above
+
+    def __call__(self, body: Mapping[str, Any]) -> RoutingKey:
+        return self.extract(body)
+
+
 def _bounded_messages(messages: list[Any], max_chars: int) -> list[Mapping[str, Any]] | None:
     """The first messages, up to :data:`MAX_KEY_ITEMS` and ``max_chars`` characters of
     text content (the text that crosses the budget cut); None unless every one kept is an
@@ -232,6 +253,7 @@ def token_routes(
     *,
     max_tokens: int = 32768,
     routes: Mapping[str, KeyExtractor] = DEFAULT_TYPED_ROUTES,
+    offload_above: int = OFFLOAD_ABOVE,
 ) -> dict[str, KeyExtractor]:
     """``routes`` with token extractors on :data:`TOKEN_PATHS`, for
     ``RoutingMiddleware(typed_routes=...)``.
@@ -240,13 +262,14 @@ def token_routes(
     that name no model); ``default`` serves any other model. A request with neither keeps
     its character key. ``max_tokens`` bounds each key (give the middleware's
     ``max_routing_key_length``); at most ``4 * max_tokens`` characters are tokenized.
+    Bodies over ``offload_above`` bytes are tokenized in a worker thread.
     """
     if max_tokens <= 0:
         raise ValueError("max_tokens must be positive")
     keys = _TokenKeys(tokenizers, default, max_tokens)
-    extractors: dict[str, Callable[[Mapping[str, Any]], RoutingKey]] = {
-        "/generate": keys.generate,
-        "/v1/completions": keys.completions,
-        "/v1/chat/completions": keys.chat,
+    extractors: dict[str, KeyExtractor] = {
+        "/generate": _OffLoopExtractor(keys.generate, offload_above),
+        "/v1/completions": _OffLoopExtractor(keys.completions, offload_above),
+        "/v1/chat/completions": _OffLoopExtractor(keys.chat, offload_above),
     }
     return {**routes, **extractors}

@@ -15,8 +15,9 @@ checked on every message:
   missing batches are asked from the replay socket; if they are not all there any more,
   or there is no replay socket, the worker's blocks are dropped and the worker is marked
   stale, so routing falls back to its approximate view for that worker only;
-* a number not above the last one received: the publisher restarted, so the engine's
-  cache is empty; the worker's blocks are dropped and the stream starts over.
+* a number not above the last one received, or a new publisher epoch (SGLang's, in the
+  topic frame or, in a fork, in the batch): the publisher restarted, so the engine's cache
+  is empty; the worker's blocks are dropped and the stream starts over.
 
 A stale worker becomes live again when its stream is known to be complete: a replay that
 filled the gap, an ``AllBlocksCleared`` (the cache is empty, so nothing was missed), a
@@ -44,9 +45,11 @@ from zmq.utils.monitor import parse_monitor_message
 from cache_router.core.kv_events import (
     END_SEQUENCE,
     AllBlocksCleared,
+    EventBatch,
     KVEventDecodeError,
     decode_batch,
     decode_sequence,
+    topic_epoch,
 )
 from cache_router.core.kv_index import KVIndex
 
@@ -87,6 +90,7 @@ class StreamStats:
     checked: bool = True  # False after a disconnect, until the stream is known to go on
     last_payload: bytes | None = field(default=None, repr=False)  # of the batch last applied
     stale_since: float | None = field(default=None, repr=False)
+    epoch: bytes | str | None = None  # the publisher's lifetime id, where it sends one
 
 
 class KVEventSubscriber:
@@ -235,8 +239,18 @@ class KVEventSubscriber:
         except KVEventDecodeError:
             stats.decode_errors += 1
             return
-        if seq <= stats.last_live or (not stats.checked and seq < stats.expected):
+        batch = _decoded(frames[2])
+        epoch: bytes | str | None = topic_epoch(frames[0])
+        if epoch is None and isinstance(batch, EventBatch):
+            epoch = batch.epoch
+        if (
+            seq <= stats.last_live
+            or (not stats.checked and seq < stats.expected)
+            or (epoch is not None and stats.epoch is not None and epoch != stats.epoch)
+        ):
             self._restarted(worker, stats)
+        if epoch is not None:
+            stats.epoch = epoch
         stats.last_live = seq
         if seq > stats.expected:
             stats.gaps += 1
@@ -246,7 +260,7 @@ class KVEventSubscriber:
                 self._lose_track(worker, stats, f"lost batches {stats.expected}..{seq - 1}")
                 stats.expected = seq
         if seq == stats.expected:
-            self._apply(worker, stats, seq, frames[2])
+            self._apply(worker, stats, seq, frames[2], batch)
         stats.checked = True
         self._publish(worker, stats)
 
@@ -258,15 +272,21 @@ class KVEventSubscriber:
         stats.expected = 0
         stats.last_live = -1
         stats.last_payload = None
+        stats.epoch = None  # the caller records the new one
         stats.synced = stats.checked = True
         stats.stale_since = None
 
-    def _apply(self, worker: str, stats: StreamStats, seq: int, payload: bytes) -> None:
-        try:
-            batch = decode_batch(payload)
-        except KVEventDecodeError as exc:
+    def _apply(
+        self,
+        worker: str,
+        stats: StreamStats,
+        seq: int,
+        payload: bytes,
+        batch: EventBatch | KVEventDecodeError,
+    ) -> None:
+        if isinstance(batch, KVEventDecodeError):
             stats.decode_errors += 1
-            self._lose_track(worker, stats, f"undecodable batch {seq}: {exc}")
+            self._lose_track(worker, stats, f"undecodable batch {seq}: {batch}")
             stats.expected = seq + 1
             return
         if seq == 0:
@@ -352,7 +372,7 @@ class KVEventSubscriber:
                         self._lose_track(source.worker, stats, missing)
                         stats.expected = seq
                     if seq == stats.expected:
-                        self._apply(source.worker, stats, seq, frames[-1])
+                        self._apply(source.worker, stats, seq, frames[-1], _decoded(frames[-1]))
             return "failed"
         except KVEventDecodeError:
             stats.decode_errors += 1
@@ -383,3 +403,11 @@ class KVEventSubscriber:
             self.index.mark_stale(worker, "reconnected, not checked yet")
         else:
             self.index.mark_stale(worker, "lost events" if stats.stale_since else "not synced")
+
+
+def _decoded(payload: bytes) -> EventBatch | KVEventDecodeError:
+    """The batch, or why it is not one (the sequence logic runs either way)."""
+    try:
+        return decode_batch(payload)
+    except KVEventDecodeError as exc:
+        return exc

@@ -206,10 +206,15 @@ class HFTokenizer:
         made = PrefixCache() if cache is True else (None if cache is False else cache)
         return cls(tokenizer, template, special, cache=made)
 
+    def _encode(self, text: str, add_special_tokens: bool) -> Encoding:
+        # encode_batch lets go of the GIL while it runs (encode holds it), so a body keyed
+        # in a worker thread leaves the event loop free; same ids, same CPU.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
     # -- the protocol -----------------------------------------------------------------
 
     def encode_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._encode(text, add_special_tokens).ids)
 
     def encode_chat(
         self,
@@ -229,7 +234,7 @@ class HFTokenizer:
         )
 
     def text_key(self, text: str, *, add_special_tokens: bool = True) -> str:
-        return encode_tokens(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return encode_tokens(self._encode(text, add_special_tokens).ids)
 
     def chat_key(
         self,
@@ -298,7 +303,7 @@ class HFTokenizer:
             cached = cache.get(text[:end])
             if cached is None:
                 continue
-            encoding = self.tokenizer.encode(text[start:], add_special_tokens=False)
+            encoding = self._encode(text[start:], False)
             ids = encoding.ids
             if not ids or not cached or ids[0] != ord(cached[-1]):
                 break  # not split where expected: tokenize it whole
@@ -307,7 +312,7 @@ class HFTokenizer:
             self._remember(text, (ends[-1], shared), key, encoding, start, len(cached) - 1)
             return key
         cache.misses += 1
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        encoding = self._encode(text, False)
         key = encode_tokens(encoding.ids)
         self._remember(text, (ends[-1], shared), key, encoding, 0, 0)
         return key

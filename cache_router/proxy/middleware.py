@@ -115,6 +115,7 @@ class _Route:
         "extract",
         "label",
         "methods",
+        "offload_above",
         "paired",
         "requires_json",
         "role",
@@ -136,6 +137,8 @@ class _Route:
         self.requires_json = requires_json
         # Whether a large body may be keyed from its routing fields alone.
         self.bounded = extract is None or extract in BOUNDED_EXTRACTORS
+        # Bodies over this are keyed in a thread (extractors that tokenize ask for less).
+        self.offload_above: int = getattr(extract, "offload_above", LARGE_BODY)
         #: Served by a prefill/decode pair; else by one worker of ``role`` (in a
         #: disaggregated fleet, other paths go to the decode workers, whole engines' APIs).
         self.paired = disaggregated and requires_json and label in PD_ROUTES
@@ -411,7 +414,7 @@ class RoutingMiddleware:
         result: RelayResult | None = None
         try:
             body = await self._validate(route, scope, receive, raw_headers)
-            if len(body) > LARGE_BODY:
+            if len(body) > route.offload_above:
                 # Off the event loop: the skim is C code, but the key's slices are not.
                 request, parsed = await anyio.to_thread.run_sync(
                     self._routing_request, route, body, raw_headers

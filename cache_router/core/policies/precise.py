@@ -80,6 +80,8 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         #: The current request's matches per worker, kept from :meth:`_lookup` for the
         #: spill gate's :meth:`_warm` (one selection runs at a time: ``select`` never awaits).
         self._matches: dict[str, int] = _NONE
+        self._exact: dict[str, int] = _NONE
+        self._live: set[str] = set()
         self.lookups: dict[str, int] = {"exact": 0, "mixed": 0, "tree": 0}
 
     def _lookup(
@@ -126,6 +128,8 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         else:
             lookups["exact"] += 1
         self._matches = matches
+        self._exact = exact
+        self._live = live
         if not matches:
             return _NO_MATCH
         best = max(matches.values())
@@ -148,4 +152,12 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         matches = self._matches
         if matches is _NONE:
             return super()._warm(request, tree, cut)
-        return {url for url, length in matches.items() if length >= cut}
+        warm = {url for url, length in matches.items() if length >= cut}
+        if not any(length >= cut for url, length in self._exact.items() if url in self._live):
+            # A prefix no engine has reported yet (a burst on a new one): the prompts
+            # just sent that hold its first ``cut`` are warm too, not only the deepest.
+            head = request.key[:cut]
+            live = self._live
+            for pending in self._pending:
+                warm.update(url for url in pending.prefix_match(head).tenants if url in live)
+        return warm
