@@ -483,9 +483,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-if __name__ == "__main__":
+def run_main(entry: Any) -> None:
+    """Call a benchmark's ``main()``; Ctrl-C (or SIGTERM) exits with 130 without a trace."""
     try:
-        main()
+        entry()
     except KeyboardInterrupt:  # every process was already stopped on the way out
         print("# interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)
