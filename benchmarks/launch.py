@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -35,17 +35,22 @@ __all__ = [
     "EngineFleet",
     "Managed",
     "PDLaunch",
+    "RedisProcess",
     "RouterSpec",
     "Thresholds",
     "cpu_seconds",
     "free_port",
     "http_get_json",
     "peer_bin_dirs",
+    "process_tree",
+    "redis_installed",
+    "rss_bytes",
 ]
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 # Proxies from the environment must never see loopback benchmark traffic.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -66,9 +71,8 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants (10 ms resolution)."""
-    total = 0.0
+def process_tree(pid: int) -> Iterator[int]:
+    """``pid`` and its live descendants (at most 256 processes)."""
     stack: list[int] = [pid]
     seen: set[int] = set()
     while stack and len(seen) < 256:
@@ -76,14 +80,36 @@ def cpu_seconds(pid: int) -> float:
         if current in seen:
             continue
         seen.add(current)
-        try:
-            with open(f"/proc/{current}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+        yield current
         stack.extend(_children(current))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (10 ms resolution)."""
+    total = 0.0
+    for current in process_tree(pid):
+        fields = _stat_fields(current)
+        if fields is not None:
+            total += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` and its live descendants, in bytes."""
+    total = 0
+    for current in process_tree(pid):
+        fields = _stat_fields(current)
+        if fields is not None:
+            total += int(fields[21]) * _PAGE  # rss, in pages
     return total
 
 
@@ -111,6 +137,14 @@ def http_status(url: str, timeout: float = 2.0) -> int:
 
 
 _M = TypeVar("_M", bound="Managed")
+_PORT_ATTEMPTS = 4
+_BIND_FAILURES = ("address already in use", "addrinuse", "os error 98", "errno 98")
+
+
+def _lost_port(log: str) -> bool:
+    """Whether a process's log says it could not bind its port."""
+    text = log.lower()
+    return any(failure in text for failure in _BIND_FAILURES)
 
 
 class Managed:
@@ -174,6 +208,32 @@ class Managed:
         if process.stdout is not None:
             process.stdout.close()
         self._log.close()
+
+    def _start_on_free_port(
+        self,
+        launch: Callable[[int], tuple[list[str], str]],
+        ready: Callable[[], None],
+        *,
+        log_dir: Path,
+    ) -> None:
+        """Start ``launch(port)`` (its argv and name) on a free port and wait for ``ready``.
+
+        :func:`free_port` lets its port go before the process binds it, so another process
+        may take it in between; a start that failed for that alone is tried again on another
+        port. ``ready`` raises when the process exits; anything else stops it and propagates.
+        """
+        for attempt in range(_PORT_ATTEMPTS):
+            self.port = free_port()
+            argv, name = launch(self.port)
+            Managed.__init__(self, argv, name, log_dir=log_dir)
+            try:
+                ready()
+                return
+            except BaseException:
+                lost = not self.alive() and _lost_port(self.log_tail(40))
+                self.stop()
+                if not lost or attempt == _PORT_ATTEMPTS - 1:
+                    raise
 
     def __enter__(self: _M) -> _M:
         return self
@@ -295,6 +355,12 @@ class RouterSpec:
     ready_path: str = "/readiness"
     extra: Callable[[], list[str]] = _no_flags
     pd_flags: Mapping[str, str] = field(default_factory=dict)
+    #: Started with ``--redis-url`` (a :class:`RedisProcess`) and a fleet name of its own.
+    redis: bool = False
+    #: Run when no router list is given (variants of a router are run only by name).
+    default: bool = True
+    #: Router processes it runs (``--workers``): with ``redis``, all join before it is used.
+    processes: int = 1
 
     def _prefix(self) -> list[str]:
         prefix = self.command()
@@ -378,6 +444,14 @@ def _rust_router(log_level: str) -> Callable[[], list[str]]:
 _SGLANG_PD = {"sglang": "--pd-disaggregation"}
 
 
+def _cache_router_flags(*flags: str) -> Callable[[], list[str]]:
+    """``cache-router serve`` at the peers' log level (warnings only: no access line per
+    request), plus ``flags``."""
+    return lambda: ["--log-level", "warning", *flags]
+
+
+_CACHE_ROUTER_PD = {"sglang": "--pd-disaggregation", "vllm": "--vllm-pd-disaggregation"}
+
 ROUTERS: dict[str, RouterSpec] = {
     spec.name: spec
     for spec in (
@@ -385,7 +459,25 @@ ROUTERS: dict[str, RouterSpec] = {
             "cache_router",
             _cache_router_command,
             _common,
-            pd_flags={"sglang": "--pd-disaggregation", "vllm": "--vllm-pd-disaggregation"},
+            extra=_cache_router_flags(),
+            pd_flags=_CACHE_ROUTER_PD,
+        ),
+        RouterSpec(
+            "cache_router-w2",
+            _cache_router_command,
+            _common,
+            extra=_cache_router_flags("--workers", "2"),
+            processes=2,
+            default=False,
+        ),
+        RouterSpec(
+            "cache_router-w2-redis",
+            _cache_router_command,
+            _common,
+            extra=_cache_router_flags("--workers", "2"),
+            processes=2,
+            redis=True,
+            default=False,
         ),
         RouterSpec(
             "sglang-router",
@@ -408,6 +500,49 @@ ROUTERS: dict[str, RouterSpec] = {
 }
 
 
+class RedisProcess(Managed):
+    """A throwaway ``redis-server`` on a free loopback port: no persistence, stopped on exit."""
+
+    def __init__(self, *, log_dir: Path, startup_timeout: float = 10.0) -> None:
+        self.port = 0
+
+        def launch(port: int) -> tuple[list[str], str]:
+            self.url = f"redis://{HOST}:{port}/0"
+            argv = [
+                "redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                "--appendonly", "no",
+            ]  # fmt: skip
+            return argv, f"redis-{port}"
+
+        def ready() -> None:
+            deadline = time.monotonic() + startup_timeout
+            while not self._answers():
+                if not self.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start:\n{self.log_tail()}")
+                time.sleep(0.02)
+
+        self._start_on_free_port(launch, ready, log_dir=log_dir)
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def replicas(self, fleet: str) -> int:
+        """Replicas that joined ``fleet`` (cache_router's fleet registry in this Redis)."""
+        import redis
+
+        with redis.Redis(host=HOST, port=self.port, socket_timeout=2) as client:
+            return int(client.scard(f"cache_router:{{{fleet}}}:replicas"))
+
+
+def redis_installed() -> bool:
+    return shutil.which("redis-server") is not None
+
+
 class RouterProcess(Managed):
     """One router process, ready to serve when the constructor returns."""
 
@@ -421,24 +556,41 @@ class RouterProcess(Managed):
         log_dir: Path,
         startup_timeout: float = 30.0,
         pd: PDLaunch | None = None,
+        redis_url: str | None = None,
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        argv = (
-            spec.argv(urls, policy, self.port, thresholds)
-            if pd is None
-            else spec.pd_argv(pd, self.port, thresholds)
-        )
-        super().__init__(
-            argv,
-            f"{spec.name}-{policy}-{self.port}",
-            log_dir=log_dir,
-        )
-        try:
+        self.port = 0
+
+        def launch(port: int) -> tuple[list[str], str]:
+            self.url = f"http://{HOST}:{port}"
+            if pd is not None:
+                argv = spec.pd_argv(pd, port, thresholds)
+            else:
+                argv = spec.argv(urls, policy, port, thresholds)
+            if spec.redis:
+                if redis_url is None:
+                    raise RuntimeError(f"{spec.name} needs a redis_url")
+                argv += ["--redis-url", redis_url, "--fleet-name", f"bench-{port}"]
+            return argv, f"{spec.name}-{policy}-{port}"
+
+        def ready() -> None:
             self._wait_ready(spec.ready_path, startup_timeout)
-        except BaseException:
-            self.stop()
-            raise
+            if spec.redis and redis_url is not None:
+                self._wait_joined(redis_url, f"bench-{self.port}", spec.processes, startup_timeout)
+
+        self._start_on_free_port(launch, ready, log_dir=log_dir)
+
+    def _wait_joined(self, redis_url: str, fleet: str, count: int, timeout: float) -> None:
+        """Until ``count`` processes joined ``fleet`` in Redis (each ready on its own)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        with redis.Redis.from_url(redis_url, socket_timeout=2) as client:
+            while int(client.scard(f"cache_router:{{{fleet}}}:replicas")) < count:
+                if not self.alive():
+                    raise RuntimeError(f"{self.name} exited at startup:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: not all processes joined its fleet")
+                time.sleep(0.05)
 
     def _wait_ready(self, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

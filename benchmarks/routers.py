@@ -4,21 +4,25 @@
         [--policies cache_aware,round_robin] [--workloads shared_prefix,multi_turn,burst,overhead]
         [--quick] [--repeat 3] [--plot out.png] [--json out.jsonl]
 
+(``python -m benchmarks.table`` runs the issue-16 subset of this and prints its targets.)
+
 Three kinds of process take part, so that none shares an interpreter with another:
 
 * the engines -- ``benchmarks._engines``: N :class:`~cache_router.testing.SimulatedEngine`
   on one event loop, started once and reset (empty caches, zeroed counters, the workload's
   latency model) before every run;
-* the router under test -- ``cache-router serve``, ``sglang-router launch``,
+* the router under test -- ``cache-router serve`` (also ``--workers 2``, with and without
+  ``--redis-url`` to a throwaway ``redis-server``), ``sglang-router launch``,
   ``vllm-router`` or ``smg launch``, started afresh for every (router, policy, workload)
   with the same worker list, policy and cache-aware thresholds, and used once it reports
   ready on ``GET /readiness``; ``direct`` means no router (the client talks to engine 0),
   the baseline of the overhead workloads;
 * this process, the load generator (asyncio + aiohttp, bounded concurrency).
 
-Per run it reports requests/s, p50/p99 latency and time to first token (all requests are
-streamed), the router process's CPU time per request (``/proc/<pid>/stat``, all threads),
-the engines' prefix-cache hit rate and share of requests, the peak gap in in-flight requests
+Per run it reports requests/s, p50/p99 latency and time to first token (of streamed
+requests; ``overhead_generate`` and ``embeddings`` are answered in one piece), the
+router process's CPU time per request (``/proc/<pid>/stat``, all threads), the engines'
+prefix-cache hit rate and share of requests, the peak gap in in-flight requests
 between engines (sampled every 5 ms inside the engine process), and errors. JSON rows add
 the engines' and the client's CPU per request and ``foreign_cpu_s``: CPU time other
 processes used during the run. On a machine with few cores the client, the router and the
@@ -47,10 +51,12 @@ from typing import Any
 from benchmarks.launch import (
     ROUTERS,
     EngineFleet,
+    RedisProcess,
     RouterProcess,
     Thresholds,
     cpu_seconds,
     make_log_dir,
+    redis_installed,
 )
 from benchmarks.loadgen import Outcome, make_session, percentile, run_closed_loop, stream_request
 from benchmarks.report import markdown_table, plot, write_jsonl
@@ -59,12 +65,13 @@ from benchmarks.workloads import (
     MODEL,
     SIZES,
     WORKLOAD_NAMES,
+    Overhead,
     Workload,
     make_workloads,
     random_text,
 )
 
-__all__ = ["main", "measure", "median_row", "run_async", "run_benchmarks"]
+__all__ = ["main", "measure", "median_row", "run_async", "run_benchmarks", "run_plan"]
 
 DIRECT = "direct"
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
@@ -195,14 +202,18 @@ def measure(
     }
 
 
+#: One run: router (or ``direct``), policy, workload.
+Run = tuple[str, str, Workload]
+
+
 def _plan(
     routers: Sequence[str], policies: Sequence[str], workloads: Sequence[Workload]
-) -> Iterator[tuple[str, str, Workload]]:
+) -> Iterator[Run]:
     """Runs in order: per workload and policy, every router back to back (so a burst of
     outside load hurts one comparison, not one router); ``direct`` once per overhead
-    workload, since one engine without a router is a baseline only there."""
+    workload (instant engines), since one engine without a router is a baseline only there."""
     for workload in workloads:
-        if DIRECT in routers and workload.name.startswith("overhead"):
+        if DIRECT in routers and isinstance(workload, Overhead):
             yield DIRECT, "-", workload
         for policy in policies:
             for router in routers:
@@ -220,6 +231,7 @@ def _run_one(
     *,
     seed: int,
     timeout: float,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     if router == DIRECT:
         row = measure(
@@ -227,7 +239,14 @@ def _run_one(
         )
     else:
         try:
-            proc = RouterProcess(ROUTERS[router], fleet.urls, policy, thresholds, log_dir=log_dir)
+            proc = RouterProcess(
+                ROUTERS[router],
+                fleet.urls,
+                policy,
+                thresholds,
+                log_dir=log_dir,
+                redis_url=redis_url,
+            )
         except (RuntimeError, TimeoutError, OSError) as exc:
             # A router that will not start is a result too (an error row), not a crash.
             return {
@@ -268,10 +287,21 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def run_benchmarks(
-    routers: Sequence[str],
-    policies: Sequence[str],
-    workloads: Sequence[Workload],
+def _rotated(plan: Sequence[Run], shift: int) -> list[Run]:
+    """``plan`` with the runs of each (workload, policy) group rotated by ``shift``, so that
+    over repeats no router always runs first (on a warming or cooling machine) or last."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in plan:
+        groups.setdefault((run[2].name, run[1] if run[0] != DIRECT else ""), []).append(run)
+    rotated: list[Run] = []
+    for group in groups.values():
+        k = shift % len(group)
+        rotated += group[k:] + group[:k]
+    return rotated
+
+
+def run_plan(
+    plan: Sequence[Run],
     *,
     engines: int = 8,
     thresholds: Thresholds | None = None,
@@ -280,22 +310,26 @@ def run_benchmarks(
     repeat: int = 1,
     jsonl: Path | None = None,
     log: Any = sys.stderr,
-) -> list[dict[str, Any]]:
-    """Run the plan ``repeat`` times; return one row per (router, policy, workload).
+) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Run ``plan`` ``repeat`` times; every run's row, by (router, policy, workload).
 
     Each repetition runs the whole plan before the next starts, so that a burst of outside
-    load spoils one run of many comparisons rather than every run of one. The reported row
-    is the run with the median requests/s (``--repeat 3`` is a good choice on a busy
-    machine); every run goes to ``jsonl``. Every process is stopped before returning.
+    load spoils one run of many comparisons rather than every run of one; within a
+    repetition the routers of one workload run back to back, in an order rotated from one
+    repetition to the next. Each row carries its ``repetition``, so figures can be compared
+    run by run. A ``redis-server`` is started when a router needs one. Every row goes to
+    ``jsonl``; every process is stopped before returning.
     """
     thresholds = thresholds or Thresholds()
     log_dir = make_log_dir()
-    plan = list(_plan(routers, policies, workloads))
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     print(f"# logs in {log_dir}", file=log, flush=True)
-    with EngineFleet(engines, log_dir=log_dir) as fleet:
+    needs_redis = any(router != DIRECT and ROUTERS[router].redis for router, _, _ in plan)
+    with contextlib.ExitStack() as stack:
+        fleet = stack.enter_context(EngineFleet(engines, log_dir=log_dir))
+        redis = stack.enter_context(RedisProcess(log_dir=log_dir)) if needs_redis else None
         for repetition in range(1, repeat + 1):
-            for router, policy, workload in plan:
+            for router, policy, workload in _rotated(plan, repetition - 1):
                 print(
                     f"# [{repetition}/{repeat}] {router} {policy} {workload.name} ...",
                     file=log,
@@ -304,7 +338,7 @@ def run_benchmarks(
                 )
                 row = _run_one(
                     router, policy, workload, fleet, thresholds, log_dir,
-                    seed=seed, timeout=run_timeout,
+                    seed=seed, timeout=run_timeout, redis_url=redis.url if redis else None,
                 )  # fmt: skip
                 row["repetition"] = repetition
                 runs.setdefault((router, policy, workload.name), []).append(row)
@@ -312,10 +346,25 @@ def run_benchmarks(
                     write_jsonl([row], jsonl)
                 print(
                     f"{row['requests']} reqs, {row['errors']} errors, {row['rps']} req/s,"
-                    f" router {row['router_cpu_us_per_req']} µs/req",
+                    f" router {row.get('router_cpu_us_per_req')} µs/req",
                     file=log,
                     flush=True,
                 )
+    return runs
+
+
+def run_benchmarks(
+    routers: Sequence[str],
+    policies: Sequence[str],
+    workloads: Sequence[Workload],
+    *,
+    repeat: int = 1,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Every router under every policy on every workload (:func:`run_plan`); one row per
+    (router, policy, workload): the run with the median requests/s (``--repeat 3`` is a
+    good choice on a busy machine)."""
+    runs = run_plan(list(_plan(routers, policies, workloads)), repeat=repeat, **options)
     return [median_row(group) for group in runs.values()]
 
 
@@ -339,7 +388,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--routers",
         type=lambda v: _names(v, all_routers, "router"),
         default=None,
-        help="comma-separated; default: every installed router and direct",
+        help="comma-separated; default: every installed router and direct (the variants"
+        " cache_router-w2 and cache_router-w2-redis only by name)",
     )
     parser.add_argument(
         "--policies",
@@ -371,7 +421,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.repeat <= 20:
         parser.error("--repeat must be in 1..20")
     if args.routers is None:
-        args.routers = [name for name, spec in ROUTERS.items() if spec.installed] + [DIRECT]
+        args.routers = [
+            name for name, spec in ROUTERS.items() if spec.default and spec.installed
+        ] + [DIRECT]
     return args
 
 
@@ -393,9 +445,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def available(router: str) -> bool:
+    """Whether ``router`` can run here (installed, and with redis-server if it needs it)."""
+    spec = ROUTERS[router]
+    return spec.installed and (not spec.redis or redis_installed())
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    missing = [r for r in args.routers if r != DIRECT and not ROUTERS[r].installed]
+    missing = [r for r in args.routers if r != DIRECT and not available(r)]
     for name in missing:
         print(f"# {name} is not installed; skipped", file=sys.stderr)
     routers = [r for r in args.routers if r not in missing]
@@ -425,9 +483,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-if __name__ == "__main__":
+def run_main(entry: Any) -> None:
+    """Call a benchmark's ``main()``; Ctrl-C (or SIGTERM) exits with 130 without a trace."""
     try:
-        main()
+        entry()
     except KeyboardInterrupt:  # every process was already stopped on the way out
         print("# interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -66,6 +66,7 @@ from benchmarks.launch import (
     HOST,
     EngineFleet,
     Managed,
+    RedisProcess,
     cpu_seconds,
     free_port,
     http_status,
@@ -273,39 +274,6 @@ class Replica(Managed):
                 return
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not ready in time:\n{self.log_tail()}")
-
-
-class RedisProcess(Managed):
-    def __init__(self, *, log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        argv = [
-            "redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
-            "--appendonly", "no",
-        ]  # fmt: skip
-        super().__init__(argv, "redis", log_dir=log_dir)
-        deadline = time.monotonic() + 10
-        while not self._answers():
-            if not self.alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start:\n{self.log_tail()}")
-            time.sleep(0.02)
-
-    def _answers(self) -> bool:
-        import socket
-
-        try:
-            with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def replicas(self, fleet: str) -> int:
-        import redis
-
-        with redis.Redis(host=HOST, port=self.port, socket_timeout=2) as client:
-            return int(client.scard(f"cache_router:{{{fleet}}}:replicas"))
 
 
 def _flags(mode: str, redis: RedisProcess | None, fleet: str) -> list[str]:

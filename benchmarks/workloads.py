@@ -18,6 +18,9 @@ token, and the routers' prefix trees count characters too.
   which is the failure the load accounting exists to prevent.
 * ``overhead`` -- unique short prompts to engines with zero prefill and decode time, at a
   fixed concurrency (closed loop): what the router itself costs, in CPU and in throughput.
+  ``overhead_chat`` is the same with streamed chat, ``overhead_generate`` with
+  non-streamed SGLang ``/generate``, and ``embeddings`` with ``/v1/embeddings`` of 1-8 KiB
+  inputs (the simulated engine answers 4-16 KiB).
 * ``overhead_paced`` -- the same prompts sent open loop at a fixed rate below saturation:
   the latency the router adds to a request when nobody queues.
 
@@ -45,6 +48,7 @@ from benchmarks.loadgen import (
 )
 
 __all__ = [
+    "REQUEST_KINDS",
     "SIZES",
     "WORKLOAD_NAMES",
     "Burst",
@@ -54,11 +58,13 @@ __all__ = [
     "SharedPrefix",
     "Workload",
     "make_workloads",
+    "request_body",
 ]
 
 MODEL = "sim-model"
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
+EMBEDDINGS = "/v1/embeddings"
 
 #: Engines that behave like a small GPU: 20 µs of prefill per uncached character, 2 ms per
 #: generated token, 8 requests decoded at once, a prefix cache of 24,000 characters (small
@@ -110,8 +116,7 @@ def random_text(rng: random.Random, length: int) -> str:
 
 
 def _completion_body(prompt: str, output_len: int) -> bytes:
-    payload = {"model": MODEL, "prompt": prompt, "max_tokens": output_len, "stream": True}
-    return json.dumps(payload).encode()
+    return request_body("completions_stream", prompt, output_len)
 
 
 def _chat_body(system: str, question: str, output_len: int) -> bytes:
@@ -283,8 +288,65 @@ class Burst(Workload):
         return await _stream_all(session, base_url + COMPLETIONS, bodies, self.num_requests)
 
 
+#: Every request kind: path and whether the answer is streamed. The PD benchmark's four
+#: (:data:`PD_KINDS`), and for the overhead rows also streamed completions and embeddings.
+PD_KINDS: dict[str, tuple[str, bool]] = {
+    "generate_stream": ("/generate", True),
+    "generate": ("/generate", False),
+    "chat_stream": (CHAT, True),
+    "chat": (CHAT, False),
+}
+REQUEST_KINDS: dict[str, tuple[str, bool]] = {
+    "completions_stream": (COMPLETIONS, True),
+    **PD_KINDS,
+    "embeddings": (EMBEDDINGS, False),
+}
+#: Characters of an embeddings input: bodies of 1-8 KiB.
+EMBEDDING_INPUT = (1000, 8100)
+
+
+def request_body(kind: str, prompt: str, output_len: int) -> bytes:
+    """One request of ``kind`` (:data:`REQUEST_KINDS`) for ``prompt``."""
+    path, stream = REQUEST_KINDS[kind]
+    payload: dict[str, Any]
+    if path == "/generate":
+        payload = {"text": prompt, "sampling_params": {"max_new_tokens": output_len}}
+    elif path == CHAT:
+        messages = [{"role": "user", "content": prompt}]
+        payload = {"model": MODEL, "messages": messages, "max_tokens": output_len}
+    elif path == COMPLETIONS:
+        payload = {"model": MODEL, "prompt": prompt, "max_tokens": output_len}
+    else:
+        return json.dumps({"model": MODEL, "input": prompt}).encode()
+    payload["stream"] = stream
+    return json.dumps(payload).encode()
+
+
+def send_all(
+    session: aiohttp.ClientSession, kind: str, base_url: str, bodies: list[bytes]
+) -> list[partial[Any]]:
+    """One job per body: POST it to ``kind``'s path and read the (streamed or JSON) answer."""
+    path, stream = REQUEST_KINDS[kind]
+    send = stream_request if stream else json_request
+    return [partial(send, session, base_url + path, body) for body in bodies]
+
+
+#: The names of :class:`Overhead`'s closed-loop rows, by request kind.
+_OVERHEAD_NAMES = {
+    "completions_stream": "overhead",
+    "chat_stream": "overhead_chat",
+    "generate": "overhead_generate",
+    "embeddings": "embeddings",
+}
+
+
 @dataclass(frozen=True)
 class Overhead(Workload):
+    """Unique prompts to engines that answer at once: the router's own cost. ``kind`` is
+    the request (:data:`REQUEST_KINDS`): streamed completions (``overhead``), streamed
+    chat (``overhead_chat``), non-streamed ``/generate`` (``overhead_generate``), or
+    embeddings of 1-8 KiB inputs (``embeddings``)."""
+
     name: str = field(init=False, default="overhead")
     num_requests: int = 3000
     prompt_len: int = 200
@@ -292,90 +354,60 @@ class Overhead(Workload):
     concurrency: int = 64
     #: Requests per second for an open-loop run; None for a closed loop at ``concurrency``.
     rate: float | None = None
+    kind: str = "completions_stream"
 
     def __post_init__(self) -> None:
-        if self.rate is not None:
-            object.__setattr__(self, "name", "overhead_paced")
+        if self.kind not in REQUEST_KINDS:
+            raise ValueError(f"unknown request kind {self.kind!r}")
+        name = "overhead_paced" if self.rate is not None else _OVERHEAD_NAMES.get(self.kind)
+        object.__setattr__(self, "name", name or f"overhead_{self.kind}")
 
     @property
     def engine_knobs(self) -> dict[str, Any]:
         return dict(INSTANT_ENGINE)
 
+    def _prompt(self, rng: random.Random) -> str:
+        if self.kind == "embeddings":
+            return random_text(rng, rng.randint(*EMBEDDING_INPUT))
+        return random_text(rng, self.prompt_len)
+
     async def run(
         self, session: aiohttp.ClientSession, base_url: str, rng: random.Random
     ) -> list[Outcome]:
-        url = base_url + COMPLETIONS
         bodies = [
-            _completion_body(random_text(rng, self.prompt_len), self.output_len)
+            request_body(self.kind, self._prompt(rng), self.output_len)
             for _ in range(self.num_requests)
         ]
+        jobs = send_all(session, self.kind, base_url, bodies)
         if self.rate is None:
-            return await _stream_all(session, url, bodies, self.concurrency)
-        jobs = [partial(stream_request, session, url, body) for body in bodies]
+            return await run_closed_loop(self.concurrency, jobs)
         return await run_paced(self.rate, self.concurrency, jobs)
 
 
-#: The request kinds of :class:`PDRequests`: path and whether the answer is streamed.
-PD_KINDS: dict[str, tuple[str, bool]] = {
-    "generate_stream": ("/generate", True),
-    "generate": ("/generate", False),
-    "chat_stream": (CHAT, True),
-    "chat": (CHAT, False),
-}
-
-
-def _pd_body(kind: str, prompt: str, output_len: int) -> bytes:
-    path, stream = PD_KINDS[kind]
-    payload: dict[str, Any]
-    if path == "/generate":
-        payload = {
-            "text": prompt,
-            "sampling_params": {"max_new_tokens": output_len},
-            "stream": stream,
-        }
-    else:
-        messages = [{"role": "user", "content": prompt}]
-        payload = {"model": MODEL, "messages": messages, "max_tokens": output_len}
-        payload["stream"] = stream
-    return json.dumps(payload).encode()
-
-
 @dataclass(frozen=True)
-class PDRequests(Workload):
-    """Unique short prompts of one kind (:data:`PD_KINDS`) through a prefill/decode pair,
-    to engines with zero prefill and decode time, at a fixed concurrency (closed loop):
-    what the router costs per PD request."""
+class PDRequests(Overhead):
+    """:class:`Overhead` of one PD kind (:data:`PD_KINDS`) through a prefill/decode pair:
+    what the router costs per PD request. The row is named after the kind."""
 
-    name: str = field(init=False, default="")
-    kind: str = "generate_stream"
     num_requests: int = 2000
-    prompt_len: int = 200
-    output_len: int = 1
-    concurrency: int = 64
+    kind: str = "generate_stream"
 
     def __post_init__(self) -> None:
         if self.kind not in PD_KINDS:
             raise ValueError(f"unknown PD request kind {self.kind!r}")
         object.__setattr__(self, "name", self.kind)
 
-    @property
-    def engine_knobs(self) -> dict[str, Any]:
-        return dict(INSTANT_ENGINE)
 
-    async def run(
-        self, session: aiohttp.ClientSession, base_url: str, rng: random.Random
-    ) -> list[Outcome]:
-        path, stream = PD_KINDS[self.kind]
-        send = stream_request if stream else json_request
-        bodies = [
-            _pd_body(self.kind, random_text(rng, self.prompt_len), self.output_len)
-            for _ in range(self.num_requests)
-        ]
-        jobs = (partial(send, session, base_url + path, body) for body in bodies)
-        return await run_closed_loop(self.concurrency, jobs)
-
-
-WORKLOAD_NAMES = ("shared_prefix", "multi_turn", "burst", "overhead", "overhead_paced")
+WORKLOAD_NAMES = (
+    "shared_prefix",
+    "multi_turn",
+    "burst",
+    "overhead",
+    "overhead_chat",
+    "overhead_generate",
+    "embeddings",
+    "overhead_paced",
+)
 
 #: Workload sizes. ``full`` is the published run; ``quick`` keeps the shapes at about a
 #: quarter of the requests; ``smoke`` only proves the plumbing works (tests).
@@ -385,6 +417,9 @@ SIZES: dict[str, dict[str, Workload]] = {
         "multi_turn": MultiTurn(),
         "burst": Burst(),
         "overhead": Overhead(),
+        "overhead_chat": Overhead(kind="chat_stream"),
+        "overhead_generate": Overhead(kind="generate"),
+        "embeddings": Overhead(kind="embeddings"),
         "overhead_paced": Overhead(num_requests=1500, rate=250.0),
     },
     "quick": {
@@ -392,6 +427,9 @@ SIZES: dict[str, dict[str, Workload]] = {
         "multi_turn": MultiTurn(num_users=16, num_rounds=4),
         "burst": Burst(),
         "overhead": Overhead(num_requests=1000),
+        "overhead_chat": Overhead(num_requests=1000, kind="chat_stream"),
+        "overhead_generate": Overhead(num_requests=1000, kind="generate"),
+        "embeddings": Overhead(num_requests=1000, kind="embeddings"),
         "overhead_paced": Overhead(num_requests=500, rate=250.0),
     },
     "smoke": {
@@ -410,6 +448,9 @@ SIZES: dict[str, dict[str, Workload]] = {
         # spreads the burst and no engine sees a hit.
         "burst": Burst(num_requests=40, system_prompt_len=300, question_len=30, output_len=2),
         "overhead": Overhead(num_requests=20, concurrency=4),
+        "overhead_chat": Overhead(num_requests=20, concurrency=4, kind="chat_stream"),
+        "overhead_generate": Overhead(num_requests=20, concurrency=4, kind="generate"),
+        "embeddings": Overhead(num_requests=20, concurrency=4, kind="embeddings"),
         "overhead_paced": Overhead(num_requests=10, concurrency=4, rate=100.0),
     },
 }

@@ -20,6 +20,7 @@ from mock_engine import wait_until
 from starlette.types import Receive, Scope, Send
 
 from cache_router.testing import SimulatedEngine, serve_app, serve_apps, wait_for_http
+from cache_router.testing.engine import embedding_dimensions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -160,6 +161,50 @@ def test_chat_plain_streamed_and_multimodal() -> None:
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         # The previous prompt minus its final "<|assistant|>\n" marker is a prefix.
         assert engine.stats().cached_chars >= prompt_tokens - len("<|assistant|>\n")
+
+
+def test_embeddings_are_sized_from_the_input() -> None:
+    engine = SimulatedEngine(name="e8", model="m-8")
+    small, large = "a" * 1024, "b" * 8192
+    with running(engine) as client:
+        sizes = []
+        for text in (small, large):
+            response = client.post("/v1/embeddings", json={"model": "m-8", "input": text})
+            assert response.status_code == 200
+            assert response.headers["x-engine"] == "e8"
+            sizes.append(len(response.content))
+            answer = response.json()
+            assert answer["object"] == "list" and answer["model"] == "m-8"
+            assert answer["usage"] == {"prompt_tokens": len(text), "total_tokens": len(text)}
+            [item] = answer["data"]
+            assert item["object"] == "embedding" and item["index"] == 0
+            assert len(item["embedding"]) == embedding_dimensions(len(text))
+            assert all(-1.0 <= value <= 1.0 for value in item["embedding"])
+        # 1-8 KiB in, 4-16 KiB out
+        assert 4 * 1024 <= sizes[0] < sizes[1] <= 16 * 1024 + 512
+
+        batch = client.post(
+            "/v1/embeddings", json={"input": [small, "c" * 600], "dimensions": 8}
+        ).json()
+        first, second = batch["data"]
+        assert (first["index"], second["index"]) == (0, 1)
+        assert len(first["embedding"]) == len(second["embedding"]) == 8
+        assert first["embedding"] != second["embedding"]
+        # fixed per input: the same text embeds the same way
+        again = client.post("/v1/embeddings", json={"input": small, "dimensions": 8}).json()
+        assert again["data"][0]["embedding"] == first["embedding"]
+
+        for bad in (
+            {"input": 5},
+            {"input": "a", "dimensions": 0},
+            {"input": "a", "dimensions": True},
+        ):
+            assert client.post("/v1/embeddings", json=bad).status_code == 400
+    stats = engine.stats()
+    # every embedding went through the queue and the prefix cache, generating nothing
+    assert (stats.requests, stats.completed, stats.rejected) == (4, 4, 3)
+    assert stats.tokens_served == 0
+    assert stats.cached_chars == 2 * len(small)  # the batch's and the repeat's
 
 
 def test_small_endpoints() -> None:

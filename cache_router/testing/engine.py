@@ -13,8 +13,8 @@ engine keeps the two effects that matter and nothing else:
   a worker that receives everything becomes slow for everyone.
 
 It speaks enough of the SGLang and OpenAI HTTP APIs (``/generate``, ``/v1/completions``,
-``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/get_load``) for a router to sit
-in front of it unchanged.
+``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/models``, ``/health``, ``/get_load``) for
+a router to sit in front of it unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -53,6 +54,26 @@ _DONE = b"data: [DONE]\n\n"
 def token_text(index: int) -> str:
     """Text of the ``index``-th generated token: fixed, so tests can assert on outputs."""
     return f" tok{index}"
+
+
+#: Embedding components as JSON text, twice over so that any window of up to
+#: ``_EMBEDDING_VALUES`` of them is one slice; built once, since an answer is only a join.
+_EMBEDDING_VALUES = 4096
+_EMBEDDING_TEXT = (
+    tuple(f"{((i * 7919 + 13) % 20001 - 10000) / 10000:.6f}" for i in range(_EMBEDDING_VALUES)) * 2
+)
+
+
+def embedding_dimensions(tokens: int) -> int:
+    """Components of the embedding of a ``tokens``-long input: 256 plus one per 6 tokens,
+    so that 1-8 KiB of input text come back as about 4-16 KiB of JSON."""
+    return min(_EMBEDDING_VALUES, 256 + tokens // 6)
+
+
+def embedding_json(prompt: str, dimensions: int) -> str:
+    """The embedding of ``prompt`` as a JSON array: fixed per prompt, so tests can compare."""
+    start = zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % _EMBEDDING_VALUES
+    return "[" + ",".join(_EMBEDDING_TEXT[start : start + dimensions]) + "]"
 
 
 def _sse(payload: object) -> bytes:
@@ -283,6 +304,7 @@ class SimulatedEngine:
                 Route("/generate", self._generate, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/health", self._health, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/get_load", self._get_load, methods=["GET"]),
@@ -682,6 +704,40 @@ class SimulatedEngine:
         if job.include_usage:
             yield _sse(self._envelope(job, kind, [], usage=True))
         yield _DONE
+
+    # -- OpenAI /v1/embeddings ------------------------------------------------------------
+
+    async def _embeddings(self, request: Request) -> Response:
+        """Queued and prefilled like a generation of zero tokens; the answer's size follows
+        the input's (:func:`embedding_dimensions`) unless ``dimensions`` is given."""
+        try:
+            body = await self._read_json(request)
+            prompts = _completion_prompts(body.get("input"))
+            dimensions = body.get("dimensions")
+            if dimensions is not None and (
+                isinstance(dimensions, bool)
+                or not isinstance(dimensions, int)
+                or not 1 <= dimensions <= _EMBEDDING_VALUES
+            ):
+                raise _BadRequest(f"dimensions must be an integer in 1..{_EMBEDDING_VALUES}")
+            job = self._new_job(prompts, 0, False)
+        except _BadRequest as exc:
+            return self._bad_request(exc)
+        if (refused := self._admit(job)) is not None:
+            return refused
+        if not await self._run_to_end(request, job):
+            return Response(status_code=499)
+        items = ",".join(
+            f'{{"object":"embedding","index":{index},"embedding":'
+            f"{embedding_json(prompt, dimensions or embedding_dimensions(len(prompt)))}}}"
+            for index, prompt in enumerate(prompts)
+        )
+        tokens = job.prompt_tokens
+        usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
+        text = (
+            f'{{"object":"list","data":[{items}],"model":{json.dumps(self.model)},"usage":{usage}}}'
+        )
+        return Response(text, media_type="application/json", headers=self._headers)
 
     def _streaming(self, events: AsyncIterator[bytes]) -> Response:
         return _ClosingStreamingResponse(
