@@ -20,8 +20,13 @@ from anyio.abc import SocketStream
 from mock_engine import MockEngine
 from starlette.applications import Starlette
 from test_cli import serve_config, serve_process
+from test_resilience import eventually
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
+from benchmarks.server_protocol import DiscardingTransport
 from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.asgi import DISCONNECT_EXTENSION, DisconnectWatch
 from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.server_protocol import DEFAULT_HEADER_READ_TIMEOUT, RouterHttpProtocol
 from cache_router.serve import server_options
@@ -125,6 +130,67 @@ async def test_middleware_copies_the_headers_before_reading_the_body() -> None:
     the body is read (uvicorn's own httptools protocol): the middleware works on a copy."""
     with router("httptools") as (url, engine):
         assert_no_trailer_reached(engine, await trailer_request(url, later=True))
+
+
+# -- the disconnect watch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("http", [RouterHttpProtocol, "httptools"], ids=["ours", "httptools"])
+async def test_a_client_that_leaves_cancels_its_exchange(
+    http: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ours tells the relay through the scope's disconnect watch, a callback from
+    ``connection_lost``; under any other server the relay watches ``receive()``. Either
+    way the engine sees the router go."""
+    watched: list[DisconnectWatch] = []
+    original = DisconnectWatch.watch
+
+    def watch(self: DisconnectWatch, callback: Any) -> None:
+        watched.append(self)
+        original(self, callback)
+
+    monkeypatch.setattr(DisconnectWatch, "watch", watch)
+    request = head("/v1/completions", f"content-length: {len(BODY)}", "x-mock-hang: 1") + BODY
+    with router(http) as (url, engine), anyio.fail_after(15):
+        async with await connect(url) as stream:
+            await stream.send(request)
+            await eventually(lambda: engine.in_flight == 1)
+        await eventually(lambda: engine.cancelled == 1)
+        assert engine.completed == 0
+    if http is RouterHttpProtocol:
+        (watch_used,) = watched
+        assert watch_used.gone and watch_used._callback is None
+    else:
+        assert watched == []
+
+
+async def test_the_watch_is_in_every_scope_and_fires_once_on_connection_loss() -> None:
+    """Driven without sockets: each request's scope carries the connection's watch; losing
+    the connection calls the registered callback once and marks the watch gone."""
+    scopes: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = Config(app, log_config=None, lifespan="off")
+    config.load()
+    protocol = RouterHttpProtocol(config, ServerState(), {})
+    protocol.connection_made(DiscardingTransport())
+    request = head("/v1/completions", f"content-length: {len(BODY)}") + BODY
+    for _ in range(2):
+        protocol.data_received(request)
+        await eventually(lambda: not protocol.tasks)
+    first, second = (scope["extensions"][DISCONNECT_EXTENSION] for scope in scopes)
+    assert first is second and isinstance(first, DisconnectWatch) and not first.gone
+    assert scopes[0]["extensions"] is not scopes[1]["extensions"]
+    calls: list[int] = []
+    first.watch(lambda: calls.append(1))
+    protocol.connection_lost(None)
+    assert calls == [1] and first.gone
+    first.lost()
+    assert calls == [1]
 
 
 # -- slow heads --------------------------------------------------------------------------------

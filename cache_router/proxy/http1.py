@@ -265,7 +265,8 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _Response:
-    """The engine's answer: status and headers now, the body as it comes."""
+    """The engine's answer: status and headers now, the body as it comes (the response is
+    its own async iterator over the body: no generator per request)."""
 
     __slots__ = ("_connection", "_read_timeout", "_released", "headers", "status")
 
@@ -278,16 +279,30 @@ class _Response:
         self.status = connection.status
         self.headers: Sequence[tuple[bytes, bytes]] = connection.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    @property
+    def complete(self) -> bool:
+        connection = self._connection
+        return connection.complete and connection.error is None and not self._released
+
+    def body(self) -> bytes:
+        connection = self._connection
+        return connection.take() if connection.buffer else b""
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> _Response:
+        return self
+
+    async def __anext__(self) -> bytes:
         connection = self._connection
         while not self._released:
             if connection.buffer:
-                yield connection.take()
-                continue
+                return connection.take()
             if connection.error is not None:
                 raise connection.error
             if connection.complete:
-                return
+                raise StopAsyncIteration
             await connection.wait(self._read_timeout)
         raise UpstreamError("broken", "the response was closed")
 

@@ -35,7 +35,7 @@ from cache_router.core.errors import RouterError
 from cache_router.core.events import RouterEvents
 from cache_router.core.registry import Lease, Worker
 from cache_router.core.request import RoutingRequest
-from cache_router.proxy.asgi import Headers, Message, Receive, Send
+from cache_router.proxy.asgi import DisconnectWatch, Headers, Message, Receive, Send
 from cache_router.proxy.clients import (
     AiohttpClient,
     HttpxClient,
@@ -340,12 +340,15 @@ class Upstream:
         events: RouterEvents = _NO_EVENTS,
         routing: RoutingRequest | None = None,
         companion: Companion | None = None,
+        disconnect: DisconnectWatch | None = None,
     ) -> RelayResult:
         """Send one request upstream and stream the answer to the client.
 
         Watches the client for ``http.disconnect`` the whole time, before the engine has
         answered as much as during the stream, and on disconnect cancels the exchange so
-        the upstream connection closes and the engine stops generating for nobody.
+        the upstream connection closes and the engine stops generating for nobody. With
+        the server's ``disconnect`` watch (:func:`~cache_router.proxy.asgi.disconnect_watch`)
+        that is a callback on the connection, else a task reading ``receive``.
 
         With ``may_retry``, a connect failure or a retryable status (408, 429, 500, 502,
         503, 504) is not sent to the client: the result says ``retry`` and the caller may
@@ -373,7 +376,9 @@ class Upstream:
             # One cancel scope per exchange serves both ends: its deadline is the total
             # timeout, and the disconnect watcher cancels it when the client goes.
             deadline = math.inf if total is None else self._clock() + total
-            if self._on_asyncio:
+            if disconnect is not None:
+                await self._watched_by_server(exchange, client, disconnect, deadline)
+            elif self._on_asyncio:
                 await self._watched_on_asyncio(exchange, client, receive, deadline)
             else:
                 async with anyio.create_task_group() as group:
@@ -394,6 +399,29 @@ class Upstream:
             # Raised here, outside any task group, so the server sees this exception itself.
             raise exchange.failure
         return exchange.result
+
+    async def _watched_by_server(
+        self, exchange: _Exchange, client: UpstreamClient, watch: DisconnectWatch, deadline: float
+    ) -> None:
+        """The exchange under a cancel scope that the server's disconnect watch cancels:
+        no task, no ``receive()`` per request."""
+        if watch.gone:  # the client left while its body was read or it queued
+            exchange.client_gone = True
+            return
+        scope = anyio.CancelScope(deadline=deadline)
+        if exchange.companion is not None:
+            exchange.companion.attach(scope.cancel)
+
+        def on_disconnect() -> None:
+            exchange.client_gone = True
+            scope.cancel()
+
+        watch.watch(on_disconnect)
+        try:
+            with scope:
+                await self._exchange(exchange, client)
+        finally:
+            watch.unwatch()
 
     async def _watched_on_asyncio(
         self, exchange: _Exchange, client: UpstreamClient, receive: Receive, deadline: float
@@ -471,20 +499,18 @@ class Upstream:
                 }
             )
             result.status = status
-            feed = None if rewrite is None else rewrite.feed
-            async for chunk in response.chunks():
-                if feed is not None:
-                    chunk = feed(chunk)
-                    if not chunk:
-                        continue
-                if result.first_byte is None:
+            if response.complete:
+                # The whole answer is here (most non-streamed ones): one body message.
+                body = response.body()
+                if rewrite is not None:
+                    body = rewrite.feed(body) + rewrite.end()
+                if body:
                     result.first_byte = time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if rewrite is not None:
-                await send({"type": "http.response.body", "body": rewrite.end(), "more_body": True})
+            else:
+                body = await self._stream(exchange, response, rewrite)
             exchange.release()
             events.upstream_completed(worker, status, time.perf_counter() - sent_at)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
             exchange.finished = True
         except UpstreamError as exc:
             exchange.finished = True
@@ -493,6 +519,23 @@ class Upstream:
             exchange.failure.__cause__ = exc
         finally:
             await _close(response)
+
+    @staticmethod
+    async def _stream(
+        exchange: _Exchange, response: UpstreamResponse, rewrite: BodyRewrite | None
+    ) -> bytes:
+        """Relay the body as it comes; what is left for the last body message."""
+        send, result = exchange.send, exchange.result
+        feed = None if rewrite is None else rewrite.feed
+        async for chunk in response.chunks():
+            if feed is not None:
+                chunk = feed(chunk)
+                if not chunk:
+                    continue
+            if result.first_byte is None:
+                result.first_byte = time.perf_counter()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return b"" if rewrite is None else rewrite.end()
 
     async def _unanswered(self, exchange: _Exchange, exc: UpstreamError) -> None:
         """No usable answer came back: retry elsewhere if allowed, else 502 or 504."""
