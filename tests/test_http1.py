@@ -20,8 +20,11 @@ import pytest
 
 pytest.importorskip("httptools")
 
+from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.asgi import Message
 from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
 from cache_router.proxy.http1 import HIGH_WATER, MAX_HEADER_BYTES, Http1Client
+from cache_router.proxy.relay import Upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -643,3 +646,84 @@ async def test_through_the_middleware_a_malformed_chunk_in_the_heads_read_is_a_5
             assert set(answered.json()["error"]) >= {"message", "type", "code"}
         finally:
             await router.aclose()
+
+
+# -- answers that arrived whole ------------------------------------------------------------
+
+
+async def test_an_answer_that_arrived_whole_is_complete_and_read_at_once() -> None:
+    more = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+        await more.wait()
+        writer.write(b"cd")
+        await reader.read()
+
+    async with engine(handler) as scripted, client() as made:
+        whole = await made.send("GET", scripted.url, [], b"")
+        assert whole.complete and whole.body() == b"ok"
+        await whole.aclose()
+        part = await made.send("GET", scripted.url, [], b"")
+        assert not part.complete
+        more.set()
+        assert await body_of(part) == b"abcd"
+        assert not part.complete  # closed: nothing more to read
+    assert scripted.connections == 1  # the whole answer left its connection reusable
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_the_client_gets_a_whole_answer_in_one_body_message(streamed: bool) -> None:
+    """A non-streamed answer is one ``http.response.body`` message; a streamed one is
+    relayed piece by piece and ends with an empty one. The lease is gone before the end."""
+    go_on = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if not streamed:
+            writer.write(OK)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+            await go_on.wait()
+            writer.write(b"2\r\ncd\r\n0\r\n\r\n")
+        await reader.read()
+
+    sent: list[tuple[Any, ...]] = []
+
+    async def send(message: Message) -> None:
+        sent.append((message["type"], message.get("body"), message.get("more_body", False)))
+        if message.get("body"):
+            go_on.set()
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            assert worker.load == 0
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async with engine(handler) as scripted:
+        registry = WorkerRegistry([scripted.url])
+        (worker,) = registry
+        upstream = Upstream(transport="http1")
+        try:
+            result = await upstream.relay(
+                method="GET",
+                url=scripted.url + "/x",
+                headers=[],
+                body=b"",
+                lease=registry.acquire(worker),
+                receive=receive,
+                send=send,
+            )
+        finally:
+            await upstream.aclose()
+    assert result.status == 200 and result.first_byte is not None
+    bodies = [entry[1:] for entry in sent[1:]]
+    if streamed:
+        assert bodies == [(b"ab", True), (b"cd", True), (b"", False)]
+    else:
+        assert bodies == [(b"ok", False)]
+    assert worker.load == 0
