@@ -220,7 +220,9 @@ async def test_refused_connection_is_a_connect_failure() -> None:
     [
         (b"", False),  # closed before answering
         (b"NOT HTTP AT ALL\r\n\r\n", False),  # garbage
-        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", True),  # cut mid-body
+        # A small body is waited for whole: cut, it fails before the answer starts.
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nshort", True),  # mid-body
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", True),
         (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\n" + ENDLESS_HEADERS + b"\r\n", False),  # kept from memory
@@ -659,20 +661,28 @@ async def test_an_answer_that_arrived_whole_is_complete_and_read_at_once() -> No
         writer.write(OK)
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
-        await more.wait()
+        await asyncio.sleep(0.05)
         writer.write(b"cd")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+        await more.wait()
+        writer.write(b"2\r\ncd\r\n0\r\n\r\n")
         await reader.read()
 
     async with engine(handler) as scripted, client() as made:
         whole = await made.send("GET", scripted.url, [], b"")
         assert whole.complete and whole.body() == b"ok"
         await whole.aclose()
-        part = await made.send("GET", scripted.url, [], b"")
-        assert not part.complete
+        # A small body in two writes: send() waits for the second.
+        waited = await made.send("GET", scripted.url, [], b"")
+        assert waited.complete and waited.body() == b"abcd"
+        await waited.aclose()
+        streamed = await made.send("GET", scripted.url, [], b"")
+        assert not streamed.complete
         more.set()
-        assert await body_of(part) == b"abcd"
-        assert not part.complete  # closed: nothing more to read
-    assert scripted.connections == 1  # the whole answer left its connection reusable
+        assert await body_of(streamed) == b"abcd"
+        assert not streamed.complete  # closed: nothing more to read
+    assert scripted.connections == 1  # each whole answer left its connection reusable
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])

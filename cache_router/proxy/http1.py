@@ -7,8 +7,9 @@ client does only the relay's part:
 
 * one request, written in a single ``writelines`` call, on a pooled keep-alive connection;
 * the answer parsed by ``httptools.HttpResponseParser`` as it arrives; the status and
-  headers returned as soon as they are complete, the body handed out in the pieces that
-  arrived together, reading paused while the client lags (backpressure);
+  headers returned as soon as they are complete (with the body, when its length has at
+  most five digits: a non-streamed answer, relayed in one piece), the body handed out in
+  the pieces that arrived together, reading paused while the client lags (backpressure);
 * connect, read and pool-wait timeouts; every failure an :class:`UpstreamError` that says
   whether the request could have reached the engine;
 * closing before the body's end closes the connection, so the engine sees the client go.
@@ -86,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self.header_bytes = 0  # names and values of the headers parsed so far
         self.headers_done = False
         self.framed = False  # content-length or chunked: the body's end is known
+        self.small = False  # a content-length of at most 5 digits: waited for whole
         self.complete = False
         self.keep_alive = False  # the engine allows another request on this connection
         self.error: UpstreamError | None = None
@@ -164,6 +166,7 @@ class _Connection(asyncio.Protocol):
         size = len(name)
         if size == 14 and name.lower() == b"content-length":
             self.framed = True
+            self.small = len(value) <= 5
         elif size == 17 and name.lower() == b"transfer-encoding":
             if self.framed:
                 # A coding after chunked (or chunked twice) breaks RFC 9112 7, and parsers
@@ -183,7 +186,7 @@ class _Connection(asyncio.Protocol):
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.headers = []
             self.header_bytes = 0
-            self.framed = False
+            self.framed = self.small = False
             return
         self.status = status
         self.headers_done = True
@@ -476,9 +479,14 @@ class Http1Client:
                 if connection.error is not None:
                     raise connection.error
                 await connection.wait(self._read_timeout)
+            # A body of known, small length (a non-streamed answer) is waited for whole,
+            # so the relay can answer with one body message (see UpstreamResponse.complete).
+            while connection.small and not connection.complete and connection.error is None:
+                await connection.wait(self._read_timeout)
             if connection.error is not None:
-                # The read that ended the head also broke the body (a malformed chunk size):
-                # fail now, while the relay can still answer 502, not after a 200 it cuts.
+                # The body broke (a malformed chunk size in the read that ended the head, or
+                # the engine gone before a small body's end): fail now, while the relay can
+                # still answer 502, not after a 200 it cuts.
                 raise connection.error
         except BaseException:
             self._pool.release(connection, reusable=False)
