@@ -509,6 +509,8 @@ async def test_closing_the_client_fails_the_requests_waiting_for_a_connection() 
         ("/a b", []),
         ("/a\r\nx-injected: 1", []),
         ("/a\x00", []),
+        ("/a\x7f", []),
+        ("/a\tb", []),
         ("/", [(b"x-a", b"1\r\nx-injected: 1")]),
         ("/", [(b"x-a", b"1\rx-injected: 1")]),
         ("/", [(b"x-a\nx-injected", b"1")]),

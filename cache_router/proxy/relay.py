@@ -21,7 +21,6 @@ import asyncio
 import logging
 import math
 import os
-import re
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -103,9 +102,11 @@ _REWRITE_DROP = _RESPONSE_DROP | {b"content-length"}
 
 #: Bytes an ASGI server refuses in a response head (uvicorn raises in ``send``, and the
 #: client gets an empty reply): in a name, anything but an RFC 9110 token character; in a
-#: value, control characters other than tab.
-_BAD_NAME_BYTE = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
-_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: value, control characters other than tab. As ``bytes.translate`` tables that map each
+#: refused byte to NUL: one C pass over the joined bytes, a third of a regex search's cost.
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_NAME_BYTES = bytes(1 if byte in _TOKEN else 0 for byte in range(256))
+_VALUE_BYTES = bytes(0 if (byte < 32 and byte != 9) or byte == 127 else 1 for byte in range(256))
 
 
 def malformed_head(status: int, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
@@ -115,14 +116,14 @@ def malformed_head(status: int, headers: Sequence[tuple[bytes, bytes]]) -> str |
     NUL in a value on), and a custom transport may pass anything, so the relay checks
     every answer once itself. A 1xx is refused too: the parsers skip interim answers, so
     one that arrives here is an upgrade or a final answer no client would take as one.
-    Names and values are joined so each needs one regex search, not one per header.
+    Names and values are joined so each needs one pass, not one per header.
     """
     if not 200 <= status <= 599:
         return f"status {status} is not a final HTTP status"
     names = [name for name, _ in headers]
-    if b"" in names or _BAD_NAME_BYTE.search(b"".join(names)):
+    if b"" in names or b"\0" in b"".join(names).translate(_NAME_BYTES):
         return "an empty header name or one with a byte outside an HTTP token"
-    if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in headers])):
+    if b"\0" in b"".join([value for _, value in headers]).translate(_VALUE_BYTES):
         return "a header value with a control byte"
     return None
 
