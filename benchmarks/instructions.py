@@ -14,7 +14,12 @@ reads user + system CPU from ``/proc`` instead (microseconds per request; noisy)
 Rows: ``serve`` is ``cache-router serve`` as shipped (log level info, an access line per
 request); ``serve-warning`` the same with ``--log-level warning``; ``bare`` the routing app
 alone under plain uvicorn (:mod:`benchmarks._router_main`); ``sglang-router`` and ``smg``
-the peers from /work/peer-venv (skipped when missing).
+the peers from /work/peer-venv (skipped when missing). Then the ASGI server's share:
+``floor-uvicorn`` and ``floor-granian`` serve an app that reads the body and answers a fixed
+JSON at once (no engine: what the server alone costs per request), and ``serve-granian`` is
+the router app of ``serve --log-level warning`` under granian's embedded server (asyncio on
+uvloop, one runtime thread; skipped without granian). This module is also their launcher:
+``python -m benchmarks.instructions --serve KIND <router flags>``.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -43,6 +51,7 @@ from benchmarks.launch import (
 )
 from benchmarks.workloads import INSTANT_ENGINE
 
+_SELF = [sys.executable, "-m", "benchmarks.instructions", "--serve"]
 #: Rows as (name, the spec in :data:`ROUTERS`, extra flags, launcher override).
 ROWS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "serve": ("cache_router", [], [sys.executable, "-m", "cache_router", "serve"]),
@@ -54,7 +63,11 @@ ROWS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "bare": ("cache_router", [], [sys.executable, "-m", "benchmarks._router_main"]),
     "sglang-router": ("sglang-router", [], None),
     "smg": ("smg", [], None),
+    "floor-uvicorn": ("cache_router", [], [*_SELF, "floor-uvicorn"]),
+    "floor-granian": ("cache_router", [], [*_SELF, "floor-granian"]),
+    "serve-granian": ("cache_router", ["--log-level", "warning"], [*_SELF, "granian"]),
 }
+_NEEDS_GRANIAN = frozenset({"floor-granian", "serve-granian"})
 
 _BODY = json.dumps(
     {"text": "the quick brown fox " * 10, "sampling_params": {"max_new_tokens": 1}}
@@ -83,6 +96,8 @@ async def _load(base_url: str, requests: int, concurrency: int) -> None:
 
 
 def _spec(row: str, wrap: list[str]) -> RouterSpec | None:
+    if row in _NEEDS_GRANIAN and importlib.util.find_spec("granian") is None:
+        return None
     name, extra, launcher = ROWS[row]
     spec = ROUTERS[name]
     prefix = launcher if launcher is not None else spec.command()
@@ -155,6 +170,73 @@ def measure(
         return (router.cpu_seconds() - before) * 1e6 / requests
 
 
+_FLOOR_ANSWER = json.dumps({"text": "x", "meta_info": {"completion_tokens": 1}}).encode()
+_FLOOR_HEAD = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_FLOOR_ANSWER)).encode()),
+]
+
+
+async def _floor_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the request, answers a fixed JSON in one body message: the server's own cost."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body", False):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": _FLOOR_HEAD})
+    await send({"type": "http.response.body", "body": _FLOOR_ANSWER})
+
+
+def _router_app(argv: list[str]) -> Any:
+    """The router app ``cache-router serve argv`` would run (without its start-up probe)."""
+    from cache_router.builder import build_router
+    from cache_router.cli import build_parser, serve_config
+    from cache_router.serve import configure_logging
+
+    config = serve_config(build_parser().parse_args(["serve", *argv]), env=dict(os.environ))
+    configure_logging(config.log_level, None, config.log_format)
+    return build_router(config).app()
+
+
+def serve(kind: str, argv: list[str]) -> None:
+    """Run one server of the rows above on ``--host``/``--port`` from ``argv``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default=HOST)
+    parser.add_argument("--port", type=int, required=True)
+    address, _ = parser.parse_known_args(argv)
+    if kind == "floor-uvicorn":
+        import functools
+
+        import uvicorn
+
+        from cache_router.proxy.server_protocol import RouterHttpProtocol
+
+        uvicorn.run(
+            _floor_app,
+            host=address.host,
+            port=address.port,
+            http=functools.partial(RouterHttpProtocol),
+            log_level="warning",
+            access_log=False,
+        )
+        return
+    import uvloop
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    app = _floor_app if kind == "floor-granian" else _router_app(argv)
+    server = Server(
+        app, address=address.host, port=address.port, interface=Interfaces.ASGI, log_enabled=False
+    )
+    uvloop.run(server.serve())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=None, help="400 (callgrind), 5000 (cpu)")
@@ -172,6 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], argv[2:])
+        return
     args = parse_args(argv)
     if args.mode == "callgrind" and shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")
