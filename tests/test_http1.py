@@ -21,10 +21,10 @@ import pytest
 pytest.importorskip("httptools")
 
 from cache_router.core.registry import WorkerRegistry
-from cache_router.proxy.asgi import Message
+from cache_router.proxy.asgi import DisconnectWatch, Message, Receive, Send
 from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
 from cache_router.proxy.http1 import HIGH_WATER, MAX_HEADER_BYTES, Http1Client
-from cache_router.proxy.relay import Upstream
+from cache_router.proxy.relay import RelayResult, Upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -687,6 +687,23 @@ async def test_an_answer_that_arrived_whole_is_complete_and_read_at_once() -> No
     assert scripted.connections == 1  # each whole answer left its connection reusable
 
 
+def relay_get(
+    upstream: Upstream,
+    registry: WorkerRegistry,
+    url: str,
+    receive: Receive,
+    send: Send,
+    disconnect: DisconnectWatch | None = None,
+) -> Awaitable[RelayResult]:
+    """``GET url/x`` relayed under a lease on the registry's one worker."""
+    (worker,) = registry
+    lease = registry.acquire(worker)
+    return upstream.relay(
+        method="GET", url=url + "/x", headers=[], body=b"", lease=lease, receive=receive,
+        send=send, disconnect=disconnect,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 async def test_the_client_gets_a_whole_answer_in_one_body_message(streamed: bool) -> None:
     """A non-streamed answer is one ``http.response.body`` message; a streamed one is
@@ -721,15 +738,7 @@ async def test_the_client_gets_a_whole_answer_in_one_body_message(streamed: bool
         (worker,) = registry
         upstream = Upstream(transport="http1")
         try:
-            result = await upstream.relay(
-                method="GET",
-                url=scripted.url + "/x",
-                headers=[],
-                body=b"",
-                lease=registry.acquire(worker),
-                receive=receive,
-                send=send,
-            )
+            result = await relay_get(upstream, registry, scripted.url, receive, send)
         finally:
             await upstream.aclose()
     assert result.status == 200 and result.first_byte is not None
@@ -739,3 +748,63 @@ async def test_the_client_gets_a_whole_answer_in_one_body_message(streamed: bool
     else:
         assert bodies == [(b"ok", False)]
     assert worker.load == 0
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["server watch", "receive"])
+@pytest.mark.parametrize("ending", ["deadline", "client gone", "cancelled from outside"])
+async def test_the_relay_takes_back_only_its_own_cancellation(ending: str, watched: bool) -> None:
+    """On asyncio the relay cancels its own task (no anyio scope): the total timeout answers
+    504, a client gone (told by the server's watch, or by ``receive``) ends it quietly, and
+    a cancellation from outside (a server shutting down) still propagates. The lease is
+    back every time, and the engine sees the connection close."""
+    asked, closed = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        asked.set()
+        await reader.read()  # never answers; returns when the router closes
+        closed.set()
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    leaves = asyncio.Event()
+
+    async def receive() -> Message:
+        assert not watched, "the watch replaces receive()"
+        await leaves.wait()
+        return {"type": "http.disconnect"}
+
+    watch = DisconnectWatch(lambda: None)
+    async with engine(handler) as scripted:
+        registry = WorkerRegistry([scripted.url])
+        (worker,) = registry
+        upstream = Upstream(transport="http1", total_timeout=0.3 if ending == "deadline" else 30)
+        relay = asyncio.ensure_future(
+            relay_get(upstream, registry, scripted.url, receive, send, watch if watched else None)
+        )
+        try:
+            with anyio.fail_after(10):
+                await asked.wait()
+                if ending == "client gone":
+                    watch.lost()
+                    leaves.set()
+                elif ending == "cancelled from outside":
+                    relay.cancel()
+                if ending == "cancelled from outside":
+                    with pytest.raises(asyncio.CancelledError):
+                        await relay
+                else:
+                    result = await relay
+                await closed.wait()
+        finally:
+            await upstream.aclose()
+    assert worker.load == 0
+    if ending == "deadline":
+        assert result.status == 504 and sent[0]["status"] == 504
+    elif ending == "client gone":
+        assert result.status is None and sent == []
+    # Nothing is left pending on this task: it awaits on after the relay as usual.
+    await asyncio.sleep(0)

@@ -44,12 +44,15 @@ TRAILER = b"x-tenant: victim\r\nx-forwarded-for: 203.0.113.9\r\nconnection: x-us
 
 
 @contextmanager
-def router(http: Any, **config: Any) -> Iterator[tuple[str, MockEngine]]:
-    """A router served with the ``http`` protocol in front of one recording engine."""
+def router(
+    http: Any, options: dict[str, Any] | None = None, **config: Any
+) -> Iterator[tuple[str, MockEngine]]:
+    """A router (middleware ``options``) served with the ``http`` protocol (uvicorn
+    ``config``) in front of one recording engine."""
     engine = MockEngine(name="echo")
     with ExitStack() as stack:
         engine_url = stack.enter_context(serve_app(engine))
-        middleware = RoutingMiddleware(Starlette(), WorkerRegistry([engine_url]))
+        middleware = RoutingMiddleware(Starlette(), WorkerRegistry([engine_url]), **(options or {}))
         url = stack.enter_context(serve_app(middleware, lifespan="on", http=http, **config))
         stack.callback(engine.release)
         yield url, engine
@@ -194,6 +197,34 @@ async def test_the_watch_is_in_every_scope_and_fires_once_on_connection_loss() -
     assert calls == [1] and first.gone
     first.lost()
     assert calls == [1]
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before the answer", "mid-stream"])
+async def test_the_total_timeout_under_our_protocol(started: bool) -> None:
+    """The relay's own cancellation (no anyio scope under this protocol): a 504 before the
+    answer, a cut stream after it; the connection's next request is served as usual."""
+    extra = ["x-mock-stream: 1", "x-mock-chunks: 50", "x-mock-chunk-delay: 0.1"]
+    wait = extra if started else ["x-mock-hang: 1"]
+    slow = head("/v1/completions", f"content-length: {len(BODY)}", *wait) + BODY
+    quick = head("/v1/completions", f"content-length: {len(BODY)}", "connection: close") + BODY
+    with router(RouterHttpProtocol, {"total_timeout": 0.5}) as (url, engine):
+        with anyio.fail_after(15):
+            async with await connect(url) as stream:
+                await stream.send(slow)
+                answer = await read_to_end(stream) if started else await stream.receive()
+                if started:
+                    assert answer.startswith(b"HTTP/1.1 200")
+                    assert not answer.endswith(b"0\r\n\r\n")  # cut, not ended
+                else:
+                    assert answer.startswith(b"HTTP/1.1 504")
+                    while b"upstream_timeout" not in answer:
+                        answer += await stream.receive()
+                    await stream.send(quick)  # the same connection serves on
+                    assert b"HTTP/1.1 200" in await read_to_end(stream)
+            await eventually(lambda: engine.cancelled == 1)
+            async with await connect(url) as stream:
+                await stream.send(quick)
+                assert (await read_to_end(stream)).startswith(b"HTTP/1.1 200")
 
 
 def test_a_routed_request_leaves_no_reference_cycle() -> None:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Protocol
@@ -242,6 +243,7 @@ class Upstream:
         self._client: UpstreamClient | None = None
         self._on_asyncio = False
         self._clock: Callable[[], float] = anyio.current_time
+        self._cancel_by_task = False
 
     @property
     def transport_name(self) -> str:
@@ -260,6 +262,11 @@ class Upstream:
                 asyncio.get_running_loop().time if self._on_asyncio else anyio.current_time
             )
             self._client = self._make_client()
+            # httpx's close may suspend and is shielded with an anyio scope; Task.uncancel
+            # is 3.11+.
+            self._cancel_by_task = (
+                self._on_asyncio and self._client.name != "httpx" and sys.version_info >= (3, 11)
+            )
         return self._client
 
     def _make_client(self) -> UpstreamClient:
@@ -377,7 +384,11 @@ class Upstream:
             # One cancel scope per exchange serves both ends: its deadline is the total
             # timeout, and the disconnect watcher cancels it when the client goes.
             deadline = math.inf if total is None else self._clock() + total
-            if disconnect is not None:
+            if disconnect is not None and disconnect.gone:
+                exchange.client_gone = True  # it left while its body was read or it queued
+            elif self._cancel_by_task and companion is None:
+                await self._cancelled_by_task(exchange, client, deadline, disconnect, receive)
+            elif disconnect is not None:
                 await self._watched_by_server(exchange, client, disconnect, deadline)
             elif self._on_asyncio:
                 await self._watched_on_asyncio(exchange, client, receive, deadline)
@@ -406,9 +417,6 @@ class Upstream:
     ) -> None:
         """The exchange under a cancel scope that the server's disconnect watch cancels:
         no task, no ``receive()`` per request."""
-        if watch.gone:  # the client left while its body was read or it queued
-            exchange.client_gone = True
-            return
         scope = anyio.CancelScope(deadline=deadline)
         if exchange.companion is not None:
             exchange.companion.attach(scope.cancel)
@@ -423,6 +431,62 @@ class Upstream:
                 await self._exchange(exchange, client)
         finally:
             watch.unwatch()
+
+    async def _cancelled_by_task(
+        self,
+        exchange: _Exchange,
+        client: UpstreamClient,
+        deadline: float,
+        watch: DisconnectWatch | None,
+        receive: Receive,
+    ) -> None:
+        """The exchange on asyncio without an anyio cancel scope (36k instructions per
+        request, docs/benchmarks.md): the deadline's timer, or the client leaving (the
+        server's ``watch``, else a watcher task on ``receive``), cancels this task, and the
+        relay takes that one cancellation back (``Task.uncancel``), as ``asyncio.timeout``
+        does. Cancelling happens only while ``_exchange`` runs (``live``), so it lands
+        there; ``_exchange`` never catches it, and closing a response never suspends on
+        these clients."""
+        task = asyncio.current_task()
+        assert task is not None
+        live, cancelled = True, False
+
+        def cancel() -> None:
+            nonlocal cancelled
+            if live and not cancelled:
+                cancelled = True
+                task.cancel()
+
+        def on_disconnect() -> None:
+            if live:
+                exchange.client_gone = True
+                cancel()
+
+        def on_watcher_done(watcher: asyncio.Future[None]) -> None:
+            if not watcher.cancelled():
+                watcher.exception()  # retrieved, so a failed receive is not logged as lost
+                on_disconnect()
+
+        timer = None if deadline == math.inf else task.get_loop().call_at(deadline, cancel)
+        watcher = None
+        if watch is not None:
+            watch.watch(on_disconnect)
+        else:
+            watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+            watcher.add_done_callback(on_watcher_done)
+        try:
+            await self._exchange(exchange, client)
+        except asyncio.CancelledError:
+            if not cancelled or sys.version_info < (3, 11) or task.uncancel() > 0:
+                raise  # cancelled from outside too (a server shutting down)
+        finally:
+            live = False
+            if watch is not None:
+                watch.unwatch()
+            if watcher is not None:
+                watcher.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def _watched_on_asyncio(
         self, exchange: _Exchange, client: UpstreamClient, receive: Receive, deadline: float
