@@ -381,8 +381,8 @@ class Upstream:
                 events.request_routed(exchange.worker, routing)
             client = self.client()
             total = self._total_timeout
-            # One cancel scope per exchange serves both ends: its deadline is the total
-            # timeout, and the disconnect watcher cancels it when the client goes.
+            # One cancellation per exchange serves both ends: at the total timeout's deadline,
+            # or when the client goes (the task itself on asyncio, else a cancel scope).
             deadline = math.inf if total is None else self._clock() + total
             if disconnect is not None and disconnect.gone:
                 exchange.client_gone = True  # it left while its body was read or it queued
