@@ -211,8 +211,6 @@ def serve(kind: str, argv: list[str]) -> None:
     parser.add_argument("--port", type=int, required=True)
     address, _ = parser.parse_known_args(argv)
     if kind == "floor-uvicorn":
-        import functools
-
         import uvicorn
 
         from cache_router.proxy.server_protocol import RouterHttpProtocol
@@ -221,7 +219,7 @@ def serve(kind: str, argv: list[str]) -> None:
             _floor_app,
             host=address.host,
             port=address.port,
-            http=functools.partial(RouterHttpProtocol),
+            http=RouterHttpProtocol,
             log_level="warning",
             access_log=False,
         )
