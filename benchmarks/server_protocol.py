@@ -26,7 +26,9 @@ from uvicorn.server import ServerState
 from cache_router.proxy.server_protocol import RouterHttpProtocol
 
 
-class _Sink(asyncio.Transport):
+class DiscardingTransport(asyncio.Transport):
+    """A transport that takes what it is given and drops it."""
+
     def write(self, data: Any) -> None:
         pass
 
@@ -64,7 +66,7 @@ async def _drive(protocol_class: Any, request: bytes, count: int) -> float:
     config = Config(_app, log_config=None, lifespan="off")
     config.load()
     protocol = protocol_class(config, ServerState(), {})
-    protocol.connection_made(_Sink())
+    protocol.connection_made(DiscardingTransport())
     started = time.process_time()
     for _ in range(count):
         protocol.data_received(request)

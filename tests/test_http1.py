@@ -20,8 +20,11 @@ import pytest
 
 pytest.importorskip("httptools")
 
+from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.asgi import DisconnectWatch, Message, Receive, Send
 from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
 from cache_router.proxy.http1 import HIGH_WATER, MAX_HEADER_BYTES, Http1Client
+from cache_router.proxy.relay import RelayResult, Upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -217,7 +220,9 @@ async def test_refused_connection_is_a_connect_failure() -> None:
     [
         (b"", False),  # closed before answering
         (b"NOT HTTP AT ALL\r\n\r\n", False),  # garbage
-        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", True),  # cut mid-body
+        # A small body is waited for whole: cut, it fails before the answer starts.
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nshort", True),  # mid-body
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", True),
         (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\n" + ENDLESS_HEADERS + b"\r\n", False),  # kept from memory
@@ -504,6 +509,8 @@ async def test_closing_the_client_fails_the_requests_waiting_for_a_connection() 
         ("/a b", []),
         ("/a\r\nx-injected: 1", []),
         ("/a\x00", []),
+        ("/a\x7f", []),
+        ("/a\tb", []),
         ("/", [(b"x-a", b"1\r\nx-injected: 1")]),
         ("/", [(b"x-a", b"1\rx-injected: 1")]),
         ("/", [(b"x-a\nx-injected", b"1")]),
@@ -643,3 +650,161 @@ async def test_through_the_middleware_a_malformed_chunk_in_the_heads_read_is_a_5
             assert set(answered.json()["error"]) >= {"message", "type", "code"}
         finally:
             await router.aclose()
+
+
+# -- answers that arrived whole ------------------------------------------------------------
+
+
+async def test_an_answer_that_arrived_whole_is_complete_and_read_at_once() -> None:
+    more = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+        await asyncio.sleep(0.05)
+        writer.write(b"cd")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+        await more.wait()
+        writer.write(b"2\r\ncd\r\n0\r\n\r\n")
+        await reader.read()
+
+    async with engine(handler) as scripted, client() as made:
+        whole = await made.send("GET", scripted.url, [], b"")
+        assert whole.complete and whole.body() == b"ok"
+        await whole.aclose()
+        # A small body in two writes: send() waits for the second.
+        waited = await made.send("GET", scripted.url, [], b"")
+        assert waited.complete and waited.body() == b"abcd"
+        await waited.aclose()
+        streamed = await made.send("GET", scripted.url, [], b"")
+        assert not streamed.complete
+        more.set()
+        assert await body_of(streamed) == b"abcd"
+        assert not streamed.complete  # closed: nothing more to read
+    assert scripted.connections == 1  # each whole answer left its connection reusable
+
+
+def relay_get(
+    upstream: Upstream,
+    registry: WorkerRegistry,
+    url: str,
+    receive: Receive,
+    send: Send,
+    disconnect: DisconnectWatch | None = None,
+) -> Awaitable[RelayResult]:
+    """``GET url/x`` relayed under a lease on the registry's one worker."""
+    (worker,) = registry
+    lease = registry.acquire(worker)
+    return upstream.relay(
+        method="GET", url=url + "/x", headers=[], body=b"", lease=lease, receive=receive,
+        send=send, disconnect=disconnect,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_the_client_gets_a_whole_answer_in_one_body_message(streamed: bool) -> None:
+    """A non-streamed answer is one ``http.response.body`` message; a streamed one is
+    relayed piece by piece and ends with an empty one. The lease is gone before the end."""
+    go_on = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if not streamed:
+            writer.write(OK)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+            await go_on.wait()
+            writer.write(b"2\r\ncd\r\n0\r\n\r\n")
+        await reader.read()
+
+    sent: list[tuple[Any, ...]] = []
+
+    async def send(message: Message) -> None:
+        sent.append((message["type"], message.get("body"), message.get("more_body", False)))
+        if message.get("body"):
+            go_on.set()
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            assert worker.load == 0
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async with engine(handler) as scripted:
+        registry = WorkerRegistry([scripted.url])
+        (worker,) = registry
+        upstream = Upstream(transport="http1")
+        try:
+            result = await relay_get(upstream, registry, scripted.url, receive, send)
+        finally:
+            await upstream.aclose()
+    assert result.status == 200 and result.first_byte is not None
+    bodies = [entry[1:] for entry in sent[1:]]
+    if streamed:
+        assert bodies == [(b"ab", True), (b"cd", True), (b"", False)]
+    else:
+        assert bodies == [(b"ok", False)]
+    assert worker.load == 0
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["server watch", "receive"])
+@pytest.mark.parametrize("ending", ["deadline", "client gone", "cancelled from outside"])
+async def test_the_relay_takes_back_only_its_own_cancellation(ending: str, watched: bool) -> None:
+    """On asyncio the relay cancels its own task (no anyio scope): the total timeout answers
+    504, a client gone (told by the server's watch, or by ``receive``) ends it quietly, and
+    a cancellation from outside (a server shutting down) still propagates. The lease is
+    back every time, and the engine sees the connection close."""
+    asked, closed = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        asked.set()
+        await reader.read()  # never answers; returns when the router closes
+        closed.set()
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    leaves = asyncio.Event()
+
+    async def receive() -> Message:
+        assert not watched, "the watch replaces receive()"
+        await leaves.wait()
+        return {"type": "http.disconnect"}
+
+    watch = DisconnectWatch(lambda: None)
+    async with engine(handler) as scripted:
+        registry = WorkerRegistry([scripted.url])
+        (worker,) = registry
+        upstream = Upstream(transport="http1", total_timeout=0.3 if ending == "deadline" else 30)
+        relay = asyncio.ensure_future(
+            relay_get(upstream, registry, scripted.url, receive, send, watch if watched else None)
+        )
+        try:
+            with anyio.fail_after(10):
+                await asked.wait()
+                if ending == "client gone":
+                    watch.lost()
+                    leaves.set()
+                elif ending == "cancelled from outside":
+                    relay.cancel()
+                if ending == "cancelled from outside":
+                    with pytest.raises(asyncio.CancelledError):
+                        await relay
+                else:
+                    result = await relay
+                await closed.wait()
+        finally:
+            await upstream.aclose()
+    assert worker.load == 0
+    if ending == "deadline":
+        assert result.status == 504 and sent[0]["status"] == 504
+    elif ending == "client gone":
+        assert result.status is None and sent == []
+    # Nothing is left pending on this task: it awaits on after the relay as usual.
+    await asyncio.sleep(0)

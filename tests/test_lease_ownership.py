@@ -20,7 +20,7 @@ from cache_router.core.events import RouterEvents
 from cache_router.core.policies import RoutingRequest
 from cache_router.core.registry import Lease, Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
-from cache_router.proxy.asgi import Message
+from cache_router.proxy.asgi import DISCONNECT_EXTENSION, DisconnectWatch, Message
 from cache_router.proxy.middleware import RoutingMiddleware
 from cache_router.proxy.relay import UpstreamAborted
 
@@ -71,9 +71,12 @@ def mock() -> Iterator[respx.MockRouter]:
 
 
 async def drive(
-    app: RoutingMiddleware, *, disconnect_early: bool = False
+    app: RoutingMiddleware, *, disconnect_early: bool = False, watch: DisconnectWatch | None = None
 ) -> tuple[int | None, bytes]:
-    """One POST /generate; the client leaves after its body when ``disconnect_early``."""
+    """One POST /generate; the client leaves after its body when ``disconnect_early``.
+
+    With a server's ``watch`` in the scope, ``receive`` never says the client left (the
+    watch does, when the test calls :meth:`DisconnectWatch.lost`)."""
     body = b'{"text": "hello"}'
     messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
     done = anyio.Event()
@@ -83,6 +86,8 @@ async def drive(
     async def receive() -> Message:
         if messages:
             return messages.pop(0)
+        if watch is not None:
+            await anyio.sleep_forever()  # never asked: the watch replaces the watcher task
         if not disconnect_early:
             await done.wait()
         return {"type": "http.disconnect"}
@@ -105,6 +110,8 @@ async def drive(
         "root_path": "",
         "headers": [(b"content-type", b"application/json")],
     }
+    if watch is not None:
+        scope["extensions"] = {DISCONNECT_EXTENSION: watch}
     with anyio.fail_after(10):
         await app(scope, receive, send)
     return status, b"".join(out)
@@ -140,32 +147,88 @@ async def test_completion(mock: respx.MockRouter, setup: Any) -> None:
     await app.aclose()
 
 
-async def test_client_gone_before_the_answer(mock: respx.MockRouter, setup: Any) -> None:
+class Watch(DisconnectWatch):
+    """A server's disconnect watch that counts the times reading was resumed."""
+
+    def __init__(self) -> None:
+        self.resumed = 0
+        super().__init__(self.resume)
+
+    def resume(self) -> None:
+        self.resumed += 1
+
+
+WATCHED = pytest.mark.parametrize("watched", [False, True], ids=["receive", "server watch"])
+
+
+@WATCHED
+async def test_client_gone_before_the_answer(
+    mock: respx.MockRouter, setup: Any, watched: bool
+) -> None:
     registry, calls, options = setup
+    watch = Watch() if watched else None
+    cancelled = anyio.Event()
 
     async def slow(request: httpx.Request) -> httpx.Response:
-        await anyio.sleep(30)
+        if watch is not None:
+            watch.lost()  # the connection goes while the engine works
+        try:
+            await anyio.sleep(30)
+        finally:
+            cancelled.set()
         return httpx.Response(200)
 
     mock.post(f"{A}/generate").mock(side_effect=slow)
     app = app_for(registry, **options)
-    assert await drive(app, disconnect_early=True) == (None, b"")
+    assert await drive(app, disconnect_early=not watched, watch=watch) == (None, b"")
+    assert cancelled.is_set()
     calls.assert_once_each(1)
     await app.aclose()
 
 
-async def test_client_gone_mid_stream(mock: respx.MockRouter, setup: Any) -> None:
+async def test_completion_under_a_server_watch(mock: respx.MockRouter, setup: Any) -> None:
     registry, calls, options = setup
+    route = mock.post(f"{A}/generate").respond(200, content=b"done")
+    app = app_for(registry, **options)
+    watch = Watch()
+    assert await drive(app, watch=watch) == (200, b"done")
+    assert route.call_count == 1 and watch.resumed == 1
+    assert watch._callback is None  # unwatched: a later disconnect reaches no exchange
+    calls.assert_once_each(1)
+    await app.aclose()
+
+
+async def test_client_gone_before_the_relay_under_a_server_watch(
+    mock: respx.MockRouter, setup: Any
+) -> None:
+    """The connection went while the body was read: the engine is never asked."""
+    registry, calls, options = setup
+    route = mock.post(f"{A}/generate").respond(200, content=b"done")
+    app = app_for(registry, **options)
+    watch = Watch()
+    watch.lost()
+    assert await drive(app, watch=watch) == (None, b"")
+    assert route.call_count == 0
+    calls.assert_once_each(1)
+    await app.aclose()
+
+
+@WATCHED
+async def test_client_gone_mid_stream(mock: respx.MockRouter, setup: Any, watched: bool) -> None:
+    registry, calls, options = setup
+    watch = Watch() if watched else None
 
     class Slow(httpx.AsyncByteStream):
         async def __aiter__(self) -> AsyncIterator[bytes]:
             yield b"data: 1\n\n"
+            if watch is not None:
+                watch.lost()
             await anyio.sleep(30)
             yield b"data: never\n\n"
 
     mock.post(f"{A}/generate").respond(200, stream=Slow())
     app = app_for(registry, **options)
-    status, _ = await drive(app, disconnect_early=True)
+    status, _ = await drive(app, disconnect_early=not watched, watch=watch)
     assert status in (None, 200)
     calls.assert_once_each(1)
     await app.aclose()

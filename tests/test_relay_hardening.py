@@ -30,6 +30,8 @@ from test_resilience import (
     router,
 )
 
+from cache_router.proxy.relay import malformed_head
+
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 COMPLETIONS = "/v1/completions"
@@ -124,6 +126,18 @@ async def test_an_unreachable_engine_is_named_in_the_log_not_to_the_client(
         logged = [record.getMessage() for record in caplog.records]
         assert any("req-42" in line and dead in line for line in logged), logged
         served.assert_settled()
+
+
+def test_every_byte_of_a_head_is_judged_as_rfc_9110_says() -> None:
+    """Names: token characters only; values: anything but control bytes other than tab."""
+    token = set(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    for byte in range(256):
+        one = bytes([byte])
+        assert (malformed_head(200, [(b"x" + one, b"v")]) is None) == (byte in token), byte
+        allowed = byte == 9 or 32 <= byte < 127 or byte > 127
+        assert (malformed_head(200, [(b"x", b"v" + one)]) is None) == allowed, byte
+    assert malformed_head(200, [(b"", b"v")]) is not None
+    assert malformed_head(200, [(b"a", b"1"), (b"b", b"")]) is None
 
 
 # -- the httpx transport and bytes after a complete answer -------------------------------

@@ -69,6 +69,16 @@ class UpstreamResponse(Protocol):
         """The body as it arrives; raises :class:`UpstreamError` if the engine fails."""
         ...
 
+    @property
+    def complete(self) -> bool:
+        """True when the whole body has arrived already (most non-streamed answers come
+        with their head in one read): :meth:`body` has it all, and no read can fail."""
+        ...
+
+    def body(self) -> bytes:
+        """The whole body, once :attr:`complete`; consumes it as :meth:`chunks` would."""
+        ...
+
     async def aclose(self) -> None:
         """End the exchange; before the body's end this closes the connection."""
         ...
@@ -95,6 +105,17 @@ class UpstreamClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _Streamed:
+    """A response whose body is read only through its stream: never :attr:`complete`."""
+
+    __slots__ = ()
+
+    complete = False
+
+    def body(self) -> bytes:
+        raise RuntimeError("the body is read through chunks()")
+
+
 # -- httpx ----------------------------------------------------------------------------------
 
 
@@ -104,7 +125,7 @@ def _httpx_failure(exc: httpx.HTTPError) -> UpstreamError:
     return UpstreamError(kind, str(exc) or type(exc).__name__, connect=connect)
 
 
-class _HttpxResponse:
+class _HttpxResponse(_Streamed):
     __slots__ = ("_response", "headers", "status")
 
     aclose_waits = True
@@ -213,7 +234,7 @@ def _aiohttp_failure(exc: BaseException) -> UpstreamError:
     return UpstreamError("timeout" if timeout else "broken", message, connect=connect)
 
 
-class _AiohttpResponse:
+class _AiohttpResponse(_Streamed):
     __slots__ = ("_done", "_response", "headers", "status")
 
     aclose_waits = False  # release() and close() are synchronous

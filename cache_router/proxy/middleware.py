@@ -57,7 +57,15 @@ from cache_router.core.routing_key import (
     parse_routing_fields,
 )
 from cache_router.proxy.admission import Admission
-from cache_router.proxy.asgi import ASGIApp, Headers, Message, Receive, Scope, Send
+from cache_router.proxy.asgi import (
+    ASGIApp,
+    Headers,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    disconnect_watch,
+)
 from cache_router.proxy.auth import bearer_matches
 from cache_router.proxy.mount import under
 from cache_router.proxy.outbound import upstream_url, with_worker_key
@@ -487,6 +495,7 @@ class RoutingMiddleware:
         policy = self.policy if self.pd is None else self.pd.decode_policy
         failed: list[Worker] = []
         attempt = 1
+        disconnect = disconnect_watch(scope)
         while True:
             candidates = self.registry.candidates(routing.model, role)
             if failed:
@@ -517,6 +526,7 @@ class RoutingMiddleware:
                 may_retry=attempt < self.retry.max_attempts and len(candidates) > 1,
                 events=self._events,
                 routing=routing,
+                disconnect=disconnect,
             )
             if result.retry is None:
                 result.worker = worker.url

@@ -14,6 +14,10 @@ uvicorn's httptools protocol has two gaps a public-facing proxy cannot leave ope
   requests. Here a request head must be complete within ``header_read_timeout`` seconds of
   its first byte (of the connection, for the first request), or the connection is closed.
 
+It also offers the relay a :class:`~cache_router.proxy.asgi.DisconnectWatch` in
+``scope["extensions"]``, so a client that leaves cancels its exchange through a callback
+from ``connection_lost`` rather than through a task per request waiting on ``receive()``.
+
 It also answers uvicorn's ``limit_concurrency`` overflow with the router's OpenAI-shaped
 503 instead of uvicorn's plain-text one, under the same rule (connections or running
 requests at the limit).
@@ -35,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from cache_router.core.errors import RouterError
+from cache_router.proxy.asgi import DISCONNECT_EXTENSION, DisconnectWatch
 from cache_router.proxy.responses import send_error
 
 __all__ = ["DEFAULT_HEADER_READ_TIMEOUT", "RouterHttpProtocol"]
@@ -91,6 +96,7 @@ class RouterHttpProtocol(HttpToolsProtocol):
         self._header_read_timeout = header_read_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head = False
+        self._watch: DisconnectWatch | None = None
 
     # -- header-read timeout ---------------------------------------------------------------
 
@@ -117,11 +123,14 @@ class RouterHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._watch = DisconnectWatch(self.flow.resume_reading)
         self._arm_head_timer()  # a connection that never sends a byte is a slow head too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
+        if self._watch is not None:
+            self._watch.lost()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -135,6 +144,7 @@ class RouterHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self.scope["extensions"] = {DISCONNECT_EXTENSION: self._watch}
 
     def on_headers_complete(self) -> None:
         self._in_head = False
