@@ -227,3 +227,32 @@ def test_restarts_are_bounded() -> None:
 def test_the_workers_count_is_checked() -> None:
     with pytest.raises(ValueError):
         Supervisor(exit_at_once, 0, "127.0.0.1", 0)
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_the_scale_out_benchmark_runs_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/scale_out.py with ``--workers``, both ways, at smoke size (numbers are
+    not asserted)."""
+    pytest.importorskip("aiohttp")
+    from benchmarks import scale_out
+
+    rows = scale_out.main(
+        ["--size", "smoke", "--replicas", "1", "--workers", "1,2", "--modes", "local",
+         "--engines", "2", "--no-cpu-phase"]
+    )  # fmt: skip
+    assert [(row["replicas"], row["workers"]) for row in rows] == [(1, 1), (1, 2)]
+    assert all(row["errors"] == 0 and 0 <= row["hit_rate"] <= 1 for row in rows)
+    assert "| local | 1 | 2 |" in capsys.readouterr().out
+
+    rows = scale_out.main(
+        ["--throughput", "--workers", "2", "--modes", "local", "--engines", "2",
+         "--throughput-requests", "30"]
+    )  # fmt: skip
+    mine = [row for row in rows if row["router"] == "cache_router-w2-local"]
+    assert sorted(row["workload"] for row in mine) == sorted(scale_out.THROUGHPUT_KINDS)
+    assert all(row["errors"] == 0 and row["rps"] > 0 for row in mine)
+    printed = capsys.readouterr().out
+    assert "| cache_router-w2-local | chat_stream |" in printed
