@@ -47,12 +47,13 @@ replica's port, each with its own state (the kernel spreads the connections over
 so ``--replicas 1 --workers 1,2`` measures what a second process on one machine costs
 the hit rate, with (``redis``) and without (``local``) sharing.
 
-``--throughput`` measures something else: requests/s through one router at saturation,
-instant engines, closed loop (``benchmarks.routers.measure``), for streamed chat
-completions and non-streamed SGLang ``/generate`` (:data:`THROUGHPUT_KINDS`): every
-``--modes`` x ``--workers`` variant of ``cache-router serve`` against sglang-router (when
+``--throughput`` measures one router at a time (``benchmarks.routers.measure``):
+requests/s at saturation, instant engines, closed loop, for streamed chat completions and
+non-streamed SGLang ``/generate`` (:data:`THROUGHPUT_KINDS`), and the engines' hit rate
+of ``benchmarks.routers``' shared-prefix workload (quick size, simulated engines): every
+``--modes`` x ``--workers`` variant of ``cache-router serve`` and sglang-router (when
 installed), interleaved, each repetition starting every router afresh. It prints the
-median requests/s and the median of the run-by-run ratios to sglang-router's.
+medians and the median of the run-by-run ratios to sglang-router's requests/s.
 
 Every process started is stopped by its own process group, on every exit path, Ctrl-C and
 SIGTERM included; every run is bounded by ``--run-timeout``.
@@ -105,7 +106,11 @@ from benchmarks.workloads import (
     MODEL,
     SIMULATED_ENGINE,
     PDRequests,
+    Workload,
     random_text,
+)
+from benchmarks.workloads import (
+    SIZES as WORKLOAD_SIZES,
 )
 
 __all__ = ["MODES", "THROUGHPUT_KINDS", "main", "run_scale_out", "run_throughput"]
@@ -540,7 +545,7 @@ def _variant(mode: str, workers: int, redis: RedisProcess | None) -> RouterSpec:
 
 def _throughput_runs(
     specs: Sequence[RouterSpec],
-    workloads: Sequence[PDRequests],
+    workloads: Sequence[Workload],
     fleet: EngineFleet,
     *,
     repeat: int,
@@ -585,6 +590,7 @@ def summarize_throughput(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     for (router, kind), group in by_key.items():
         rps = [run["rps"] for run in group if run["rps"]]
         cpu = [run["router_cpu_us_per_req"] for run in group if run["router_cpu_us_per_req"]]
+        hits = [run["cache_hit_rate"] for run in group if run["cache_hit_rate"] is not None]
         ratios = sorted(
             run["rps"] / peer[kind, run["repetition"]]
             for run in group
@@ -598,6 +604,7 @@ def summarize_throughput(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
                 "errors": sum(run["errors"] for run in group),
                 "rps": statistics.median(rps) if rps else None,
                 "router_cpu_us_per_req": statistics.median(cpu) if cpu else None,
+                "cache_hit_rate": statistics.median(hits) if hits else None,
                 "vs_peer": statistics.median(ratios) if ratios else None,
                 "vs_peer_range": f"{ratios[0]:.2f}-{ratios[-1]:.2f}" if ratios else None,
             }
@@ -620,7 +627,10 @@ def run_throughput(
     interleaved ``repeat`` times, on :data:`THROUGHPUT_KINDS`; see
     :func:`summarize_throughput`."""
     log_dir = make_log_dir()
-    workloads = [PDRequests(kind=kind, num_requests=requests) for kind in THROUGHPUT_KINDS]
+    workloads: list[Workload] = [
+        PDRequests(kind=kind, num_requests=requests) for kind in THROUGHPUT_KINDS
+    ]
+    workloads.append(WORKLOAD_SIZES["quick"]["shared_prefix"])
     redis: RedisProcess | None = None
     with EngineFleet(engines, log_dir=log_dir) as fleet:
         try:
@@ -650,6 +660,7 @@ THROUGHPUT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("vs_peer", f"vs {PEER} (median)", "{:.2f}x"),
     ("vs_peer_range", "range", "{}"),
     ("router_cpu_us_per_req", "router CPU µs/req", "{:.0f}"),
+    ("cache_hit_rate", "hit rate", "{:.1%}"),
 )
 
 
