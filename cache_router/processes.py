@@ -20,9 +20,10 @@ The :class:`Supervisor`
   seconds (then it stops everything and returns 1: a crash loop is for the service
   manager to see, not to hide). A child that dies before the first start of all of them
   is a failed start: everything stops and :data:`STARTUP_FAILURE` is returned;
-* passes SIGTERM and SIGINT on to the children, waits for their graceful shutdown and
-  then ends as one process's ``serve`` does: killed by the same signal (143 for SIGTERM in
-  a shell, 130 for SIGINT). A second signal kills the children that are still draining.
+* on SIGTERM or SIGINT sends the children SIGTERM, waits for their graceful shutdown and
+  then ends as one process's ``serve`` does: killed by the signal it got (143 for SIGTERM
+  in a shell, 130 for SIGINT). A second signal kills the children that are still
+  draining.
 
 Children are started with multiprocessing's ``spawn`` (a fresh interpreter, as uvicorn's
 supervisor does) and die with the parent (``PR_SET_PDEATHSIG``), so a parent killed
@@ -206,8 +207,10 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
-        # The first signal asks for a graceful shutdown, a second one forces it.
-        sent = signum if len(self._signals) == 1 else signal.SIGKILL
+        # The first signal asks for a graceful shutdown, a second one forces it. SIGTERM
+        # either way: after a Ctrl-C that reached the whole process group, a second
+        # SIGINT would force uvicorn's exit without draining.
+        sent = signal.SIGTERM if len(self._signals) == 1 else signal.SIGKILL
         for child in self._children:
             child.kill(sent)
         assert self._wakeup is not None
@@ -285,11 +288,10 @@ class Supervisor:
         return True
 
     def _stop_children(self) -> None:
-        """Stop every child still running: the signal that stopped us (else SIGTERM), and
-        wait; the signal handler escalates to SIGKILL on a second signal."""
-        sent = self._signals[0] if self._signals else signal.SIGTERM
+        """Stop every child still running (SIGTERM, a graceful shutdown) and wait; the
+        signal handler escalates to SIGKILL on a second signal."""
         for child in self._children:
-            child.kill(sent)
+            child.kill(signal.SIGTERM)
         for child in self._children:
             child.process.join()
             child.ready.close()

@@ -13,12 +13,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import serve_process
+from test_cli import ROOT, free_port, serve_process
 from test_exit_codes import _busy
 
 from cache_router.processes import (
@@ -63,21 +65,39 @@ def wait_for_workers(parent: int, count: int, not_in: Collection[int] = ()) -> l
         time.sleep(0.05)
 
 
-def _inode(local_port: int, remote_port: int) -> int:
-    """The inode of the TCP socket from ``local_port`` to ``remote_port`` (0 until a
-    process has accepted it)."""
+_LISTEN = "0A"
+
+
+def _inodes(local_port: int, remote_port: int | None) -> set[int]:
+    """Inodes of the TCP sockets from ``local_port`` to ``remote_port``, or listening on
+    ``local_port`` when None (an accepted socket has inode 0 until a process took it)."""
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as rows:
             next(rows)
             for row in rows:
                 fields = row.split()
-                local, remote = fields[1], fields[2]
+                local, remote, state = fields[1], fields[2], fields[3]
+                if int(local.rsplit(":", 1)[1], 16) != local_port:
+                    continue
                 if (
-                    int(local.rsplit(":", 1)[1], 16) == local_port
-                    and int(remote.rsplit(":", 1)[1], 16) == remote_port
+                    state == _LISTEN
+                    if remote_port is None
+                    else int(remote.rsplit(":", 1)[1], 16) == remote_port
                 ):
-                    return int(fields[9])
-    return 0
+                    found.add(int(fields[9]))
+    return found - {0}
+
+
+def _holder(inodes: set[int], pids: list[int]) -> int | None:
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                        return pid
+    return None
 
 
 def owner(client: socket.socket, pids: list[int]) -> int:
@@ -85,17 +105,21 @@ def owner(client: socket.socket, pids: list[int]) -> int:
     mine, server = client.getsockname()[1], client.getpeername()[1]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        inode = _inode(server, mine)
-        if inode:
-            wanted = f"socket:[{inode}]"
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    for fd in os.listdir(f"/proc/{pid}/fd"):
-                        with contextlib.suppress(OSError):
-                            if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
-                                return pid
+        pid = _holder(_inodes(server, mine), pids)
+        if pid is not None:
+            return pid
         time.sleep(0.02)
     raise AssertionError(f"no process of {pids} accepted the connection")
+
+
+def wait_listening(url: str, pids: list[int]) -> None:
+    """Until each of ``pids`` listens on ``url``'s port (a child listens once started)."""
+    port = int(url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 30
+    for pid in pids:
+        while _holder(_inodes(port, None), [pid]) is None:
+            assert time.monotonic() < deadline, f"process {pid} does not listen"
+            time.sleep(0.05)
 
 
 def post(client: socket.socket, port: int, headers: bytes = b"") -> int:
@@ -150,12 +174,14 @@ def test_every_process_serves_and_a_killed_one_is_replaced() -> None:
     with engine() as url, serve_process("--worker-urls", url, "--workers", "2") as served:
         parent = served.process.pid
         pids = wait_for_workers(parent, 2)
+        wait_listening(served.url, pids)
         assert served_by(served.url, pids, set(pids)) == set(pids)
 
         os.kill(pids[0], signal.SIGKILL)
         replaced = wait_for_workers(parent, 2, not_in={pids[0]})
         assert pids[1] in replaced
         (new,) = set(replaced) - {pids[1]}
+        wait_listening(served.url, [new])
         assert new in served_by(served.url, replaced, {new})
         served.process.send_signal(signal.SIGTERM)
         _, served.stderr = served.process.communicate(timeout=20)
@@ -166,7 +192,7 @@ def test_every_process_serves_and_a_killed_one_is_replaced() -> None:
     assert "Traceback" not in served.stderr
 
 
-def test_sigint_stops_every_process_as_ctrl_c_does() -> None:
+def test_sigint_stops_every_process() -> None:
     with engine() as url, serve_process("--worker-urls", url, "--workers", "2") as served:
         pids = wait_for_workers(served.process.pid, 2)
         # serve_process ends with SIGINT, to the parent alone.
@@ -174,6 +200,32 @@ def test_sigint_stops_every_process_as_ctrl_c_does() -> None:
     assert gone(pids)
     assert served.stderr.count("Application shutdown complete") == 2
     assert "Traceback" not in served.stderr
+
+
+def test_ctrl_c_to_the_process_group_drains_every_process() -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the children still drain
+    (a second SIGINT from the parent would have forced them out)."""
+    with engine() as url:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cache_router", "serve", "--port", str(port),
+             "--worker-urls", url, "--workers", "2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            pids = wait_for_workers(process.pid, 2)
+            wait_listening(f"http://127.0.0.1:{port}", pids)
+            os.killpg(process.pid, signal.SIGINT)
+            _, stderr = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate(timeout=5)
+    assert process.returncode == 130
+    assert gone(pids)
+    assert stderr.count("Application shutdown complete") == 2
+    assert "Traceback" not in stderr
 
 
 def test_a_busy_port_exits_3_before_any_process_starts() -> None:

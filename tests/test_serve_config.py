@@ -18,7 +18,7 @@ import httpx
 import pytest
 from mock_engine import MockEngine, wait_until
 from test_cli import closed_port, serve_process
-from test_processes import owner, post, wait_for_workers
+from test_processes import owner, post, wait_for_workers, wait_listening
 
 from cache_router import serve
 from cache_router.config import RouterConfig
@@ -129,6 +129,7 @@ def test_every_worker_process_runs_the_file_configuration(tmp_path: Path) -> Non
         )
         with serve_process("--config", file) as served:
             children = wait_for_workers(served.process.pid, 2)
+            wait_listening(served.url, children)
             port = int(served.url.rsplit(":", 1)[1])
             answers: dict[int, list[int]] = {pid: [] for pid in children}
             for _ in range(64):
