@@ -50,7 +50,7 @@ the hit rate, with (``redis``) and without (``local``) sharing.
 ``--throughput`` measures one router at a time (``benchmarks.routers.measure``):
 requests/s at saturation, instant engines, closed loop, for streamed chat completions and
 non-streamed SGLang ``/generate`` (:data:`THROUGHPUT_KINDS`), and the engines' hit rate
-of ``benchmarks.routers``' shared-prefix workload (quick size, simulated engines): every
+of ``benchmarks.routers``' shared-prefix workload (``--size``, simulated engines): every
 ``--modes`` x ``--workers`` variant of ``cache-router serve`` and sglang-router (when
 installed), interleaved, each repetition starting every router afresh. It prints the
 medians and the median of the run-by-run ratios to sglang-router's requests/s.
@@ -622,6 +622,7 @@ def run_throughput(
     repeat: int,
     timeout: float,
     jsonl: Path | None,
+    size: str = "quick",
 ) -> list[dict[str, Any]]:
     """Every ``modes`` x ``workers`` variant of ``cache-router serve`` and sglang-router,
     interleaved ``repeat`` times, on :data:`THROUGHPUT_KINDS`; see
@@ -630,7 +631,7 @@ def run_throughput(
     workloads: list[Workload] = [
         PDRequests(kind=kind, num_requests=requests) for kind in THROUGHPUT_KINDS
     ]
-    workloads.append(WORKLOAD_SIZES["quick"]["shared_prefix"])
+    workloads.append(WORKLOAD_SIZES[size]["shared_prefix"])
     redis: RedisProcess | None = None
     with EngineFleet(engines, log_dir=log_dir) as fleet:
         try:
@@ -790,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             rows = run_throughput(
                 args.modes, args.workers, engines=args.engines,
                 requests=max(1, args.throughput_requests), seed=args.seed, repeat=args.repeat,
-                timeout=args.run_timeout, jsonl=args.json,
+                timeout=args.run_timeout, jsonl=args.json, size=args.size,
             )  # fmt: skip
         print(markdown(rows, THROUGHPUT_COLUMNS))
         return rows

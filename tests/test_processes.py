@@ -301,10 +301,12 @@ def test_the_scale_out_benchmark_runs_workers(capsys: pytest.CaptureFixture[str]
 
     rows = scale_out.main(
         ["--throughput", "--workers", "2", "--modes", "local", "--engines", "2",
-         "--throughput-requests", "30"]
+         "--throughput-requests", "30", "--size", "smoke"]
     )  # fmt: skip
     mine = [row for row in rows if row["router"] == "cache_router-w2-local"]
-    assert sorted(row["workload"] for row in mine) == sorted(scale_out.THROUGHPUT_KINDS)
+    kinds = [*scale_out.THROUGHPUT_KINDS, "shared_prefix"]
+    assert sorted(row["workload"] for row in mine) == sorted(kinds)
     assert all(row["errors"] == 0 and row["rps"] > 0 for row in mine)
+    assert 0 < next(r for r in mine if r["workload"] == "shared_prefix")["cache_hit_rate"] < 1
     printed = capsys.readouterr().out
     assert "| cache_router-w2-local | chat_stream |" in printed
