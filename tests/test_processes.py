@@ -195,6 +195,7 @@ def test_every_process_serves_and_a_killed_one_is_replaced() -> None:
 def test_sigint_stops_every_process() -> None:
     with engine() as url, serve_process("--worker-urls", url, "--workers", "2") as served:
         pids = wait_for_workers(served.process.pid, 2)
+        wait_listening(served.url, pids)  # both started: both drain
         # serve_process ends with SIGINT, to the parent alone.
     assert served.process.returncode == 130
     assert gone(pids)
@@ -224,7 +225,7 @@ def test_ctrl_c_to_the_process_group_drains_every_process() -> None:
                 process.communicate(timeout=5)
     assert process.returncode == 130
     assert gone(pids)
-    assert stderr.count("Application shutdown complete") == 2
+    assert stderr.count("Application shutdown complete") == 2, stderr
     assert "Traceback" not in stderr
 
 
