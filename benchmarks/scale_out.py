@@ -1,8 +1,10 @@
 """Router replicas in front of the same engines: what they lose alone, and what sharing buys.
 
-    python -m benchmarks.scale_out [--replicas 1,2,4] [--modes local,poll,redis]
+    python -m benchmarks.scale_out [--replicas 1,2,4] [--workers 1] [--modes local,poll,redis]
         [--engines 4] [--size quick|smoke] [--repeat 1] [--json out.jsonl]
         [--cpu-only | --no-cpu-phase] [--cpu-requests 1920]
+    python -m benchmarks.scale_out --throughput --workers 1,2 --modes local,redis
+        [--repeat 5] [--throughput-requests 2000]
 
 For every mode and replica count N, N ``python -m cache_router serve`` processes are
 started on loopback ports in front of the same simulated engines (``benchmarks._engines``,
@@ -40,6 +42,19 @@ Repeats go round the whole matrix, so the modes at one N run back to back; besid
 ratio of the medians, the script prints the median (and range) of the run-by-run ratios
 against ``local``, which cancels the slow drift of a shared machine's speed.
 
+``--workers W`` (a list) runs each replica as ``serve --workers W``: W processes on the
+replica's port, each with its own state (the kernel spreads the connections over them),
+so ``--replicas 1 --workers 1,2`` measures what a second process on one machine costs
+the hit rate, with (``redis``) and without (``local``) sharing.
+
+``--throughput`` measures one router at a time (``benchmarks.routers.measure``):
+requests/s at saturation, instant engines, closed loop, for streamed chat completions and
+non-streamed SGLang ``/generate`` (:data:`THROUGHPUT_KINDS`), and the engines' hit rate
+of ``benchmarks.routers``' shared-prefix workload (``--size``, simulated engines): every
+``--modes`` x ``--workers`` variant of ``cache-router serve`` and sglang-router (when
+installed), interleaved, each repetition starting every router afresh. It prints the
+medians and the median of the run-by-run ratios to sglang-router's requests/s.
+
 Every process started is stopped by its own process group, on every exit path, Ctrl-C and
 SIGTERM included; every run is bounded by ``--run-timeout``.
 """
@@ -64,9 +79,13 @@ from typing import Any
 
 from benchmarks.launch import (
     HOST,
+    ROUTERS,
     EngineFleet,
     Managed,
     RedisProcess,
+    RouterProcess,
+    RouterSpec,
+    Thresholds,
     cpu_seconds,
     free_port,
     http_status,
@@ -74,17 +93,28 @@ from benchmarks.launch import (
 )
 from benchmarks.loadgen import Outcome, make_session, percentile, run_closed_loop, stream_request
 from benchmarks.report import write_jsonl
-from benchmarks.routers import _machine_busy_seconds, _sigterm_as_interrupt, _warm_up, run_async
+from benchmarks.routers import (
+    _machine_busy_seconds,
+    _sigterm_as_interrupt,
+    _warm_up,
+    measure,
+    run_async,
+)
 from benchmarks.workloads import (
     CHAT,
     COMPLETIONS,
     INSTANT_ENGINE,
     MODEL,
     SIMULATED_ENGINE,
+    PDRequests,
+    Workload,
     random_text,
 )
+from benchmarks.workloads import (
+    SIZES as WORKLOAD_SIZES,
+)
 
-__all__ = ["MODES", "main", "run_scale_out"]
+__all__ = ["MODES", "THROUGHPUT_KINDS", "main", "run_scale_out", "run_throughput"]
 
 MODES = ("local", "poll", "redis")
 #: Engine load poll interval of the ``poll`` mode (sub-second, as a fast fleet would use).
@@ -258,7 +288,7 @@ class Replica(Managed):
     """One ``python -m cache_router serve`` process on a free loopback port."""
 
     def __init__(self, urls: list[str], flags: list[str], *, log_dir: Path) -> None:
-        self.port = free_port()
+        self.port = free_port()  # with --workers W, all W processes listen here
         self.url = f"http://{HOST}:{self.port}"
         argv = [
             sys.executable, "-m", "cache_router", "serve", "--host", HOST,
@@ -276,13 +306,14 @@ class Replica(Managed):
         raise TimeoutError(f"{self.name} not ready in time:\n{self.log_tail()}")
 
 
-def _flags(mode: str, redis: RedisProcess | None, fleet: str) -> list[str]:
+def _flags(mode: str, redis: RedisProcess | None, fleet: str, workers: int = 1) -> list[str]:
+    flags = ["--workers", str(workers)] if workers > 1 else []
     if mode == "poll":
-        return ["--engine-load-poll-secs", str(POLL_SECS)]
+        return [*flags, "--engine-load-poll-secs", str(POLL_SECS)]
     if mode == "redis":
         assert redis is not None
-        return ["--redis-url", redis.url, "--fleet-name", fleet]
-    return []
+        return [*flags, "--redis-url", redis.url, "--fleet-name", fleet]
+    return flags
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -316,9 +347,10 @@ def run_one(
     log_dir: Path,
     cpu_phase: bool = True,
     routing: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """One mode at one replica count: the routing phases, then the CPU phase (either may
-    be left out)."""
+    """One mode at one replica count (each of ``workers`` processes): the routing phases,
+    then the CPU phase (either may be left out)."""
     fleet.reset(dict(SIMULATED_ENGINE if routing else INSTANT_ENGINE))
     name = f"bench-{uuid.uuid4().hex[:8]}"
     replicas: list[Replica] = []
@@ -331,12 +363,13 @@ def run_one(
 
     try:
         for _ in range(count):
-            replicas.append(Replica(fleet.urls, _flags(mode, redis, name), log_dir=log_dir))
+            flags = _flags(mode, redis, name, workers)
+            replicas.append(Replica(fleet.urls, flags, log_dir=log_dir))
         deadline = time.monotonic() + 30
         for replica in replicas:
             replica.wait_ready(deadline)
         if redis is not None and mode == "redis":
-            while redis.replicas(name) < count:  # every replica has joined the fleet
+            while redis.replicas(name) < count * workers:  # every process has joined
                 if time.monotonic() > deadline:
                     raise TimeoutError("the replicas did not join the fleet in time")
                 time.sleep(0.05)
@@ -359,7 +392,7 @@ def run_one(
     finally:
         for replica in replicas:
             replica.stop()
-    row: dict[str, Any] = {"mode": mode, "replicas": count}
+    row: dict[str, Any] = {"mode": mode, "replicas": count, "workers": workers}
     if routing:
         row.update(_routing_figures(outcomes, snapshots, peaks, cpu))
     if cpu_phase:
@@ -398,7 +431,7 @@ def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(rows[0])
     for key in rows[0]:
         values = [row.get(key) for row in rows]
-        if key != "replicas" and all(isinstance(v, (int, float)) for v in values):
+        if key not in ("replicas", "workers") and all(isinstance(v, (int, float)) for v in values):
             merged[key] = statistics.median(values)  # type: ignore[type-var]
     merged["runs"] = len(rows)
     return merged
@@ -416,12 +449,13 @@ def run_scale_out(
     jsonl: Path | None,
     cpu_phase: bool = True,
     routing: bool = True,
+    workers: Sequence[int] = (1,),
 ) -> list[dict[str, Any]]:
-    """Every (mode, N), ``repeat`` times; medians. Repeats go round the whole matrix, so
-    a neighbour's load drifting over time weighs on every mode alike."""
+    """Every (mode, N, W), ``repeat`` times; medians. Repeats go round the whole matrix,
+    so a neighbour's load drifting over time weighs on every mode alike."""
     log_dir = make_log_dir()
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {
-        (mode, count): [] for mode in modes for count in counts
+    runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {
+        (mode, count, w): [] for w in workers for mode in modes for count in counts
     }
     redis: RedisProcess | None = None
     with EngineFleet(engines, log_dir=log_dir) as fleet:
@@ -429,12 +463,13 @@ def run_scale_out(
             if "redis" in modes:
                 redis = RedisProcess(log_dir=log_dir)
             for attempt in range(repeat):
-                for (mode, count), done in runs.items():
+                for (mode, count, w), done in runs.items():
                     row = run_one(
                         mode, count, fleet, redis, phases, seed=seed + attempt,
                         timeout=timeout, log_dir=log_dir, cpu_phase=cpu_phase, routing=routing,
+                        workers=w,
                     )  # fmt: skip
-                    print(f"# {mode} x{count}: {_summary(row)}", file=sys.stderr)
+                    print(f"# {mode} x{count} w{w}: {_summary(row)}", file=sys.stderr)
                     done.append(row)
                     if jsonl is not None:
                         write_jsonl([row], jsonl)
@@ -442,8 +477,8 @@ def run_scale_out(
             if redis is not None:
                 redis.stop()
     merged = {key: _median(done) for key, done in runs.items()}
-    for (mode, count), done in runs.items():
-        base = runs.get(("local", count))
+    for (mode, count, w), done in runs.items():
+        base = runs.get(("local", count, w))
         if mode == "local" or not base:
             continue
         for key in ("router_cpu_us_per_req", "saturated_cpu_us_per_req"):
@@ -453,8 +488,149 @@ def run_scale_out(
                 if run.get(key) and local.get(key)
             ]
             if ratios:
-                merged[mode, count][f"{key}_paired"] = sorted(ratios)
+                merged[mode, count, w][f"{key}_paired"] = sorted(ratios)
     return list(merged.values())
+
+
+# -- throughput through one router: --workers against sglang-router -------------------------
+
+#: Request kinds of ``--throughput``: streamed chat completions, non-streamed ``/generate``.
+THROUGHPUT_KINDS = ("chat_stream", "generate")
+PEER = "sglang-router"
+
+
+def _variant(mode: str, workers: int, redis: RedisProcess | None) -> RouterSpec:
+    """``cache-router serve`` with the flags of ``mode`` and ``workers`` (a fresh fleet
+    name at every start, so no run learns from an earlier one's decisions)."""
+    base = ROUTERS["cache_router"]
+    name = "cache_router" + (f"-w{workers}" if workers > 1 else "") + f"-{mode}"
+
+    def extra() -> list[str]:
+        return [*base.extra(), *_flags(mode, redis, f"tp-{uuid.uuid4().hex[:8]}", workers)]
+
+    return replace(base, name=name, extra=extra)
+
+
+def _throughput_runs(
+    specs: Sequence[RouterSpec],
+    workloads: Sequence[Workload],
+    fleet: EngineFleet,
+    *,
+    repeat: int,
+    seed: int,
+    timeout: float,
+    log_dir: Path,
+    jsonl: Path | None,
+) -> list[dict[str, Any]]:
+    runs = []
+    for repetition in range(repeat):
+        for spec in specs:
+            with RouterProcess(spec, fleet.urls, "cache_aware", Thresholds(), log_dir=log_dir) as p:
+                for workload in workloads:
+                    row = measure(
+                        spec.name, "cache_aware", workload, fleet, p.url, p.pid,
+                        seed=seed + repetition, timeout=timeout,
+                    )  # fmt: skip
+                    row["repetition"] = repetition
+                    runs.append(row)
+                    print(
+                        f"# [{repetition + 1}/{repeat}] {spec.name} {workload.name}: "
+                        f"{row['rps']} req/s, {row['errors']} errors, "
+                        f"router {row['router_cpu_us_per_req']} µs/req",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if jsonl is not None:
+                        write_jsonl([row], jsonl)
+    return runs
+
+
+def summarize_throughput(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (router, kind): median requests/s and router CPU, and the median (and range)
+    of the run-by-run ratios to sglang-router's requests/s in the same repetition."""
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        by_key.setdefault((run["router"], run["workload"]), []).append(run)
+    peer = {
+        (run["workload"], run["repetition"]): run["rps"] for run in runs if run["router"] == PEER
+    }
+    rows = []
+    for (router, kind), group in by_key.items():
+        rps = [run["rps"] for run in group if run["rps"]]
+        cpu = [run["router_cpu_us_per_req"] for run in group if run["router_cpu_us_per_req"]]
+        hits = [run["cache_hit_rate"] for run in group if run["cache_hit_rate"] is not None]
+        ratios = sorted(
+            run["rps"] / peer[kind, run["repetition"]]
+            for run in group
+            if run["rps"] and peer.get((kind, run["repetition"]))
+        )
+        rows.append(
+            {
+                "router": router,
+                "workload": kind,
+                "runs": len(group),
+                "errors": sum(run["errors"] for run in group),
+                "rps": statistics.median(rps) if rps else None,
+                "router_cpu_us_per_req": statistics.median(cpu) if cpu else None,
+                "cache_hit_rate": statistics.median(hits) if hits else None,
+                "vs_peer": statistics.median(ratios) if ratios else None,
+                "vs_peer_range": f"{ratios[0]:.2f}-{ratios[-1]:.2f}" if ratios else None,
+            }
+        )
+    return rows
+
+
+def run_throughput(
+    modes: Sequence[str],
+    workers: Sequence[int],
+    *,
+    engines: int,
+    requests: int,
+    seed: int,
+    repeat: int,
+    timeout: float,
+    jsonl: Path | None,
+    size: str = "quick",
+) -> list[dict[str, Any]]:
+    """Every ``modes`` x ``workers`` variant of ``cache-router serve`` and sglang-router,
+    interleaved ``repeat`` times, on :data:`THROUGHPUT_KINDS`; see
+    :func:`summarize_throughput`."""
+    log_dir = make_log_dir()
+    workloads: list[Workload] = [
+        PDRequests(kind=kind, num_requests=requests) for kind in THROUGHPUT_KINDS
+    ]
+    workloads.append(WORKLOAD_SIZES[size]["shared_prefix"])
+    redis: RedisProcess | None = None
+    with EngineFleet(engines, log_dir=log_dir) as fleet:
+        try:
+            if "redis" in modes:
+                redis = RedisProcess(log_dir=log_dir)
+            specs = [_variant(mode, w, redis) for w in workers for mode in modes]
+            if ROUTERS[PEER].installed:
+                specs.append(ROUTERS[PEER])
+            else:
+                print(f"# {PEER} is not installed: no ratios", file=sys.stderr)
+            runs = _throughput_runs(
+                specs, workloads, fleet, repeat=repeat, seed=seed, timeout=timeout,
+                log_dir=log_dir, jsonl=jsonl,
+            )  # fmt: skip
+        finally:
+            if redis is not None:
+                redis.stop()
+    return summarize_throughput(runs)
+
+
+THROUGHPUT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("router", "router", "{}"),
+    ("workload", "request kind", "{}"),
+    ("runs", "runs", "{}"),
+    ("errors", "err", "{}"),
+    ("rps", "req/s (median)", "{:.0f}"),
+    ("vs_peer", f"vs {PEER} (median)", "{:.2f}x"),
+    ("vs_peer_range", "range", "{}"),
+    ("router_cpu_us_per_req", "router CPU µs/req", "{:.0f}"),
+    ("cache_hit_rate", "hit rate", "{:.1%}"),
+)
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -462,6 +638,7 @@ def run_scale_out(
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mode", "mode", "{}"),
     ("replicas", "N", "{}"),
+    ("workers", "W", "{}"),
     ("requests", "reqs", "{:.0f}"),
     ("errors", "err", "{:.0f}"),
     ("hit_rate", "hit rate", "{:.1%}"),
@@ -480,27 +657,29 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 def _summary(row: dict[str, Any]) -> str:
     return ", ".join(
         f"{title} {'-' if row.get(key) is None else fmt.format(row[key])}"
-        for key, title, fmt in COLUMNS[2:]
+        for key, title, fmt in COLUMNS[3:]
     )
 
 
-def markdown(rows: Sequence[dict[str, Any]]) -> str:
+def markdown(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = COLUMNS
+) -> str:
     lines = [
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
+        "| " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
     ]
     for row in rows:
-        cells = ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
+        cells = ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def overhead(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Router CPU per request of each sharing mode against ``local`` at the same N."""
-    local = {row["replicas"]: row for row in rows if row["mode"] == "local"}
+    local = {(row["replicas"], row["workers"]): row for row in rows if row["mode"] == "local"}
     notes = []
     for row in rows:
-        base = local.get(row["replicas"])
+        base = local.get((row["replicas"], row["workers"]))
         if row["mode"] == "local" or base is None:
             continue
         parts = []
@@ -518,7 +697,10 @@ def overhead(rows: Sequence[dict[str, Any]]) -> list[str]:
                 )
         if parts:
             notes.append(
-                f"{row['mode']} x{row['replicas']} router CPU/request vs local: " + ", ".join(parts)
+                f"{row['mode']} x{row['replicas']}"
+                + (f" --workers {row['workers']}" if row["workers"] > 1 else "")
+                + " router CPU/request vs local: "
+                + ", ".join(parts)
             )
     return notes
 
@@ -534,6 +716,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", type=lambda t: _list(t, str, MODES), default=list(MODES))
     parser.add_argument("--replicas", type=lambda t: _list(t, int, range(1, 17)), default=[1, 2, 4])
+    parser.add_argument(
+        "--workers",
+        type=lambda t: _list(t, int, range(1, 17)),
+        default=[1],
+        help="serve --workers W for every replica (a list: each is a run)",
+    )
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help=f"requests/s of one router per --modes x --workers, against {PEER}",
+    )
+    parser.add_argument("--throughput-requests", type=int, default=2000)
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
     parser.add_argument("--repeat", type=int, default=1)
@@ -560,6 +754,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     phases = SIZES[args.size]
     if args.cpu_requests is not None:
         phases = replace(phases, cpu_requests=max(1, args.cpu_requests))
+    if args.throughput:
+        with _sigterm_as_interrupt():
+            rows = run_throughput(
+                args.modes, args.workers, engines=args.engines,
+                requests=max(1, args.throughput_requests), seed=args.seed, repeat=args.repeat,
+                timeout=args.run_timeout, jsonl=args.json, size=args.size,
+            )  # fmt: skip
+        print(markdown(rows, THROUGHPUT_COLUMNS))
+        return rows
     with _sigterm_as_interrupt():
         rows = run_scale_out(
             args.modes,
@@ -572,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             jsonl=args.json,
             cpu_phase=not args.no_cpu_phase,
             routing=not args.cpu_only,
+            workers=args.workers,
         )
     print(markdown(rows))
     for note in overhead(rows):

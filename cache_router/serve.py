@@ -5,8 +5,10 @@ itself is wired by :func:`cache_router.builder.build_router`. What is left lives
 logging, the refusal to expose an unauthenticated admin API, the start-up probe of the
 workers (with model discovery, so the first requests find the fleet as it is), the uvicorn
 settings that bound what one client may hold, and ``--workers N``, which hands each
-uvicorn process the configuration and the probe's findings through one environment
-variable and rebuilds the same router there with :func:`app_from_env`.
+process the configuration and the probe's findings through one environment variable and
+rebuilds the same router there (:func:`serve_child` under
+:class:`~cache_router.processes.Supervisor`, one ``SO_REUSEPORT`` socket per process, on
+Linux; elsewhere uvicorn's supervisor with :func:`app_from_env`).
 
 :func:`run` returns the process exit status: 0 after a normal shutdown, 1 when the
 workers did not come up, 2 for a setting refused at start-up, 3 when the server did not
@@ -35,6 +37,7 @@ from cache_router.ops.access_log import formatter
 from cache_router.ops.allowlist import parse_host
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
+from cache_router.processes import STARTUP_FAILURE, Supervisor, reuseport_supported
 
 __all__ = [
     "SERVE_CONFIG_ENV",
@@ -44,6 +47,7 @@ __all__ = [
     "empty_fleet",
     "run",
     "run_server",
+    "serve_child",
     "server_options",
 ]
 
@@ -52,9 +56,6 @@ logger = logging.getLogger("cache_router.serve")
 #: Environment variable carrying the parent's configuration and start-up findings to the
 #: ``--workers`` processes (a name ``RouterConfig.load`` knows is no option).
 SERVE_CONFIG_ENV = "CACHE_ROUTER_SERVE_ARGS"
-
-#: The exit status when the server does not start, as uvicorn's own command's.
-STARTUP_FAILURE = 3
 
 _PROBE_TIMEOUT = 2.0
 #: File descriptors kept for everything but client and engine sockets (listener, logs,
@@ -105,18 +106,21 @@ def run(config: RouterConfig) -> int:
         config.port,
     )
     if config.workers > 1:
+        if reuseport_supported():
+            return _supervise(router, unreachable)
         return _serve_workers(router, uvicorn, unreachable)
     return run_server(uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config))))
 
 
-def run_server(server: Any) -> int:
-    """Run a ``uvicorn.Server``; 0 after a shutdown, :data:`STARTUP_FAILURE` when it never
-    started (the port in use, a failed lifespan startup), whatever uvicorn's version says.
+def run_server(server: Any, sockets: list[socket.socket] | None = None) -> int:
+    """Run a ``uvicorn.Server`` (on ``sockets`` when given); 0 after a shutdown,
+    :data:`STARTUP_FAILURE` when it never started (the port in use, a failed lifespan
+    startup), whatever uvicorn's version says.
 
     A signal is re-raised by uvicorn after the graceful shutdown: SIGTERM then ends the
     process (status 143 in a shell), SIGINT arrives as KeyboardInterrupt (130)."""
     try:
-        server.run()
+        server.run() if sockets is None else server.run(sockets=sockets)
     except SystemExit:
         if server.started:
             raise
@@ -441,9 +445,9 @@ def _uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
 # -- --workers N: one router per process ----------------------------------------------------
 
 
-def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
-    """Run ``config.workers`` uvicorn processes, each building its router with
-    :func:`app_from_env` from what :data:`SERVE_CONFIG_ENV` carries."""
+def _hand_over(router: Router, unreachable: list[str]) -> None:
+    """Put the configuration and the start-up probe's findings (reachability, models) in
+    :data:`SERVE_CONFIG_ENV`, where every ``--workers`` process rebuilds the router."""
     config = router.config
     if config.redis_url is None:
         logger.warning(
@@ -451,7 +455,6 @@ def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
             "and load counts, so they will not share what they learn",
             config.workers,
         )
-    # Each process starts with what the start-up probe learnt: reachability and models.
     models = {
         worker.url: worker.discovered_models
         for worker in router.registry
@@ -463,16 +466,42 @@ def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
     os.environ[SERVE_CONFIG_ENV] = json.dumps(
         {"config": config.to_dict(), "unreachable": unreachable, "models": models}
     )
+
+
+def _supervise(router: Router, unreachable: list[str]) -> int:
+    """``config.workers`` processes of :func:`serve_child`, each on its own
+    ``SO_REUSEPORT`` socket (:class:`~cache_router.processes.Supervisor`)."""
+    _hand_over(router, unreachable)
+    config = router.config
+    return Supervisor(serve_child, config.workers, config.host, config.port).run()
+
+
+def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
+    """Where ``SO_REUSEPORT`` does not balance: ``config.workers`` uvicorn processes on
+    one shared socket, each building its router with :func:`app_from_env`."""
+    _hand_over(router, unreachable)
     try:
         uvicorn.run(
             "cache_router.serve:app_from_env",
             factory=True,
-            workers=config.workers,
-            **_uvicorn_settings(config),
+            workers=router.config.workers,
+            **_uvicorn_settings(router.config),
         )
     except SystemExit as exc:  # the socket is bound here, before the processes start
         return STARTUP_FAILURE if exc.code else 0
     return 0
+
+
+def _router_from_env() -> Router:
+    raw = os.environ.get(SERVE_CONFIG_ENV)
+    if raw is None:
+        raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
+    handed = json.loads(raw)
+    config = RouterConfig.from_dict(handed["config"])
+    configure_logging(config.log_level, config.log_dir, config.log_format)
+    router = build_router(config)
+    _apply_findings(router, handed["unreachable"], handed["models"])
+    return router
 
 
 def app_from_env() -> Any:
@@ -483,12 +512,21 @@ def app_from_env() -> Any:
     :data:`SERVE_CONFIG_ENV`; workers the parent found unreachable start unhealthy and
     discovered models are known at once, as in a single process.
     """
-    raw = os.environ.get(SERVE_CONFIG_ENV)
-    if raw is None:
-        raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
-    handed = json.loads(raw)
-    config = RouterConfig.from_dict(handed["config"])
-    configure_logging(config.log_level, config.log_dir, config.log_format)
-    router = build_router(config)
-    _apply_findings(router, handed["unreachable"], handed["models"])
-    return router.app()
+    return _router_from_env().app()
+
+
+def serve_child(sock: socket.socket, started: Callable[[], None]) -> int:
+    """One ``--workers`` process under the supervisor: the router of :func:`app_from_env`
+    on uvicorn with one-process ``serve``'s settings, listening on ``sock`` (bound by the
+    supervisor's child) once the app's lifespan has started; calls ``started()`` then."""
+    import uvicorn
+
+    router = _router_from_env()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)  # exits on a failed startup
+            started()
+
+    server = Server(uvicorn.Config(router.app(), **_uvicorn_settings(router.config)))
+    return run_server(server, [sock])

@@ -980,3 +980,36 @@ def test_one_sole_holder_hit_in_so_many_is_reported_for_late_joiners() -> None:
         SHARED + f" {REANNOUNCE_EVERY - 1}",
         SHARED + f" {2 * REANNOUNCE_EVERY - 1}",
     ]
+
+
+# -- a miss's tie on load: every router places a new prefix alike ---------------------------
+
+
+def test_routers_sharing_nothing_put_a_new_prefix_on_the_same_worker() -> None:
+    """Two routers (think ``--workers 2``) with different seeds and different request
+    histories: a miss among equally loaded workers goes where the key's head hashes, the
+    same in both, so the prefix's next request finds it cached wherever it arrives."""
+    one, two = fleet(4), fleet(4)
+    for lease in hold(one, one.workers[0], 3) + hold(two, two.workers[2], 5):
+        lease.release()  # different ``processed`` counts, equal loads
+    first, second = CacheAwarePolicy(seed=1), CacheAwarePolicy(seed=2)
+    keys = [f"system prompt {i}: " + "x" * 100 for i in range(40)]
+    placed = [first.select(request(key), one.workers).url for key in keys]
+    assert [second.select(request(key), two.workers).url for key in keys] == placed
+    assert len(set(placed)) == 4  # distinct prefixes still spread over the fleet
+    assert first.decisions["cache_miss"] == 40
+    # A key is placed by its head: a new question behind the same long prefix goes there
+    # even in a router whose tree has never seen that prefix.
+    third = CacheAwarePolicy(seed=3)
+    assert third.select(request(keys[7] + " another question"), fleet(4).workers).url == placed[7]
+
+
+def test_a_miss_still_goes_to_the_least_loaded_worker() -> None:
+    registry = fleet(3)
+    a, b, c = registry.workers
+    leases = hold(registry, a, 1) + hold(registry, c, 1)
+    policy = CacheAwarePolicy(seed=0)
+    keys = [f"prompt {i} " + "y" * 50 for i in range(20)]
+    assert {policy.select(request(key), registry.workers).url for key in keys} == {b.url}
+    for lease in leases:
+        lease.release()

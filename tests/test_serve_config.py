@@ -8,10 +8,7 @@ beats the file, and each ``--workers`` process runs the file's configuration. Ev
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
+import socket
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,10 +18,12 @@ import httpx
 import pytest
 from mock_engine import MockEngine, wait_until
 from test_cli import closed_port, serve_process
+from test_processes import owner, post, wait_for_workers, wait_listening
 
 from cache_router import serve
 from cache_router.config import RouterConfig
 from cache_router.ops.health import HealthChecker
+from cache_router.processes import reuseport_supported
 from cache_router.testing import serve_app
 
 pytestmark = pytest.mark.timeout(90)
@@ -118,27 +117,10 @@ def test_a_flag_beats_a_variable_beats_the_file(tmp_path: Path) -> None:
             assert answers == wanted, (env, flags)
 
 
-def _worker_processes(parent: int) -> list[int]:
-    """The uvicorn worker processes ``parent`` spawned (from /proc: Linux only)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes in /proc")
+@pytest.mark.skipif(not reuseport_supported(), reason="SO_REUSEPORT balancing is Linux's")
 def test_every_worker_process_runs_the_file_configuration(tmp_path: Path) -> None:
-    """``workers = 2`` and a client key in the file: each process, asked alone (the other
-    stopped, so only it accepts connections), wants the key and routes with it."""
+    """``workers = 2`` and a client key in the file: each process (found holding the
+    connection in /proc, nothing stopped) wants the key and routes with it."""
     engine = MockEngine(name="a")
     with serve_app(engine) as url:
         file = write(
@@ -146,28 +128,21 @@ def test_every_worker_process_runs_the_file_configuration(tmp_path: Path) -> Non
             f'worker_urls = ["{url}"]\nworkers = 2\nrouter_api_key = "client-key"\n',
         )
         with serve_process("--config", file) as served:
-            deadline = time.monotonic() + 20
-            while len(children := _worker_processes(served.process.pid)) < 2:
-                assert time.monotonic() < deadline, "the worker processes did not start"
-                time.sleep(0.05)
-            assert len(children) == 2
-            for alone in children:
-                others = [pid for pid in children if pid != alone]
-                for pid in others:
-                    os.kill(pid, signal.SIGSTOP)
-                try:
-                    with httpx.Client(base_url=served.url, trust_env=False, timeout=10) as client:
-                        refused = client.post("/v1/completions", json=BODY)
-                        keyed = client.post(
-                            "/v1/completions",
-                            json=BODY,
-                            headers={"authorization": "Bearer client-key"},
-                        )
-                finally:
-                    for pid in others:
-                        os.kill(pid, signal.SIGCONT)
-                assert (refused.status_code, keyed.status_code) == (401, 200), alone
-    assert engine.paths().count("/v1/completions") == 2  # the keyed ones
+            children = wait_for_workers(served.process.pid, 2)
+            wait_listening(served.url, children)
+            port = int(served.url.rsplit(":", 1)[1])
+            answers: dict[int, list[int]] = {pid: [] for pid in children}
+            for _ in range(64):
+                for key in (b"", b"authorization: Bearer client-key\r\n"):
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                        answers[owner(client, children)].append(post(client, port, key))
+                if all(answers.values()):
+                    break
+            for pid, statuses in answers.items():
+                assert statuses and set(statuses) <= {401, 200}, pid
+    assert sorted({status for s in answers.values() for status in s}) == [200, 401]
+    keyed = sum(s.count(200) for s in answers.values())
+    assert engine.paths().count("/v1/completions") == keyed  # only the keyed ones
     assert "Traceback" not in served.stderr
 
 

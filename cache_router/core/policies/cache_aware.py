@@ -16,6 +16,7 @@ replicates exactly as far as its traffic needs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -52,6 +53,26 @@ PREFIX_HEAD = 64
 HOT_WINDOW = 16
 
 _NO_MATCH = PrefixMatch(0, frozenset())
+
+
+def place_new(key: str, candidates: Sequence[Worker], ceiling: float) -> Worker:
+    """Of the ``candidates`` loaded at most ``ceiling``, the one ``key``'s head
+    (:data:`PREFIX_HEAD` characters) hashes highest with (rendezvous hashing).
+
+    Where a miss sends a new prefix: routers that share no state (``--workers`` processes,
+    replicas without Redis) and see the same loads put it on the same worker, so its
+    next request finds it cached whichever router it reaches. Tie-breaks by ``processed``
+    or at random would differ between them.
+    """
+    head = key[:PREFIX_HEAD].encode("utf-8", "surrogatepass")
+    best = candidates[0]
+    best_score = b""
+    for worker in candidates:
+        if worker.effective_load <= ceiling:
+            score = hashlib.blake2b(head + worker.url.encode(), digest_size=8).digest()
+            if score > best_score:
+                best, best_score = worker, score
+    return best
 
 
 class CacheAwarePolicy:
@@ -267,7 +288,10 @@ class CacheAwarePolicy:
                         pool = holders
                         matched = match.length
                         sole_holder = len(match.tenants) == 1
-            chosen = least_loaded(pool, self._rng)
+            if matched or not key or count == 1:
+                chosen = least_loaded(pool, self._rng)
+            else:  # a miss with a key: a new prefix, placed alike by every router
+                chosen = place_new(key, candidates, lowest)
             if matched and count > 1 and self.spill:
                 load = chosen.effective_load
                 # Either move needs a worker ``margin`` below the holder; the margin's
