@@ -4,10 +4,10 @@ events) with a prefix cache small enough to evict.
 * ``shared_prefix_chat`` -- :class:`~benchmarks.workloads.SharedPrefix` as chat: 16 system
   prompts of 2,000 characters behind 200-character questions, 64 in flight; caches of
   7,000 tokens hold about a fifth of the prefixes;
-* ``multi_turn_evict`` -- :class:`MultiTurnEvict`: 48 conversations of 6 rounds over 8
-  system prompts, all users at once; each round resends the whole history, so an engine
-  that evicted a user's history prefills it again. 16,000 tokens per engine hold about
-  half of what the users have said by the last round;
+* ``multi_turn_evict`` -- :class:`MultiTurnEvict`: 48 conversations of 6 rounds behind
+  one system prompt, all users at once; each round resends the whole history, so an
+  engine that evicted a user's history prefills it again. 16,000 tokens per engine hold
+  about half of what the users have said by the last round;
 * ``uniform`` -- :class:`Uniform`: 512 chats whose every prompt is new (no shared prefix):
   what precise routing costs when there is nothing to find;
 * ``burst`` and ``multi_turn`` -- :mod:`benchmarks.workloads`' own, on block caches.
@@ -52,7 +52,7 @@ class MultiTurnEvict(Workload):
     name: str = field(init=False, default="multi_turn_evict")
     num_users: int = 48
     num_rounds: int = 6
-    num_systems: int = 8
+    num_systems: int = 1
     system_prompt_len: int = 1000
     question_len: int = 200
     output_len: int = 32
