@@ -75,7 +75,6 @@ class MultiTurnEvict(Workload):
             [random_text(rng, self.question_len) for _ in range(self.num_rounds)]
             for _ in range(self.num_users)
         ]
-        url = base_url + CHAT
         outcomes: list[Outcome] = []
 
         async def user(system: str, questions: list[str]) -> None:
@@ -84,6 +83,9 @@ class MultiTurnEvict(Workload):
                 messages.append({"role": "user", "content": question})
                 body = {"model": MODEL, "messages": messages, "max_tokens": self.output_len}
                 payload = json.dumps({**body, "stream": True}).encode()
+                # The URL per request: with router replicas, ``base_url`` hands out the
+                # next one on each ``+`` (benchmarks.precise.Replicas).
+                url = base_url + CHAT
                 outcome = await stream_request(session, url, payload, collect_text=True)
                 outcomes.append(outcome)
                 if not outcome.ok:

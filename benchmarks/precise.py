@@ -20,10 +20,11 @@ thresholds:
 * ``round_robin``: ``cache-router serve --policy round_robin``, the baseline;
 * ``cache_router-nospill`` (only when named): ``cache_aware --no-spill``.
 
-``--replicas N`` runs each of ours as N router processes sharing nothing (``--workers N``:
-one port, the kernel hands each connection to one of them, so one conversation's turns
-reach different replicas); the precise ones each subscribe to the events themselves. The
-peers stay one process.
+``--replicas N`` (``multi_turn_evict`` only) runs each of ours as N router processes
+sharing nothing, each on its own port, and the client sends each request to the next
+replica, round robin, as a load balancer in front of them would: one conversation's
+turns reach different replicas. The precise ones each subscribe to the events
+themselves. The peers stay one process.
 
 ``--sweep`` runs every workload at each cache size, prints a table per router and size,
 and with ``--plot`` draws hit rate and TTFT p50 against the cache size
@@ -35,21 +36,28 @@ ratios of precise to sglang-router and to the approximate policy.
 from __future__ import annotations
 
 import argparse
+import itertools
+import shlex
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks._precise_workloads import BLOCK, WORKLOADS, make_workloads, with_capacity
 from benchmarks.launch import (
+    HOST,
     ROUTERS,
     EngineFleet,
+    Managed,
     RouterProcess,
     RouterSpec,
     Thresholds,
     _cache_router_command,
     _common,
+    free_port,
+    http_status,
     make_log_dir,
 )
 from benchmarks.report import write_jsonl
@@ -82,17 +90,16 @@ FIGURES = (
 Runs = dict[tuple[str, int, str], list[dict[str, Any]]]
 
 
-def router_specs(fleet: EngineFleet, replicas: int) -> dict[str, RouterSpec]:
-    """Every router of :data:`CHOICES`; ours as ``replicas`` processes each."""
+def router_specs(fleet: EngineFleet) -> dict[str, RouterSpec]:
+    """Every router of :data:`CHOICES`."""
     entries = [
         f"{url}={endpoint}" + (f",{replay}" if replay else "")
         for url, (endpoint, replay) in zip(fleet.urls, fleet.kv_events, strict=True)
     ]
-    workers = ["--workers", str(replicas)] if replicas > 1 else []
 
     def ours(name: str, *extra: str) -> RouterSpec:
         def flags(urls: list[str], policy: str, port: int, thresholds: Thresholds) -> list[str]:
-            return [*_common(urls, policy, port, thresholds), *extra, *workers]
+            return [*_common(urls, policy, port, thresholds), *extra]
 
         return RouterSpec(name, _cache_router_command, flags)
 
@@ -112,6 +119,54 @@ def router_specs(fleet: EngineFleet, replicas: int) -> dict[str, RouterSpec]:
         SGLANG: ROUTERS[SGLANG],
         "smg": ROUTERS["smg"],
     }
+
+
+class Replicas(str):
+    """The first replica's URL; ``+ path`` hands out the replicas' URLs round robin, so
+    each request a workload builds as ``base_url + path`` goes to the next replica."""
+
+    _urls: list[str]
+    _turn: itertools.count[int]
+
+    def __new__(cls, urls: list[str]) -> Replicas:
+        self = super().__new__(cls, urls[0])
+        self._urls, self._turn = urls, itertools.count()
+        return self
+
+    def __add__(self, path: str) -> str:
+        return self._urls[next(self._turn) % len(self._urls)] + path
+
+
+class ReplicaGroup(Managed):
+    """``count`` processes of one router, each on its own port, under one shell: stopping
+    the group stops them all, and the shell's CPU time includes theirs."""
+
+    def __init__(
+        self,
+        spec: RouterSpec,
+        count: int,
+        urls: list[str],
+        policy: str,
+        thresholds: Thresholds,
+        *,
+        log_dir: Path,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        ports = [free_port() for _ in range(count)]
+        commands = [shlex.join(spec.argv(urls, policy, port, thresholds)) for port in ports]
+        script = " & ".join(commands) + " & wait"
+        super().__init__(["sh", "-c", script], f"{spec.name}-x{count}-{ports[0]}", log_dir=log_dir)
+        self.url = Replicas([f"http://{HOST}:{port}" for port in ports])
+        deadline = time.monotonic() + startup_timeout
+        try:
+            for replica in self.url._urls:
+                while http_status(replica + spec.ready_path) != 200:
+                    if not self.alive() or time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.name} did not start:\n{self.log_tail()}")
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
 
 
 def capacity_of(workload: Workload) -> int:
@@ -135,7 +190,7 @@ def run(
     thresholds = Thresholds()
     runs: Runs = {}
     with EngineFleet(4, log_dir=log_dir, kv_events=True) as fleet:
-        specs = router_specs(fleet, replicas)
+        specs = router_specs(fleet)
         for repetition in range(1, repeat + 1):
             for workload in workloads:
                 capacity = capacity_of(workload)
@@ -151,16 +206,21 @@ def run(
                         end=" ",
                         flush=True,
                     )
-                    with RouterProcess(
-                        spec, fleet.urls, policy, thresholds, log_dir=log_dir
-                    ) as proc:
+                    ours = spec.command is _cache_router_command
+                    proc: RouterProcess | ReplicaGroup = (
+                        ReplicaGroup(
+                            spec, replicas, fleet.urls, policy, thresholds, log_dir=log_dir
+                        )
+                        if ours and replicas > 1
+                        else RouterProcess(spec, fleet.urls, policy, thresholds, log_dir=log_dir)
+                    )
+                    with proc:
                         row = measure(
                             name, policy, workload, fleet, proc.url, proc.pid, seed=seed,
                             timeout=timeout,
                         )  # fmt: skip
                         if not proc.alive():
                             row["errors"] += 1
-                    ours = spec.command is _cache_router_command
                     row.update(repetition=repetition, capacity=capacity)
                     row["replicas"] = replicas if ours else 1
                     print(
@@ -302,6 +362,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--plot draws a --sweep")
     if not 1 <= args.repeat <= 20 or not 1 <= args.replicas <= 8:
         parser.error("--repeat must be in 1..20 and --replicas in 1..8")
+    if args.replicas > 1 and args.workloads != ["multi_turn_evict"]:
+        parser.error("--replicas spreads the requests of --workloads multi_turn_evict only")
     return args
 
 
