@@ -30,6 +30,7 @@ from benchmarks.loadgen import Outcome, run_closed_loop, stream_request
 from benchmarks.workloads import (
     CHAT,
     MODEL,
+    SIZES,
     Burst,
     MultiTurn,
     SharedPrefix,
@@ -135,19 +136,17 @@ _FULL: dict[str, Workload] = {
     "multi_turn": MultiTurn(block_size=BLOCK),
 }
 
-#: Tiny versions that only prove the plumbing (tests): a few requests each, still sharing
-#: prefixes where the full ones do, on caches that still evict.
+
+def _on_blocks(workload: Workload, **changes: Any) -> Workload:
+    """``workload`` on engines caching in blocks (so they publish KV events)."""
+    return replace(workload, block_size=BLOCK, **changes)  # type: ignore[call-arg]
+
+
+#: Tiny versions that only prove the plumbing (tests): the router benchmark's smoke sizes
+#: where they exist, a few requests each, still sharing prefixes where the full ones do,
+#: on caches that still evict.
 _SMOKE: dict[str, Workload] = {
-    "shared_prefix_chat": replace(
-        SHARED_PREFIX_CHAT,
-        num_groups=2,
-        prompts_per_group=4,
-        system_prompt_len=300,
-        question_len=30,
-        output_len=2,
-        concurrency=4,
-        capacity=2000,
-    ),
+    "shared_prefix_chat": _on_blocks(SIZES["smoke"]["shared_prefix"], chat=True, capacity=2000),
     "multi_turn_evict": MultiTurnEvict(
         num_users=4,
         num_rounds=2,
@@ -160,17 +159,8 @@ _SMOKE: dict[str, Workload] = {
     "uniform": Uniform(
         num_groups=8, system_prompt_len=300, question_len=30, output_len=2, concurrency=4
     ),
-    "burst": Burst(
-        num_requests=40, system_prompt_len=300, question_len=30, output_len=2, block_size=BLOCK
-    ),
-    "multi_turn": MultiTurn(
-        num_users=2,
-        num_rounds=2,
-        system_prompt_len=200,
-        question_len=30,
-        output_len=2,
-        block_size=BLOCK,
-    ),
+    "burst": _on_blocks(SIZES["smoke"]["burst"]),
+    "multi_turn": _on_blocks(SIZES["smoke"]["multi_turn"]),
 }
 
 
