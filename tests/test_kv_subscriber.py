@@ -55,7 +55,8 @@ async def settle(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 async def following(
     index: KVIndex, *sources: KVEventSource, **options: Any
 ) -> AsyncIterator[KVEventSubscriber]:
-    subscriber = KVEventSubscriber(index, sources, replay_timeout=2.0, **options)
+    options.setdefault("replay_timeout", 2.0)
+    subscriber = KVEventSubscriber(index, sources, **options)
     async with anyio.create_task_group() as group:
         group.start_soon(subscriber.run)
         try:
@@ -117,6 +118,28 @@ async def test_a_gap_is_filled_from_the_replay_socket(encoding: Any, replay_topi
             stats = subscriber.stats("e")
             assert stats is not None
             assert stats.gaps == 1 and stats.replays == 2 and stats.replay_failures == 0
+
+
+async def test_a_long_history_is_replayed_whole_to_a_late_subscriber() -> None:
+    """Thousands of batches before the router listens (a router restarted beside busy
+    engines): the replay brings every one, not as many as ZMQ's default queues hold."""
+    with KVEventPublisher(topic="kv@e") as publisher:
+        cache = BlockCache(300 * BLOCK, BLOCK, publisher.publish)
+        # Batches of some size (250 blocks each), so ZMQ's queues, not the kernel's
+        # socket buffers, decide whether the replay's tail is dropped.
+        history = [f"{n:05d} " + "past prompt " * 83 for n in range(3000)]
+        for prompt in history:
+            cache.insert(prompt)
+        publisher.flush()
+        assert publisher.published >= 3000
+        index = KVIndex(BLOCK)
+        async with following(index, source_of(publisher), replay_timeout=20.0) as subscriber:
+            await settle(
+                lambda: index.is_live("e") and agrees(index, "e", cache, history[-5:]), 30.0
+            )
+            stats = subscriber.stats("e")
+            assert stats is not None and stats.batches == publisher.published
+            assert stats.replay_failures == 0
 
 
 async def test_a_gap_without_replay_makes_the_worker_stale_until_the_cache_is_cleared() -> None:

@@ -58,6 +58,9 @@ __all__ = ["KVEventSource", "KVEventSubscriber", "StreamStats"]
 logger = logging.getLogger("cache_router.ops.kv_subscriber")
 
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+#: Messages queued on our side of a stream or a replay: vLLM's and SGLang's publishers'
+#: own high-water mark, so a burst or a whole replay buffer fits.
+_HIGH_WATER_MARK = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,7 @@ class KVEventSubscriber:
         for option, value in (
             (zmq.LINGER, 0),
             (zmq.MAXMSGSIZE, self._max_message),
-            (zmq.RCVHWM, 100_000),
+            (zmq.RCVHWM, _HIGH_WATER_MARK),
             (zmq.RECONNECT_IVL, self._reconnect[0]),
             (zmq.RECONNECT_IVL_MAX, self._reconnect[1]),
             (zmq.HEARTBEAT_IVL, self._heartbeat),
@@ -343,6 +346,9 @@ class KVEventSubscriber:
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, self._max_message)
+        # A replay is thousands of batches sent at once; a ROUTER drops what the pipe to
+        # us cannot queue, so our side of the pipe must hold a whole replay.
+        dealer.setsockopt(zmq.RCVHWM, _HIGH_WATER_MARK)
         try:
             dealer.connect(source.replay_endpoint)
             with anyio.move_on_after(self.replay_timeout):

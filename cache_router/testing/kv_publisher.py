@@ -46,8 +46,8 @@ __all__ = ["BlockCache", "KVEventPublisher", "encode_batch"]
 
 _NO_TENANTS: frozenset[str] = frozenset()
 _END = (-1).to_bytes(8, "big", signed=True)
-#: Batches ZMQ queues for slow subscribers before it drops: vLLM's and SGLang's publishers'
-#: figure (ZMQ's default, 1,000, dropped batches under benchmark load).
+#: Batches ZMQ queues for a slow subscriber (or a replay) before it drops: vLLM's and
+#: SGLang's publishers' figure (ZMQ's default, 1,000, dropped batches under load).
 _SEND_HIGH_WATER_MARK = 100_000
 
 
@@ -315,6 +315,8 @@ class KVEventPublisher:
         pub = context.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, _SEND_HIGH_WATER_MARK)
         router = context.socket(zmq.ROUTER) if self.replay else None
+        if router is not None:  # a replay sends its whole buffer at once
+            router.setsockopt(zmq.SNDHWM, _SEND_HIGH_WATER_MARK)
         try:
             pub.bind(f"tcp://{self.host}:{self._port}")
             self.endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
