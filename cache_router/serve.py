@@ -12,7 +12,7 @@ Linux; elsewhere uvicorn's supervisor with :func:`app_from_env`).
 
 :func:`run` returns the process exit status: 0 after a normal shutdown, 1 when the
 workers did not come up, 2 for a setting refused at start-up, 3 when the server did not
-start (the port in use; uvicorn's own status for it).
+start (its port or the metrics listener's in use; uvicorn's own status for it).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def run(config: RouterConfig) -> int:
     refusal = _add_metrics_listener(router)
     if refusal is not None:
         print(f"cache-router serve: error: {refusal}", file=sys.stderr)
-        return 2 if router.metrics is None else 1
+        return 2 if router.metrics is None else STARTUP_FAILURE  # its port is in use
     unreachable = _check_workers(router)
     if unreachable is None:
         return 1
