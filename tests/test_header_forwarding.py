@@ -18,8 +18,8 @@ from mock_engine import MockEngine
 from test_cli import serve_process
 
 from cache_router.core.registry import WorkerRegistry
+from cache_router.proxy.headers import filter_headers
 from cache_router.proxy.middleware import RoutingMiddleware
-from cache_router.proxy.relay import filter_headers
 from cache_router.testing import serve_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]

@@ -30,7 +30,7 @@ from test_resilience import (
     router,
 )
 
-from cache_router.proxy.relay import malformed_head
+from cache_router.proxy.headers import malformed_head
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

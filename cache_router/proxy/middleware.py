@@ -67,20 +67,22 @@ from cache_router.proxy.asgi import (
     disconnect_watch,
 )
 from cache_router.proxy.auth import bearer_matches
+from cache_router.proxy.headers import (
+    CLIENT_CREDENTIALS,
+    HOP_BY_HOP_HEADERS,
+    REQUEST_DROP,
+    filter_headers,
+)
 from cache_router.proxy.mount import under
 from cache_router.proxy.outbound import upstream_url, with_worker_key
 from cache_router.proxy.pd import PD_ROUTES, PDProtocol, PDRouter
 from cache_router.proxy.relay import (
-    CLIENT_CREDENTIALS,
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
-    HOP_BY_HOP_HEADERS,
-    REQUEST_DROP,
     RelayResult,
     TransportChoice,
     Upstream,
-    filter_headers,
     new_request_id,
 )
 from cache_router.proxy.responses import bad_request, method_not_allowed, send_error, send_json
