@@ -4,12 +4,15 @@ Requests: hop-by-hop headers (RFC 9110 7.6.1), the ones the router sets itself, 
 client's own credentials never reach an engine, nor any name a message's ``Connection``
 header lists (:func:`filter_headers`). Answers: hop-by-hop headers and the server's own
 (``date``, ``server``) are dropped, and a head no ASGI server would send is refused before
-anything reaches the client (:func:`malformed_head`).
+anything reaches the client (:func:`malformed_head`). Also the request-side helpers of
+the middleware: header overrides checked once at start-up, the request-id header by rank,
+and the client's headers as a mapping decoded only when a policy reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "CLIENT_CREDENTIALS",
@@ -17,9 +20,14 @@ __all__ = [
     "REQUEST_DROP",
     "RESPONSE_DROP",
     "REWRITE_DROP",
+    "LazyHeaders",
+    "checked_overrides",
     "connection_listed",
     "filter_headers",
+    "first_header",
+    "header_names",
     "malformed_head",
+    "ranked_header",
 ]
 
 #: Headers that describe one hop, never the message (RFC 9110 7.6.1), plus the ones the
@@ -104,3 +112,78 @@ def filter_headers(
     if extra:
         drop = drop | extra
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+#: A header name (RFC 9110 token) and a header value (visible characters, spaces, tabs).
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+#: Set by the upstream client itself: an override would contradict the request's framing.
+_FRAMING_HEADERS = HOP_BY_HOP_HEADERS | {b"content-length"}
+
+
+def header_names(names: Iterable[str]) -> frozenset[bytes]:
+    """Header names as the ASGI server gives them: lowercase bytes."""
+    return frozenset(name.lower().encode("latin-1") for name in names)
+
+
+def checked_overrides(headers: Mapping[str, str]) -> dict[bytes, bytes]:
+    """``upstream_headers`` as wire bytes; refuses, once at start-up, what no request may
+    carry: a malformed name or value (a line break would start a header of its own), or a
+    header that frames the message (``content-length``, ``transfer-encoding``, ...)."""
+    checked: dict[bytes, bytes] = {}
+    for name, value in headers.items():
+        raw_name, raw_value = name.lower().encode("latin-1"), value.encode("latin-1")
+        if not _HEADER_NAME.fullmatch(raw_name) or not _HEADER_VALUE.fullmatch(raw_value):
+            raise ValueError(f"upstream header {name!r} has a malformed name or value")
+        if raw_name in _FRAMING_HEADERS:
+            raise ValueError(f"upstream header {name!r} is set by the router itself")
+        checked[raw_name] = raw_value
+    return checked
+
+
+def first_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of the first header called ``name`` (lowercase), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def ranked_header(headers: list[tuple[bytes, bytes]], ranks: dict[bytes, int]) -> bytes | None:
+    """The value of the lowest-ranked header of ``ranks`` that ``headers`` carries (empty
+    values do not count), in one pass that stops at rank 0."""
+    found: bytes | None = None
+    best = len(ranks)
+    for key, value in headers:
+        rank = ranks.get(key)
+        if rank is not None and rank < best and value:
+            found, best = value, rank
+            if rank == 0:
+                break
+    return found
+
+
+class LazyHeaders(Mapping[str, str]):
+    """The client's headers as a read-only mapping, decoded only if a policy asks."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _mapping(self) -> dict[str, str]:
+        if self._decoded is None:
+            self._decoded = {
+                name.decode("latin-1"): value.decode("latin-1") for name, value in self._raw
+            }
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._mapping()[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())

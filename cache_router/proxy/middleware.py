@@ -69,9 +69,13 @@ from cache_router.proxy.asgi import (
 from cache_router.proxy.auth import bearer_matches
 from cache_router.proxy.headers import (
     CLIENT_CREDENTIALS,
-    HOP_BY_HOP_HEADERS,
     REQUEST_DROP,
+    LazyHeaders,
+    checked_overrides,
     filter_headers,
+    first_header,
+    header_names,
+    ranked_header,
 )
 from cache_router.proxy.mount import under
 from cache_router.proxy.outbound import upstream_url, with_worker_key
@@ -156,31 +160,6 @@ class _Route:
 
 
 _UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
-#: A header name (RFC 9110 token) and a header value (visible characters, spaces, tabs).
-_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-#: Set by the upstream client itself: an override would contradict the request's framing.
-_FRAMING_HEADERS = HOP_BY_HOP_HEADERS | {b"content-length"}
-
-
-def _names(names: Iterable[str]) -> frozenset[bytes]:
-    """Header names as the ASGI server gives them: lowercase bytes."""
-    return frozenset(name.lower().encode("latin-1") for name in names)
-
-
-def _checked_overrides(headers: Mapping[str, str]) -> dict[bytes, bytes]:
-    """``upstream_headers`` as wire bytes; refuses, once at start-up, what no request may
-    carry: a malformed name or value (a line break would start a header of its own), or a
-    header that frames the message (``content-length``, ``transfer-encoding``, ...)."""
-    checked: dict[bytes, bytes] = {}
-    for name, value in headers.items():
-        raw_name, raw_value = name.lower().encode("latin-1"), value.encode("latin-1")
-        if not _HEADER_NAME.fullmatch(raw_name) or not _HEADER_VALUE.fullmatch(raw_value):
-            raise ValueError(f"upstream header {name!r} has a malformed name or value")
-        if raw_name in _FRAMING_HEADERS:
-            raise ValueError(f"upstream header {name!r} is set by the router itself")
-        checked[raw_name] = raw_value
-    return checked
 
 
 def _forbidden_path(path: str) -> str | None:
@@ -346,7 +325,7 @@ class RoutingMiddleware:
                 retry=self.retry,
             )
             self.pd.tracer = tracer
-        self._overrides = _checked_overrides(upstream_headers or {})
+        self._overrides = checked_overrides(upstream_headers or {})
         self.api_key = api_key
         self.serve_models = serve_models
         self._listed: tuple[str, ...] | None = None
@@ -355,10 +334,10 @@ class RoutingMiddleware:
         key_headers = {b"authorization", b"x-api-key"} if api_key is not None else set()
         # Both sets are built once here; a request's headers then take one pass.
         self._request_drop = (
-            REQUEST_DROP | _names(drop_request_headers) | self._overrides.keys() | key_headers
+            REQUEST_DROP | header_names(drop_request_headers) | self._overrides.keys() | key_headers
         )
         self._request_allow = (
-            None if forward_headers is None else _names(forward_headers) - self._request_drop
+            None if forward_headers is None else header_names(forward_headers) - self._request_drop
         )
         self._request_drop |= CLIENT_CREDENTIALS
 
@@ -409,9 +388,7 @@ class RoutingMiddleware:
         # to this list while the body is read (uvicorn's httptools protocol), none of them
         # reaches the engine or overrides what the router sets. See server_protocol.
         raw_headers: list[tuple[bytes, bytes]] = list(scope["headers"])
-        request_id = (
-            _ranked_header(raw_headers, self._request_id_ranks) or new_request_id().encode()
-        )
+        request_id = ranked_header(raw_headers, self._request_id_ranks) or new_request_id().encode()
         echo = ((b"x-request-id", request_id),)
         if self._tracer is not None:
             self._tracer.request_started(
@@ -614,7 +591,7 @@ class RoutingMiddleware:
             reason = _forbidden_path(scope["path"])
             if reason is not None:
                 raise bad_request(f"refused path: {reason}", "bad_path")
-        declared = _header(headers, b"content-length")
+        declared = first_header(headers, b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise bad_request("invalid content-length", "bad_length")
@@ -689,7 +666,7 @@ class RoutingMiddleware:
                 raise bad_request("model must be a string", "invalid_model")
             if not self.registry.serves_model(model):
                 raise _unknown_model(model)
-        return RoutingRequest(key[0], model, _LazyHeaders(headers), key[1]), parsed
+        return RoutingRequest(key[0], model, LazyHeaders(headers), key[1]), parsed
 
     def _parse(self, body: bytes) -> dict[str, Any]:
         """A large body's routing fields only (a small one is parsed whole)."""
@@ -755,53 +732,6 @@ def _normalize_prefix(prefix: str) -> str:
     return stripped
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
-def _ranked_header(headers: list[tuple[bytes, bytes]], ranks: dict[bytes, int]) -> bytes | None:
-    """The value of the lowest-ranked header of ``ranks`` that ``headers`` carries (empty
-    values do not count), in one pass that stops at rank 0."""
-    found: bytes | None = None
-    best = len(ranks)
-    for key, value in headers:
-        rank = ranks.get(key)
-        if rank is not None and rank < best and value:
-            found, best = value, rank
-            if rank == 0:
-                break
-    return found
-
-
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
-    content_type = _header(headers, b"content-type")
+    content_type = first_header(headers, b"content-type")
     return content_type is not None and content_type.startswith(_JSON_CONTENT_TYPE)
-
-
-class _LazyHeaders(Mapping[str, str]):
-    """The client's headers as a read-only mapping, decoded only if a policy asks."""
-
-    __slots__ = ("_decoded", "_raw")
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self._raw = raw
-        self._decoded: dict[str, str] | None = None
-
-    def _mapping(self) -> dict[str, str]:
-        if self._decoded is None:
-            self._decoded = {
-                name.decode("latin-1"): value.decode("latin-1") for name, value in self._raw
-            }
-        return self._decoded
-
-    def __getitem__(self, name: str) -> str:
-        return self._mapping()[name.lower()]
-
-    def __iter__(self) -> Any:
-        return iter(self._mapping())
-
-    def __len__(self) -> int:
-        return len(self._mapping())
