@@ -914,12 +914,6 @@ def _cross_checks(
                 f"prometheus_port (from {where('prometheus_port')}): {metrics_port} is also "
                 f"the router's port (from {where('port')}); the metrics listener needs its own"
             )
-    if metrics_port is not None and get("workers") > 1:
-        problems.append(
-            f"prometheus_port (from {where('prometheus_port')}): one metrics listener cannot "
-            f"serve {get('workers')} processes' metrics (from {where('workers')}); scrape "
-            "each process's admin_prefix/metrics, or run one process per router"
-        )
     tls = get("ca_cert_paths"), get("client_cert_path"), get("client_key_path")
     if tls != ((), None, None):
         try:  # the files are read once here, so a bad one stops the start, named

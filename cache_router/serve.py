@@ -35,6 +35,11 @@ from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
 from cache_router.ops.access_log import formatter
 from cache_router.ops.allowlist import parse_host
+from cache_router.ops.metrics_gather import (
+    METRICS_DIRECTORY_ENV,
+    MetricsGatherer,
+    process_socket,
+)
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
 from cache_router.processes import STARTUP_FAILURE, Supervisor, reuseport_supported
@@ -91,10 +96,11 @@ def run(config: RouterConfig) -> int:
             "--dp-aware is accepted but not honoured: every worker URL is one worker, "
             "without data-parallel ranks (see docs/cli.md)"
         )
-    refusal = _add_metrics_listener(router)
-    if refusal is not None:
-        print(f"cache-router serve: error: {refusal}", file=sys.stderr)
-        return 2 if router.metrics is None else STARTUP_FAILURE  # its port is in use
+    metrics_refusal = _add_metrics_listener(router)
+    if metrics_refusal is not None:
+        message, status = metrics_refusal
+        print(f"cache-router serve: error: {message}", file=sys.stderr)
+        return status
     unreachable = _check_workers(router)
     if unreachable is None:
         return 1
@@ -197,8 +203,10 @@ def admin_exposure(config: RouterConfig) -> str | None:
 # -- the metrics listener ------------------------------------------------------------------
 
 
-def _add_metrics_listener(router: Router) -> str | None:
-    """With ``prometheus_port``, run the metrics listener beside the app; why not, else None.
+def _add_metrics_listener(router: Router) -> tuple[str, int] | None:
+    """With ``prometheus_port``, run the metrics listener beside the app (with
+    ``--workers``, the supervisor runs it: :func:`_supervise`); why not and the exit
+    status, else None.
 
     The port is bound once here, so that a port in use ends ``serve`` with a message
     before it starts, not in the middle of its lifespan.
@@ -207,17 +215,26 @@ def _add_metrics_listener(router: Router) -> str | None:
     if config.prometheus_port is None:
         return None
     if router.metrics is None:
-        return "--prometheus-port needs prometheus-client: pip install 'cache_router[metrics]'"
+        return "--prometheus-port needs prometheus-client: pip install 'cache_router[metrics]'", 2
+    if config.workers > 1 and not reuseport_supported():
+        return (
+            "--prometheus-port with --workers needs Linux (SO_REUSEPORT), where the "
+            "supervisor sums the processes' metrics; scrape each process's "
+            "admin_prefix/metrics, or run one process per router",
+            2,
+        )
     try:
         socket.create_server((config.prometheus_host, config.prometheus_port)).close()
     except OSError as exc:
         return (
             f"the metrics listener cannot listen on {config.prometheus_host}:"
-            f"{config.prometheus_port}: {exc.strerror or exc}"
+            f"{config.prometheus_port}: {exc.strerror or exc}",
+            STARTUP_FAILURE,
         )
-    router.background.append(
-        MetricsListener(router.metrics, config.prometheus_host, config.prometheus_port)
-    )
+    if config.workers == 1:
+        router.background.append(
+            MetricsListener(router.metrics, config.prometheus_host, config.prometheus_port)
+        )
     logger.info("metrics on http://%s:%d/metrics", config.prometheus_host, config.prometheus_port)
     return None
 
@@ -473,7 +490,22 @@ def _supervise(router: Router, unreachable: list[str]) -> int:
     ``SO_REUSEPORT`` socket (:class:`~cache_router.processes.Supervisor`)."""
     _hand_over(router, unreachable)
     config = router.config
-    return Supervisor(serve_child, config.workers, config.host, config.port).run()
+    supervisor = Supervisor(serve_child, config.workers, config.host, config.port)
+    if config.prometheus_port is None:
+        return supervisor.run()
+    try:
+        gatherer = MetricsGatherer(
+            config.prometheus_host, config.prometheus_port, lambda: supervisor.pids
+        )
+    except OSError as exc:  # taken since serve checked it
+        logger.error("the metrics listener cannot listen: %s", exc.strerror or exc)
+        return STARTUP_FAILURE
+    os.environ[METRICS_DIRECTORY_ENV] = gatherer.directory
+    gatherer.start()
+    try:
+        return supervisor.run()
+    finally:
+        gatherer.close()
 
 
 def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
@@ -522,6 +554,10 @@ def serve_child(sock: socket.socket, started: Callable[[], None]) -> int:
     import uvicorn
 
     router = _router_from_env()
+    directory = os.environ.get(METRICS_DIRECTORY_ENV)
+    if directory is not None and router.metrics is not None:
+        path = process_socket(directory, os.getpid())
+        router.background.append(MetricsListener(router.metrics, "", 0, path=path))
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

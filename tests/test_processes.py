@@ -229,6 +229,62 @@ def test_ctrl_c_to_the_process_group_drains_every_process() -> None:
     assert "Traceback" not in stderr
 
 
+def test_the_metrics_port_sums_every_process() -> None:
+    """``--prometheus-port`` with ``--workers``: the supervisor answers the scrape with
+    the sum of the processes' figures, whichever process served each request, and removes
+    the processes' metrics sockets when it stops."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics_port = free_port()
+
+    def scrape() -> dict[str, float]:
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as client:
+            client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200"), head
+        return {
+            sample.name + str(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    args = ("--workers", "2", "--prometheus-port", str(metrics_port))
+    with engine() as url, serve_process("--worker-urls", url, *args) as served:
+        pids = wait_for_workers(served.process.pid, 2)
+        wait_listening(served.url, pids)
+        directory = dict(
+            entry.split(b"=", 1)
+            for entry in Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+            if b"=" in entry
+        )[b"CACHE_ROUTER_METRICS_DIR"].decode()
+        for _ in range(100):
+            if scrape()["cache_router_router_processes_scraped[]"] == 2:
+                break
+            time.sleep(0.05)
+        port = int(served.url.rsplit(":", 1)[1])
+        seen: set[int] = set()
+        posts = 0
+        while len(seen) < 2 or posts < 6:
+            assert posts < 64, f"only {seen} served"
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                seen.add(owner(client, pids))
+                assert post(client, port) == 200
+                posts += 1
+        samples = scrape()
+        completions = "[('route', '/v1/completions'), ('status', '200')]"
+        assert samples["cache_router_requests_total" + completions] == posts
+        assert samples["cache_router_router_processes[]"] == 2
+        assert samples["cache_router_router_processes_scraped[]"] == 2
+        assert os.path.isdir(directory)
+    assert served.process.returncode == 130
+    assert gone(pids)
+    assert not os.path.exists(directory)
+    assert "Traceback" not in served.stderr
+
+
 def test_a_busy_port_exits_3_before_any_process_starts() -> None:
     with engine() as url:
         done = _busy(["serve", "--worker-urls", url, "--workers", "2"])

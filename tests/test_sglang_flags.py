@@ -7,6 +7,7 @@ it has behaviour a client or an operator sees, else through the configuration it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from test_cli import closed_port, free_port, run_cli, serve_process
 from cache_router.builder import build_router
 from cache_router.config import RouterConfig
 from cache_router.ops.health import CircuitBreaker
+from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.proxy.asgi import Message, Scope
 from cache_router.testing import serve_app
 
@@ -281,11 +283,27 @@ def test_sglang_flags_not_implemented_are_refused_by_name(argv: list[str], named
     assert f"{named} is not supported by cache-router" in done.stderr
 
 
-def test_one_metrics_listener_cannot_serve_several_processes() -> None:
-    done = run_cli(
-        "serve", "--worker-urls", "http://127.0.0.1:9", "--workers", "2", "--prometheus-port", "1"
+def test_several_processes_share_a_metrics_port_only_where_the_supervisor_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``--workers`` the supervisor serves the metrics port (test_processes.py);
+    under uvicorn's own supervisor (no SO_REUSEPORT) nothing could sum the processes."""
+    from cache_router import serve
+
+    config = RouterConfig(
+        worker_urls=("http://127.0.0.1:9",), workers=2, prometheus_port=free_port()
     )
-    assert done.returncode == 2 and "prometheus_port" in done.stderr
+    router = build_router(config)
+    monkeypatch.setattr(serve, "reuseport_supported", lambda: False)
+    refusal = serve._add_metrics_listener(router)
+    assert refusal is not None and refusal[1] == 2 and "--workers" in refusal[0]
+    monkeypatch.setattr(serve, "reuseport_supported", lambda: True)
+    assert serve._add_metrics_listener(router) is None
+    # The supervisor's gatherer serves the port, not this process; one process does.
+    assert not any(isinstance(task, MetricsListener) for task in router.background)
+    single = build_router(dataclasses.replace(config, workers=1))
+    assert serve._add_metrics_listener(single) is None
+    assert any(isinstance(task, MetricsListener) for task in single.background)
 
 
 def test_the_metrics_port_cannot_be_the_routers_own() -> None:

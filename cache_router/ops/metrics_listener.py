@@ -8,11 +8,17 @@ locks. It is a background task, started and stopped with the app's lifespan.
 
 Deliberately tiny: a request head of at most 8 KiB read within a few seconds, no body, no
 keep-alive. A scraper needs no more, and anything else gets a short error and the close.
+
+Under ``serve --workers N`` each process listens on a Unix socket instead (``path``), in a
+directory only the router's user can enter, and the supervisor's
+:class:`~cache_router.ops.metrics_gather.MetricsGatherer` answers the scrape port with the
+sum of them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -26,17 +32,25 @@ _READ_TIMEOUT = 5.0
 
 
 class MetricsListener:
-    """Serve ``metrics`` on ``host:port`` until cancelled (a ``BackgroundTask``)."""
+    """Serve ``metrics`` on ``host:port``, or on the Unix socket ``path`` when given,
+    until cancelled (a ``BackgroundTask``)."""
 
-    def __init__(self, metrics: PrometheusMetrics, host: str, port: int) -> None:
+    def __init__(
+        self, metrics: PrometheusMetrics, host: str, port: int, *, path: str | None = None
+    ) -> None:
         self.metrics = metrics
         self.host = host
         self.port = port
+        self.path = path
 
     async def run(self) -> None:
-        listener = await anyio.create_tcp_listener(
-            local_host=self.host, local_port=self.port, reuse_port=False
-        )
+        listener: anyio.abc.Listener[Any]
+        if self.path is not None:
+            listener = await anyio.create_unix_listener(self.path)
+        else:
+            listener = await anyio.create_tcp_listener(
+                local_host=self.host, local_port=self.port, reuse_port=False
+            )
         async with listener:
             await listener.serve(self._answer)
 

@@ -1,0 +1,182 @@
+"""The scrape port of ``serve --workers N``: every process's metrics, summed, on one port.
+
+Each ``--workers`` process counts what it served. A scrape of the router's own port (the
+admin API's ``/metrics``) reaches whichever process the kernel hands the connection to,
+so the figures would jump between processes from one scrape to the next. Instead the
+supervisor, which serves no requests, owns ``--prometheus-port``: each process serves its
+metrics on a Unix socket ``<directory>/<pid>.sock`` (:class:`MetricsListener` with a
+path), and a scrape here reads every running process's figures and answers their merge
+(:mod:`cache_router.ops.metrics_merge`), with two gauges of its own:
+``<prefix>_router_processes`` (processes running) and
+``<prefix>_router_processes_scraped`` (processes whose figures are in this answer; fewer
+while one starts or after one died, whose counts then leave the sums).
+
+It runs in threads of the supervisor (which has no event loop), one per scrape: scrapes
+are rare and the supervisor's main thread must stay free to watch its children.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import http.server
+import logging
+import os
+import shutil
+import socket
+import socketserver
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cache_router.ops.metrics_merge import merge_expositions
+
+__all__ = ["MetricsGatherer", "process_socket"]
+
+logger = logging.getLogger("cache_router.metrics")
+
+#: Environment variable naming the directory of the processes' metrics sockets.
+METRICS_DIRECTORY_ENV = "CACHE_ROUTER_METRICS_DIR"
+_FETCH_TIMEOUT = 5.0
+_MAX_EXPOSITION = 64 * 1024 * 1024
+
+
+def process_socket(directory: str, pid: int) -> str:
+    """Where the process ``pid`` serves its metrics."""
+    return os.path.join(directory, f"{pid}.sock")
+
+
+def fetch_exposition(path: str, timeout: float = _FETCH_TIMEOUT) -> str | None:
+    """One process's metrics from its Unix socket, or None when it does not answer them
+    (not listening yet, gone, a broken answer)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            answer = bytearray()
+            while chunk := sock.recv(262144):
+                answer += chunk
+                if len(answer) > _MAX_EXPOSITION:
+                    return None
+    except OSError:
+        return None
+    head, separator, body = bytes(answer).partition(b"\r\n\r\n")
+    if not separator or not head.startswith(b"HTTP/1.1 200 "):
+        return None
+    return body.decode("utf-8", "replace")
+
+
+class MetricsGatherer:
+    """Serves the merged metrics of the processes ``pids()`` names on ``host:port``.
+
+    ``bind`` (in the constructor) fails with OSError when the port is taken, before any
+    process starts; ``start`` serves in a daemon thread, ``close`` stops and removes the
+    sockets' directory.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        pids: Callable[[], list[int]],
+        *,
+        prefix: str = "cache_router",
+        additive_gauges: frozenset[str] | None = None,
+    ) -> None:
+        self.pids = pids
+        self.prefix = prefix
+        self.additive_gauges = (
+            frozenset({f"{prefix}_worker_load", f"{prefix}_tree_size_chars"})
+            if additive_gauges is None
+            else additive_gauges
+        )
+        self.directory = tempfile.mkdtemp(prefix="cache-router-metrics-")  # mode 0700
+        try:
+            self._server = _Server((host, port), _handler(self))
+        except OSError:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="cache-router-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def render(self) -> bytes:
+        """The scrape: every process's exposition, fetched side by side, merged."""
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        paths = [process_socket(self.directory, pid) for pid in self.pids()]
+        expositions: list[str] = []
+        if paths:
+            with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
+                expositions = [text for text in pool.map(fetch_exposition, paths) if text]
+        counts = [
+            GaugeMetricFamily(
+                f"{self.prefix}_router_processes",
+                "Router processes running (serve --workers).",
+                value=len(paths),
+            ),
+            GaugeMetricFamily(
+                f"{self.prefix}_router_processes_scraped",
+                "Router processes whose figures this scrape sums.",
+                value=len(expositions),
+            ),
+        ]
+        return merge_expositions(expositions, self.additive_gauges, counts)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # A scrape port: no SO_REUSEADDR dance beyond the default, and no slow reverse
+        # lookup of the host name (HTTPServer.server_bind calls getfqdn).
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]  # type: ignore[assignment]
+
+
+def _handler(gatherer: MetricsGatherer) -> Any:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """Every GET (any path, as the one-process listener) answers the merge."""
+
+        timeout = _FETCH_TIMEOUT
+        server_version = "cache-router"
+        sys_version = ""
+
+        def do_GET(self) -> None:
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            try:
+                body = gatherer.render()
+            except Exception:  # a parse error in one process's figures: say so, stay up
+                logger.exception("merging the processes' metrics failed")
+                self.send_error(500)
+                return
+            self.send_response(200)
+            self.send_header("content-type", CONTENT_TYPE_LATEST)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("metrics scrape: " + format, *args)
+
+    return Handler
