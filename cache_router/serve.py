@@ -17,13 +17,16 @@ start (its port or the metrics listener's in use; uvicorn's own status for it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -35,13 +38,10 @@ from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
 from cache_router.ops.access_log import formatter
 from cache_router.ops.allowlist import parse_host
-from cache_router.ops.metrics_gather import (
-    METRICS_DIRECTORY_ENV,
-    MetricsGatherer,
-    process_socket,
-)
+from cache_router.ops.metrics_gather import MetricsGatherer, metrics_socket
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
+from cache_router.ops.process_sync import PROCESS_DIRECTORY_ENV, ChangeJournal, ProcessSync
 from cache_router.processes import STARTUP_FAILURE, Supervisor, reuseport_supported
 
 __all__ = [
@@ -487,25 +487,37 @@ def _hand_over(router: Router, unreachable: list[str]) -> None:
 
 def _supervise(router: Router, unreachable: list[str]) -> int:
     """``config.workers`` processes of :func:`serve_child`, each on its own
-    ``SO_REUSEPORT`` socket (:class:`~cache_router.processes.Supervisor`)."""
+    ``SO_REUSEPORT`` socket (:class:`~cache_router.processes.Supervisor`).
+
+    Beside them the supervisor keeps a private directory of Unix sockets: the journal of
+    admin changes every process applies (:mod:`cache_router.ops.process_sync`) and, with
+    ``--prometheus-port``, each process's metrics, which it answers that port with,
+    summed (:mod:`cache_router.ops.metrics_gather`)."""
     _hand_over(router, unreachable)
     config = router.config
     supervisor = Supervisor(serve_child, config.workers, config.host, config.port)
-    if config.prometheus_port is None:
+    with contextlib.ExitStack() as stack:
+        directory = tempfile.mkdtemp(prefix="cache-router-")  # mode 0700
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        os.environ[PROCESS_DIRECTORY_ENV] = directory
+        journal = ChangeJournal(directory, lambda: supervisor.pids)
+        stack.callback(journal.close)
+        journal.start()
+        if config.prometheus_port is not None:
+            try:
+                gatherer = MetricsGatherer(
+                    config.prometheus_host,
+                    config.prometheus_port,
+                    lambda: supervisor.pids,
+                    directory,
+                )
+            except OSError as exc:  # taken since serve checked it
+                logger.error("the metrics listener cannot listen: %s", exc.strerror or exc)
+                return STARTUP_FAILURE
+            stack.callback(gatherer.close)
+            gatherer.start()
         return supervisor.run()
-    try:
-        gatherer = MetricsGatherer(
-            config.prometheus_host, config.prometheus_port, lambda: supervisor.pids
-        )
-    except OSError as exc:  # taken since serve checked it
-        logger.error("the metrics listener cannot listen: %s", exc.strerror or exc)
-        return STARTUP_FAILURE
-    os.environ[METRICS_DIRECTORY_ENV] = gatherer.directory
-    gatherer.start()
-    try:
-        return supervisor.run()
-    finally:
-        gatherer.close()
+    raise AssertionError("unreachable")  # for mypy: ExitStack may swallow exceptions
 
 
 def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
@@ -554,10 +566,15 @@ def serve_child(sock: socket.socket, started: Callable[[], None]) -> int:
     import uvicorn
 
     router = _router_from_env()
-    directory = os.environ.get(METRICS_DIRECTORY_ENV)
-    if directory is not None and router.metrics is not None:
-        path = process_socket(directory, os.getpid())
-        router.background.append(MetricsListener(router.metrics, "", 0, path=path))
+    directory = os.environ.get(PROCESS_DIRECTORY_ENV)
+    if directory is not None:
+        if router.config.prometheus_port is not None and router.metrics is not None:
+            path = metrics_socket(directory, os.getpid())
+            router.background.append(MetricsListener(router.metrics, "", 0, path=path))
+        if router.admin is not None:
+            sync = ProcessSync(router.admin, directory)
+            sync.replay()  # before it serves: the fleet as it is now
+            router.background.append(sync)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -8,6 +8,7 @@ Unix sockets, scraped over TCP on 127.0.0.1. The whole ``serve`` is in test_proc
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from test_metrics import A, B, Samples, fleet, parse, value, worker
 
 from cache_router.core.policies import RoutingRequest
 from cache_router.ops.metrics import PrometheusMetrics
-from cache_router.ops.metrics_gather import MetricsGatherer, process_socket
+from cache_router.ops.metrics_gather import MetricsGatherer, metrics_socket
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.metrics_merge import merge_expositions
 
@@ -94,14 +95,15 @@ def test_nothing_to_merge_is_an_empty_scrape_with_the_extra_families() -> None:
 @pytest.mark.anyio
 async def test_the_gatherer_serves_the_sum_of_the_processes_that_answer() -> None:
     running = [os.getpid(), 1, 2]  # the socket of "2" never appears: not started yet
-    gatherer = MetricsGatherer("127.0.0.1", 0, lambda: list(running))
+    directory = tempfile.mkdtemp()
+    gatherer = MetricsGatherer("127.0.0.1", 0, lambda: list(running), directory)
     try:
         listeners = [
             MetricsListener(
                 process(count, b_healthy=True, in_flight=0, prompt="p"),
                 "",
                 0,
-                path=process_socket(gatherer.directory, pid),
+                path=metrics_socket(gatherer.directory, pid),
             )
             for count, pid in ((4, os.getpid()), (6, 1))
         ]
@@ -127,19 +129,13 @@ async def test_the_gatherer_serves_the_sum_of_the_processes_that_answer() -> Non
             group.cancel_scope.cancel()
     finally:
         gatherer.close()
-    assert not os.path.exists(gatherer.directory)
+        shutil.rmtree(directory)
 
 
-def test_a_taken_port_fails_at_once_and_leaves_no_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    first = MetricsGatherer("127.0.0.1", 0, list)
-    assert os.listdir(tmp_path) == [os.path.basename(first.directory)]
+def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
+    first = MetricsGatherer("127.0.0.1", 0, list, str(tmp_path))
     try:
         with pytest.raises(OSError):
-            MetricsGatherer("127.0.0.1", first.address[1], list)
-        assert os.listdir(tmp_path) == [os.path.basename(first.directory)]
+            MetricsGatherer("127.0.0.1", first.address[1], list, str(tmp_path))
     finally:
         first.close()
-    assert os.listdir(tmp_path) == []

@@ -259,7 +259,7 @@ def test_the_metrics_port_sums_every_process() -> None:
             entry.split(b"=", 1)
             for entry in Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
             if b"=" in entry
-        )[b"CACHE_ROUTER_METRICS_DIR"].decode()
+        )[b"CACHE_ROUTER_PROCESS_DIR"].decode()
         for _ in range(100):
             if scrape()["cache_router_router_processes_scraped[]"] == 2:
                 break
@@ -282,6 +282,75 @@ def test_the_metrics_port_sums_every_process() -> None:
     assert served.process.returncode == 130
     assert gone(pids)
     assert not os.path.exists(directory)
+    assert "Traceback" not in served.stderr
+
+
+def ask(
+    port: int, pids: list[int], method: str, path: str, body: bytes = b""
+) -> tuple[int, int, bytes]:
+    """One admin request on a connection of its own: which of ``pids`` served it, the
+    status and the body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        pid = owner(client, pids)
+        client.sendall(
+            b"%s %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer admin-key\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close"
+            b"\r\n\r\n%s" % (method.encode(), path.encode(), len(body), body)
+        )
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return pid, int(head.split(b" ", 2)[1]), payload
+
+
+def listed_by_each(port: int, pids: list[int]) -> dict[int, list[str]]:
+    """The worker URLs each of ``pids`` lists (connections until each has answered)."""
+    listed: dict[int, list[str]] = {}
+    for _ in range(64):
+        pid, status, payload = ask(port, pids, "GET", "/router/workers")
+        assert status == 200, payload
+        listed[pid] = sorted(worker["url"] for worker in json.loads(payload))
+        if len(listed) == len(pids):
+            return listed
+    raise AssertionError(f"only {sorted(listed)} of {pids} answered")
+
+
+def test_admin_changes_reach_every_process_and_a_replacement() -> None:
+    """A worker added or removed through the admin API, on whichever process took the
+    connection, is added or removed in every process, and a process started later (one
+    replacing a dead one) starts with it."""
+    admin = ("--admin-prefix", "/router", "--admin-api-key", "admin-key")
+    with (
+        engine() as first,
+        engine() as second,
+        serve_process(
+            "--worker-urls", first, "--workers", "2", *admin, "--worker-allow", "127.0.0.1"
+        ) as served,
+    ):
+        pids = wait_for_workers(served.process.pid, 2)
+        wait_listening(served.url, pids)
+        port = int(served.url.rsplit(":", 1)[1])
+        body = json.dumps({"url": second}).encode()
+        origin, status, payload = ask(port, pids, "POST", "/router/workers", body)
+        assert status == 201, payload
+        assert listed_by_each(port, pids) == {pid: sorted([first, second]) for pid in pids}
+
+        other = next(pid for pid in pids if pid != origin)
+        os.kill(other, signal.SIGKILL)
+        replaced = wait_for_workers(served.process.pid, 2, not_in={other})
+        wait_listening(served.url, replaced)
+        assert listed_by_each(port, replaced) == {pid: sorted([first, second]) for pid in replaced}
+
+        encoded = second.replace(":", "%3A").replace("/", "%2F")
+        _, status, payload = ask(port, replaced, "DELETE", f"/router/workers/{encoded}")
+        assert status == 200, payload
+        for _ in range(50):  # the other process drains in the background: no load, at once
+            if listed_by_each(port, replaced) == {pid: [first] for pid in replaced}:
+                break
+            time.sleep(0.05)
+        assert listed_by_each(port, replaced) == {pid: [first] for pid in replaced}
+    assert gone(replaced)
     assert "Traceback" not in served.stderr
 
 

@@ -60,7 +60,7 @@ import math
 import re
 import ssl
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -92,7 +92,15 @@ if TYPE_CHECKING:
     from cache_router.ops.metrics import PrometheusMetrics
     from cache_router.ops.models import ModelDiscovery
 
-__all__ = ["MAX_ADMIN_BODY", "AdminApp", "PendingWorker", "json_object", "route_app", "worker_info"]
+__all__ = [
+    "MAX_ADMIN_BODY",
+    "AdminApp",
+    "ChangeSharing",
+    "PendingWorker",
+    "json_object",
+    "route_app",
+    "worker_info",
+]
 
 logger = logging.getLogger("cache_router.ops.admin")
 
@@ -158,6 +166,15 @@ class PendingWorker(NamedTuple):
             f"PendingWorker(url={self.url!r}, model={self.model!r}, wait={self.wait!r}, "
             f"role={self.role!r}, bootstrap_port={self.bootstrap_port!r})"
         )
+
+
+class ChangeSharing(Protocol):
+    """Where the admin API's changes go besides this process's registry (the other
+    processes of ``serve --workers N``: :class:`~cache_router.ops.process_sync.ProcessSync`)."""
+
+    async def worker_added(self, worker: Worker) -> None: ...
+
+    async def worker_removed(self, worker: Worker, timeout: float) -> None: ...
 
 
 class _Drain:
@@ -235,6 +252,8 @@ class AdminApp:
         self._api_key = api_key
         self._adding: set[str] = set()
         self._drains: dict[Worker, _Drain] = {}
+        #: The other processes that must see the changes made through this API, if any.
+        self.sharing: ChangeSharing | None = None
         registry.on_release(self._lease_released)
         routes = [
             # One route per path, so that a wrong method gets a 405 naming all allowed ones.
@@ -295,12 +314,14 @@ class AdminApp:
             role=payload.get("worker_type"),
             bootstrap_port=payload.get("bootstrap_port"),
         )
+        await self.share_added(worker)
         return JSONResponse(worker_info(worker, self.registry), status_code=201)
 
     async def _add_query(self, request: Request) -> Response:
         query = request.query_params
         wait = query.get("wait_healthy_secs")
         worker = await self.add(query.get("url"), query.get("model"), wait)
+        await self.share_added(worker)
         return JSONResponse(worker_info(worker, self.registry))
 
     async def _remove_query(self, request: Request) -> Response:
@@ -312,6 +333,7 @@ class AdminApp:
     async def _remove(self, worker: Worker, request: Request) -> Response:
         raw = request.query_params.get("timeout")
         timeout = self.drain_timeout if raw is None else _seconds(raw, "timeout")
+        await self.share_removal(worker, timeout)
         drained = await self.drain(worker, timeout)
         return JSONResponse({**worker_info(worker, self.registry), "drained": drained})
 
@@ -321,6 +343,18 @@ class AdminApp:
         return Response(body, media_type=content_type)
 
     # -- operations -----------------------------------------------------------------------
+
+    async def share_added(self, worker: Worker) -> None:
+        """Tell :attr:`sharing` of a worker an API client added (not discovery's: every
+        process discovers on its own)."""
+        if self.sharing is not None:
+            await self.sharing.worker_added(worker)
+
+    async def share_removal(self, worker: Worker, timeout: float) -> None:
+        """Tell :attr:`sharing` that an API client removes ``worker`` (before the drain
+        here, so that the other processes stop sending it requests now too)."""
+        if self.sharing is not None:
+            await self.sharing.worker_removed(worker, timeout)
 
     async def add(
         self,

@@ -4,9 +4,10 @@ Each ``--workers`` process counts what it served. A scrape of the router's own p
 admin API's ``/metrics``) reaches whichever process the kernel hands the connection to,
 so the figures would jump between processes from one scrape to the next. Instead the
 supervisor, which serves no requests, owns ``--prometheus-port``: each process serves its
-metrics on a Unix socket ``<directory>/<pid>.sock`` (:class:`MetricsListener` with a
-path), and a scrape here reads every running process's figures and answers their merge
-(:mod:`cache_router.ops.metrics_merge`), with two gauges of its own:
+metrics on a Unix socket ``<directory>/<pid>.metrics.sock`` (:class:`MetricsListener`
+with a path) in the supervisor's private directory, and a scrape here reads every
+running process's figures and answers their merge (:mod:`cache_router.ops.metrics_merge`),
+with two gauges of its own:
 ``<prefix>_router_processes`` (processes running) and
 ``<prefix>_router_processes_scraped`` (processes whose figures are in this answer; fewer
 while one starts or after one died, whose counts then leave the sums).
@@ -22,29 +23,25 @@ import contextlib
 import http.server
 import logging
 import os
-import shutil
 import socket
 import socketserver
-import tempfile
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from cache_router.ops.metrics_merge import merge_expositions
+from cache_router.ops.server_thread import ServerThread
 
-__all__ = ["MetricsGatherer", "process_socket"]
+__all__ = ["MetricsGatherer", "metrics_socket"]
 
 logger = logging.getLogger("cache_router.metrics")
 
-#: Environment variable naming the directory of the processes' metrics sockets.
-METRICS_DIRECTORY_ENV = "CACHE_ROUTER_METRICS_DIR"
 _FETCH_TIMEOUT = 5.0
 _MAX_EXPOSITION = 64 * 1024 * 1024
 
 
-def process_socket(directory: str, pid: int) -> str:
+def metrics_socket(directory: str, pid: int) -> str:
     """Where the process ``pid`` serves its metrics."""
-    return os.path.join(directory, f"{pid}.sock")
+    return os.path.join(directory, f"{pid}.metrics.sock")
 
 
 def fetch_exposition(path: str, timeout: float = _FETCH_TIMEOUT) -> str | None:
@@ -68,12 +65,12 @@ def fetch_exposition(path: str, timeout: float = _FETCH_TIMEOUT) -> str | None:
     return body.decode("utf-8", "replace")
 
 
-class MetricsGatherer:
-    """Serves the merged metrics of the processes ``pids()`` names on ``host:port``.
+class MetricsGatherer(ServerThread):
+    """Serves the merged metrics of the processes ``pids()`` names on ``host:port``, read
+    from their sockets in ``directory`` (:func:`metrics_socket`).
 
-    ``bind`` (in the constructor) fails with OSError when the port is taken, before any
-    process starts; ``start`` serves in a daemon thread, ``close`` stops and removes the
-    sockets' directory.
+    The constructor binds the port: OSError when it is taken, before any process starts;
+    ``start`` serves in a daemon thread, ``close`` stops.
     """
 
     def __init__(
@@ -81,6 +78,7 @@ class MetricsGatherer:
         host: str,
         port: int,
         pids: Callable[[], list[int]],
+        directory: str,
         *,
         prefix: str = "cache_router",
         additive_gauges: frozenset[str] | None = None,
@@ -92,37 +90,20 @@ class MetricsGatherer:
             if additive_gauges is None
             else additive_gauges
         )
-        self.directory = tempfile.mkdtemp(prefix="cache-router-metrics-")  # mode 0700
-        try:
-            self._server = _Server((host, port), _handler(self))
-        except OSError:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            raise
-        self._thread: threading.Thread | None = None
+        self.directory = directory
+        self._server: _Server = _Server((host, port), _handler(self))
+        super().__init__(self._server, "cache-router-metrics")
 
     @property
     def address(self) -> tuple[str, int]:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="cache-router-metrics", daemon=True
-        )
-        self._thread.start()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
     def render(self) -> bytes:
         """The scrape: every process's exposition, fetched side by side, merged."""
         from prometheus_client.metrics_core import GaugeMetricFamily
 
-        paths = [process_socket(self.directory, pid) for pid in self.pids()]
+        paths = [metrics_socket(self.directory, pid) for pid in self.pids()]
         expositions: list[str] = []
         if paths:
             with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:

@@ -151,13 +151,15 @@ class SGLangWorkerApi:
 
     async def _register(self, pending: PendingWorker) -> None:
         try:
-            await self.admin.complete(pending)
+            worker = await self.admin.complete(pending)
         except RouterError as exc:  # the answer is gone; the admin API logged the reason
             logger.warning("worker %s was not added: %s", pending.url, exc)
         else:
             logger.info("worker %s added", pending.url)
+            await self.admin.share_added(worker)
 
     async def _drain(self, worker: Worker) -> None:
+        await self.admin.share_removal(worker, self.admin.drain_timeout)
         drained = await self.admin.drain(worker, self.admin.drain_timeout)
         logger.info("worker %s removed (%s)", worker.url, "drained" if drained else "timed out")
 
