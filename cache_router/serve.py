@@ -18,6 +18,7 @@ start (its port or the metrics listener's in use; uvicorn's own status for it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -472,6 +473,17 @@ def _hand_over(router: Router, unreachable: list[str]) -> None:
             "and load counts, so they will not share what they learn",
             config.workers,
         )
+    share = process_share(config)
+    if share.max_concurrent_requests > 0:
+        logger.info(
+            "each of the %d processes admits %d requests at once and queues %d "
+            "(--max-concurrent-requests %d, --queue-size %d for the whole router)",
+            config.workers,
+            share.max_concurrent_requests,
+            share.queue_size,
+            config.max_concurrent_requests,
+            config.queue_size,
+        )
     models = {
         worker.url: worker.discovered_models
         for worker in router.registry
@@ -541,11 +553,26 @@ def _router_from_env() -> Router:
     if raw is None:
         raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
     handed = json.loads(raw)
-    config = RouterConfig.from_dict(handed["config"])
+    config = process_share(RouterConfig.from_dict(handed["config"]))
     configure_logging(config.log_level, config.log_dir, config.log_format)
     router = build_router(config)
     _apply_findings(router, handed["unreachable"], handed["models"])
     return router
+
+
+def process_share(config: RouterConfig) -> RouterConfig:
+    """One of ``config.workers`` processes' share of the router's admission limits:
+    ``max_concurrent_requests`` and ``queue_size`` bound the whole router (sized to what
+    the engines can run), so each process gets its part, rounded up."""
+    workers = config.workers
+    if workers == 1:
+        return config
+    limit = config.max_concurrent_requests
+    return dataclasses.replace(
+        config,
+        max_concurrent_requests=limit if limit <= 0 else -(-limit // workers),
+        queue_size=-(-config.queue_size // workers),
+    )
 
 
 def app_from_env() -> Any:

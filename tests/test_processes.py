@@ -9,6 +9,7 @@ for), and each test checks that no child outlives its parent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import pytest
 from test_cli import ROOT, free_port, serve_process
 from test_exit_codes import _busy
 
+from cache_router.config import RouterConfig
 from cache_router.processes import (
     STARTUP_FAILURE,
     Supervisor,
@@ -30,6 +32,7 @@ from cache_router.processes import (
     reserve,
     reuseport_supported,
 )
+from cache_router.serve import process_share
 from cache_router.testing import SimulatedEngine, serve_app
 
 pytestmark = [
@@ -352,6 +355,29 @@ def test_admin_changes_reach_every_process_and_a_replacement() -> None:
         assert listed_by_each(port, replaced) == {pid: [first] for pid in replaced}
     assert gone(replaced)
     assert "Traceback" not in served.stderr
+
+
+def test_the_admission_limits_are_the_whole_routers() -> None:
+    config = RouterConfig(
+        worker_urls=("http://127.0.0.1:9",), workers=3, max_concurrent_requests=256
+    )
+    share = process_share(config)
+    assert (share.max_concurrent_requests, share.queue_size) == (86, 34)  # 256 and 100 / 3
+    assert (
+        process_share(
+            dataclasses.replace(config, max_concurrent_requests=-1)
+        ).max_concurrent_requests
+        == -1
+    )
+    assert process_share(dataclasses.replace(config, workers=1)) == dataclasses.replace(
+        config, workers=1
+    )
+    assert (
+        process_share(
+            dataclasses.replace(config, max_concurrent_requests=1)
+        ).max_concurrent_requests
+        == 1
+    )
 
 
 def test_a_busy_port_exits_3_before_any_process_starts() -> None:
