@@ -25,6 +25,7 @@ process. Messages are one JSON object per line.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -130,10 +131,12 @@ class ChangeJournal(ServerThread):
             change = {**change, "seq": self._sequence}
             self._changes.pop(url, None)
             self._changes[url] = change
+        paths = [sync_socket(self.directory, pid) for pid in self.pids() if pid != origin]
         reached = 0
-        for pid in self.pids():
-            if pid != origin and _exchange(sync_socket(self.directory, pid), change) is not None:
-                reached += 1
+        if paths:  # side by side: one stalled process delays the answer by one timeout
+            with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
+                answers = pool.map(_exchange, paths, [change] * len(paths))
+                reached = sum(answer is not None for answer in answers)
         return {"seq": change["seq"], "reached": reached}
 
 
