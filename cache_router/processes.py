@@ -155,6 +155,7 @@ class Supervisor:
         *,
         max_restarts: int = 10,
         restart_window: float = 60.0,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -164,6 +165,8 @@ class Supervisor:
         self.port = port
         self.max_restarts = max_restarts
         self.restart_window = restart_window
+        #: Called with the pid of each child that has ended, once reaped.
+        self.on_exit = on_exit
         self._context = multiprocessing.get_context("spawn")
         self._children: list[_Child] = []
         self._restarts: collections.deque[float] = collections.deque()
@@ -254,6 +257,7 @@ class Supervisor:
                     continue
                 child.process.join()
                 child.ready.close()
+                self._exited(child)
                 code = child.process.exitcode
                 if starting and not child.started:
                     logger.error(
@@ -295,3 +299,8 @@ class Supervisor:
         for child in self._children:
             child.process.join()
             child.ready.close()
+            self._exited(child)
+
+    def _exited(self, child: _Child) -> None:
+        if self.on_exit is not None and child.process.pid is not None:
+            self.on_exit(child.process.pid)

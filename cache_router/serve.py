@@ -39,10 +39,15 @@ from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
 from cache_router.ops.access_log import formatter
 from cache_router.ops.allowlist import parse_host
-from cache_router.ops.metrics_gather import MetricsGatherer, metrics_socket
+from cache_router.ops.metrics_gather import MetricsGatherer, ProcessesMetrics, metrics_socket
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
-from cache_router.ops.process_sync import PROCESS_DIRECTORY_ENV, ChangeJournal, ProcessSync
+from cache_router.ops.process_sync import (
+    PROCESS_DIRECTORY_ENV,
+    ChangeJournal,
+    ProcessSync,
+    sync_socket,
+)
 from cache_router.processes import STARTUP_FAILURE, Supervisor, reuseport_supported
 
 __all__ = [
@@ -502,14 +507,21 @@ def _supervise(router: Router, unreachable: list[str]) -> int:
     ``SO_REUSEPORT`` socket (:class:`~cache_router.processes.Supervisor`).
 
     Beside them the supervisor keeps a private directory of Unix sockets: the journal of
-    admin changes every process applies (:mod:`cache_router.ops.process_sync`) and, with
-    ``--prometheus-port``, each process's metrics, which it answers that port with,
-    summed (:mod:`cache_router.ops.metrics_gather`)."""
+    admin changes every process applies (:mod:`cache_router.ops.process_sync`) and each
+    process's metrics, which every process's admin ``/metrics`` and the supervisor's
+    ``--prometheus-port`` answer with, summed (:mod:`cache_router.ops.metrics_gather`).
+    A dead process's sockets are removed when it is reaped."""
     _hand_over(router, unreachable)
     config = router.config
-    supervisor = Supervisor(serve_child, config.workers, config.host, config.port)
+    directory = tempfile.mkdtemp(prefix="cache-router-")  # mode 0700
+
+    def forget(pid: int) -> None:  # a dead process's sockets: no one answers there
+        for path in (metrics_socket(directory, pid), sync_socket(directory, pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    supervisor = Supervisor(serve_child, config.workers, config.host, config.port, on_exit=forget)
     with contextlib.ExitStack() as stack:
-        directory = tempfile.mkdtemp(prefix="cache-router-")  # mode 0700
         stack.callback(shutil.rmtree, directory, ignore_errors=True)
         os.environ[PROCESS_DIRECTORY_ENV] = directory
         journal = ChangeJournal(directory, lambda: supervisor.pids)
@@ -595,9 +607,11 @@ def serve_child(sock: socket.socket, started: Callable[[], None]) -> int:
     router = _router_from_env()
     directory = os.environ.get(PROCESS_DIRECTORY_ENV)
     if directory is not None:
-        if router.config.prometheus_port is not None and router.metrics is not None:
+        if router.metrics is not None:
             path = metrics_socket(directory, os.getpid())
             router.background.append(MetricsListener(router.metrics, "", 0, path=path))
+            if router.admin is not None:
+                router.admin.scrape = ProcessesMetrics(router.metrics, directory)
         if router.admin is not None:
             sync = ProcessSync(router.admin, directory)
             sync.replay()  # before it serves: the fleet as it is now

@@ -41,6 +41,7 @@ pytestmark = [
 ]
 
 BODY = json.dumps({"prompt": "Hello", "max_tokens": 2}).encode()
+ADMIN = ("--admin-prefix", "/router", "--admin-api-key", "admin-key")
 
 
 # -- which process holds a connection (/proc) -----------------------------------------------
@@ -232,6 +233,13 @@ def test_ctrl_c_to_the_process_group_drains_every_process() -> None:
     assert "Traceback" not in stderr
 
 
+def process_directory(pid: int) -> str:
+    """The supervisor's socket directory, as the process ``pid`` was told it."""
+    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    found = dict(entry.split(b"=", 1) for entry in environment if b"=" in entry)
+    return found[b"CACHE_ROUTER_PROCESS_DIR"].decode()
+
+
 def test_the_metrics_port_sums_every_process() -> None:
     """``--prometheus-port`` with ``--workers``: the supervisor answers the scrape with
     the sum of the processes' figures, whichever process served each request, and removes
@@ -254,15 +262,11 @@ def test_the_metrics_port_sums_every_process() -> None:
             for sample in family.samples
         }
 
-    args = ("--workers", "2", "--prometheus-port", str(metrics_port))
+    args = ("--workers", "2", "--prometheus-port", str(metrics_port), *ADMIN)
     with engine() as url, serve_process("--worker-urls", url, *args) as served:
         pids = wait_for_workers(served.process.pid, 2)
         wait_listening(served.url, pids)
-        directory = dict(
-            entry.split(b"=", 1)
-            for entry in Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
-            if b"=" in entry
-        )[b"CACHE_ROUTER_PROCESS_DIR"].decode()
+        directory = process_directory(pids[0])
         for _ in range(100):
             if scrape()["cache_router_router_processes_scraped[]"] == 2:
                 break
@@ -281,6 +285,19 @@ def test_the_metrics_port_sums_every_process() -> None:
         assert samples["cache_router_requests_total" + completions] == posts
         assert samples["cache_router_router_processes[]"] == 2
         assert samples["cache_router_router_processes_scraped[]"] == 2
+        # The admin API's /metrics on the router's port: the same sums, whichever process
+        # takes the scrape's connection.
+        total = f'cache_router_requests_total{{route="/v1/completions",status="200"}} {posts}.0'
+        answered: set[int] = set()
+        for _ in range(64):
+            pid, status, payload = ask(port, pids, "GET", "/router/metrics")
+            assert status == 200, payload
+            assert total.encode() in payload
+            assert b"cache_router_router_processes_scraped 2.0" in payload
+            answered.add(pid)
+            if len(answered) == 2:
+                break
+        assert answered == set(pids)
         assert os.path.isdir(directory)
     assert served.process.returncode == 130
     assert gone(pids)
@@ -323,12 +340,11 @@ def test_admin_changes_reach_every_process_and_a_replacement() -> None:
     """A worker added or removed through the admin API, on whichever process took the
     connection, is added or removed in every process, and a process started later (one
     replacing a dead one) starts with it."""
-    admin = ("--admin-prefix", "/router", "--admin-api-key", "admin-key")
     with (
         engine() as first,
         engine() as second,
         serve_process(
-            "--worker-urls", first, "--workers", "2", *admin, "--worker-allow", "127.0.0.1"
+            "--worker-urls", first, "--workers", "2", *ADMIN, "--worker-allow", "127.0.0.1"
         ) as served,
     ):
         pids = wait_for_workers(served.process.pid, 2)
@@ -340,8 +356,11 @@ def test_admin_changes_reach_every_process_and_a_replacement() -> None:
         assert listed_by_each(port, pids) == {pid: sorted([first, second]) for pid in pids}
 
         other = next(pid for pid in pids if pid != origin)
+        sockets = Path(process_directory(origin))
+        assert (sockets / f"{other}.sync.sock").exists()
         os.kill(other, signal.SIGKILL)
         replaced = wait_for_workers(served.process.pid, 2, not_in={other})
+        assert not [path.name for path in sockets.glob(f"{other}.*")]  # removed when reaped
         wait_listening(served.url, replaced)
         assert listed_by_each(port, replaced) == {pid: sorted([first, second]) for pid in replaced}
 

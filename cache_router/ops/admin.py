@@ -59,7 +59,7 @@ import logging
 import math
 import re
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -254,6 +254,9 @@ class AdminApp:
         self._drains: dict[Worker, _Drain] = {}
         #: The other processes that must see the changes made through this API, if any.
         self.sharing: ChangeSharing | None = None
+        #: What ``GET /metrics`` answers instead of ``metrics.render()`` (body, content
+        #: type): every ``--workers`` process's figures.
+        self.scrape: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
         registry.on_release(self._lease_released)
         routes = [
             # One route per path, so that a wrong method gets a 405 naming all allowed ones.
@@ -339,7 +342,7 @@ class AdminApp:
 
     async def _metrics(self, request: Request) -> Response:
         assert self.metrics is not None
-        body, content_type = self.metrics.render()
+        body, content_type = self.metrics.render() if self.scrape is None else await self.scrape()
         return Response(body, media_type=content_type)
 
     # -- operations -----------------------------------------------------------------------

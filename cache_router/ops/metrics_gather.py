@@ -28,10 +28,13 @@ import socketserver
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+
+from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.metrics_merge import merge_expositions
 from cache_router.ops.server_thread import ServerThread
 
-__all__ = ["MetricsGatherer", "metrics_socket"]
+__all__ = ["MetricsGatherer", "ProcessesMetrics", "metrics_socket"]
 
 logger = logging.getLogger("cache_router.metrics")
 
@@ -81,15 +84,10 @@ class MetricsGatherer(ServerThread):
         directory: str,
         *,
         prefix: str = "cache_router",
-        additive_gauges: frozenset[str] | None = None,
     ) -> None:
         self.pids = pids
         self.prefix = prefix
-        self.additive_gauges = (
-            frozenset({f"{prefix}_worker_load", f"{prefix}_tree_size_chars"})
-            if additive_gauges is None
-            else additive_gauges
-        )
+        self.additive_gauges = summed_gauges(prefix)
         self.directory = directory
         self._server: _Server = _Server((host, port), _handler(self))
         super().__init__(self._server, "cache-router-metrics")
@@ -101,26 +99,74 @@ class MetricsGatherer(ServerThread):
 
     def render(self) -> bytes:
         """The scrape: every process's exposition, fetched side by side, merged."""
-        from prometheus_client.metrics_core import GaugeMetricFamily
-
         paths = [metrics_socket(self.directory, pid) for pid in self.pids()]
-        expositions: list[str] = []
-        if paths:
-            with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
-                expositions = [text for text in pool.map(fetch_exposition, paths) if text]
-        counts = [
-            GaugeMetricFamily(
-                f"{self.prefix}_router_processes",
-                "Router processes running (serve --workers).",
-                value=len(paths),
-            ),
-            GaugeMetricFamily(
-                f"{self.prefix}_router_processes_scraped",
-                "Router processes whose figures this scrape sums.",
-                value=len(expositions),
-            ),
-        ]
+        expositions = fetch_all(paths)
+        counts = _process_counts(self.prefix, len(expositions), running=len(paths))
         return merge_expositions(expositions, self.additive_gauges, counts)
+
+
+class ProcessesMetrics:
+    """The admin API's ``/metrics`` in one ``--workers`` process: its own figures and
+    every other running process's (from their sockets in ``directory``), merged as the
+    supervisor's port merges them, so the answer does not depend on which process the
+    scrape's connection reached. Set as ``AdminApp.scrape``."""
+
+    def __init__(self, metrics: PrometheusMetrics, directory: str) -> None:
+        self.metrics = metrics
+        self.directory = directory
+        self.own = metrics_socket(directory, os.getpid())
+        self.additive_gauges = summed_gauges(metrics.prefix)
+
+    async def __call__(self) -> tuple[bytes, str]:
+        own = self.metrics.render()[0].decode()
+        others = [path for path in self._sockets() if path != self.own]
+        expositions = [own, *await anyio.to_thread.run_sync(fetch_all, others)]
+        counts = _process_counts(self.metrics.prefix, len(expositions))
+        return merge_expositions(expositions, self.additive_gauges, counts), (
+            self.metrics.content_type
+        )
+
+    def _sockets(self) -> list[str]:
+        suffix = ".metrics.sock"
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return [os.path.join(self.directory, name) for name in names if name.endswith(suffix)]
+
+
+def summed_gauges(prefix: str) -> frozenset[str]:
+    """The router's gauges that add up over processes (the rest are states)."""
+    return frozenset({f"{prefix}_worker_load", f"{prefix}_tree_size_chars"})
+
+
+def fetch_all(paths: list[str]) -> list[str]:
+    """The expositions of the processes at ``paths`` that answer, fetched side by side."""
+    if not paths:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
+        return [text for text in pool.map(fetch_exposition, paths) if text]
+
+
+def _process_counts(prefix: str, scraped: int, running: int | None = None) -> list[Any]:
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    counts = [
+        GaugeMetricFamily(
+            f"{prefix}_router_processes_scraped",
+            "Router processes whose figures this scrape sums.",
+            value=scraped,
+        )
+    ]
+    if running is not None:
+        counts.append(
+            GaugeMetricFamily(
+                f"{prefix}_router_processes",
+                "Router processes running (serve --workers).",
+                value=running,
+            )
+        )
+    return counts
 
 
 class _Server(http.server.ThreadingHTTPServer):
