@@ -610,5 +610,10 @@ class RouterProcess(Managed):
         return cpu_seconds(self.pid)
 
 
+#: Where the runs' log directories go, when set (the tests point it at pytest's own
+#: temporary directory, which pytest prunes); else the system's temporary directory.
+LOG_ROOT_ENV = "BENCHMARKS_LOG_ROOT"  # not CACHE_ROUTER_*: serve refuses unknown ones
+
+
 def make_log_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="cache-router-bench-"))
+    return Path(tempfile.mkdtemp(prefix="cache-router-bench-", dir=os.environ.get(LOG_ROOT_ENV)))
