@@ -323,7 +323,7 @@ def _pinned_fleet(
     layout: list[int], **options: Any
 ) -> tuple[PreciseCacheAwarePolicy, list[Any], list[str]]:
     """A policy over workers ``a, b, ...`` and ``sum(layout)`` prefixes (distinct in their
-    first 64 tokens), ``layout[i]`` of them sent first to worker ``i`` alone: each prefix
+    first 64 tokens), ``layout[i]`` of them sent twice to worker ``i`` alone: each prefix
     is then pinned to that worker (pending; no engine reports anything)."""
     from cache_router import WorkerRegistry
 
@@ -335,8 +335,9 @@ def _pinned_fleet(
         index.mark_live(worker.url)
     prefixes = [f"prefix {n:02d} " * 8 + SYSTEM for n in range(sum(layout))]
     owners = [worker for worker, count in zip(workers, layout, strict=True) for _ in range(count)]
-    for prefix, owner in zip(prefixes, owners, strict=True):
-        policy.select(RoutingRequest(encode_tokens(ids(prefix + "first")), tokens=True), [owner])
+    for turn in ("first", "second"):
+        for prefix, owner in zip(prefixes, owners, strict=True):
+            policy.select(RoutingRequest(encode_tokens(ids(prefix + turn)), tokens=True), [owner])
     return policy, workers, prefixes
 
 

@@ -114,6 +114,7 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         self._ring: deque[tuple[str, str]] = deque()
         self._heads: dict[str, list[Any]] = {}
         self._pinned: dict[str, int] = {}
+        self._prefixes: dict[str, int] = {}  # pinned heads seen more than once, per worker
         self._moved: dict[str, str] = {}
         self._quiet = 0  # selections left before the next move may be made
         self._move_to: str | None = None
@@ -194,23 +195,32 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         if entry is None or entry[1].keys() != {holder}:
             return match  # the prefix is not pinned to its holder (several serve it)
         pinned = self._pinned
+        prefixes = self._prefixes
         total = 0
         holder_load = -1
         target: Worker | None = None
-        low = 0
+        rank = (0, 0, 0)
         for worker in candidates:
-            count = pinned.get(worker.url, 0)
+            url = worker.url
+            count = pinned.get(url, 0)
             total += count
-            if worker.url == holder:
+            if url == holder:
                 holder_load = worker.effective_load
-            elif target is None or (count, worker.effective_load) < (low, target.effective_load):
-                target, low = worker, count
+                continue
+            mine = (prefixes.get(url, 0), count, worker.effective_load)
+            if target is None or mine < rank:
+                target, rank = worker, mine
         if target is None or holder_load < 0 or total * 2 < len(self._ring):
             return match  # most traffic is not pinned: no prefix split to correct
         mean = total / len(candidates)
         high = pinned.get(holder, 0)
+        low = rank[1]
         if (
-            high > mean * (1 + MOVE_MARGIN)
+            # Both the traffic and the number of prefixes must say so: with equal
+            # prefixes the traffic counts alone are noisy, with unequal ones the
+            # numbers of prefixes mean little.
+            rank[0] + 2 <= prefixes.get(holder, 0)
+            and high > mean * (1 + MOVE_MARGIN)
             and low < mean * (1 - MOVE_MARGIN)
             and low + 2 * entry[0] <= high  # the move narrows the gap, never reverses it
             and target.effective_load <= holder_load
@@ -223,26 +233,32 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
     def _count(self, head: str, url: str, delta: int) -> None:
         """Add ``delta`` selections of ``head`` on ``url`` to the window's counts."""
         heads = self._heads
-        pinned = self._pinned
         entry = heads.get(head)
         if entry is None:
             entry = heads[head] = [0, {}]
         by_worker = entry[1]
-        if len(by_worker) == 1:
-            (owner,) = by_worker
-            pinned[owner] -= entry[0]
+        self._pin(entry, -1)
         left = by_worker.get(url, 0) + delta
         if left:
             by_worker[url] = left
         else:
             del by_worker[url]
         entry[0] += delta
-        if not entry[0]:
+        if entry[0]:
+            self._pin(entry, 1)
+        else:
             del heads[head]
             self._moved.pop(head, None)
-        elif len(by_worker) == 1:
+
+    def _pin(self, entry: list[Any], sign: int) -> None:
+        """Add (``sign`` 1) or take back (-1) a head's part in its worker's pinned counts:
+        its selections, and one prefix if it recurs."""
+        by_worker: dict[str, int] = entry[1]
+        if len(by_worker) == 1:
             (owner,) = by_worker
-            pinned[owner] = pinned.get(owner, 0) + entry[0]
+            self._pinned[owner] = self._pinned.get(owner, 0) + sign * entry[0]
+            if entry[0] > 1:
+                self._prefixes[owner] = self._prefixes.get(owner, 0) + sign
 
     def select(self, request: RoutingRequest, candidates: Sequence[Worker]) -> Worker:
         self._move_to = None
