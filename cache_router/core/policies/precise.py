@@ -69,15 +69,19 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
     arrive stays: 16 prefixes of equal traffic over 4 engines land 5/4/4/3 and one engine
     takes 31 % of the requests. A prefix is *pinned* to a worker when every one of the
     latest ``move_window`` selections with its head (:data:`PREFIX_HEAD` tokens) went
-    there; a worker's pinned traffic is the count of those selections. When most of the
-    window is pinned, a hit whose only holder is pinned more than :data:`MOVE_MARGIN`
-    above the candidates' mean goes instead to the least pinned worker, if that one is as
-    far below, no busier, and still not above the holder afterwards (``moved``); later
-    hits on that prefix follow it there while the old copy ages out of the old cache. One
-    move per window: its effect shows in the counts at once (the prefix is no longer
-    pinned), not after the window turns over. A prefix several workers serve (a system
-    prompt all conversations share) is never moved: the least loaded holder already
-    spreads it.
+    there; a worker's pinned traffic is the count of those selections, its prefixes the
+    number of such heads seen more than once. When most of the window is pinned, a hit
+    whose only holder is pinned more than :data:`MOVE_MARGIN` above the candidates' mean
+    goes instead to the worker with the fewest prefixes (then the least pinned traffic),
+    if that one is as far below, holds at least 2 prefixes fewer, is no busier, and is
+    still not above the holder afterwards (``moved``). Traffic counts over a window are
+    noisy (16 equal prefixes, 128 selections: one worker's count swings by a sixth), so
+    the number of prefixes must agree; with unequal prefixes it alone would mean little.
+    Later hits on that prefix follow it there while the old copy ages out of the old
+    cache. One move per window: its effect shows in the counts at once (the prefix is no
+    longer pinned), not after the window turns over. A prefix several workers serve (a
+    system prompt all conversations share) is never moved: the least loaded holder
+    already spreads it.
     """
 
     def __init__(
