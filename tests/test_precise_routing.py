@@ -319,6 +319,10 @@ def test_a_prompt_just_sent_with_the_shared_part_is_warm_for_the_spill_gate() ->
         lease.release()
 
 
+def _prefix(n: int) -> str:
+    return f"prefix {n:02d} " * 8 + SYSTEM  # distinct in the first 64 tokens
+
+
 def _pinned_fleet(
     layout: list[int], **options: Any
 ) -> tuple[PreciseCacheAwarePolicy, list[Any], list[str]]:
@@ -333,7 +337,7 @@ def _pinned_fleet(
     workers = list(registry.workers)
     for worker in workers:
         index.mark_live(worker.url)
-    prefixes = [f"prefix {n:02d} " * 8 + SYSTEM for n in range(sum(layout))]
+    prefixes = [_prefix(n) for n in range(sum(layout))]
     owners = [worker for worker, count in zip(workers, layout, strict=True) for _ in range(count)]
     for turn in ("first", "second"):
         for prefix, owner in zip(prefixes, owners, strict=True):
@@ -386,6 +390,22 @@ def test_prefixes_spread_evenly_or_served_by_several_workers_never_move() -> Non
         request = RoutingRequest(encode_tokens(ids(text)), tokens=True)
         assert policy.select(request, workers) is (b if n % 4 == 3 else a)
         assert request.outcome == "cache_hit"
+
+
+def test_a_worker_busier_by_traffic_alone_keeps_its_prefixes() -> None:
+    """Window traffic counts swing by chance; a move also needs the holder to serve 2
+    prefixes more than the target. Here the traffic rules alone would move p0 from a
+    (7 of 16 selections) to d (2), but a serves 2 prefixes and d 1."""
+    policy, workers, _ = _pinned_fleet([0, 0, 0, 0], move_window=16)
+    a, b, c, d = workers
+    plan = [(0, a, 2), (1, a, 5), (2, b, 2), (3, b, 2), (4, c, 2), (5, c, 1), (6, d, 2)]
+    for n, worker, times in plan:
+        for turn in range(times):
+            request = RoutingRequest(encode_tokens(ids(f"{_prefix(n)}turn {turn}")), tokens=True)
+            policy.select(request, [worker])
+    request = RoutingRequest(encode_tokens(ids(_prefix(0) + "question")), tokens=True)
+    assert policy.select(request, workers) is a
+    assert request.outcome == "cache_hit"
 
 
 def test_prefix_moves_can_be_turned_off() -> None:
