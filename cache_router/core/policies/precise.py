@@ -119,6 +119,7 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         self._heads: dict[str, list[Any]] = {}
         self._pinned: dict[str, int] = {}
         self._prefixes: dict[str, int] = {}  # pinned heads seen more than once, per worker
+        self._pinned_total = 0
         self._moved: dict[str, str] = {}
         self._quiet = 0  # selections left before the next move may be made
         self._move_to: str | None = None
@@ -196,10 +197,19 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
             return match
         (holder,) = tenants
         entry = self._heads.get(head)
-        if entry is None or entry[1].keys() != {holder}:
+        if entry is None or len(entry[1]) != 1 or holder not in entry[1]:
             return match  # the prefix is not pinned to its holder (several serve it)
         pinned = self._pinned
         prefixes = self._prefixes
+        # Cheap tests before the pass over the candidates, on the window's pinned traffic
+        # of every worker: the candidates' own unless some serve other models (stricter).
+        everyone = self._pinned_total
+        if (
+            everyone * 2 < len(self._ring)  # most traffic is not pinned: no split to correct
+            or pinned.get(holder, 0) * len(candidates) <= everyone * (1 + MOVE_MARGIN)
+            or prefixes.get(holder, 0) < 2
+        ):
+            return match
         total = 0
         holder_load = -1
         target: Worker | None = None
@@ -214,8 +224,8 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
             mine = (prefixes.get(url, 0), count, worker.effective_load)
             if target is None or mine < rank:
                 target, rank = worker, mine
-        if target is None or holder_load < 0 or total * 2 < len(self._ring):
-            return match  # most traffic is not pinned: no prefix split to correct
+        if target is None or holder_load < 0:
+            return match
         mean = total / len(candidates)
         high = pinned.get(holder, 0)
         low = rank[1]
@@ -241,6 +251,15 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         if entry is None:
             entry = heads[head] = [0, {}]
         by_worker = entry[1]
+        before = entry[0]
+        if len(by_worker) == 1 and url in by_worker and before + delta:
+            # The common case: pinned to this worker before and after, only counts change.
+            after = by_worker[url] = entry[0] = before + delta
+            self._pinned[url] += delta
+            self._pinned_total += delta
+            if (before > 1) != (after > 1):
+                self._prefixes[url] = self._prefixes.get(url, 0) + (1 if after > 1 else -1)
+            return
         self._pin(entry, -1)
         left = by_worker.get(url, 0) + delta
         if left:
@@ -261,6 +280,7 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
         if len(by_worker) == 1:
             (owner,) = by_worker
             self._pinned[owner] = self._pinned.get(owner, 0) + sign * entry[0]
+            self._pinned_total += sign * entry[0]
             if entry[0] > 1:
                 self._prefixes[owner] = self._prefixes.get(owner, 0) + sign
 
