@@ -120,3 +120,39 @@ def test_arguments_are_checked() -> None:
     args = precise.parse_args(["--sweep"])
     assert args.sweep == list(precise.SWEEP) and args.workloads == ["multi_turn_evict"]
     assert precise.parse_args([]).workloads == list(precise.DEFAULT_WORKLOADS)
+
+
+def test_the_ceiling_replay_finds_an_even_split_as_good_as_the_uneven_one() -> None:
+    """``shared_prefix_chat`` through the LRU caches, no router: 4 prompts per engine hit
+    as often as 5/4/4/3 (both about 66 %), with every engine at a quarter."""
+    from benchmarks._precise_ceiling import by_split, prompts, replay
+
+    requests = prompts(0)
+    assert len(requests) == 512
+    even, busiest = replay(requests, by_split((4, 4, 4, 4)))
+    uneven, uneven_busiest = replay(requests, by_split((5, 4, 4, 3)))
+    assert busiest == 0.25 and uneven_busiest == 160 / 512
+    assert 0.6 < even < 0.7 and abs(even - uneven) < 0.01
+
+
+@pytest.mark.timeout(120)
+def test_prefix_moves_undo_a_five_prefix_engine_in_virtual_time() -> None:
+    """Seed 1 of the simulation splits 5/4/4/3 without moves (one engine 31.2 %); with
+    them the busiest engine stays under 30 % at the same hit rate, and the one-prompt
+    ``multi_turn_evict`` is routed exactly as without moves."""
+    from benchmarks._precise_sim import POLICIES, Fleet, multi_turn_evict, shared_prefix_chat
+
+    rows: dict[tuple[str, str], tuple[dict[str, float], list[int]]] = {}
+    for name in ("precise", "precise, no moves"):
+        for workload, capacity in ((shared_prefix_chat, 7000), (multi_turn_evict, 16000)):
+            fleet = Fleet(capacity, POLICIES[name])
+            workload(fleet, 1)
+            rows[name, workload.__name__] = (fleet.run(), fleet.served)
+    stay, moved = (
+        rows["precise, no moves", "shared_prefix_chat"][0],
+        rows["precise", "shared_prefix_chat"][0],
+    )
+    assert stay["max_share"] == 160 / 512
+    assert moved["max_share"] < 0.3
+    assert moved["hit"] > stay["hit"] - 0.01
+    assert rows["precise", "multi_turn_evict"] == rows["precise, no moves", "multi_turn_evict"]

@@ -319,6 +319,104 @@ def test_a_prompt_just_sent_with_the_shared_part_is_warm_for_the_spill_gate() ->
         lease.release()
 
 
+def _prefix(n: int) -> str:
+    return f"prefix {n:02d} " * 8 + SYSTEM  # distinct in the first 64 tokens
+
+
+def _pinned_fleet(
+    layout: list[int], **options: Any
+) -> tuple[PreciseCacheAwarePolicy, list[Any], list[str]]:
+    """A policy over workers ``a, b, ...`` and ``sum(layout)`` prefixes (distinct in their
+    first 64 tokens), ``layout[i]`` of them sent twice to worker ``i`` alone: each prefix
+    is then pinned to that worker (pending; no engine reports anything)."""
+    from cache_router import WorkerRegistry
+
+    index = KVIndex(BLOCK)
+    policy = PreciseCacheAwarePolicy(index, clock=lambda: 0.0, seed=3, **options)
+    registry = WorkerRegistry([f"http://{chr(97 + i)}:1" for i in range(len(layout))])
+    workers = list(registry.workers)
+    for worker in workers:
+        index.mark_live(worker.url)
+    prefixes = [_prefix(n) for n in range(sum(layout))]
+    owners = [worker for worker, count in zip(workers, layout, strict=True) for _ in range(count)]
+    for turn in ("first", "second"):
+        for prefix, owner in zip(prefixes, owners, strict=True):
+            policy.select(RoutingRequest(encode_tokens(ids(prefix + turn)), tokens=True), [owner])
+    return policy, workers, prefixes
+
+
+def test_an_engine_pinned_above_its_share_hands_one_prefix_to_the_least_pinned() -> None:
+    """3/2/2/1 prefixes of equal traffic: the first hit on one of the 3 moves that prefix to
+    the worker with 1, and its later hits follow it there; nothing else moves meanwhile."""
+    policy, workers, prefixes = _pinned_fleet([3, 2, 2, 1], move_window=16)
+    moved = RoutingRequest(encode_tokens(ids(prefixes[0] + "question A")), tokens=True)
+    assert policy.select(moved, workers).url == "http://d:1"
+    assert moved.outcome == "moved"
+    assert moved.matched == len(prefixes[0])
+    assert policy.decisions["moved"] == 1
+    for letter in "BCDEFG":  # the old holder still has it (pending), but it stays moved
+        assert (
+            policy.select(
+                RoutingRequest(encode_tokens(ids(prefixes[0] + "question " + letter)), tokens=True),
+                workers,
+            ).url
+            == "http://d:1"
+        )
+    for n, prefix in enumerate(prefixes[1:], 1):
+        request = RoutingRequest(encode_tokens(ids(prefix + "question B")), tokens=True)
+        chosen = policy.select(request, workers).url
+        assert request.outcome == "cache_hit"
+        assert chosen == "http://" + "aabbccd"[n - 1] + ":1"
+    assert policy.decisions["moved"] == 1
+
+
+def test_prefixes_spread_evenly_or_served_by_several_workers_never_move() -> None:
+    """Moves correct a split of pinned prefixes; an even split, or one busy prefix several
+    workers serve (a system prompt every conversation shares), is left alone."""
+    policy, workers, prefixes = _pinned_fleet([2, 2, 2, 2], move_window=16)
+    for round_ in range(6):
+        for prefix in prefixes:
+            request = RoutingRequest(encode_tokens(ids(f"{prefix}q{round_}")), tokens=True)
+            policy.select(request, workers)
+            assert request.outcome == "cache_hit"
+    assert "moved" not in policy.decisions
+
+    policy, workers, _ = _pinned_fleet([0, 0, 0, 0], move_window=16)
+    a, b = workers[:2]
+    policy.select(RoutingRequest(encode_tokens(ids(SYSTEM + "x")), tokens=True), [a])
+    policy.select(RoutingRequest(encode_tokens(ids(SYSTEM + "y")), tokens=True), [b])
+    for n in range(40):  # a takes 3 in 4, far above its share; but b serves the head too
+        text = SYSTEM + ("y" if n % 4 == 3 else "x") + f" question {n}"
+        request = RoutingRequest(encode_tokens(ids(text)), tokens=True)
+        assert policy.select(request, workers) is (b if n % 4 == 3 else a)
+        assert request.outcome == "cache_hit"
+
+
+def test_a_worker_busier_by_traffic_alone_keeps_its_prefixes() -> None:
+    """Window traffic counts swing by chance; a move also needs the holder to serve 2
+    prefixes more than the target. Here the traffic rules alone would move p0 from a
+    (7 of 16 selections) to d (2), but a serves 2 prefixes and d 1."""
+    policy, workers, _ = _pinned_fleet([0, 0, 0, 0], move_window=16)
+    a, b, c, d = workers
+    plan = [(0, a, 2), (1, a, 5), (2, b, 2), (3, b, 2), (4, c, 2), (5, c, 1), (6, d, 2)]
+    for n, worker, times in plan:
+        for turn in range(times):
+            request = RoutingRequest(encode_tokens(ids(f"{_prefix(n)}turn {turn}")), tokens=True)
+            policy.select(request, [worker])
+    request = RoutingRequest(encode_tokens(ids(_prefix(0) + "question")), tokens=True)
+    assert policy.select(request, workers) is a
+    assert request.outcome == "cache_hit"
+
+
+def test_prefix_moves_can_be_turned_off() -> None:
+    policy, workers, prefixes = _pinned_fleet([3, 2, 2, 1], move_window=0)
+    request = RoutingRequest(encode_tokens(ids(prefixes[0] + "question A")), tokens=True)
+    assert policy.select(request, workers).url == "http://a:1"
+    assert request.outcome == "cache_hit"
+    with pytest.raises(ValueError, match="move_window"):
+        PreciseCacheAwarePolicy(move_window=-1)
+
+
 # -- construction -------------------------------------------------------------------------
 
 
