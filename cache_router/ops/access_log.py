@@ -7,6 +7,12 @@ request, so the log knows nothing of policy internals either. Each line is logge
 ``info`` on the ``cache_router.access`` logger with its fields also as record attributes,
 which :class:`JsonFormatter` writes as one JSON object per line for log pipelines.
 
+Under ``cache-router serve`` the handlers are :class:`BatchingHandler`: there the line
+skips the LogRecord (formatted directly, as the formatter would) and is written in
+batches, within :data:`FLUSH_SECONDS`, instead of one write per line. Whether a line may
+go that way is worked out once a second (a filter or handler added meanwhile counts from
+the next second; a level change at once); docs/operations.md has what a user sees.
+
 :func:`ensure_handler` covers the router mounted under a server that configures only its
 own loggers (plain ``uvicorn app:app`` leaves the root logger bare): the router's records
 then still carry time and level, instead of reaching Python's last-resort handler (bare
