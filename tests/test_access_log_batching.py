@@ -388,3 +388,16 @@ def test_serve_writes_each_line_soon_and_every_line_on_sigterm(
     assert _ids(log_file.read_text()) == expected
     assert [rid for rid in _ids(served.stderr or "")] == expected
     assert ACCESS_LOGGER in (served.stderr or "")
+
+
+def test_a_formatter_given_a_date_format_formats_the_record(frozen: None) -> None:
+    logger = _logger()
+    batching = BatchingHandler(io.StringIO())
+    shape = formatter("text")
+    shape.datefmt = "%H:%M"
+    batching.setFormatter(shape)
+    logger.addHandler(batching)
+    AccessLog(logger).request_summary(SUMMARIES[0])
+    batching.flush()
+    stamp = time.strftime("%H:%M", time.localtime(NOW_NS // 10**9))
+    assert batching.stream.getvalue().startswith(f"{stamp} INFO ")

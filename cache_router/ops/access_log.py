@@ -264,8 +264,12 @@ class TextFormatter(logging.Formatter):
     def __init__(self, fmt: str = TEXT_FORMAT) -> None:
         super().__init__(fmt)
         self._stamp = _SecondStamp(self.default_time_format, self.converter)
-        #: Whether :meth:`line` writes what :meth:`format` would (the default format).
-        self.direct = fmt == TEXT_FORMAT
+
+    @property
+    def direct(self) -> bool:
+        """Whether :meth:`parts` spells what :meth:`format` writes: the default format
+        and date."""
+        return self._style._fmt == TEXT_FORMAT and self.datefmt is None
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
