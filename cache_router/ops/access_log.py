@@ -96,7 +96,7 @@ class AccessLog(RouterEvents):
             self._handle(logger, summary)
             return
         # The numbers as ``str(round(x, 3))`` spells them (see _decimal3), once for both
-        # formats: rounding, then repr, each cost as much as the rest of the line.
+        # formats: a float conversion is the dearest step of the line.
         model, outcome, share = _policy(summary.routing)
         matched = None if share is None else _decimal3(share)
         first_byte = summary.first_byte
