@@ -37,7 +37,12 @@ import httpx
 
 from cache_router.builder import Router, build_router
 from cache_router.config import RouterConfig
-from cache_router.ops.access_log import formatter
+from cache_router.ops.access_log import (
+    BatchingFileHandler,
+    BatchingHandler,
+    FlushAtShutdown,
+    formatter,
+)
 from cache_router.ops.allowlist import parse_host
 from cache_router.ops.metrics_gather import MetricsGatherer, ProcessesMetrics, metrics_socket
 from cache_router.ops.metrics_listener import MetricsListener
@@ -93,7 +98,7 @@ def run(config: RouterConfig) -> int:
         print(f"cache-router serve: error: {refusal}", file=sys.stderr)
         return 2
     try:
-        router = build_router(config)
+        router = _build_router(config)
     except ValueError as exc:  # a knob the policy or the middleware refused
         print(f"cache-router serve: error: {exc}", file=sys.stderr)
         return 2
@@ -151,11 +156,15 @@ def configure_logging(level: str, log_dir: str | None = None, log_format: str = 
     """Log to standard error, and with ``log_dir`` also to :data:`LOG_FILE` in it (the
     router's own loggers; uvicorn's server lines stay on standard error), as ``log_format``
     (``text`` or ``json``). Raises OSError when the directory cannot be made or the file
-    opened."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    opened.
+
+    The handlers batch the access lines (written within
+    :data:`~cache_router.ops.access_log.FLUSH_SECONDS`, and when the lifespan ends: see
+    :func:`_build_router`)."""
+    handlers: list[logging.Handler] = [BatchingHandler()]
     if log_dir is not None:
         os.makedirs(log_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(log_dir, LOG_FILE), encoding="utf-8"))
+        handlers.append(BatchingFileHandler(os.path.join(log_dir, LOG_FILE), encoding="utf-8"))
     shape = formatter(log_format)
     for handler in handlers:
         handler.setFormatter(shape)
@@ -163,6 +172,13 @@ def configure_logging(level: str, log_dir: str | None = None, log_format: str = 
     if level != "debug":
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _build_router(config: RouterConfig) -> Router:
+    """``build_router``, and the batched access lines written when the lifespan ends."""
+    router = build_router(config)
+    router.background.append(FlushAtShutdown())
+    return router
 
 
 def _import_uvicorn() -> Any:
@@ -567,7 +583,7 @@ def _router_from_env() -> Router:
     handed = json.loads(raw)
     config = process_share(RouterConfig.from_dict(handed["config"]))
     configure_logging(config.log_level, config.log_dir, config.log_format)
-    router = build_router(config)
+    router = _build_router(config)
     _apply_findings(router, handed["unreachable"], handed["models"])
     return router
 
