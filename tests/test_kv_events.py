@@ -432,6 +432,105 @@ def test_malformed_batches_are_refused(raw: bytes) -> None:
         decode_batch(raw)
 
 
+#: Field values the fuzz below draws from (the first of each valid), and wrong types.
+_FUZZ_VALUES: dict[str, list[Any]] = {
+    "block_hashes": [[1, 2], [b"\x01" * 32], [], [1, b"x"], [True], [1.5], "ab", None],
+    "parent_block_hash": [None, 7, b"p", True, "p", 1.5],
+    "token_ids": [
+        list(range(8)),
+        [],
+        [1, True],
+        [1, 2.0],
+        [[1, 2], [2, 3], [3, 4], [4, 5]],
+        [[1, 2], 3],
+        ["a"],
+        [-1, 2**40, 3, 4],
+        None,
+    ],
+    "block_size": [4, 2, 0, -1, True, 4.0, None],
+    "lora_id": [None, 3, True, "x"],
+    "medium": [None, "GPU", "CPU_PINNED", 5],
+    "lora_name": [None, "adapter", 5],
+    "extra_keys": [None, [None, ["mm"]], "x", 5],
+    "group_idx": [None, 0, 1, True],
+    "kv_cache_spec_kind": [None, "full_attention", "sliding_window", 5],
+    "cache_salt": [None, "t", 5],
+    "metadata": [None, {"cache_salt": "t"}, {"cache_salt": 5}, {}, "m"],
+    "session_id": [None, "s"],
+}
+_STORED_ORDER = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+]
+
+
+def _fuzz_event(rng: Any, form: str) -> Any:
+    tag = rng.choice(["BlockStored"] * 4 + ["BlockRemoved"] * 2 + ["AllBlocksCleared", "Other"])
+    names = list(_FUZZ_VALUES) if tag == "BlockStored" else ["block_hashes", "medium", "group_idx"]
+    if tag in ("AllBlocksCleared", "Other"):
+        names = ["medium"]
+    # each field mostly well-formed (the first value), so the typed path is taken often
+    values = {
+        name: rng.choice(_FUZZ_VALUES[name]) if rng.random() < 0.25 else _FUZZ_VALUES[name][0]
+        for name in names
+    }
+    if form == "map":
+        kept = {name: value for name, value in values.items() if rng.random() < 0.8}
+        return {"type": tag, **kept}
+    order = _STORED_ORDER if tag == "BlockStored" else ["block_hashes", "medium"]
+    items = [values.get(name) for name in order if name in values]
+    items = items[: rng.randint(0, len(items))] if rng.random() < 0.2 else items
+    if tag == "BlockStored" and rng.random() < 0.5:
+        items.append(rng.choice([values["lora_name"], values["metadata"], 5]))
+        items += [None] * rng.randint(0, 2)
+    return [tag, *items]
+
+
+def test_the_typed_decoding_equals_the_general_one() -> None:
+    """The fast typed decoders accept only what the general path decodes, identically."""
+    import random
+
+    from cache_router.core.kv_events import _TYPED, _decode_any
+
+    rng = random.Random(7)
+    typed = 0
+    for _ in range(3000):
+        form = rng.choice(["map", "array", "mixed"])
+        events = [
+            _fuzz_event(rng, rng.choice(["map", "array"]) if form == "mixed" else form)
+            for _ in range(rng.randint(0, 3))
+        ]
+        ts = rng.choice([1.5, 3, True, "t"])
+        tail = rng.choice([[], [0], [None], [True], [1, "e1"], [1, "e1", ["digest"]], [1, 5]])
+        batch: Any = [ts, events, *tail]
+        if rng.random() < 0.05:
+            batch = {"ts": ts, "events": events, "data_parallel_rank": 1}
+        payload = msgspec.msgpack.encode(batch)
+        try:
+            expected: Any = _decode_any(payload)
+        except KVEventDecodeError:
+            expected = KVEventDecodeError
+        try:
+            got: Any = decode_batch(payload)
+        except KVEventDecodeError:
+            got = KVEventDecodeError
+        assert got == expected, batch
+        typed += any(_typed_accepts(decoder, payload) for decoder in _TYPED)
+    assert typed > 300  # the fast path was taken, not only the general one
+
+
+def _typed_accepts(decoder: Any, payload: bytes) -> bool:
+    try:
+        decoder.decode(payload)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 def test_sequence_frames() -> None:
     assert decode_sequence((5).to_bytes(8, "big")) == 5
     assert decode_sequence(b"\xff" * 8) == -1
