@@ -626,6 +626,57 @@ def test_the_per_worker_cap_evicts_the_oldest_blocks() -> None:
     assert index.stats().blocks == 3
 
 
+def test_runs_of_stores_and_removals_match_a_block_by_block_model() -> None:
+    """Random stores and removals (shared and repeated contents, reused and repeated engine
+    hashes, unknown removals, a small cap) on 3 workers: the index's matches and counts
+    equal a model that keeps each worker's blocks as whole prefixes, one block at a time."""
+    import random
+    from collections import OrderedDict
+
+    rng = random.Random(11)
+    workers = ("a", "b", "c")
+    index = live_index(*workers, max_blocks_per_worker=24)
+    model: dict[str, OrderedDict[int, tuple[int, ...]]] = {w: OrderedDict() for w in workers}
+    prompts = [[rng.randrange(3) for _ in range(4 * rng.randint(1, 6))] for _ in range(12)]
+    for _ in range(2000):
+        worker = rng.choice(workers)
+        blocks = model[worker]
+        if rng.random() < 0.6:
+            prompt = rng.choice(prompts)
+            start = rng.randint(0, len(prompt) // 4 - 1)
+            parent = None
+            if start:
+                parent = rng.choice([h for h, p in blocks.items() if len(p) == 4 * start] or [-1])
+                if parent == -1:
+                    continue
+                prompt = [*blocks[parent], *prompt[4 * start :]]
+            count = rng.randint(1, len(prompt) // 4 - start)
+            hashes = [rng.randrange(60) for _ in range(count)]
+            index.apply_event(worker, stored(hashes, parent, prompt[4 * start :]))
+            for number, engine_hash in enumerate(hashes, start + 1):
+                blocks.pop(engine_hash, None)
+                blocks[engine_hash] = tuple(prompt[: 4 * number])
+                if len(blocks) > 24:
+                    blocks.popitem(last=False)
+        else:
+            hashes = [rng.randrange(60) for _ in range(rng.randint(1, 8))]
+            index.apply_event(worker, BlockRemoved(tuple(hashes), "GPU"))
+            for engine_hash in hashes:
+                blocks.pop(engine_hash, None)
+        for prompt in prompts:
+            expected = {}
+            for name, held in model.items():
+                contents = set(held.values())
+                depth = 0
+                while depth < len(prompt) and tuple(prompt[: depth + 4]) in contents:
+                    depth += 4
+                if depth:
+                    expected[name] = depth
+            assert index.match(prompt) == expected
+        assert index.stats().blocks == sum(len(held) for held in model.values())
+        assert index.stats().keys == len({p for held in model.values() for p in held.values()})
+
+
 def test_what_is_not_indexed() -> None:
     index = live_index("a")
     index.apply_event("a", BlockStored((1,), None, PROMPT[:4], 4, None, "CPU"))

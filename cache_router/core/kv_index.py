@@ -42,6 +42,9 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
+from struct import Struct
+from typing import cast
 
 from cache_router.core.kv_events import (
     AllBlocksCleared,
@@ -264,11 +267,7 @@ class KVIndex:
             elif event.group_idx not in (None, 0):
                 self._counts["skipped_group"] += 1
             else:
-                for engine_hash in event.block_hashes:
-                    key = state.by_engine.pop(engine_hash, None)
-                    if key is not None:
-                        self._unref(state, key)
-                        self._counts["removed"] += 1
+                self._remove_run(state, event.block_hashes)
         elif isinstance(event, AllBlocksCleared):
             self._drop_all(state)
             self._counts["cleared"] += 1
@@ -301,23 +300,88 @@ class KVIndex:
         if key is None:
             counts["skipped_orphan"] += 1
             return
-        block_size = event.block_size
-        extra = event.extra_keys
         hashes = event.block_hashes
         try:
-            keys = list(_chain(key, event.token_ids, block_size))
+            keys = _chain_keys(key, event.token_ids, event.block_size)
         except (OverflowError, TypeError):
             counts["skipped_block_size"] += 1
             return
-        for index, engine_hash in enumerate(hashes):
-            if index >= len(keys):
-                counts["skipped_partial"] += len(hashes) - index
-                return
-            if extra is not None and index < len(extra) and extra[index] is not None:
-                counts["skipped_lora"] += len(hashes) - index
-                return
-            self._add(state, engine_hash, keys[index])
-            counts["stored"] += 1
+        stored = min(len(hashes), len(keys))
+        extra = event.extra_keys
+        if extra is not None:
+            # the first block whose identity is more than its tokens ends the indexed run
+            unindexable = next((i for i, e in enumerate(extra[:stored]) if e is not None), None)
+            if unindexable is not None:
+                counts["skipped_lora"] += len(hashes) - unindexable
+                stored = unindexable
+                hashes, keys = hashes[:stored], keys[:stored]
+        if stored < len(hashes):
+            counts["skipped_partial"] += len(hashes) - stored
+            hashes = hashes[:stored]
+        elif stored < len(keys):
+            keys = keys[:stored]
+        self._add_run(state, hashes, keys)
+        counts["stored"] += stored
+
+    def _add_run(self, state: _Worker, hashes: Sequence[BlockHash], keys: list[int]) -> None:
+        """Index a run of blocks; dictionary work in C when the run is new to the worker
+        (a fresh prompt: no engine hash or content seen before), block by block otherwise."""
+        by_engine = state.by_engine
+        refs = state.refs
+        if (
+            by_engine.keys().isdisjoint(hashes)
+            and refs.keys().isdisjoint(keys)
+            and len(set(hashes)) == len(hashes)
+            and len(set(keys)) == len(keys)
+        ):
+            by_engine.update(zip(hashes, keys, strict=True))
+            refs.update(zip(keys, repeat(1)))
+            holders = self._holders
+            bit = state.bit
+            shared = holders.keys() & keys
+            if shared:  # content other workers hold too
+                for key in shared:
+                    holders[key] |= bit
+                holders.update((key, bit) for key in keys if key not in shared)
+            else:
+                holders.update(zip(keys, repeat(bit)))
+        else:
+            for engine_hash, key in zip(hashes, keys, strict=True):
+                self._add(state, engine_hash, key)
+        excess = len(by_engine) - self._max_blocks
+        if excess > 0:
+            self._counts["evicted"] += excess
+            for oldest in list(islice(by_engine, excess)):
+                self._unref(state, by_engine.pop(oldest))
+
+    def _remove_run(self, state: _Worker, hashes: Sequence[BlockHash]) -> None:
+        """Unindex blocks by engine hash (unknown ones are ignored); in C for the usual run
+        of distinct blocks each the only holder of its content on the worker."""
+        popped: list[int | None] = [*map(state.by_engine.pop, hashes, repeat(None))]
+        if None in popped:
+            popped = [key for key in popped if key is not None]
+        keys = cast("list[int]", popped)
+        self._counts["removed"] += len(keys)
+        refs = state.refs
+        if len(set(keys)) != len(keys):
+            for key in keys:
+                self._unref(state, key)
+            return
+        held = [*map(refs.pop, keys)]
+        if held.count(1) != len(held):  # content stored twice on this worker stays
+            gone: list[int] = []
+            for key, count in zip(keys, held, strict=True):
+                if count > 1:
+                    refs[key] = count - 1
+                else:
+                    gone.append(key)
+            keys = gone
+        holders = self._holders
+        bit = state.bit
+        masks = [*map(holders.pop, keys)]
+        if masks.count(bit) != len(masks):  # content other workers hold too
+            others = zip(keys, masks, strict=True)
+            holders.update((key, mask & ~bit) for key, mask in others if mask != bit)
 
     def _add(self, state: _Worker, engine_hash: BlockHash, key: int) -> None:
         by_engine = state.by_engine
@@ -330,10 +394,6 @@ class KVIndex:
         refs[key] = count + 1
         if not count:
             self._holders[key] = self._holders.get(key, 0) | state.bit
-        if len(by_engine) > self._max_blocks:
-            oldest = next(iter(by_engine))
-            self._unref(state, by_engine.pop(oldest))
-            self._counts["evicted"] += 1
 
     def _unref(self, state: _Worker, key: int) -> None:
         refs = state.refs
@@ -372,7 +432,7 @@ class KVIndex:
 
 
 def _chain(parent: int, tokens: Sequence[int], block_size: int) -> Iterator[int]:
-    """Keys of the full blocks of ``tokens`` following the block keyed ``parent``.
+    """Keys of the full blocks of ``tokens`` following the block keyed ``parent``, lazily.
 
     Each block's key hashes the parent key with the block's token ids packed as 32-bit
     integers (bytes hashing is seeded per process, so keys cannot be forged from outside).
@@ -386,11 +446,32 @@ def _chain(parent: int, tokens: Sequence[int], block_size: int) -> Iterator[int]
     yield key
     if full == block_size:
         return
-    data = array("I", tokens[block_size:full]).tobytes()
-    width = block_size * 4
-    for start in range(0, len(data), width):
-        key = hash((key, data[start : start + width]))
+    for (block,) in _blocks_of(block_size).iter_unpack(array("I", tokens[block_size:full])):
+        key = hash((key, block))
         yield key
+
+
+def _chain_keys(parent: int, tokens: Sequence[int], block_size: int) -> list[int]:
+    """Every key of :func:`_chain` at once (a stored run is keyed whole)."""
+    full = len(tokens) // block_size * block_size
+    packed = array("I", tokens[:full] if full < len(tokens) else tokens)
+    keys: list[int] = []
+    key = parent
+    for (block,) in _blocks_of(block_size).iter_unpack(packed):
+        key = hash((key, block))
+        keys.append(key)
+    return keys
+
+
+_BLOCK_STRUCTS: dict[int, Struct] = {}
+
+
+def _blocks_of(block_size: int) -> Struct:
+    """The struct that cuts packed token ids into blocks of ``block_size``, made once."""
+    cut = _BLOCK_STRUCTS.get(block_size)
+    if cut is None:
+        cut = _BLOCK_STRUCTS[block_size] = Struct(f"{block_size * 4}s")
+    return cut
 
 
 def _assign(result: dict[str, int], names: dict[int, str], mask: int, matched: int) -> None:
