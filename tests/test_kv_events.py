@@ -759,5 +759,7 @@ def test_the_index_benchmark_runs() -> None:
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "kv_index.py"
     command = [sys.executable, str(script), "--sizes", "640", "--queries", "10"]
+    command += ["--stream-prompts", "8", "--passes", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     assert "B/block" in done.stdout and "640" in done.stdout
+    assert "decode µs/req" in done.stdout and "array" in done.stdout

@@ -328,31 +328,36 @@ class KVIndex:
         (a fresh prompt: no engine hash or content seen before), block by block otherwise."""
         by_engine = state.by_engine
         refs = state.refs
-        if (
-            by_engine.keys().isdisjoint(hashes)
-            and refs.keys().isdisjoint(keys)
-            and len(set(hashes)) == len(hashes)
-            and len(set(keys)) == len(keys)
-        ):
+        if not (by_engine.keys().isdisjoint(hashes) and refs.keys().isdisjoint(keys)):
+            self._add_each(state, hashes, keys)
+        else:
+            size = len(by_engine), len(refs)
             by_engine.update(zip(hashes, keys, strict=True))
             refs.update(zip(keys, repeat(1)))
-            holders = self._holders
-            bit = state.bit
-            shared = holders.keys() & keys
-            if shared:  # content other workers hold too
-                for key in shared:
-                    holders[key] |= bit
-                holders.update((key, bit) for key in keys if key not in shared)
+            if len(by_engine) - size[0] != len(hashes) or len(refs) - size[1] != len(keys):
+                # a hash or a content twice in the run: undo, then one block at a time
+                for engine_hash in hashes:
+                    by_engine.pop(engine_hash, None)
+                for key in keys:
+                    refs.pop(key, None)
+                self._add_each(state, hashes, keys)
             else:
-                holders.update(zip(keys, repeat(bit)))
-        else:
-            for engine_hash, key in zip(hashes, keys, strict=True):
-                self._add(state, engine_hash, key)
+                holders = self._holders
+                bit = state.bit
+                if holders.keys().isdisjoint(keys):
+                    holders.update(zip(keys, repeat(bit)))
+                else:  # content other workers hold too
+                    for key in keys:
+                        holders[key] = holders.get(key, 0) | bit
         excess = len(by_engine) - self._max_blocks
         if excess > 0:
             self._counts["evicted"] += excess
             for oldest in list(islice(by_engine, excess)):
                 self._unref(state, by_engine.pop(oldest))
+
+    def _add_each(self, state: _Worker, hashes: Sequence[BlockHash], keys: list[int]) -> None:
+        for engine_hash, key in zip(hashes, keys, strict=True):
+            self._add(state, engine_hash, key)
 
     def _remove_run(self, state: _Worker, hashes: Sequence[BlockHash]) -> None:
         """Unindex blocks by engine hash (unknown ones are ignored); in C for the usual run
@@ -363,13 +368,14 @@ class KVIndex:
         keys = cast("list[int]", popped)
         self._counts["removed"] += len(keys)
         refs = state.refs
-        if len(set(keys)) != len(keys):
-            for key in keys:
-                self._unref(state, key)
-            return
-        held = [*map(refs.pop, keys)]
-        if held.count(1) != len(held):  # content stored twice on this worker stays
-            gone: list[int] = []
+        held = [*map(refs.pop, keys, repeat(0))]
+        if held.count(1) != len(held):
+            if 0 in held:  # a content twice in the run: put back, then one at a time
+                refs.update((key, count) for key, count in zip(keys, held, strict=True) if count)
+                for key in keys:
+                    self._unref(state, key)
+                return
+            gone: list[int] = []  # content stored twice on this worker stays
             for key, count in zip(keys, held, strict=True):
                 if count > 1:
                     refs[key] = count - 1

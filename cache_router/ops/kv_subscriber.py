@@ -65,6 +65,9 @@ _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _HIGH_WATER_MARK = 100_000
 #: Messages read in a row before the monitor socket is looked at again.
 _READ_RUN = 256
+# plain ints: pyzmq's flag enums do their arithmetic in Python
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +444,7 @@ class KVEventSubscriber:
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 async def _tick(wake: asyncio.Event, period: float) -> None:
