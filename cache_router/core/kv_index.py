@@ -9,8 +9,8 @@ same chain, so matching a prompt is one dictionary lookup per block, and it stop
 first block no live worker holds.
 
 Per worker the index keeps a map from the engine's hash to the key (``BlockRemoved`` names
-engine hashes) with a reference count per key, since two engine blocks may carry the same
-tokens (vLLM groups, re-stores). Which workers hold a key is one integer bitmask, so a
+engine hashes), and a count for the keys more than one engine block carries (vLLM groups,
+re-stores). Which workers hold a key is one integer bitmask, so a
 match costs the same for 2 or 200 workers.
 
 What is indexed, and what is not (each skipped event is counted in :meth:`stats`):
@@ -90,14 +90,15 @@ class IndexStats:
 
 
 class _Worker:
-    """One worker's blocks: engine hash -> key, and how many engine blocks hold each key."""
+    """One worker's blocks: engine hash -> key, and for a key more than one engine block
+    holds, how many more (most keys have one, so they cost no entry here)."""
 
-    __slots__ = ("bit", "by_engine", "last_ts", "refs", "stale")
+    __slots__ = ("bit", "by_engine", "copies", "last_ts", "stale")
 
     def __init__(self, bit: int) -> None:
         self.bit = bit
         self.by_engine: dict[BlockHash, int] = {}
-        self.refs: dict[int, int] = {}
+        self.copies: dict[int, int] = {}
         self.stale: str | None = NOT_SYNCED
         self.last_ts: float | None = None
 
@@ -324,31 +325,23 @@ class KVIndex:
         counts["stored"] += stored
 
     def _add_run(self, state: _Worker, hashes: Sequence[BlockHash], keys: list[int]) -> None:
-        """Index a run of blocks; dictionary work in C when the run is new to the worker
-        (a fresh prompt: no engine hash or content seen before), block by block otherwise."""
+        """Index a run of blocks; dictionary work in C when the run is new (a fresh prompt:
+        no engine hash nor content seen before), block by block otherwise."""
         by_engine = state.by_engine
-        refs = state.refs
-        if not (by_engine.keys().isdisjoint(hashes) and refs.keys().isdisjoint(keys)):
+        holders = self._holders
+        if not (by_engine.keys().isdisjoint(hashes) and holders.keys().isdisjoint(keys)):
             self._add_each(state, hashes, keys)
         else:
-            size = len(by_engine), len(refs)
+            size = len(by_engine), len(holders)
             by_engine.update(zip(hashes, keys, strict=True))
-            refs.update(zip(keys, repeat(1)))
-            if len(by_engine) - size[0] != len(hashes) or len(refs) - size[1] != len(keys):
+            holders.update(zip(keys, repeat(state.bit)))
+            if len(by_engine) - size[0] != len(hashes) or len(holders) - size[1] != len(keys):
                 # a hash or a content twice in the run: undo, then one block at a time
                 for engine_hash in hashes:
                     by_engine.pop(engine_hash, None)
                 for key in keys:
-                    refs.pop(key, None)
+                    holders.pop(key, None)
                 self._add_each(state, hashes, keys)
-            else:
-                holders = self._holders
-                bit = state.bit
-                if holders.keys().isdisjoint(keys):
-                    holders.update(zip(keys, repeat(bit)))
-                else:  # content other workers hold too
-                    for key in keys:
-                        holders[key] = holders.get(key, 0) | bit
         excess = len(by_engine) - self._max_blocks
         if excess > 0:
             self._counts["evicted"] += excess
@@ -361,27 +354,19 @@ class KVIndex:
 
     def _remove_run(self, state: _Worker, hashes: Sequence[BlockHash]) -> None:
         """Unindex blocks by engine hash (unknown ones are ignored); in C for the usual run
-        of distinct blocks each the only holder of its content on the worker."""
-        popped: list[int | None] = [*map(state.by_engine.pop, hashes, repeat(None))]
-        if None in popped:
+        of blocks each the only holder of its content on the worker."""
+        by_engine = state.by_engine
+        size = len(by_engine)
+        popped: list[int | None] = [*map(by_engine.pop, hashes, repeat(None))]
+        if size - len(by_engine) != len(popped):  # unknown hashes
             popped = [key for key in popped if key is not None]
         keys = cast("list[int]", popped)
         self._counts["removed"] += len(keys)
-        refs = state.refs
-        held = [*map(refs.pop, keys, repeat(0))]
-        if held.count(1) != len(held):
-            if 0 in held:  # a content twice in the run: put back, then one at a time
-                refs.update((key, count) for key, count in zip(keys, held, strict=True) if count)
-                for key in keys:
-                    self._unref(state, key)
-                return
-            gone: list[int] = []  # content stored twice on this worker stays
-            for key, count in zip(keys, held, strict=True):
-                if count > 1:
-                    refs[key] = count - 1
-                else:
-                    gone.append(key)
-            keys = gone
+        copies = state.copies
+        if copies and not copies.keys().isdisjoint(keys):
+            for key in keys:
+                self._unref(state, key)
+            return
         holders = self._holders
         bit = state.bit
         masks = [*map(holders.pop, keys)]
@@ -395,19 +380,21 @@ class KVIndex:
         if old is not None:
             self._unref(state, old)
         by_engine[engine_hash] = key
-        refs = state.refs
-        count = refs.get(key, 0)
-        refs[key] = count + 1
-        if not count:
-            self._holders[key] = self._holders.get(key, 0) | state.bit
+        held = self._holders.get(key, 0)
+        if held & state.bit:
+            state.copies[key] = state.copies.get(key, 0) + 1
+        else:
+            self._holders[key] = held | state.bit
 
     def _unref(self, state: _Worker, key: int) -> None:
-        refs = state.refs
-        count = refs[key] - 1
-        if count:
-            refs[key] = count
+        copies = state.copies
+        more = copies.get(key)
+        if more:
+            if more > 1:
+                copies[key] = more - 1
+            else:
+                del copies[key]
             return
-        del refs[key]
         held = self._holders[key] & ~state.bit
         if held:
             self._holders[key] = held
@@ -417,13 +404,13 @@ class KVIndex:
     def _drop_all(self, state: _Worker) -> None:
         holders = self._holders
         keep = ~state.bit
-        for key in state.refs:
+        for key in set(state.by_engine.values()):
             held = holders[key] & keep
             if held:
                 holders[key] = held
             else:
                 del holders[key]
-        state.refs.clear()
+        state.copies.clear()
         state.by_engine.clear()
 
     def stats(self) -> IndexStats:
