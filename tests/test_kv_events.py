@@ -16,6 +16,7 @@ import pytest
 msgspec = pytest.importorskip("msgspec")
 
 from cache_router.core.kv_events import (  # noqa: E402
+    BLOCK_STORED_ARRAY_FIELDS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -458,14 +459,6 @@ _FUZZ_VALUES: dict[str, list[Any]] = {
     "metadata": [None, {"cache_salt": "t"}, {"cache_salt": 5}, {}, "m"],
     "session_id": [None, "s"],
 }
-_STORED_ORDER = [
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-]
 
 
 def _fuzz_event(rng: Any, form: str) -> Any:
@@ -481,7 +474,7 @@ def _fuzz_event(rng: Any, form: str) -> Any:
     if form == "map":
         kept = {name: value for name, value in values.items() if rng.random() < 0.8}
         return {"type": tag, **kept}
-    order = _STORED_ORDER if tag == "BlockStored" else ["block_hashes", "medium"]
+    order = BLOCK_STORED_ARRAY_FIELDS if tag == "BlockStored" else ["block_hashes", "medium"]
     items = [values.get(name) for name in order if name in values]
     items = items[: rng.randint(0, len(items))] if rng.random() < 0.2 else items
     if tag == "BlockStored" and rng.random() < 0.5:

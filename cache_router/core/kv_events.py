@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeAlias
+from typing import Annotated, Any, ClassVar, TypeAlias
 
 try:
     import msgspec
@@ -395,11 +395,20 @@ if msgspec is not None:
         block_size: _BlockSize
         lora_id: int | None = None
         medium: str | None = None
-        after_medium: Any = None  # vLLM 0.10's lora_name, SGLang's metadata map
+        metadata: Any = None  # the slot after medium: SGLang's metadata or vLLM 0.10's lora_name
+        extra_keys: ClassVar[None] = None
+        group_idx: ClassVar[None] = None
+        kv_cache_spec_kind: ClassVar[None] = None
+        cache_salt: ClassVar[None] = None
+
+        @property
+        def lora_name(self) -> str | None:
+            return self.metadata if isinstance(self.metadata, str) else None
 
     class _ArrayRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
         block_hashes: tuple[_Hash, ...]
         medium: str | None = None
+        group_idx: ClassVar[None] = None
 
     class _ArrayCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True, gc=False):
         pass
@@ -423,7 +432,7 @@ if msgspec is not None:
 
     def _from_typed(event: Any) -> KVEvent:
         kind = type(event)
-        if kind is _MapStored:
+        if kind is _MapStored or kind is _ArrayStored:
             return _stored(
                 event.block_hashes,
                 event.parent_block_hash,
@@ -438,24 +447,6 @@ if msgspec is not None:
                 event.cache_salt,
                 event.metadata,
             )
-        if kind is _ArrayStored:
-            after = event.after_medium
-            return _stored(
-                event.block_hashes,
-                event.parent_block_hash,
-                event.token_ids,
-                event.block_size,
-                event.lora_id,
-                event.medium,
-                after if isinstance(after, str) else None,
-                None,
-                None,
-                None,
-                None,
-                after,
-            )
-        if kind is _MapRemoved:
+        if kind is _MapRemoved or kind is _ArrayRemoved:
             return BlockRemoved(event.block_hashes, event.medium, event.group_idx)
-        if kind is _ArrayRemoved:
-            return BlockRemoved(event.block_hashes, event.medium)
         return AllBlocksCleared()
