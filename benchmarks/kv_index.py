@@ -32,9 +32,12 @@ Event stream (``uniform``)
     :class:`~cache_router.testing.kv_publisher.BlockCache`, as in ``benchmarks.precise``'s
     ``uniform``: every prompt is new, so each stores 142 blocks and, once the cache is full,
     evicts as many. Its published batches (one per prompt), encoded as newer vLLM sends
-    them (map events) and as vLLM 0.10 and SGLang do (array events), are each decoded with
-    ``decode_batch`` (``decode µs/req``) and applied to an index (``apply µs/req``) in
-    turn, as the subscriber does; medians of ``--passes`` passes, per prompt.
+    them (map events) and as vLLM 0.10 and SGLang do (array events), and (``map/each``)
+    with one ``BlockRemoved`` per evicted block, as vLLM's and SGLang's caches send
+    evictions, are each decoded with
+    ``decode_batch(..., merge_removals=True)`` (``decode µs/req``) and applied to an index
+    (``apply µs/req``) in turn, as the subscriber does; medians of ``--passes`` passes,
+    per prompt.
 """
 
 from __future__ import annotations
@@ -140,15 +143,24 @@ def measure(
     }
 
 
-def stream(prompts: int, passes: int, encoding: Any) -> tuple[float, float]:
+def stream(prompts: int, passes: int, encoding: str) -> tuple[float, float]:
     """Decode and apply µs per prompt of the ``uniform`` event stream (see the module doc)."""
     from cache_router.testing.kv_publisher import BlockCache, encode_batch
 
     rng = random.Random(prompts)
     payloads: list[bytes] = []
-    cache = BlockCache(
-        7000, 16, lambda events: payloads.append(encode_batch(events, encoding=encoding))
-    )
+    form, _, removals = encoding.partition("/")
+
+    def publish(events: list[Any]) -> None:
+        if removals:  # as vLLM and SGLang send them: one event per evicted block
+            events = [
+                BlockRemoved((h,), event.medium) if isinstance(event, BlockRemoved) else event
+                for event in events
+                for h in (event.block_hashes if isinstance(event, BlockRemoved) else (0,))
+            ]
+        payloads.append(encode_batch(events, encoding=form))  # type: ignore[arg-type]
+
+    cache = BlockCache(7000, 16, publish)
     for _ in range(prompts):
         cache.insert("".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=2272)))
     decode: list[float] = []
@@ -159,7 +171,7 @@ def stream(prompts: int, passes: int, encoding: Any) -> tuple[float, float]:
         decoding = applying = 0
         for payload in payloads:  # one batch at a time, as the subscriber does
             started = clock()
-            batch = decode_batch(payload)
+            batch = decode_batch(payload, merge_removals=True)  # as the subscriber
             decoded = clock()
             index.apply("engine", batch)
             applying += clock() - decoded
@@ -194,7 +206,7 @@ def main() -> None:
     header = f"{'encoding':>8} {'decode µs/req':>13} {'apply µs/req':>12} {'total':>7}"
     print(header)
     print("-" * len(header))
-    for encoding in ("map", "array"):
+    for encoding in ("map", "array", "map/each"):
         decode, apply = stream(args.stream_prompts, args.passes, encoding)
         print(f"{encoding:>8} {decode:>13,.0f} {apply:>12,.0f} {decode + apply:>7,.0f}")
 

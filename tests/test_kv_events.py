@@ -9,6 +9,7 @@ once through msgspec structs declared with the same options as the engines' own
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -509,11 +510,62 @@ def test_the_typed_decoding_equals_the_general_one() -> None:
             expected = KVEventDecodeError
         try:
             got: Any = decode_batch(payload)
+            merged: Any = decode_batch(payload, merge_removals=True)
         except KVEventDecodeError:
-            got = KVEventDecodeError
+            got = merged = KVEventDecodeError
         assert got == expected, batch
+        if expected is not KVEventDecodeError:
+            assert merged == replace(expected, events=_merge_runs(expected.events)), batch
         typed += any(_typed_accepts(decoder, payload) for decoder in _TYPED)
     assert typed > 300  # the fast path was taken, not only the general one
+
+
+def _merge_runs(events: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Consecutive removals of GPU blocks of one tier and group as one, written plainly."""
+
+    def tier(event: Any) -> Any:
+        if not isinstance(event, BlockRemoved) or event.group_idx not in (None, 0):
+            return None
+        return (event.medium, event.group_idx) if event.medium in (None, "GPU") else None
+
+    merged: list[Any] = []
+    for key, run in itertools.groupby(events, tier):
+        if key is None:
+            merged.extend(run)
+        else:
+            hashes = tuple(h for event in run for h in event.block_hashes)
+            merged.append(BlockRemoved(hashes, *key))
+    return tuple(merged)
+
+
+def test_removals_merged_leave_the_index_as_the_events_one_by_one() -> None:
+    """vLLM and SGLang send one BlockRemoved per evicted block; the subscriber decodes
+    each run of them as one event, and the index ends the same."""
+    from cache_router.testing.kv_publisher import BlockCache, encode_batch
+
+    payloads: list[bytes] = []
+
+    def publish(events: list[Any]) -> None:
+        split: list[Any] = []
+        for event in events:
+            if isinstance(event, BlockRemoved):
+                split += [BlockRemoved((h,), "GPU") for h in event.block_hashes]
+                split.append(BlockRemoved((b"other tier",), "CPU_PINNED"))
+            else:
+                split.append(event)
+        payloads.append(encode_batch(split))
+
+    cache = BlockCache(64, 4, publish)
+    for number in range(40):
+        cache.insert("".join(chr(97 + (number * 7 + i) % 26) for i in range(24)))
+    one_by_one, merged = live_index("a"), live_index("a")
+    for payload in payloads:
+        batch = decode_batch(payload, merge_removals=True)
+        assert len(batch.events) <= 3  # removals, the other tier's, stored
+        one_by_one.apply("a", decode_batch(payload))
+        merged.apply("a", batch)
+    assert one_by_one.stats() == merged.stats()
+    assert merged.stats().removed > 100 and merged.blocks("a") == len(cache.blocks())
 
 
 def _typed_accepts(decoder: Any, payload: bytes) -> bool:

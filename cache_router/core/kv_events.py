@@ -27,8 +27,8 @@ No I/O here: the ZMQ side is :mod:`cache_router.ops.kv_subscriber`. Decoding nee
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, TypeAlias
 
 try:
@@ -40,6 +40,7 @@ __all__ = [
     "BLOCK_REMOVED_ARRAY_FIELDS",
     "BLOCK_STORED_ARRAY_FIELDS",
     "END_SEQUENCE",
+    "RESIDENT_MEDIA",
     "AllBlocksCleared",
     "BlockHash",
     "BlockRemoved",
@@ -139,8 +140,13 @@ def topic_epoch(topic: bytes) -> bytes | None:
     return topic[start:] if end < 0 else topic[start:end]
 
 
-def decode_batch(payload: bytes) -> EventBatch:
-    """Decode a msgpack ``KVEventBatch`` in any of the encodings described above."""
+def decode_batch(payload: bytes, *, merge_removals: bool = False) -> EventBatch:
+    """Decode a msgpack ``KVEventBatch`` in any of the encodings described above.
+
+    ``merge_removals`` returns consecutive ``BlockRemoved`` events of GPU blocks (of the
+    same ``medium`` and ``group_idx``) as one: vLLM and SGLang send one per evicted block,
+    and an index applies the merged event exactly as it would the run of them.
+    """
     if msgspec is None:  # pragma: no cover - depends on the environment
         raise RuntimeError("decoding KV events needs msgspec: pip install 'cache_router[precise]'")
     # The common encodings are validated by msgspec in C (a uniform prompt's batch carries
@@ -151,14 +157,57 @@ def decode_batch(payload: bytes) -> EventBatch:
             typed = decoder.decode(payload)
         except msgspec.DecodeError:
             continue
+        events: Any = typed.events
         return EventBatch(
             float(typed.ts),
-            tuple(map(_from_typed, typed.events)),
+            _merged(events, _from_typed) if merge_removals else tuple(map(_from_typed, events)),
             typed.data_parallel_rank,
             0,
             typed.epoch,
         )
-    return _decode_any(payload)
+    batch = _decode_any(payload)
+    if merge_removals:
+        batch = replace(batch, events=_merged(batch.events, _same))
+    return batch
+
+
+#: Tiers whose blocks count as resident: None (releases without tiers) and the GPU.
+RESIDENT_MEDIA = frozenset({None, "GPU"})
+
+
+def _merged(events: Sequence[Any], convert: Callable[[Any], KVEvent]) -> tuple[KVEvent, ...]:
+    """``events`` converted, each run of removals of resident blocks of one tier and cache
+    group as one ``BlockRemoved`` (built once, not per event)."""
+    if len(events) < 2:
+        return tuple(map(convert, events))
+    merged: list[KVEvent] = []
+    hashes: list[BlockHash] = []
+    run: tuple[str | None, int | None] | None = None
+    for event in events:
+        if (
+            type(event) in _REMOVALS
+            and event.medium in RESIDENT_MEDIA
+            and event.group_idx in (None, 0)
+        ):
+            tier = (event.medium, event.group_idx)
+            if tier != run:
+                if run is not None:
+                    merged.append(BlockRemoved(tuple(hashes), *run))
+                    hashes = []
+                run = tier
+            hashes += event.block_hashes
+            continue
+        if run is not None:
+            merged.append(BlockRemoved(tuple(hashes), *run))
+            hashes, run = [], None
+        merged.append(convert(event))
+    if run is not None:
+        merged.append(BlockRemoved(tuple(hashes), *run))
+    return tuple(merged)
+
+
+def _same(event: KVEvent) -> KVEvent:
+    return event
 
 
 def _decode_any(payload: bytes) -> EventBatch:
@@ -429,6 +478,7 @@ if msgspec is not None:
         msgspec.msgpack.Decoder(_MapEventsBatch),
         msgspec.msgpack.Decoder(_ArrayEventsBatch),
     )
+    _REMOVALS: frozenset[type] = frozenset({BlockRemoved, _MapRemoved, _ArrayRemoved})
 
     def _from_typed(event: Any) -> KVEvent:
         kind = type(event)

@@ -47,6 +47,7 @@ from struct import Struct
 from typing import cast
 
 from cache_router.core.kv_events import (
+    RESIDENT_MEDIA,
     AllBlocksCleared,
     BlockHash,
     BlockRemoved,
@@ -59,8 +60,6 @@ __all__ = ["IndexStats", "KVIndex"]
 
 #: The key the chain of every prompt starts from.
 _ROOT = 0
-#: Tiers counted as resident: None (releases without tiers) and the GPU.
-_RESIDENT_MEDIA = frozenset({None, "GPU"})
 #: Cache-group kinds whose blocks are a reusable prefix.
 _PREFIX_KINDS = frozenset({None, "full_attention", "mla_attention"})
 
@@ -263,7 +262,7 @@ class KVIndex:
         if isinstance(event, BlockStored):
             self._store(state, event)
         elif isinstance(event, BlockRemoved):
-            if event.medium not in _RESIDENT_MEDIA:
+            if event.medium not in RESIDENT_MEDIA:
                 self._counts["skipped_tier"] += 1
             elif event.group_idx not in (None, 0):
                 self._counts["skipped_group"] += 1
@@ -275,7 +274,7 @@ class KVIndex:
 
     def _skip(self, event: BlockStored) -> str | None:
         """The counter an unindexable store goes to, or None when it is indexed."""
-        if event.medium not in _RESIDENT_MEDIA:
+        if event.medium not in RESIDENT_MEDIA:
             return "skipped_tier"
         if event.group_idx not in (None, 0) or event.kv_cache_spec_kind not in _PREFIX_KINDS:
             return "skipped_group"

@@ -457,6 +457,6 @@ async def _tick(wake: asyncio.Event, period: float) -> None:
 def _decoded(payload: bytes) -> EventBatch | KVEventDecodeError:
     """The batch, or why it is not one (the sequence logic runs either way)."""
     try:
-        return decode_batch(payload)
+        return decode_batch(payload, merge_removals=True)
     except KVEventDecodeError as exc:
         return exc
