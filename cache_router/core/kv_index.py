@@ -355,6 +355,12 @@ class KVIndex:
         """Unindex blocks by engine hash (unknown ones are ignored); in C for the usual run
         of blocks each the only holder of its content on the worker."""
         by_engine = state.by_engine
+        if len(hashes) == 1:
+            key = by_engine.pop(hashes[0], None)
+            if key is not None:
+                self._counts["removed"] += 1
+                self._unref(state, key)
+            return
         size = len(by_engine)
         popped: list[int | None] = [*map(by_engine.pop, hashes, repeat(None))]
         if size - len(by_engine) != len(popped):  # unknown hashes
