@@ -4,6 +4,10 @@ Run::
 
     python benchmarks/kv_index.py [--sizes 10000,100000,1000000 --workers 4
                                    --block-size 16 --prompt-blocks 32 --queries 2000]
+                                  [--stream-prompts 400 --passes 7]
+
+A second table prices the event stream of the precise benchmark's ``uniform`` workload
+(``--sizes ""`` prints only that one).
 
 Workload
     Prompts of ``--prompt-blocks`` blocks of ``--block-size`` random token ids (a 32,000-id
@@ -21,6 +25,19 @@ Rows (one per size, each measured in a fresh subprocess so RSS is the index's ow
     * ``remove ns/block``: ``BlockRemoved`` of a tenth of the blocks, per block.
     * ``RSS MiB`` and ``B/block``: the process's resident memory growth while building the
       index (the events' own token lists are dropped as they are applied), per block.
+
+Event stream (``uniform``)
+    ``--stream-prompts`` prompts of 2,272 random characters (one token each, as the
+    simulated engine counts them: 142 blocks of 16) go through a 7,000-token
+    :class:`~cache_router.testing.kv_publisher.BlockCache`, as in ``benchmarks.precise``'s
+    ``uniform``: every prompt is new, so each stores 142 blocks and, once the cache is full,
+    evicts as many. Its published batches (one per prompt), encoded as newer vLLM sends
+    them (map events) and as vLLM 0.10 and SGLang do (array events), and (``map/each``)
+    with one ``BlockRemoved`` per evicted block, as vLLM's and SGLang's caches send
+    evictions, are each decoded with
+    ``decode_batch(..., merge_removals=True)`` (``decode µs/req``) and applied to an index
+    (``apply µs/req``) in turn, as the subscriber does; medians of ``--passes`` passes,
+    per prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +55,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from cache_router.core.kv_events import BlockRemoved, BlockStored
+from cache_router.core.kv_events import BlockRemoved, BlockStored, decode_batch
 from cache_router.core.kv_index import KVIndex
 
 VOCABULARY = 32_000
@@ -125,6 +143,45 @@ def measure(
     }
 
 
+def stream(prompts: int, passes: int, encoding: str) -> tuple[float, float]:
+    """Decode and apply µs per prompt of the ``uniform`` event stream (see the module doc)."""
+    from cache_router.testing.kv_publisher import BlockCache, encode_batch
+
+    rng = random.Random(prompts)
+    payloads: list[bytes] = []
+    form, _, removals = encoding.partition("/")
+
+    def publish(events: list[Any]) -> None:
+        if removals:  # as vLLM and SGLang send them: one event per evicted block
+            events = [
+                BlockRemoved((h,), event.medium) if isinstance(event, BlockRemoved) else event
+                for event in events
+                for h in (event.block_hashes if isinstance(event, BlockRemoved) else (0,))
+            ]
+        payloads.append(encode_batch(events, encoding=form))  # type: ignore[arg-type]
+
+    cache = BlockCache(7000, 16, publish)
+    for _ in range(prompts):
+        cache.insert("".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=2272)))
+    decode: list[float] = []
+    apply: list[float] = []
+    clock = time.perf_counter_ns
+    for _ in range(passes):
+        index = KVIndex(16)
+        decoding = applying = 0
+        for payload in payloads:  # one batch at a time, as the subscriber does
+            started = clock()
+            batch = decode_batch(payload, merge_removals=True)  # as the subscriber
+            decoded = clock()
+            index.apply("engine", batch)
+            applying += clock() - decoded
+            decoding += decoded - started
+        decode.append(decoding)
+        apply.append(applying)
+    assert index.stats().blocks == len(cache.blocks())
+    return statistics.median(decode) / prompts / 1000, statistics.median(apply) / prompts / 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -132,12 +189,29 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prompt-blocks", type=int, default=32)
     parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--stream-prompts", type=int, default=400)
+    parser.add_argument("--passes", type=int, default=7)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = (args.workers, args.block_size, args.prompt_blocks, args.queries)
     if args.one:
         print(json.dumps(measure(args.one, *shape)))
         return
+    if args.sizes:
+        sizes(args)
+    print(
+        f"\nKV-event stream of `uniform`: {args.stream_prompts} prompts of 142 blocks "
+        f"of 16 tokens, each stored and as many evicted; medians of {args.passes} passes"
+    )
+    header = f"{'encoding':>8} {'decode µs/req':>13} {'apply µs/req':>12} {'total':>7}"
+    print(header)
+    print("-" * len(header))
+    for encoding in ("map", "array", "map/each"):
+        decode, apply = stream(args.stream_prompts, args.passes, encoding)
+        print(f"{encoding:>8} {decode:>13,.0f} {apply:>12,.0f} {decode + apply:>7,.0f}")
+
+
+def sizes(args: argparse.Namespace) -> None:
     print(
         f"KVIndex: {args.workers} workers, blocks of {args.block_size} tokens, "
         f"prompts of {args.prompt_blocks} blocks ({args.prompt_blocks * args.block_size} tokens)"

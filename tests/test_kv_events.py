@@ -9,6 +9,7 @@ once through msgspec structs declared with the same options as the engines' own
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 msgspec = pytest.importorskip("msgspec")
 
 from cache_router.core.kv_events import (  # noqa: E402
+    BLOCK_STORED_ARRAY_FIELDS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -432,6 +434,148 @@ def test_malformed_batches_are_refused(raw: bytes) -> None:
         decode_batch(raw)
 
 
+#: Field values the fuzz below draws from (the first of each valid), and wrong types.
+_FUZZ_VALUES: dict[str, list[Any]] = {
+    "block_hashes": [[1, 2], [b"\x01" * 32], [], [1, b"x"], [True], [1.5], "ab", None],
+    "parent_block_hash": [None, 7, b"p", True, "p", 1.5],
+    "token_ids": [
+        list(range(8)),
+        [],
+        [1, True],
+        [1, 2.0],
+        [[1, 2], [2, 3], [3, 4], [4, 5]],
+        [[1, 2], 3],
+        ["a"],
+        [-1, 2**40, 3, 4],
+        None,
+    ],
+    "block_size": [4, 2, 0, -1, True, 4.0, None],
+    "lora_id": [None, 3, True, "x"],
+    "medium": [None, "GPU", "CPU_PINNED", 5],
+    "lora_name": [None, "adapter", 5],
+    "extra_keys": [None, [None, ["mm"]], "x", 5],
+    "group_idx": [None, 0, 1, True],
+    "kv_cache_spec_kind": [None, "full_attention", "sliding_window", 5],
+    "cache_salt": [None, "t", 5],
+    "metadata": [None, {"cache_salt": "t"}, {"cache_salt": 5}, {}, "m"],
+    "session_id": [None, "s"],
+}
+
+
+def _fuzz_event(rng: Any, form: str) -> Any:
+    tag = rng.choice(["BlockStored"] * 4 + ["BlockRemoved"] * 2 + ["AllBlocksCleared", "Other"])
+    names = list(_FUZZ_VALUES) if tag == "BlockStored" else ["block_hashes", "medium", "group_idx"]
+    if tag in ("AllBlocksCleared", "Other"):
+        names = ["medium"]
+    # each field mostly well-formed (the first value), so the typed path is taken often
+    values = {
+        name: rng.choice(_FUZZ_VALUES[name]) if rng.random() < 0.25 else _FUZZ_VALUES[name][0]
+        for name in names
+    }
+    if form == "map":
+        kept = {name: value for name, value in values.items() if rng.random() < 0.8}
+        return {"type": tag, **kept}
+    order = BLOCK_STORED_ARRAY_FIELDS if tag == "BlockStored" else ["block_hashes", "medium"]
+    items = [values.get(name) for name in order if name in values]
+    items = items[: rng.randint(0, len(items))] if rng.random() < 0.2 else items
+    if tag == "BlockStored" and rng.random() < 0.5:
+        items.append(rng.choice([values["lora_name"], values["metadata"], 5]))
+        items += [None] * rng.randint(0, 2)
+    return [tag, *items]
+
+
+def test_the_typed_decoding_equals_the_general_one() -> None:
+    """The fast typed decoders accept only what the general path decodes, identically."""
+    import random
+
+    from cache_router.core.kv_events import _TYPED, _decode_any
+
+    rng = random.Random(7)
+    typed = 0
+    for _ in range(3000):
+        form = rng.choice(["map", "array", "mixed"])
+        events = [
+            _fuzz_event(rng, rng.choice(["map", "array"]) if form == "mixed" else form)
+            for _ in range(rng.randint(0, 3))
+        ]
+        ts = rng.choice([1.5, 3, True, "t"])
+        tail = rng.choice([[], [0], [None], [True], [1, "e1"], [1, "e1", ["digest"]], [1, 5]])
+        batch: Any = [ts, events, *tail]
+        if rng.random() < 0.05:
+            batch = {"ts": ts, "events": events, "data_parallel_rank": 1}
+        payload = msgspec.msgpack.encode(batch)
+        try:
+            expected: Any = _decode_any(payload)
+        except KVEventDecodeError:
+            expected = KVEventDecodeError
+        try:
+            got: Any = decode_batch(payload)
+            merged: Any = decode_batch(payload, merge_removals=True)
+        except KVEventDecodeError:
+            got = merged = KVEventDecodeError
+        assert got == expected, batch
+        if expected is not KVEventDecodeError:
+            assert merged == replace(expected, events=_merge_runs(expected.events)), batch
+        typed += any(_typed_accepts(decoder, payload) for decoder in _TYPED)
+    assert typed > 300  # the fast path was taken, not only the general one
+
+
+def _merge_runs(events: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Consecutive removals of GPU blocks of one tier and group as one, written plainly."""
+
+    def tier(event: Any) -> Any:
+        if not isinstance(event, BlockRemoved) or event.group_idx not in (None, 0):
+            return None
+        return (event.medium, event.group_idx) if event.medium in (None, "GPU") else None
+
+    merged: list[Any] = []
+    for key, run in itertools.groupby(events, tier):
+        if key is None:
+            merged.extend(run)
+        else:
+            hashes = tuple(h for event in run for h in event.block_hashes)
+            merged.append(BlockRemoved(hashes, *key))
+    return tuple(merged)
+
+
+def test_removals_merged_leave_the_index_as_the_events_one_by_one() -> None:
+    """vLLM and SGLang send one BlockRemoved per evicted block; the subscriber decodes
+    each run of them as one event, and the index ends the same."""
+    from cache_router.testing.kv_publisher import BlockCache, encode_batch
+
+    payloads: list[bytes] = []
+
+    def publish(events: list[Any]) -> None:
+        split: list[Any] = []
+        for event in events:
+            if isinstance(event, BlockRemoved):
+                split += [BlockRemoved((h,), "GPU") for h in event.block_hashes]
+                split.append(BlockRemoved((b"other tier",), "CPU_PINNED"))
+            else:
+                split.append(event)
+        payloads.append(encode_batch(split))
+
+    cache = BlockCache(64, 4, publish)
+    for number in range(40):
+        cache.insert("".join(chr(97 + (number * 7 + i) % 26) for i in range(24)))
+    one_by_one, merged = live_index("a"), live_index("a")
+    for payload in payloads:
+        batch = decode_batch(payload, merge_removals=True)
+        assert len(batch.events) <= 3  # removals, the other tier's, stored
+        one_by_one.apply("a", decode_batch(payload))
+        merged.apply("a", batch)
+    assert one_by_one.stats() == merged.stats()
+    assert merged.stats().removed > 100 and merged.blocks("a") == len(cache.blocks())
+
+
+def _typed_accepts(decoder: Any, payload: bytes) -> bool:
+    try:
+        decoder.decode(payload)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 def test_sequence_frames() -> None:
     assert decode_sequence((5).to_bytes(8, "big")) == 5
     assert decode_sequence(b"\xff" * 8) == -1
@@ -527,6 +671,57 @@ def test_the_per_worker_cap_evicts_the_oldest_blocks() -> None:
     assert index.stats().blocks == 3
 
 
+def test_runs_of_stores_and_removals_match_a_block_by_block_model() -> None:
+    """Random stores and removals (shared and repeated contents, reused and repeated engine
+    hashes, unknown removals, a small cap) on 3 workers: the index's matches and counts
+    equal a model that keeps each worker's blocks as whole prefixes, one block at a time."""
+    import random
+    from collections import OrderedDict
+
+    rng = random.Random(11)
+    workers = ("a", "b", "c")
+    index = live_index(*workers, max_blocks_per_worker=24)
+    model: dict[str, OrderedDict[int, tuple[int, ...]]] = {w: OrderedDict() for w in workers}
+    prompts = [[rng.randrange(3) for _ in range(4 * rng.randint(1, 6))] for _ in range(12)]
+    for _ in range(2000):
+        worker = rng.choice(workers)
+        blocks = model[worker]
+        if rng.random() < 0.6:
+            prompt = rng.choice(prompts)
+            start = rng.randint(0, len(prompt) // 4 - 1)
+            parent = None
+            if start:
+                parent = rng.choice([h for h, p in blocks.items() if len(p) == 4 * start] or [-1])
+                if parent == -1:
+                    continue
+                prompt = [*blocks[parent], *prompt[4 * start :]]
+            count = rng.randint(1, len(prompt) // 4 - start)
+            hashes = [rng.randrange(60) for _ in range(count)]
+            index.apply_event(worker, stored(hashes, parent, prompt[4 * start :]))
+            for number, engine_hash in enumerate(hashes, start + 1):
+                blocks.pop(engine_hash, None)
+                blocks[engine_hash] = tuple(prompt[: 4 * number])
+                if len(blocks) > 24:
+                    blocks.popitem(last=False)
+        else:
+            hashes = [rng.randrange(60) for _ in range(rng.randint(1, 8))]
+            index.apply_event(worker, BlockRemoved(tuple(hashes), "GPU"))
+            for engine_hash in hashes:
+                blocks.pop(engine_hash, None)
+        for prompt in prompts:
+            expected = {}
+            for name, held in model.items():
+                contents = set(held.values())
+                depth = 0
+                while depth < len(prompt) and tuple(prompt[: depth + 4]) in contents:
+                    depth += 4
+                if depth:
+                    expected[name] = depth
+            assert index.match(prompt) == expected
+        assert index.stats().blocks == sum(len(held) for held in model.values())
+        assert index.stats().keys == len({p for held in model.values() for p in held.values()})
+
+
 def test_what_is_not_indexed() -> None:
     index = live_index("a")
     index.apply_event("a", BlockStored((1,), None, PROMPT[:4], 4, None, "CPU"))
@@ -609,5 +804,7 @@ def test_the_index_benchmark_runs() -> None:
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "kv_index.py"
     command = [sys.executable, str(script), "--sizes", "640", "--queries", "10"]
+    command += ["--stream-prompts", "8", "--passes", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     assert "B/block" in done.stdout and "640" in done.stdout
+    assert "decode µs/req" in done.stdout and "array" in done.stdout

@@ -27,9 +27,9 @@ No I/O here: the ZMQ side is :mod:`cache_router.ops.kv_subscriber`. Decoding nee
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, ClassVar, TypeAlias
 
 try:
     import msgspec
@@ -40,6 +40,7 @@ __all__ = [
     "BLOCK_REMOVED_ARRAY_FIELDS",
     "BLOCK_STORED_ARRAY_FIELDS",
     "END_SEQUENCE",
+    "RESIDENT_MEDIA",
     "AllBlocksCleared",
     "BlockHash",
     "BlockRemoved",
@@ -139,10 +140,78 @@ def topic_epoch(topic: bytes) -> bytes | None:
     return topic[start:] if end < 0 else topic[start:end]
 
 
-def decode_batch(payload: bytes) -> EventBatch:
-    """Decode a msgpack ``KVEventBatch`` in any of the encodings described above."""
+def decode_batch(payload: bytes, *, merge_removals: bool = False) -> EventBatch:
+    """Decode a msgpack ``KVEventBatch`` in any of the encodings described above.
+
+    ``merge_removals`` returns consecutive ``BlockRemoved`` events of GPU blocks (of the
+    same ``medium`` and ``group_idx``) as one: vLLM and SGLang send one per evicted block,
+    and an index applies the merged event exactly as it would the run of them.
+    """
     if msgspec is None:  # pragma: no cover - depends on the environment
         raise RuntimeError("decoding KV events needs msgspec: pip install 'cache_router[precise]'")
+    # The common encodings are validated by msgspec in C (a uniform prompt's batch carries
+    # thousands of token ids); anything they refuse takes the general path below, which
+    # accepts the rest and words the errors.
+    for decoder in _TYPED:
+        try:
+            typed = decoder.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        events: Any = typed.events
+        return EventBatch(
+            float(typed.ts),
+            _merged(events, _from_typed) if merge_removals else tuple(map(_from_typed, events)),
+            typed.data_parallel_rank,
+            0,
+            typed.epoch,
+        )
+    batch = _decode_any(payload)
+    if merge_removals:
+        batch = replace(batch, events=_merged(batch.events, _same))
+    return batch
+
+
+#: Tiers whose blocks count as resident: None (releases without tiers) and the GPU.
+RESIDENT_MEDIA = frozenset({None, "GPU"})
+
+
+def _merged(events: Sequence[Any], convert: Callable[[Any], KVEvent]) -> tuple[KVEvent, ...]:
+    """``events`` converted, each run of removals of resident blocks of one tier and cache
+    group as one ``BlockRemoved`` (built once, not per event)."""
+    if len(events) < 2:
+        return tuple(map(convert, events))
+    merged: list[KVEvent] = []
+    hashes: list[BlockHash] = []
+    run: tuple[str | None, int | None] | None = None
+    for event in events:
+        if (
+            type(event) in _REMOVALS
+            and event.medium in RESIDENT_MEDIA
+            and event.group_idx in (None, 0)
+        ):
+            tier = (event.medium, event.group_idx)
+            if tier != run:
+                if run is not None:
+                    merged.append(BlockRemoved(tuple(hashes), *run))
+                    hashes = []
+                run = tier
+            hashes += event.block_hashes
+            continue
+        if run is not None:
+            merged.append(BlockRemoved(tuple(hashes), *run))
+            hashes, run = [], None
+        merged.append(convert(event))
+    if run is not None:
+        merged.append(BlockRemoved(tuple(hashes), *run))
+    return tuple(merged)
+
+
+def _same(event: KVEvent) -> KVEvent:
+    return event
+
+
+def _decode_any(payload: bytes) -> EventBatch:
+    """Every encoding, from the generic msgpack objects (the slow path)."""
     try:
         raw = msgspec.msgpack.decode(payload)
     except msgspec.DecodeError as exc:
@@ -228,34 +297,63 @@ def _block_stored(fields: Mapping[str, Any]) -> BlockStored:
     hashes = _hashes(fields.get("block_hashes"))
     tokens = fields.get("token_ids")
     extra = fields.get("extra_keys")
-    extra = extra if isinstance(extra, list) else None
     if not isinstance(tokens, list):
         raise KVEventDecodeError("BlockStored token_ids is not an array")
     if tokens and isinstance(tokens[0], list):
         tokens, extra = _bigram_pages(tokens, block_size, len(hashes))
     elif not _all_ints(tokens):
         raise KVEventDecodeError("BlockStored token_ids is not an array of integers")
-    metadata = fields.get("metadata")
     salt = fields.get("cache_salt")
+    parent = fields.get("parent_block_hash")
+    return _stored(
+        hashes,
+        None if parent is None else _hash(parent),
+        tokens,
+        block_size,
+        _opt_int(fields.get("lora_id"), "lora_id"),
+        _opt_str(fields.get("medium"), "medium"),
+        _opt_str(fields.get("lora_name"), "lora_name"),
+        extra,
+        _opt_int(fields.get("group_idx"), "group_idx"),
+        _opt_str(fields.get("kv_cache_spec_kind"), "kv_cache_spec_kind"),
+        _opt_str(salt, "cache_salt") if salt is not None else None,
+        fields.get("metadata"),
+    )
+
+
+def _stored(
+    hashes: tuple[BlockHash, ...],
+    parent: BlockHash | None,
+    tokens: list[int],
+    block_size: int,
+    lora_id: int | None,
+    medium: str | None,
+    lora_name: str | None,
+    extra: object,
+    group_idx: int | None,
+    kind: str | None,
+    salt: str | None,
+    metadata: object,
+) -> BlockStored:
+    """A ``BlockStored`` from checked fields; the salt may come from SGLang's metadata map."""
     if salt is None and isinstance(metadata, dict):
-        salt = metadata.get("cache_salt")
-    salt = _opt_str(salt, "cache_salt")
-    if salt is not None and extra is None:
+        salt = _opt_str(metadata.get("cache_salt"), "cache_salt")
+    extra_keys = extra if isinstance(extra, list) else None
+    if salt is not None and extra_keys is None:
         # SGLang seeds a salted chain's hashes with the salt: its blocks serve only
         # requests with the same salt, which a token key cannot tell.
-        extra = [("cache_salt", salt)] * len(hashes)
-    parent = fields.get("parent_block_hash")
+        extra_keys = [("cache_salt", salt)] * len(hashes)
     return BlockStored(
         block_hashes=hashes,
-        parent_block_hash=None if parent is None else _hash(parent),
+        parent_block_hash=parent,
         token_ids=tokens,
         block_size=block_size,
-        lora_id=_opt_int(fields.get("lora_id"), "lora_id"),
-        medium=_opt_str(fields.get("medium"), "medium"),
-        lora_name=_opt_str(fields.get("lora_name"), "lora_name"),
-        extra_keys=extra,
-        group_idx=_opt_int(fields.get("group_idx"), "group_idx"),
-        kv_cache_spec_kind=_opt_str(fields.get("kv_cache_spec_kind"), "kv_cache_spec_kind"),
+        lora_id=lora_id,
+        medium=medium,
+        lora_name=lora_name,
+        extra_keys=extra_keys,
+        group_idx=group_idx,
+        kv_cache_spec_kind=kind,
         cache_salt=salt,
     )
 
@@ -306,3 +404,99 @@ def _opt_str(value: object, name: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise KVEventDecodeError(f"{name} is not a string")
+
+
+# -- the typed fast path -------------------------------------------------------------------
+# The encodings in common use, as msgspec structs: decoding validates them in C. A union may
+# not mix array and map structs, hence one batch type per event form. Fields a form may
+# carry that the structs leave out are ignored, as the general path ignores them.
+
+_Hash: TypeAlias = int | bytes
+if msgspec is not None:
+    _BlockSize: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
+
+    class _MapStored(msgspec.Struct, tag="BlockStored", tag_field="type", kw_only=True, gc=False):
+        block_hashes: tuple[_Hash, ...]
+        token_ids: list[int]
+        block_size: _BlockSize
+        parent_block_hash: _Hash | None = None
+        lora_id: int | None = None
+        medium: str | None = None
+        lora_name: str | None = None
+        extra_keys: Any = None
+        group_idx: int | None = None
+        kv_cache_spec_kind: str | None = None
+        cache_salt: str | None = None
+        metadata: Any = None
+
+    class _MapRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", gc=False):
+        block_hashes: tuple[_Hash, ...]
+        medium: str | None = None
+        group_idx: int | None = None
+
+    class _MapCleared(msgspec.Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
+        pass
+
+    class _ArrayStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
+        block_hashes: tuple[_Hash, ...]
+        parent_block_hash: _Hash | None
+        token_ids: list[int]
+        block_size: _BlockSize
+        lora_id: int | None = None
+        medium: str | None = None
+        metadata: Any = None  # the slot after medium: SGLang's metadata or vLLM 0.10's lora_name
+        extra_keys: ClassVar[None] = None
+        group_idx: ClassVar[None] = None
+        kv_cache_spec_kind: ClassVar[None] = None
+        cache_salt: ClassVar[None] = None
+
+        @property
+        def lora_name(self) -> str | None:
+            return self.metadata if isinstance(self.metadata, str) else None
+
+    class _ArrayRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
+        block_hashes: tuple[_Hash, ...]
+        medium: str | None = None
+        group_idx: ClassVar[None] = None
+
+    class _ArrayCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True, gc=False):
+        pass
+
+    class _MapEventsBatch(msgspec.Struct, array_like=True, gc=False):
+        ts: float
+        events: list[_MapStored | _MapRemoved | _MapCleared]
+        data_parallel_rank: int | None = None
+        epoch: str | None = None
+
+    class _ArrayEventsBatch(msgspec.Struct, array_like=True, gc=False):
+        ts: float
+        events: list[_ArrayStored | _ArrayRemoved | _ArrayCleared]
+        data_parallel_rank: int | None = None
+        epoch: str | None = None
+
+    _TYPED = (
+        msgspec.msgpack.Decoder(_MapEventsBatch),
+        msgspec.msgpack.Decoder(_ArrayEventsBatch),
+    )
+    _REMOVALS: frozenset[type] = frozenset({BlockRemoved, _MapRemoved, _ArrayRemoved})
+
+    def _from_typed(event: Any) -> KVEvent:
+        kind = type(event)
+        if kind is _MapStored or kind is _ArrayStored:
+            return _stored(
+                event.block_hashes,
+                event.parent_block_hash,
+                event.token_ids,
+                event.block_size,
+                event.lora_id,
+                event.medium,
+                event.lora_name,
+                event.extra_keys,
+                event.group_idx,
+                event.kv_cache_spec_kind,
+                event.cache_salt,
+                event.metadata,
+            )
+        if kind is _MapRemoved or kind is _ArrayRemoved:
+            return BlockRemoved(event.block_hashes, event.medium, event.group_idx)
+        return AllBlocksCleared()

@@ -9,8 +9,8 @@ same chain, so matching a prompt is one dictionary lookup per block, and it stop
 first block no live worker holds.
 
 Per worker the index keeps a map from the engine's hash to the key (``BlockRemoved`` names
-engine hashes) with a reference count per key, since two engine blocks may carry the same
-tokens (vLLM groups, re-stores). Which workers hold a key is one integer bitmask, so a
+engine hashes), and a count for the keys more than one engine block carries (vLLM groups,
+re-stores). Which workers hold a key is one integer bitmask, so a
 match costs the same for 2 or 200 workers.
 
 What is indexed, and what is not (each skipped event is counted in :meth:`stats`):
@@ -42,8 +42,12 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
+from struct import Struct
+from typing import cast
 
 from cache_router.core.kv_events import (
+    RESIDENT_MEDIA,
     AllBlocksCleared,
     BlockHash,
     BlockRemoved,
@@ -56,8 +60,6 @@ __all__ = ["IndexStats", "KVIndex"]
 
 #: The key the chain of every prompt starts from.
 _ROOT = 0
-#: Tiers counted as resident: None (releases without tiers) and the GPU.
-_RESIDENT_MEDIA = frozenset({None, "GPU"})
 #: Cache-group kinds whose blocks are a reusable prefix.
 _PREFIX_KINDS = frozenset({None, "full_attention", "mla_attention"})
 
@@ -87,14 +89,15 @@ class IndexStats:
 
 
 class _Worker:
-    """One worker's blocks: engine hash -> key, and how many engine blocks hold each key."""
+    """One worker's blocks: engine hash -> key, and for a key more than one engine block
+    holds, how many more (most keys have one, so they cost no entry here)."""
 
-    __slots__ = ("bit", "by_engine", "last_ts", "refs", "stale")
+    __slots__ = ("bit", "by_engine", "copies", "last_ts", "stale")
 
     def __init__(self, bit: int) -> None:
         self.bit = bit
         self.by_engine: dict[BlockHash, int] = {}
-        self.refs: dict[int, int] = {}
+        self.copies: dict[int, int] = {}
         self.stale: str | None = NOT_SYNCED
         self.last_ts: float | None = None
 
@@ -259,23 +262,19 @@ class KVIndex:
         if isinstance(event, BlockStored):
             self._store(state, event)
         elif isinstance(event, BlockRemoved):
-            if event.medium not in _RESIDENT_MEDIA:
+            if event.medium not in RESIDENT_MEDIA:
                 self._counts["skipped_tier"] += 1
             elif event.group_idx not in (None, 0):
                 self._counts["skipped_group"] += 1
             else:
-                for engine_hash in event.block_hashes:
-                    key = state.by_engine.pop(engine_hash, None)
-                    if key is not None:
-                        self._unref(state, key)
-                        self._counts["removed"] += 1
+                self._remove_run(state, event.block_hashes)
         elif isinstance(event, AllBlocksCleared):
             self._drop_all(state)
             self._counts["cleared"] += 1
 
     def _skip(self, event: BlockStored) -> str | None:
         """The counter an unindexable store goes to, or None when it is indexed."""
-        if event.medium not in _RESIDENT_MEDIA:
+        if event.medium not in RESIDENT_MEDIA:
             return "skipped_tier"
         if event.group_idx not in (None, 0) or event.kv_cache_spec_kind not in _PREFIX_KINDS:
             return "skipped_group"
@@ -301,23 +300,84 @@ class KVIndex:
         if key is None:
             counts["skipped_orphan"] += 1
             return
-        block_size = event.block_size
-        extra = event.extra_keys
         hashes = event.block_hashes
         try:
-            keys = list(_chain(key, event.token_ids, block_size))
+            keys = _chain_keys(key, event.token_ids, event.block_size)
         except (OverflowError, TypeError):
             counts["skipped_block_size"] += 1
             return
-        for index, engine_hash in enumerate(hashes):
-            if index >= len(keys):
-                counts["skipped_partial"] += len(hashes) - index
-                return
-            if extra is not None and index < len(extra) and extra[index] is not None:
-                counts["skipped_lora"] += len(hashes) - index
-                return
-            self._add(state, engine_hash, keys[index])
-            counts["stored"] += 1
+        stored = min(len(hashes), len(keys))
+        extra = event.extra_keys
+        if extra is not None:
+            # the first block whose identity is more than its tokens ends the indexed run
+            unindexable = next((i for i, e in enumerate(extra[:stored]) if e is not None), None)
+            if unindexable is not None:
+                counts["skipped_lora"] += len(hashes) - unindexable
+                stored = unindexable
+                hashes, keys = hashes[:stored], keys[:stored]
+        if stored < len(hashes):
+            counts["skipped_partial"] += len(hashes) - stored
+            hashes = hashes[:stored]
+        elif stored < len(keys):
+            keys = keys[:stored]
+        self._add_run(state, hashes, keys)
+        counts["stored"] += stored
+
+    def _add_run(self, state: _Worker, hashes: Sequence[BlockHash], keys: list[int]) -> None:
+        """Index a run of blocks; dictionary work in C when the run is new (a fresh prompt:
+        no engine hash nor content seen before), block by block otherwise."""
+        by_engine = state.by_engine
+        holders = self._holders
+        if not (by_engine.keys().isdisjoint(hashes) and holders.keys().isdisjoint(keys)):
+            self._add_each(state, hashes, keys)
+        else:
+            size = len(by_engine), len(holders)
+            by_engine.update(zip(hashes, keys, strict=True))
+            holders.update(zip(keys, repeat(state.bit)))
+            if len(by_engine) - size[0] != len(hashes) or len(holders) - size[1] != len(keys):
+                # a hash or a content twice in the run: undo, then one block at a time
+                for engine_hash in hashes:
+                    by_engine.pop(engine_hash, None)
+                for key in keys:
+                    holders.pop(key, None)
+                self._add_each(state, hashes, keys)
+        excess = len(by_engine) - self._max_blocks
+        if excess > 0:
+            self._counts["evicted"] += excess
+            for oldest in list(islice(by_engine, excess)):
+                self._unref(state, by_engine.pop(oldest))
+
+    def _add_each(self, state: _Worker, hashes: Sequence[BlockHash], keys: list[int]) -> None:
+        for engine_hash, key in zip(hashes, keys, strict=True):
+            self._add(state, engine_hash, key)
+
+    def _remove_run(self, state: _Worker, hashes: Sequence[BlockHash]) -> None:
+        """Unindex blocks by engine hash (unknown ones are ignored); in C for the usual run
+        of blocks each the only holder of its content on the worker."""
+        by_engine = state.by_engine
+        if len(hashes) == 1:
+            key = by_engine.pop(hashes[0], None)
+            if key is not None:
+                self._counts["removed"] += 1
+                self._unref(state, key)
+            return
+        size = len(by_engine)
+        popped: list[int | None] = [*map(by_engine.pop, hashes, repeat(None))]
+        if size - len(by_engine) != len(popped):  # unknown hashes
+            popped = [key for key in popped if key is not None]
+        keys = cast("list[int]", popped)
+        self._counts["removed"] += len(keys)
+        copies = state.copies
+        if copies and not copies.keys().isdisjoint(keys):
+            for key in keys:
+                self._unref(state, key)
+            return
+        holders = self._holders
+        bit = state.bit
+        masks = [*map(holders.pop, keys)]
+        if masks.count(bit) != len(masks):  # content other workers hold too
+            others = zip(keys, masks, strict=True)
+            holders.update((key, mask & ~bit) for key, mask in others if mask != bit)
 
     def _add(self, state: _Worker, engine_hash: BlockHash, key: int) -> None:
         by_engine = state.by_engine
@@ -325,23 +385,21 @@ class KVIndex:
         if old is not None:
             self._unref(state, old)
         by_engine[engine_hash] = key
-        refs = state.refs
-        count = refs.get(key, 0)
-        refs[key] = count + 1
-        if not count:
-            self._holders[key] = self._holders.get(key, 0) | state.bit
-        if len(by_engine) > self._max_blocks:
-            oldest = next(iter(by_engine))
-            self._unref(state, by_engine.pop(oldest))
-            self._counts["evicted"] += 1
+        held = self._holders.get(key, 0)
+        if held & state.bit:
+            state.copies[key] = state.copies.get(key, 0) + 1
+        else:
+            self._holders[key] = held | state.bit
 
     def _unref(self, state: _Worker, key: int) -> None:
-        refs = state.refs
-        count = refs[key] - 1
-        if count:
-            refs[key] = count
+        copies = state.copies
+        more = copies.get(key)
+        if more:
+            if more > 1:
+                copies[key] = more - 1
+            else:
+                del copies[key]
             return
-        del refs[key]
         held = self._holders[key] & ~state.bit
         if held:
             self._holders[key] = held
@@ -351,13 +409,13 @@ class KVIndex:
     def _drop_all(self, state: _Worker) -> None:
         holders = self._holders
         keep = ~state.bit
-        for key in state.refs:
+        for key in set(state.by_engine.values()):
             held = holders[key] & keep
             if held:
                 holders[key] = held
             else:
                 del holders[key]
-        state.refs.clear()
+        state.copies.clear()
         state.by_engine.clear()
 
     def stats(self) -> IndexStats:
@@ -372,7 +430,7 @@ class KVIndex:
 
 
 def _chain(parent: int, tokens: Sequence[int], block_size: int) -> Iterator[int]:
-    """Keys of the full blocks of ``tokens`` following the block keyed ``parent``.
+    """Keys of the full blocks of ``tokens`` following the block keyed ``parent``, lazily.
 
     Each block's key hashes the parent key with the block's token ids packed as 32-bit
     integers (bytes hashing is seeded per process, so keys cannot be forged from outside).
@@ -386,11 +444,32 @@ def _chain(parent: int, tokens: Sequence[int], block_size: int) -> Iterator[int]
     yield key
     if full == block_size:
         return
-    data = array("I", tokens[block_size:full]).tobytes()
-    width = block_size * 4
-    for start in range(0, len(data), width):
-        key = hash((key, data[start : start + width]))
+    for (block,) in _blocks_of(block_size).iter_unpack(array("I", tokens[block_size:full])):
+        key = hash((key, block))
         yield key
+
+
+def _chain_keys(parent: int, tokens: Sequence[int], block_size: int) -> list[int]:
+    """Every key of :func:`_chain` at once (a stored run is keyed whole)."""
+    full = len(tokens) // block_size * block_size
+    packed = array("I", tokens[:full] if full < len(tokens) else tokens)
+    keys: list[int] = []
+    key = parent
+    for (block,) in _blocks_of(block_size).iter_unpack(packed):
+        key = hash((key, block))
+        keys.append(key)
+    return keys
+
+
+_BLOCK_STRUCTS: dict[int, Struct] = {}
+
+
+def _blocks_of(block_size: int) -> Struct:
+    """The struct that cuts packed token ids into blocks of ``block_size``, made once."""
+    cut = _BLOCK_STRUCTS.get(block_size)
+    if cut is None:
+        cut = _BLOCK_STRUCTS[block_size] = Struct(f"{block_size * 4}s")
+    return cut
 
 
 def _assign(result: dict[str, int], names: dict[int, str], mask: int, matched: int) -> None:

@@ -33,9 +33,11 @@ the asyncio event loop (pyzmq's asyncio sockets); nothing here blocks the loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import anyio
 import zmq
@@ -61,6 +63,11 @@ _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 #: Messages queued on our side of a stream or a replay: vLLM's and SGLang's publishers'
 #: own high-water mark, so a burst or a whole replay buffer fits.
 _HIGH_WATER_MARK = 100_000
+#: Messages read in a row before the monitor socket is looked at again.
+_READ_RUN = 256
+# plain ints: pyzmq's flag enums do their arithmetic in Python
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,28 +198,53 @@ class KVEventSubscriber:
             sub.setsockopt(option, value)
         sub.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
         monitor = sub.get_monitor_socket(_MONITORED)
-        poller = zmq.asyncio.Poller()
-        poller.register(sub, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        # Messages are read without a future or a poller per message (they cost more than
+        # decoding a batch): both sockets' descriptors wake one event, and each wake-up
+        # reads whatever is queued. ZMQ's descriptor only signals that the socket's state
+        # changed, so a socket is read until its EVENTS says it holds nothing more.
+        readers: list[zmq.Socket[bytes]] = [zmq.Socket.shadow(s.underlying) for s in (sub, monitor)]
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        fds = [cast(int, reader.getsockopt(zmq.FD)) for reader in readers]
         try:
             with scope:
+                for fd in fds:
+                    loop.add_reader(fd, wake.set)
                 sub.connect(source.endpoint)
-                while True:
-                    ready = dict(await poller.poll(self._poll_ms()))
-                    if monitor in ready:
-                        await self._on_monitor(source, stats, await monitor.recv_multipart())
-                    if sub in ready:
-                        await self._on_message(source, stats, await sub.recv_multipart())
-                    self._check_resync(source.worker, stats)
+                async with anyio.create_task_group() as group:
+                    if self.resync_after is not None:
+                        group.start_soon(_tick, wake, max(0.01, self.resync_after / 4))
+                    await self._read(source, stats, wake, *readers)
         finally:
             if self._scopes.get(source.worker) is scope:
                 del self._scopes[source.worker]
+            for fd in fds:
+                loop.remove_reader(fd)
             sub.disable_monitor()
             monitor.close(linger=0)
             sub.close(linger=0)
 
-    def _poll_ms(self) -> int | None:
-        return None if self.resync_after is None else max(10, int(self.resync_after * 250))
+    async def _read(
+        self,
+        source: KVEventSource,
+        stats: StreamStats,
+        wake: asyncio.Event,
+        sub: zmq.Socket[bytes],
+        monitor: zmq.Socket[bytes],
+    ) -> None:
+        while True:
+            while _readable(monitor):
+                await self._on_monitor(source, stats, monitor.recv_multipart(zmq.NOBLOCK))
+            # at most a bounded run of messages between looks at the monitor
+            for _ in range(_READ_RUN):
+                if not _readable(sub):
+                    break
+                await self._on_message(source, stats, sub.recv_multipart(zmq.NOBLOCK))
+            else:
+                continue
+            self._check_resync(source.worker, stats)
+            await wake.wait()
+            wake.clear()
 
     async def _on_monitor(
         self, source: KVEventSource, stats: StreamStats, frames: list[bytes]
@@ -411,9 +443,20 @@ class KVEventSubscriber:
             self.index.mark_stale(worker, "lost events" if stats.stale_since else "not synced")
 
 
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
+
+
+async def _tick(wake: asyncio.Event, period: float) -> None:
+    """Wake the reader every ``period`` seconds (to check ``resync_after``)."""
+    while True:
+        await anyio.sleep(period)
+        wake.set()
+
+
 def _decoded(payload: bytes) -> EventBatch | KVEventDecodeError:
     """The batch, or why it is not one (the sequence logic runs either way)."""
     try:
-        return decode_batch(payload)
+        return decode_batch(payload, merge_removals=True)
     except KVEventDecodeError as exc:
         return exc
