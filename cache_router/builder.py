@@ -74,6 +74,7 @@ def policy_from_config(
         prefix_hash_length=config.prefix_hash_length,
         manual_max_keys=config.manual_max_keys,
         kv_block_size=config.kv_block_size,
+        kv_move_window=config.kv_move_window,
         seed=seed,
     )
 

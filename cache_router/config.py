@@ -330,6 +330,14 @@ class RouterConfig:
             low=1,
         ),
     )
+    kv_move_window: int = field(
+        default=128,
+        metadata=_meta(
+            "precise_cache_aware: requests between two moves of a prefix that one engine "
+            "alone serves off an engine above its share (0: never move)",
+            low=0,
+        ),
+    )
     max_routing_key_length: int = field(
         default=32768,
         metadata=_meta(

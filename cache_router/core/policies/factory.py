@@ -42,6 +42,7 @@ def make_policy(
     prefix_hash_length: int = 256,
     manual_max_keys: int = 100_000,
     kv_block_size: int | None = None,
+    kv_move_window: int = 128,
 ) -> Policy:
     """The policy called ``name`` (one of :data:`POLICY_NAMES`) with SGLang's knobs.
 
@@ -49,7 +50,8 @@ def make_policy(
     ones, ``session_key_header`` (``consistent_hashing``), ``prefix_hash_length``
     (``prefix_hash``, in tokens), ``manual_max_keys`` (``manual``) and ``kv_block_size``
     (``precise_cache_aware``: the engines' block size in tokens, None to learn it from
-    the first event). ``seed`` makes
+    the first event) and ``kv_move_window`` (``precise_cache_aware``: its prefix moves'
+    window, 0 for none). ``seed`` makes
     the random choices reproducible. Raises ``ValueError`` for an unknown name or a knob out
     of range.
     """
@@ -65,7 +67,7 @@ def make_policy(
         }
         if name == "cache_aware":
             return CacheAwarePolicy(**knobs)
-        return PreciseCacheAwarePolicy(KVIndex(kv_block_size), **knobs)
+        return PreciseCacheAwarePolicy(KVIndex(kv_block_size), move_window=kv_move_window, **knobs)
     if name == "round_robin":
         return RoundRobinPolicy()
     if name == "random":
