@@ -750,3 +750,20 @@ if __name__ == "__main__":
     page = DOC.read_text(encoding="utf-8")
     DOC.write_text(_TABLE.sub(lambda m: m.group(1) + render_table() + m.group(3), page))
     print(f"rewrote the option table of {DOC}")
+
+
+def test_the_precise_policy_takes_its_move_window_from_the_config() -> None:
+    from cache_router.builder import build_router
+    from cache_router.core.policies import PreciseCacheAwarePolicy
+
+    for window in (0, 64):
+        config = RouterConfig(
+            worker_urls=("http://127.0.0.1:9",),
+            policy="precise_cache_aware",
+            kv_events_port=5557,
+            kv_move_window=window,
+        )
+        policy = build_router(config).policy
+        assert isinstance(policy, PreciseCacheAwarePolicy) and policy.move_window == window
+    with pytest.raises(ConfigError, match="kv_move_window"):
+        RouterConfig.load(env={"CACHE_ROUTER_KV_MOVE_WINDOW": "-1"})
