@@ -164,6 +164,7 @@ class Upstream:
         self._on_asyncio = False
         self._clock: Callable[[], float] = anyio.current_time
         self._cancel_by_task = False
+        self._deadlines: _Deadlines | None = None
 
     @property
     def transport_name(self) -> str:
@@ -187,6 +188,8 @@ class Upstream:
             self._cancel_by_task = (
                 self._on_asyncio and self._client.name != "httpx" and sys.version_info >= (3, 11)
             )
+            if self._cancel_by_task:
+                self._deadlines = _Deadlines(asyncio.get_running_loop())
         return self._client
 
     def _make_client(self) -> UpstreamClient:
@@ -233,6 +236,9 @@ class Upstream:
             return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
 
     async def aclose(self) -> None:
+        deadlines, self._deadlines = self._deadlines, None
+        if deadlines is not None:
+            deadlines.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -361,52 +367,37 @@ class Upstream:
         receive: Receive,
     ) -> None:
         """The exchange on asyncio without an anyio cancel scope (36k instructions per
-        request, docs/benchmarks.md): the deadline's timer, or the client leaving (the
-        server's ``watch``, else a watcher task on ``receive``), cancels this task, and the
-        relay takes that one cancellation back (``Task.uncancel``), as ``asyncio.timeout``
-        does. Cancelling happens only while ``_exchange`` runs (``live``), so it lands
-        there; ``_exchange`` never catches it, and closing a response never suspends on
-        these clients."""
+        request, docs/benchmarks.md): the deadline (swept by :class:`_Deadlines`), or the
+        client leaving (the server's ``watch``, else a watcher task on ``receive``), cancels
+        this task, and the relay takes that one cancellation back (``Task.uncancel``), as
+        ``asyncio.timeout`` does. Cancelling happens only while ``_exchange`` runs
+        (``live``), so it lands there; ``_exchange`` never catches it, and closing a
+        response never suspends on these clients."""
         task = asyncio.current_task()
         assert task is not None
-        live, cancelled = True, False
-
-        def cancel() -> None:
-            nonlocal cancelled
-            if live and not cancelled:
-                cancelled = True
-                task.cancel()
-
-        def on_disconnect() -> None:
-            if live:
-                exchange.client_gone = True
-                cancel()
-
-        def on_watcher_done(watcher: asyncio.Future[None]) -> None:
-            if not watcher.cancelled():
-                watcher.exception()  # retrieved, so a failed receive is not logged as lost
-                on_disconnect()
-
-        timer = None if deadline == math.inf else task.get_loop().call_at(deadline, cancel)
+        canceller = _TaskCancel(task, exchange)
+        deadlines = self._deadlines if deadline != math.inf else None
+        if deadlines is not None:
+            deadlines.add(canceller, deadline)
         watcher = None
         if watch is not None:
-            watch.watch(on_disconnect)
+            watch.watch(canceller.disconnected)
         else:
             watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-            watcher.add_done_callback(on_watcher_done)
+            watcher.add_done_callback(canceller.watcher_done)
         try:
             await self._exchange(exchange, client)
         except asyncio.CancelledError:
-            if not cancelled or sys.version_info < (3, 11) or task.uncancel() > 0:
+            if not canceller.cancelled or sys.version_info < (3, 11) or task.uncancel() > 0:
                 raise  # cancelled from outside too (a server shutting down)
         finally:
-            live = False
+            canceller.live = False
             if watch is not None:
                 watch.unwatch()
             if watcher is not None:
                 watcher.cancel()
-            if timer is not None:
-                timer.cancel()
+            if deadlines is not None:
+                deadlines.discard(canceller)
 
     async def _watched_on_asyncio(
         self, exchange: _Exchange, client: UpstreamClient, receive: Receive, deadline: float
@@ -631,6 +622,81 @@ class Collection:
                 await _close(response)
         finally:
             exchange.release()
+
+
+class _TaskCancel:
+    """Cancels the task of one exchange, once, and only while the exchange runs (``live``);
+    ``cancelled`` tells the relay the cancellation was its own."""
+
+    __slots__ = ("cancelled", "exchange", "live", "task")
+
+    def __init__(self, task: asyncio.Task[object], exchange: _Exchange) -> None:
+        self.task = task
+        self.exchange = exchange
+        self.live = True
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if self.live and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
+
+    def disconnected(self) -> None:
+        if self.live:
+            self.exchange.client_gone = True
+            self.cancel()
+
+    def watcher_done(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            watcher.exception()  # retrieved, so a failed receive is not logged as lost
+            self.disconnected()
+
+
+class _Deadlines:
+    """The total-timeout deadlines of an :class:`Upstream`'s exchanges, under one timer.
+
+    Every deadline is the loop's time plus the same timeout, so they come in order: the
+    first entry is always the earliest, and a timer armed for an earlier (since finished)
+    exchange is never late for a later one. The timer stays armed when the set empties and
+    re-arms only when it fires, so an exchange costs a dictionary entry, not a timer.
+    """
+
+    __slots__ = ("_entries", "_loop", "_timer")
+
+    #: A timer may fire up to a clock tick early (uvloop counts milliseconds).
+    _SLACK = 0.001
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._entries: dict[_TaskCancel, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, canceller: _TaskCancel, deadline: float) -> None:
+        self._entries[canceller] = deadline
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire)
+
+    def discard(self, canceller: _TaskCancel) -> None:
+        self._entries.pop(canceller, None)
+
+    def _expire(self) -> None:
+        self._timer = None
+        entries = self._entries
+        now = self._loop.time() + self._SLACK
+        while entries:
+            canceller = next(iter(entries))
+            deadline = entries[canceller]
+            if deadline > now:
+                self._timer = self._loop.call_at(deadline, self._expire)
+                return
+            del entries[canceller]
+            canceller.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._entries.clear()
 
 
 class RelayResult:
