@@ -54,7 +54,12 @@ from benchmarks.workloads import INSTANT_ENGINE
 _SELF = [sys.executable, "-m", "benchmarks.instructions", "--serve"]
 #: Rows as (name, the spec in :data:`ROUTERS`, extra flags, launcher override).
 ROWS: dict[str, tuple[str, list[str], list[str] | None]] = {
-    "serve": ("cache_router", [], [sys.executable, "-m", "cache_router", "serve"]),
+    # The spec's own flags say warning (as the peers run): info is asked for here, last.
+    "serve": (
+        "cache_router",
+        ["--log-level", "info"],
+        [sys.executable, "-m", "cache_router", "serve"],
+    ),
     "serve-warning": (
         "cache_router",
         ["--log-level", "warning"],
