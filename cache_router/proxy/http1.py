@@ -47,6 +47,7 @@ from urllib.parse import quote
 import httptools
 
 from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
+from cache_router.proxy.deadlines import Deadlines
 
 __all__ = ["Http1Client"]
 
@@ -234,15 +235,27 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self, timeout: float | None) -> None:
         """Until something happens on the exchange; a read timeout is a failure."""
-        loop = self.pool.loop
+        pool = self.pool
+        loop = pool.loop
         waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        if timeout is None:
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+            return
+        deadlines = pool.deadlines
+        deadlines.add(self, loop.time() + timeout)  # one timer for every connection's read
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+            deadlines.discard(self)
+
+    def expire(self) -> None:
+        """The read timeout passed while waiting (:class:`Deadlines`)."""
+        if self.waiter is not None:
+            _expire(self.waiter)
 
     def take(self) -> bytes:
         """Everything buffered, as one piece."""
@@ -331,6 +344,7 @@ class _Pool:
         self.max_idle = max_idle
         self.keepalive = keepalive
         self.waiting: deque[asyncio.Future[None]] = deque()
+        self.deadlines = Deadlines(self.loop)
         self.woken = 0  # waiters told to try again that have not run yet
         self.closed = False
 
@@ -407,6 +421,7 @@ class _Pool:
 
     def close(self) -> None:
         self.closed = True
+        self.deadlines.close()
         for connection in list(self.open):
             connection.close()
         self.idle.clear()

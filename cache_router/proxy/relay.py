@@ -43,6 +43,7 @@ from cache_router.proxy.clients import (
     UpstreamError,
     UpstreamResponse,
 )
+from cache_router.proxy.deadlines import Deadlines
 from cache_router.proxy.headers import (
     RESPONSE_DROP,
     REWRITE_DROP,
@@ -164,7 +165,7 @@ class Upstream:
         self._on_asyncio = False
         self._clock: Callable[[], float] = anyio.current_time
         self._cancel_by_task = False
-        self._deadlines: _Deadlines | None = None
+        self._deadlines: Deadlines | None = None
 
     @property
     def transport_name(self) -> str:
@@ -189,7 +190,7 @@ class Upstream:
                 self._on_asyncio and self._client.name != "httpx" and sys.version_info >= (3, 11)
             )
             if self._cancel_by_task:
-                self._deadlines = _Deadlines(asyncio.get_running_loop())
+                self._deadlines = Deadlines(asyncio.get_running_loop())
         return self._client
 
     def _make_client(self) -> UpstreamClient:
@@ -367,12 +368,13 @@ class Upstream:
         receive: Receive,
     ) -> None:
         """The exchange on asyncio without an anyio cancel scope (36k instructions per
-        request, docs/benchmarks.md): the deadline (swept by :class:`_Deadlines`), or the
-        client leaving (the server's ``watch``, else a watcher task on ``receive``), cancels
-        this task, and the relay takes that one cancellation back (``Task.uncancel``), as
-        ``asyncio.timeout`` does. Cancelling happens only while ``_exchange`` runs
-        (``live``), so it lands there; ``_exchange`` never catches it, and closing a
-        response never suspends on these clients."""
+        request, docs/benchmarks.md): the deadline (one timer for all exchanges,
+        :class:`~cache_router.proxy.deadlines.Deadlines`), or the client leaving (the
+        server's ``watch``, else a watcher task on ``receive``), cancels this task, and the
+        relay takes that one cancellation back (``Task.uncancel``), as ``asyncio.timeout``
+        does. Cancelling happens only while ``_exchange`` runs (``live``), so it lands
+        there; ``_exchange`` never catches it, and closing a response never suspends on
+        these clients."""
         task = asyncio.current_task()
         assert task is not None
         canceller = _TaskCancel(task, exchange)
@@ -651,52 +653,7 @@ class _TaskCancel:
             watcher.exception()  # retrieved, so a failed receive is not logged as lost
             self.disconnected()
 
-
-class _Deadlines:
-    """The total-timeout deadlines of an :class:`Upstream`'s exchanges, under one timer.
-
-    Every deadline is the loop's time plus the same timeout, so they come in order: the
-    first entry is always the earliest, and a timer armed for an earlier (since finished)
-    exchange is never late for a later one. The timer stays armed when the set empties and
-    re-arms only when it fires, so an exchange costs a dictionary entry, not a timer.
-    """
-
-    __slots__ = ("_entries", "_loop", "_timer")
-
-    #: A timer may fire up to a clock tick early (uvloop counts milliseconds).
-    _SLACK = 0.001
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._entries: dict[_TaskCancel, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, canceller: _TaskCancel, deadline: float) -> None:
-        self._entries[canceller] = deadline
-        if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._expire)
-
-    def discard(self, canceller: _TaskCancel) -> None:
-        self._entries.pop(canceller, None)
-
-    def _expire(self) -> None:
-        self._timer = None
-        entries = self._entries
-        now = self._loop.time() + self._SLACK
-        while entries:
-            canceller = next(iter(entries))
-            deadline = entries[canceller]
-            if deadline > now:
-                self._timer = self._loop.call_at(deadline, self._expire)
-                return
-            del entries[canceller]
-            canceller.cancel()
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._entries.clear()
+    expire = cancel  # the total timeout passed
 
 
 class RelayResult:
