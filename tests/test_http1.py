@@ -808,3 +808,49 @@ async def test_the_relay_takes_back_only_its_own_cancellation(ending: str, watch
         assert result.status is None and sent == []
     # Nothing is left pending on this task: it awaits on after the relay as usual.
     await asyncio.sleep(0)
+
+
+async def test_each_exchange_times_out_at_its_own_deadline() -> None:
+    """Deadlines share one timer: when it fires for an exchange that finished long ago, a
+    later exchange is not cut then but at its own deadline (504, the lease back)."""
+    calls = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        while True:
+            await read_request(reader)
+            calls += 1
+            if calls > 1:
+                await reader.read()  # the second one is never answered
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the server's watch is given: never called
+        raise AssertionError
+
+    async with engine(handler) as scripted:
+        registry = WorkerRegistry([scripted.url])
+        (worker,) = registry
+        upstream = Upstream(transport="http1", total_timeout=2.0)
+        try:
+            first = await relay_get(upstream, registry, scripted.url, receive, send)
+            assert first.status == 200
+            await asyncio.sleep(1.2)  # the shared timer, armed for the first, fires in 0.8 s
+            second = asyncio.ensure_future(
+                relay_get(upstream, registry, scripted.url, receive, send, DisconnectWatch(int))
+            )
+            done, _ = await asyncio.wait([second], timeout=1.2)
+            assert not done, "cut at the first exchange's deadline"
+            with anyio.fail_after(10):
+                result = await second
+        finally:
+            await upstream.aclose()
+    assert result.status == 504 and sent[-2]["status"] == 504
+    assert worker.load == 0

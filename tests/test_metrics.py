@@ -335,3 +335,33 @@ def test_retries_and_connect_failures_are_counted_per_worker() -> None:
     assert value(samples, "requests_total", route=CHAT, status="200") == 1
     assert by_worker(samples, "worker_load") == {dead: 0, live: 0}
     assert by_worker(samples, "worker_processed_total") == {dead: 1, live: 1}
+
+
+def test_request_series_match_prometheus_clients_own_counter_and_histogram() -> None:
+    """The request series are kept as plain counts but scrape as prometheus-client's
+    Counter and Histogram would: a value on a bound counts in that bucket, one above the
+    last only in +Inf, and each label set has its ``_created`` sample."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry, policy = fleet()
+    metrics = PrometheusMetrics(registry, policy)
+    reference = CollectorRegistry()
+    own = {"namespace": "cache_router", "registry": reference}
+    counter = Counter("requests", "c", ["route", "status"], **own)
+    histogram = Histogram(
+        "request_duration_seconds", "h", ["route"], buckets=DURATION_BUCKETS, **own
+    )
+    for route, status, seconds in [
+        (CHAT, 200, 0.001), (CHAT, 200, 0.0011), (CHAT, 502, 240.0), ("/generate", 0, 999.0),
+    ]:  # fmt: skip
+        metrics.request_finished(route, status, seconds, None)
+        counter.labels(route, str(status)).inc()
+        histogram.labels(route).observe(seconds)
+    expected = parse(generate_latest(reference).decode())
+    ours = scrape(metrics)
+    assert len(expected) == 2 * 3 + 2 * (len(DURATION_BUCKETS) + 4)  # the series compared
+    for key, number in expected.items():
+        if key[0].endswith("_created"):
+            assert key in ours
+        else:
+            assert ours[key] == number, key

@@ -253,6 +253,7 @@ SCOPE_FIELDS = ("cache_salt", "extra_key", "lora_path")
 #: Characters of a scope's marker (32 bits of its hash): short, so that the marker adds
 #: little to the matched share of a short prompt of the same scope.
 SCOPE_MARKER_CHARS = 2
+_SCOPE_NAMES = frozenset(SCOPE_FIELDS)
 
 
 def cache_scope(body: Mapping[str, Any]) -> str:
@@ -263,6 +264,8 @@ def cache_scope(body: Mapping[str, Any]) -> str:
     requests of one scope still share their prefixes. A batch's first item decides, as for
     the key. The marker is a hash, so a client's long salt costs the tree two characters.
     """
+    if _SCOPE_NAMES.isdisjoint(body):  # nearly every body: one C pass over its keys
+        return ""
     parts: list[str] = []
     for name in SCOPE_FIELDS:
         value = body.get(name)

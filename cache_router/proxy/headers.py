@@ -76,10 +76,12 @@ def malformed_head(status: int, headers: Sequence[tuple[bytes, bytes]]) -> str |
     """
     if not 200 <= status <= 599:
         return f"status {status} is not a final HTTP status"
-    names = [name for name, _ in headers]
+    if not headers:
+        return None
+    names, values = zip(*headers, strict=True)  # C code: no comprehension frame
     if b"" in names or b"\0" in b"".join(names).translate(_NAME_BYTES):
         return "an empty header name or one with a byte outside an HTTP token"
-    if b"\0" in b"".join([value for _, value in headers]).translate(_VALUE_BYTES):
+    if b"\0" in b"".join(values).translate(_VALUE_BYTES):
         return "a header value with a control byte"
     return None
 
@@ -104,14 +106,19 @@ def filter_headers(
     those names pass: the message's own ``Connection`` list still wins, since it marks the
     names as meant for this hop only.
     """
-    extra = connection_listed(headers)
-    if allow is not None:
-        if extra:
-            allow = allow - extra
-        return [(name, value) for name, value in headers if name.lower() in allow]
-    if extra:
-        drop = drop | extra
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    kept: list[tuple[bytes, bytes]] = []
+    listed = False
+    # One pass, each name lowered once; a Connection header (rare) filters what was kept.
+    for header in headers:
+        name = header[0].lower()
+        if name == b"connection":
+            listed = True
+        if (name not in drop) if allow is None else (name in allow):
+            kept.append(header)
+    if listed:
+        extra = connection_listed(headers)
+        return [header for header in kept if header[0].lower() not in extra]
+    return kept
 
 
 #: A header name (RFC 9110 token) and a header value (visible characters, spaces, tabs).

@@ -40,12 +40,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import lru_cache
 from typing import cast
 from urllib.parse import quote
 
 import httptools
 
 from cache_router.proxy.clients import UpstreamClient, UpstreamError, UpstreamResponse
+from cache_router.proxy.deadlines import Deadlines
 
 __all__ = ["Http1Client"]
 
@@ -233,15 +235,27 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self, timeout: float | None) -> None:
         """Until something happens on the exchange; a read timeout is a failure."""
-        loop = self.pool.loop
+        pool = self.pool
+        loop = pool.loop
         waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        if timeout is None:
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+            return
+        deadlines = pool.deadlines
+        deadlines.add(self, loop.time() + timeout)  # one timer for every connection's read
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+            deadlines.discard(self)
+
+    def expire(self) -> None:
+        """The read timeout passed while waiting (:class:`Deadlines`)."""
+        if self.waiter is not None:
+            _expire(self.waiter)
 
     def take(self) -> bytes:
         """Everything buffered, as one piece."""
@@ -330,6 +344,7 @@ class _Pool:
         self.max_idle = max_idle
         self.keepalive = keepalive
         self.waiting: deque[asyncio.Future[None]] = deque()
+        self.deadlines = Deadlines(self.loop)
         self.woken = 0  # waiters told to try again that have not run yet
         self.closed = False
 
@@ -406,6 +421,7 @@ class _Pool:
 
     def close(self) -> None:
         self.closed = True
+        self.deadlines.close()
         for connection in list(self.open):
             connection.close()
         self.idle.clear()
@@ -612,6 +628,29 @@ def _serialize(
     method: str, target: str, host: bytes, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> tuple[bytes, bytes]:
     """The request head and body; refuses what would let anything else onto the wire."""
+    # C all the way: one "name: value" per header, joined by line breaks.
+    fields = b"\r\n".join(map(b": ".join, headers))
+    # One CR and one LF per line break, and no others: a header smuggling a line of its
+    # own, or a bare CR some parsers take for one, is refused (two counts cost less than
+    # a search per header).
+    breaks = len(headers) - 1 if headers else 0
+    if fields.count(b"\n") != breaks or fields.count(b"\r") != breaks:
+        raise UpstreamError("broken", "request header with a line break", connect=True)
+    # A configured Host override replaces ours (rare).
+    own_host = not (fields.startswith(b"host:") or b"\r\nhost:" in fields)
+    parts = [_request_line(method, target, host if own_host else b"")]
+    if fields:
+        parts += (fields, b"\r\n")
+    if body or method in _BODY_METHODS:
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts.append(b"\r\n")
+    return b"".join(parts), body
+
+
+@lru_cache(maxsize=1024)
+def _request_line(method: str, target: str, host: bytes) -> bytes:
+    """The request line and the Host header (none for an empty ``host``), each ending in
+    a line break: built and checked once per method, target and engine."""
     # isprintable() passes nearly every target in one C loop; the regex decides the rest.
     if (" " in target or not target.isprintable()) and _BAD_TARGET.search(target) is not None:
         raise UpstreamError("broken", "request target with a control character", connect=True)
@@ -622,19 +661,10 @@ def _serialize(
     except UnicodeEncodeError:
         escaped = "".join(char if ord(char) < 256 else quote(char) for char in target)
         line = f"{method} {escaped} HTTP/1.1".encode("latin-1")
-    lines = [line, b"host: " + host]
-    lines += [name + b": " + value for name, value in headers]
-    if body or method in _BODY_METHODS:
-        lines.append(b"content-length: %d" % len(body))
-    lines += (b"", b"")  # the blank line that ends the head
-    head = b"\r\n".join(lines)
-    if head.count(b"\r\nhost:") > 1:  # a configured Host override replaces ours (rare)
-        del lines[1]
-        head = b"\r\n".join(lines)
-    # One CR and one LF per line break, and no others: a header smuggling a line of its
-    # own, or a bare CR some parsers take for one, is refused. (The lines joined without
-    # breaks: two memchr calls cost less than counting each byte of the head.)
-    flat = b"".join(lines)
-    if b"\n" in flat or b"\r" in flat:
-        raise UpstreamError("broken", "request header with a line break", connect=True)
-    return head, body
+    if b"\n" in line or b"\r" in line:  # the target was checked: the method
+        raise UpstreamError("broken", "request line with a line break", connect=True)
+    if host:
+        if b"\n" in host or b"\r" in host:
+            raise UpstreamError("broken", "request header with a line break", connect=True)
+        return line + b"\r\nhost: " + host + b"\r\n"
+    return line + b"\r\n"

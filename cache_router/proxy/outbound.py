@@ -32,11 +32,17 @@ def with_worker_key(headers: list[tuple[bytes, bytes]], key: str) -> list[tuple[
     return sent
 
 
+@lru_cache(maxsize=1024)
+def _quoted(path: str) -> str:
+    """``path`` quoted again for the engine: the same few paths, quoted once each."""
+    return quote(path, safe=_PATH_SAFE)
+
+
 def upstream_url(base: str, scope: Scope) -> str:
     """The engine URL of a request to ``scope``'s path and query on the worker at ``base``."""
     query: bytes = scope.get("query_string", b"")
     # Quoted from the decoded path, so "?" or "#" that arrived encoded stay in the path.
-    path = quote(scope["path"], safe=_PATH_SAFE)
+    path = _quoted(scope["path"])
     if query:
         return f"{base}{path}?{query.decode('latin-1')}"
     return base + path

@@ -43,6 +43,7 @@ from cache_router.proxy.clients import (
     UpstreamError,
     UpstreamResponse,
 )
+from cache_router.proxy.deadlines import Deadlines
 from cache_router.proxy.headers import (
     RESPONSE_DROP,
     REWRITE_DROP,
@@ -164,6 +165,7 @@ class Upstream:
         self._on_asyncio = False
         self._clock: Callable[[], float] = anyio.current_time
         self._cancel_by_task = False
+        self._deadlines: Deadlines | None = None
 
     @property
     def transport_name(self) -> str:
@@ -187,6 +189,8 @@ class Upstream:
             self._cancel_by_task = (
                 self._on_asyncio and self._client.name != "httpx" and sys.version_info >= (3, 11)
             )
+            if self._cancel_by_task:
+                self._deadlines = Deadlines(asyncio.get_running_loop())
         return self._client
 
     def _make_client(self) -> UpstreamClient:
@@ -233,6 +237,9 @@ class Upstream:
             return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
 
     async def aclose(self) -> None:
+        deadlines, self._deadlines = self._deadlines, None
+        if deadlines is not None:
+            deadlines.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -361,7 +368,8 @@ class Upstream:
         receive: Receive,
     ) -> None:
         """The exchange on asyncio without an anyio cancel scope (36k instructions per
-        request, docs/benchmarks.md): the deadline's timer, or the client leaving (the
+        request, docs/benchmarks.md): the deadline (one timer for all exchanges,
+        :class:`~cache_router.proxy.deadlines.Deadlines`), or the client leaving (the
         server's ``watch``, else a watcher task on ``receive``), cancels this task, and the
         relay takes that one cancellation back (``Task.uncancel``), as ``asyncio.timeout``
         does. Cancelling happens only while ``_exchange`` runs (``live``), so it lands
@@ -369,44 +377,29 @@ class Upstream:
         these clients."""
         task = asyncio.current_task()
         assert task is not None
-        live, cancelled = True, False
-
-        def cancel() -> None:
-            nonlocal cancelled
-            if live and not cancelled:
-                cancelled = True
-                task.cancel()
-
-        def on_disconnect() -> None:
-            if live:
-                exchange.client_gone = True
-                cancel()
-
-        def on_watcher_done(watcher: asyncio.Future[None]) -> None:
-            if not watcher.cancelled():
-                watcher.exception()  # retrieved, so a failed receive is not logged as lost
-                on_disconnect()
-
-        timer = None if deadline == math.inf else task.get_loop().call_at(deadline, cancel)
+        canceller = _TaskCancel(task, exchange)
+        deadlines = self._deadlines if deadline != math.inf else None
+        if deadlines is not None:
+            deadlines.add(canceller, deadline)
         watcher = None
         if watch is not None:
-            watch.watch(on_disconnect)
+            watch.watch(canceller.disconnected)
         else:
             watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-            watcher.add_done_callback(on_watcher_done)
+            watcher.add_done_callback(canceller.watcher_done)
         try:
             await self._exchange(exchange, client)
         except asyncio.CancelledError:
-            if not cancelled or sys.version_info < (3, 11) or task.uncancel() > 0:
+            if not canceller.cancelled or sys.version_info < (3, 11) or task.uncancel() > 0:
                 raise  # cancelled from outside too (a server shutting down)
         finally:
-            live = False
+            canceller.live = False
             if watch is not None:
                 watch.unwatch()
             if watcher is not None:
                 watcher.cancel()
-            if timer is not None:
-                timer.cancel()
+            if deadlines is not None:
+                deadlines.discard(canceller)
 
     async def _watched_on_asyncio(
         self, exchange: _Exchange, client: UpstreamClient, receive: Receive, deadline: float
@@ -631,6 +624,36 @@ class Collection:
                 await _close(response)
         finally:
             exchange.release()
+
+
+class _TaskCancel:
+    """Cancels the task of one exchange, once, and only while the exchange runs (``live``);
+    ``cancelled`` tells the relay the cancellation was its own."""
+
+    __slots__ = ("cancelled", "exchange", "live", "task")
+
+    def __init__(self, task: asyncio.Task[object], exchange: _Exchange) -> None:
+        self.task = task
+        self.exchange = exchange
+        self.live = True
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if self.live and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
+
+    def disconnected(self) -> None:
+        if self.live:
+            self.exchange.client_gone = True
+            self.cancel()
+
+    def watcher_done(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            watcher.exception()  # retrieved, so a failed receive is not logged as lost
+            self.disconnected()
+
+    expire = cancel  # the total timeout passed
 
 
 class RelayResult:
