@@ -96,7 +96,8 @@ class PrometheusMetrics(RouterEvents):
     ``<prefix>_worker_draining{worker}``           gauge      1 while being removed
     ``<prefix>_worker_circuit_state{worker}``      gauge      0 closed, 1 open, 2 half-open
     ``<prefix>_policy_decisions_total{decision}``  counter    ``cache_hit``/``cache_miss``/
-                                                              ``balanced`` (cache-aware policy)
+                                                              ``balanced`` (cache-aware policy),
+                                                              ``moved`` (precise: a prefix move)
     ``<prefix>_tree_size_chars``                   gauge      characters in the prefix trees
     =============================================  =========  ===============================
 
