@@ -4,11 +4,9 @@ The command line only turns argv into a configuration (``cache_router.cli``); th
 itself is wired by :func:`cache_router.builder.build_router`. What is left lives here:
 logging, the refusal to expose an unauthenticated admin API, the start-up probe of the
 workers (with model discovery, so the first requests find the fleet as it is), the uvicorn
-settings that bound what one client may hold, and ``--workers N``, which hands each
-process the configuration and the probe's findings through one environment variable and
-rebuilds the same router there (:func:`serve_child` under
-:class:`~cache_router.processes.Supervisor`, one ``SO_REUSEPORT`` socket per process, on
-Linux; elsewhere uvicorn's supervisor with :func:`app_from_env`).
+settings that bound what one client may hold. ``--workers N`` starts from here and goes
+on in :mod:`cache_router.serve_workers`, which rebuilds the same router in each process
+with this module's helpers.
 
 :func:`run` returns the process exit status: 0 after a normal shutdown, 1 when the
 workers did not come up, 2 for a setting refused at start-up, 3 when the server did not
@@ -17,17 +15,12 @@ start (its port or the metrics listener's in use; uvicorn's own status for it).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
-import json
 import logging
 import os
-import shutil
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -44,34 +37,24 @@ from cache_router.ops.access_log import (
     formatter,
 )
 from cache_router.ops.allowlist import parse_host
-from cache_router.ops.metrics_gather import MetricsGatherer, ProcessesMetrics, metrics_socket
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
-from cache_router.ops.process_sync import (
-    PROCESS_DIRECTORY_ENV,
-    ChangeJournal,
-    ProcessSync,
-    sync_socket,
-)
-from cache_router.processes import STARTUP_FAILURE, Supervisor, reuseport_supported
+from cache_router.processes import STARTUP_FAILURE, reuseport_supported
 
 __all__ = [
-    "SERVE_CONFIG_ENV",
     "STARTUP_FAILURE",
     "admin_exposure",
-    "app_from_env",
+    "apply_findings",
+    "build_served_router",
+    "configure_logging",
     "empty_fleet",
     "run",
     "run_server",
-    "serve_child",
     "server_options",
+    "uvicorn_settings",
 ]
 
 logger = logging.getLogger("cache_router.serve")
-
-#: Environment variable carrying the parent's configuration and start-up findings to the
-#: ``--workers`` processes (a name ``RouterConfig.load`` knows is no option).
-SERVE_CONFIG_ENV = "CACHE_ROUTER_SERVE_ARGS"
 
 _PROBE_TIMEOUT = 2.0
 #: File descriptors kept for everything but client and engine sockets (listener, logs,
@@ -98,7 +81,7 @@ def run(config: RouterConfig) -> int:
         print(f"cache-router serve: error: {refusal}", file=sys.stderr)
         return 2
     try:
-        router = _build_router(config)
+        router = build_served_router(config)
     except ValueError as exc:  # a knob the policy or the middleware refused
         print(f"cache-router serve: error: {exc}", file=sys.stderr)
         return 2
@@ -123,10 +106,13 @@ def run(config: RouterConfig) -> int:
         config.port,
     )
     if config.workers > 1:
+        # Imported here: that module builds on this one's helpers.
+        from cache_router.serve_workers import supervise, uvicorn_workers
+
         if reuseport_supported():
-            return _supervise(router, unreachable)
-        return _serve_workers(router, uvicorn, unreachable)
-    return run_server(uvicorn.Server(uvicorn.Config(router.app(), **_uvicorn_settings(config))))
+            return supervise(router, unreachable)
+        return uvicorn_workers(router, uvicorn, unreachable)
+    return run_server(uvicorn.Server(uvicorn.Config(router.app(), **uvicorn_settings(config))))
 
 
 def run_server(server: Any, sockets: list[socket.socket] | None = None) -> int:
@@ -160,7 +146,7 @@ def configure_logging(level: str, log_dir: str | None = None, log_format: str = 
 
     The handlers batch the access lines (written within
     :data:`~cache_router.ops.access_log.FLUSH_SECONDS`, and when the lifespan ends: see
-    :func:`_build_router`)."""
+    :func:`build_served_router`)."""
     handlers: list[logging.Handler] = [BatchingHandler()]
     if log_dir is not None:
         os.makedirs(log_dir, exist_ok=True)
@@ -174,7 +160,7 @@ def configure_logging(level: str, log_dir: str | None = None, log_format: str = 
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _build_router(config: RouterConfig) -> Router:
+def build_served_router(config: RouterConfig) -> Router:
     """``build_router``, and the batched access lines written when the lifespan ends."""
     router = build_router(config)
     router.background.append(FlushAtShutdown())
@@ -331,7 +317,7 @@ def _check_workers(router: Router) -> list[str] | None:
         )
         return None
     unreachable = list(failing) if router.health is not None else []
-    _apply_findings(router, unreachable, {})
+    apply_findings(router, unreachable, {})
     return unreachable
 
 
@@ -343,7 +329,7 @@ def startup_wait(config: RouterConfig) -> float:
     return config.wait_for_workers
 
 
-def _apply_findings(
+def apply_findings(
     router: Router, unreachable: Iterable[str], models: Mapping[str, list[str]]
 ) -> None:
     """Mark ``unreachable`` workers unhealthy and give workers their discovered models."""
@@ -466,7 +452,7 @@ def server_options(config: RouterConfig) -> dict[str, Any]:
     return options
 
 
-def _uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
+def uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
     """Everything uvicorn is given besides the app, the same for one process or N."""
     return {
         "host": config.host,
@@ -479,164 +465,3 @@ def _uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
         **({"log_config": None} if config.log_format == "json" else {}),
         **server_options(config),
     }
-
-
-# -- --workers N: one router per process ----------------------------------------------------
-
-
-def _hand_over(router: Router, unreachable: list[str]) -> None:
-    """Put the configuration and the start-up probe's findings (reachability, models) in
-    :data:`SERVE_CONFIG_ENV`, where every ``--workers`` process rebuilds the router."""
-    config = router.config
-    if config.redis_url is None:
-        logger.warning(
-            "--workers %d without --redis-url: each process routes on its own prefix tree "
-            "and load counts, so they will not share what they learn",
-            config.workers,
-        )
-    share = process_share(config)
-    if share.max_concurrent_requests > 0:
-        logger.info(
-            "each of the %d processes admits %d requests at once and queues %d "
-            "(--max-concurrent-requests %d, --queue-size %d for the whole router)",
-            config.workers,
-            share.max_concurrent_requests,
-            share.queue_size,
-            config.max_concurrent_requests,
-            config.queue_size,
-        )
-    models = {
-        worker.url: worker.discovered_models
-        for worker in router.registry
-        if worker.discovered_models is not None
-    }
-    # The configuration includes its secrets (engine, client and admin keys, a Redis
-    # password): the variable is only inherited by this process's own children, as the
-    # flags and variables it came from already are. It is never logged.
-    os.environ[SERVE_CONFIG_ENV] = json.dumps(
-        {"config": config.to_dict(), "unreachable": unreachable, "models": models}
-    )
-
-
-def _supervise(router: Router, unreachable: list[str]) -> int:
-    """``config.workers`` processes of :func:`serve_child`, each on its own
-    ``SO_REUSEPORT`` socket (:class:`~cache_router.processes.Supervisor`).
-
-    Beside them the supervisor keeps a private directory of Unix sockets: the journal of
-    admin changes every process applies (:mod:`cache_router.ops.process_sync`) and each
-    process's metrics, which every process's admin ``/metrics`` and the supervisor's
-    ``--prometheus-port`` answer with, summed (:mod:`cache_router.ops.metrics_gather`).
-    A dead process's sockets are removed when it is reaped."""
-    _hand_over(router, unreachable)
-    config = router.config
-    directory = tempfile.mkdtemp(prefix="cache-router-")  # mode 0700
-
-    def forget(pid: int) -> None:  # a dead process's sockets: no one answers there
-        for path in (metrics_socket(directory, pid), sync_socket(directory, pid)):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-    supervisor = Supervisor(serve_child, config.workers, config.host, config.port, on_exit=forget)
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, directory, ignore_errors=True)
-        os.environ[PROCESS_DIRECTORY_ENV] = directory
-        journal = ChangeJournal(directory, lambda: supervisor.pids)
-        stack.callback(journal.close)
-        journal.start()
-        if config.prometheus_port is not None:
-            try:
-                gatherer = MetricsGatherer(
-                    config.prometheus_host,
-                    config.prometheus_port,
-                    lambda: supervisor.pids,
-                    directory,
-                )
-            except OSError as exc:  # taken since serve checked it
-                logger.error("the metrics listener cannot listen: %s", exc.strerror or exc)
-                return STARTUP_FAILURE
-            stack.callback(gatherer.close)
-            gatherer.start()
-        return supervisor.run()
-    raise AssertionError("unreachable")  # for mypy: ExitStack may swallow exceptions
-
-
-def _serve_workers(router: Router, uvicorn: Any, unreachable: list[str]) -> int:
-    """Where ``SO_REUSEPORT`` does not balance: ``config.workers`` uvicorn processes on
-    one shared socket, each building its router with :func:`app_from_env`."""
-    _hand_over(router, unreachable)
-    try:
-        uvicorn.run(
-            "cache_router.serve:app_from_env",
-            factory=True,
-            workers=router.config.workers,
-            **_uvicorn_settings(router.config),
-        )
-    except SystemExit as exc:  # the socket is bound here, before the processes start
-        return STARTUP_FAILURE if exc.code else 0
-    return 0
-
-
-def _router_from_env() -> Router:
-    raw = os.environ.get(SERVE_CONFIG_ENV)
-    if raw is None:
-        raise RuntimeError(f"app_from_env needs ${SERVE_CONFIG_ENV} (set by serve --workers)")
-    handed = json.loads(raw)
-    config = process_share(RouterConfig.from_dict(handed["config"]))
-    configure_logging(config.log_level, config.log_dir, config.log_format)
-    router = _build_router(config)
-    _apply_findings(router, handed["unreachable"], handed["models"])
-    return router
-
-
-def process_share(config: RouterConfig) -> RouterConfig:
-    """One of ``config.workers`` processes' share of the router's admission limits:
-    ``max_concurrent_requests`` and ``queue_size`` bound the whole router (sized to what
-    the engines can run), so each process gets its part, rounded up."""
-    workers = config.workers
-    if workers == 1:
-        return config
-    limit = config.max_concurrent_requests
-    return dataclasses.replace(
-        config,
-        max_concurrent_requests=limit if limit <= 0 else -(-limit // workers),
-        queue_size=-(-config.queue_size // workers),
-    )
-
-
-def app_from_env() -> Any:
-    """The router app of one ``--workers`` process (a uvicorn factory).
-
-    Each process builds its own registry, policy and fleet state with
-    :func:`~cache_router.builder.build_router` from the configuration the parent put in
-    :data:`SERVE_CONFIG_ENV`; workers the parent found unreachable start unhealthy and
-    discovered models are known at once, as in a single process.
-    """
-    return _router_from_env().app()
-
-
-def serve_child(sock: socket.socket, started: Callable[[], None]) -> int:
-    """One ``--workers`` process under the supervisor: the router of :func:`app_from_env`
-    on uvicorn with one-process ``serve``'s settings, listening on ``sock`` (bound by the
-    supervisor's child) once the app's lifespan has started; calls ``started()`` then."""
-    import uvicorn
-
-    router = _router_from_env()
-    directory = os.environ.get(PROCESS_DIRECTORY_ENV)
-    if directory is not None:
-        if router.metrics is not None:
-            path = metrics_socket(directory, os.getpid())
-            router.background.append(MetricsListener(router.metrics, "", 0, path=path))
-            if router.admin is not None:
-                router.admin.scrape = ProcessesMetrics(router.metrics, directory)
-        if router.admin is not None:
-            sync = ProcessSync(router.admin, directory)
-            sync.replay()  # before it serves: the fleet as it is now
-            router.background.append(sync)
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)  # exits on a failed startup
-            started()
-
-    server = Server(uvicorn.Config(router.app(), **_uvicorn_settings(router.config)))
-    return run_server(server, [sock])

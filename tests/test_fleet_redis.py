@@ -684,7 +684,7 @@ def test_serve_workers_hands_its_configuration_to_each_process(
 ) -> None:
     """``--workers N`` runs uvicorn's multiprocess mode on a factory that rebuilds the
     app from the configuration; without --redis-url it warns that nothing is shared."""
-    from cache_router import serve
+    from cache_router import serve_workers
     from cache_router.builder import build_router
     from cache_router.config import RouterConfig
 
@@ -695,29 +695,29 @@ def test_serve_workers_hands_its_configuration_to_each_process(
         def run(app: str, **options: Any) -> None:
             calls.append({"app": app, **options})
 
-    monkeypatch.setenv(serve.SERVE_CONFIG_ENV, "restored by monkeypatch at teardown")
+    monkeypatch.setenv(serve_workers.SERVE_CONFIG_ENV, "restored by monkeypatch at teardown")
     config = RouterConfig(worker_urls=("http://10.0.0.1:1", "http://10.0.0.2:1"), workers=3)
     caplog.set_level(logging.WARNING, logger="cache_router.serve")
-    assert serve._serve_workers(build_router(config), FakeUvicorn, ["http://10.0.0.2:1"]) == 0
+    assert serve_workers.uvicorn_workers(build_router(config), FakeUvicorn, ["http://10.0.0.2:1"]) == 0
     (call,) = calls
     assert (call["app"], call["factory"], call["workers"]) == (
-        "cache_router.serve:app_from_env", True, 3,
+        "cache_router.serve_workers:app_from_env", True, 3,
     )  # fmt: skip
     assert "will not share" in caplog.text
-    app = serve.app_from_env()
+    app = serve_workers.app_from_env()
     assert [worker.healthy for worker in app.registry] == [True, False]
     assert not [task for task in app.background if isinstance(task, RedisFleetState)]
     config = config.replace(redis_url="redis://127.0.0.1:1/0")
     caplog.clear()
-    serve._serve_workers(build_router(config), FakeUvicorn, [])
+    serve_workers.uvicorn_workers(build_router(config), FakeUvicorn, [])
     assert "will not share" not in caplog.text
-    app = serve.app_from_env()
+    app = serve_workers.app_from_env()
     (state,) = [task for task in app.background if isinstance(task, RedisFleetState)]
     assert state in app.routing._events.listeners
     assert (state.max_flush_interval, state.flush_batch) == (0.2, 1)  # the defaults
-    os.environ.pop(serve.SERVE_CONFIG_ENV)
+    os.environ.pop(serve_workers.SERVE_CONFIG_ENV)
     with pytest.raises(RuntimeError):
-        serve.app_from_env()
+        serve_workers.app_from_env()
 
 
 def test_serve_passes_the_longest_exchange_wait_and_refuses_one_beyond_the_heartbeat() -> None:

@@ -552,7 +552,7 @@ def test_serve_discovers_at_startup_and_can_be_told_not_to() -> None:
 def test_worker_processes_start_with_the_models_found_at_startup(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cache_router import serve
+    from cache_router import serve_workers
     from cache_router.builder import build_router
     from cache_router.config import RouterConfig
 
@@ -561,9 +561,9 @@ def test_worker_processes_start_with_the_models_found_at_startup(
         def run(app: str, **options: Any) -> None:
             pass
 
-    monkeypatch.setenv(serve.SERVE_CONFIG_ENV, "restored by monkeypatch at teardown")
+    monkeypatch.setenv(serve_workers.SERVE_CONFIG_ENV, "restored by monkeypatch at teardown")
     router = build_router(RouterConfig(worker_urls=(A, B), workers=2))
     router.registry.set_models(router.registry.workers[0], ["llama"])
-    assert serve._serve_workers(router, FakeUvicorn, []) == 0
-    app = serve.app_from_env()
+    assert serve_workers.uvicorn_workers(router, FakeUvicorn, []) == 0
+    app = serve_workers.app_from_env()
     assert [worker.models for worker in app.registry] == [("llama",), None]

@@ -32,7 +32,7 @@ from cache_router.processes import (
     reserve,
     reuseport_supported,
 )
-from cache_router.serve import process_share
+from cache_router.serve_workers import process_share
 from cache_router.testing import SimulatedEngine, serve_app
 
 pytestmark = [
