@@ -18,12 +18,10 @@ are rare and the supervisor's main thread must stay free to watch its children.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import http.server
 import logging
 import os
-import socket
 import socketserver
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +30,7 @@ import anyio
 
 from cache_router.ops.metrics import PrometheusMetrics
 from cache_router.ops.metrics_merge import merge_expositions
+from cache_router.ops.process_sockets import exchange, side_by_side
 from cache_router.ops.server_thread import ServerThread
 
 __all__ = ["MetricsGatherer", "ProcessesMetrics", "metrics_socket"]
@@ -50,19 +49,11 @@ def metrics_socket(directory: str, pid: int) -> str:
 def fetch_exposition(path: str, timeout: float = _FETCH_TIMEOUT) -> str | None:
     """One process's metrics from its Unix socket, or None when it does not answer them
     (not listening yet, gone, a broken answer)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            answer = bytearray()
-            while chunk := sock.recv(262144):
-                answer += chunk
-                if len(answer) > _MAX_EXPOSITION:
-                    return None
-    except OSError:
+    request = b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    answer = exchange(path, request, timeout=timeout, limit=_MAX_EXPOSITION)
+    if answer is None:
         return None
-    head, separator, body = bytes(answer).partition(b"\r\n\r\n")
+    head, separator, body = answer.partition(b"\r\n\r\n")
     if not separator or not head.startswith(b"HTTP/1.1 200 "):
         return None
     return body.decode("utf-8", "replace")
@@ -142,10 +133,7 @@ def summed_gauges(prefix: str) -> frozenset[str]:
 
 def fetch_all(paths: list[str]) -> list[str]:
     """The expositions of the processes at ``paths`` that answer, fetched side by side."""
-    if not paths:
-        return []
-    with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
-        return [text for text in pool.map(fetch_exposition, paths) if text]
+    return [text for text in side_by_side(fetch_exposition, paths) if text]
 
 
 def _process_counts(prefix: str, scraped: int, running: int | None = None) -> list[Any]:

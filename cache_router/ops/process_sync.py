@@ -25,12 +25,11 @@ process. Messages are one JSON object per line.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
-import socket
 import socketserver
 import threading
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import anyio.abc
 
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.ops.admin import AdminApp
+from cache_router.ops.process_sockets import exchange, side_by_side
 from cache_router.ops.server_thread import ServerThread
 
 __all__ = ["PROCESS_DIRECTORY_ENV", "ChangeJournal", "ProcessSync"]
@@ -65,17 +65,13 @@ def sync_socket(directory: str, pid: int) -> str:
 
 def _exchange(path: str, message: Change, timeout: float = _TIMEOUT) -> Change | None:
     """Send one line, read one line back (blocking); None when nobody answers."""
+    line = json.dumps(message).encode() + b"\n"
+    answer = exchange(path, line, timeout=timeout, limit=_MAX_LINE, line=True)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            with sock.makefile("rb") as reader:
-                line = reader.readline(_MAX_LINE)
-        answer = json.loads(line)
-    except (OSError, ValueError):
+        change = json.loads(answer) if answer is not None else None
+    except ValueError:
         return None
-    return answer if isinstance(answer, dict) else None
+    return change if isinstance(change, dict) else None
 
 
 def added(worker: Worker) -> Change:
@@ -132,12 +128,8 @@ class ChangeJournal(ServerThread):
             self._changes.pop(url, None)
             self._changes[url] = change
         paths = [sync_socket(self.directory, pid) for pid in self.pids() if pid != origin]
-        reached = 0
-        if paths:  # side by side: one stalled process delays the answer by one timeout
-            with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
-                answers = pool.map(_exchange, paths, [change] * len(paths))
-                reached = sum(answer is not None for answer in answers)
-        return {"seq": change["seq"], "reached": reached}
+        answers = side_by_side(functools.partial(_exchange, message=change), paths)
+        return {"seq": change["seq"], "reached": sum(answer is not None for answer in answers)}
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
