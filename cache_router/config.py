@@ -71,8 +71,11 @@ ENV_PREFIX = "CACHE_ROUTER_"
 #: Environment variable naming the configuration file when no ``--config`` is given.
 CONFIG_ENV = "CACHE_ROUTER_CONFIG"
 #: ``CACHE_ROUTER_*`` variables that are not options, so never reported as unknown: the
-#: config file, the serialized config of ``--workers`` processes, the benchmark launcher.
-OTHER_ENV = frozenset({CONFIG_ENV, "CACHE_ROUTER_SERVE_ARGS", "CACHE_ROUTER_LAUNCHER"})
+#: config file, what ``--workers`` processes inherit (the serialized config, the
+#: supervisor's socket directory), the benchmark launcher.
+OTHER_ENV = frozenset(
+    {CONFIG_ENV, "CACHE_ROUTER_SERVE_ARGS", "CACHE_ROUTER_PROCESS_DIR", "CACHE_ROUTER_LAUNCHER"}
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")

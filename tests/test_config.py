@@ -224,9 +224,13 @@ def test_unknown_variables_are_errors_with_a_suggestion(variable: str, suggestio
 
 
 def test_variables_that_are_not_options_are_left_alone() -> None:
+    from cache_router.ops.process_sync import PROCESS_DIRECTORY_ENV
+    from cache_router.serve_workers import SERVE_CONFIG_ENV
+
     env = {
         "CACHE_ROUTER_WORKER_URLS": URL,
-        "CACHE_ROUTER_SERVE_ARGS": "{}",
+        SERVE_CONFIG_ENV: "{}",
+        PROCESS_DIRECTORY_ENV: "/tmp/cache-router-x",  # what --workers processes inherit
         "CACHE_ROUTER_LAUNCHER": "module",
         "OTHER_THING": "x",
     }
