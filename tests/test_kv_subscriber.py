@@ -70,13 +70,15 @@ def source_of(publisher: KVEventPublisher, worker: str = "e") -> KVEventSource:
     return KVEventSource(worker, publisher.endpoint, publisher.replay_endpoint, topic)
 
 
-async def test_the_index_follows_a_simulated_engine_through_evictions() -> None:
+@pytest.mark.parametrize("removals", ["each", "run"])
+async def test_the_index_follows_a_simulated_engine_through_evictions(removals: Any) -> None:
     with KVEventPublisher() as publisher:
         engine = SimulatedEngine(
             name="e",
             block_size=BLOCK,
             capacity=16 * BLOCK,
             kv_events=publisher,
+            kv_removals=removals,
             prefill_seconds_per_char=0.0,
             decode_seconds_per_token=0.0,
         )
@@ -89,7 +91,7 @@ async def test_the_index_follows_a_simulated_engine_through_evictions() -> None:
                         response = await client.post("/generate", json=body)
                         assert response.status_code == 200
             cache = engine._cache
-            assert isinstance(cache, BlockCache)
+            assert isinstance(cache, BlockCache) and cache.removals == removals
             await settle(lambda: index.is_live("e") and agrees(index, "e", cache, PROMPTS))
             assert len(cache.blocks()) == 16  # full: earlier prompts were evicted
             assert cache.prefix_match(PROMPTS[0]).length < len(PROMPTS[0]) // BLOCK * BLOCK
@@ -325,3 +327,25 @@ def test_the_publisher_encodes_batches_as_vllm_does() -> None:
         AllBlocksCleared(),
     ]
     assert encode_batch(recorded, ts=1.5, encoding="array") == RECORDED_ARRAY_BATCH
+
+
+def test_an_eviction_is_one_block_removed_per_block_as_the_engines_send_it() -> None:
+    """vLLM's block pool and SGLang's radix cache send one BlockRemoved per evicted block;
+    ``removals="run"`` keeps the one event for the lot."""
+    from cache_router.core.kv_events import BlockRemoved, KVEvent
+
+    def evictions(removals: Any) -> list[BlockRemoved]:
+        sent: list[list[KVEvent]] = []
+        cache = BlockCache(4 * BLOCK, BLOCK, sent.append, removals=removals)
+        cache.insert("a" * 4 * BLOCK)
+        cache.insert("b" * 3 * BLOCK)  # three of the four blocks go
+        assert len(cache.blocks()) == 4 and len(sent) == 2
+        return [event for event in sent[1] if isinstance(event, BlockRemoved)]
+
+    each, run = evictions("each"), evictions("run")
+    assert [len(event.block_hashes) for event in each] == [1, 1, 1]
+    assert [len(event.block_hashes) for event in run] == [3]
+    assert [h for event in each for h in event.block_hashes] == list(run[0].block_hashes)
+    assert {event.medium for event in each + run} == {"GPU"}
+    with pytest.raises(ValueError, match="removals"):
+        BlockCache(4 * BLOCK, BLOCK, removals="all")  # type: ignore[arg-type]
