@@ -98,6 +98,7 @@ async def test_the_index_follows_a_simulated_engine_through_evictions(removals: 
             assert index.match(tokens(PROMPTS[-1])) == {"e": len(PROMPTS[-1]) // BLOCK * BLOCK}
             stats = subscriber.stats("e")
             assert stats is not None and stats.gaps == 0 and stats.decode_errors == 0
+            assert not subscriber.polling  # the descriptors are watched
             engine.flush_cache()
             await settle(lambda: index.blocks("e") == 0)
             assert index.match(tokens(PROMPTS[-1])) == {}
@@ -107,11 +108,35 @@ async def test_the_index_follows_a_simulated_engine_through_evictions(removals: 
     ("encoding", "replay_topic"), [("map", True), ("map", False), ("array", False)]
 )
 async def test_a_gap_is_filled_from_the_replay_socket(encoding: Any, replay_topic: bool) -> None:
+    await _follow_a_gap(encoding, replay_topic)
+
+
+async def test_a_loop_without_add_reader_is_polled_and_events_still_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Windows' default ProactorEventLoop cannot watch descriptors (``add_reader`` raises
+    NotImplementedError), nor can pyzmq's futures without it: the subscriber polls its
+    sockets instead, and a stream, a gap and its replay are followed as on the fast path."""
+    import asyncio
+
+    def cannot(*args: object) -> None:
+        raise NotImplementedError
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "add_reader", cannot)
+    subscriber = await _follow_a_gap("map", True, poll_interval=0.05)
+    assert subscriber.polling
+    with pytest.raises(ValueError, match="poll_interval"):
+        KVEventSubscriber(KVIndex(BLOCK), poll_interval=0)
+
+
+async def _follow_a_gap(encoding: Any, replay_topic: bool, **options: Any) -> KVEventSubscriber:
+    """A stream with a batch before the subscriber and two lost on the wire, both filled
+    by replays; returns the subscriber."""
     with KVEventPublisher(topic="kv@e", encoding=encoding, replay_topic=replay_topic) as publisher:
         cache = BlockCache(12 * BLOCK, BLOCK, publisher.publish)
         cache.insert(PROMPTS[0])  # before anyone listens: only the replay has it
         index = KVIndex(BLOCK)
-        async with following(index, source_of(publisher)) as subscriber:
+        async with following(index, source_of(publisher), **options) as subscriber:
             await settle(lambda: index.is_live("e") and agrees(index, "e", cache, PROMPTS))
             publisher.drop_next(2)
             for prompt in PROMPTS[1:]:
@@ -120,6 +145,7 @@ async def test_a_gap_is_filled_from_the_replay_socket(encoding: Any, replay_topi
             stats = subscriber.stats("e")
             assert stats is not None
             assert stats.gaps == 1 and stats.replays == 2 and stats.replay_failures == 0
+    return subscriber
 
 
 async def test_a_long_history_is_replayed_whole_to_a_late_subscriber() -> None:
