@@ -152,15 +152,10 @@ def stream(prompts: int, passes: int, encoding: str) -> tuple[float, float]:
     form, _, removals = encoding.partition("/")
 
     def publish(events: list[Any]) -> None:
-        if removals:  # as vLLM and SGLang send them: one event per evicted block
-            events = [
-                BlockRemoved((h,), event.medium) if isinstance(event, BlockRemoved) else event
-                for event in events
-                for h in (event.block_hashes if isinstance(event, BlockRemoved) else (0,))
-            ]
         payloads.append(encode_batch(events, encoding=form))  # type: ignore[arg-type]
 
-    cache = BlockCache(7000, 16, publish)
+    # "each": one event per evicted block, as vLLM and SGLang send them
+    cache = BlockCache(7000, 16, publish, removals="each" if removals else "run")
     for _ in range(prompts):
         cache.insert("".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=2272)))
     decode: list[float] = []

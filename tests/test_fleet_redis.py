@@ -309,6 +309,39 @@ async def test_the_policy_reports_its_news_to_a_running_fleet_only(
     assert state.pending == 0
 
 
+async def test_a_prefix_move_reaches_the_other_replicas_once(
+    redis_server: RedisServer, fleet_name: str
+) -> None:
+    """The precise policy's prefix move is a hit on its new worker alone, which the news
+    rule would share 1 time in 64: it is shared at once, so the other replicas' trees
+    (their guess for workers whose event stream is stale) know where the prefix went,
+    and the hits that follow it are not shared."""
+    from test_precise_routing import _pinned_fleet, ids
+
+    from cache_router import encode_tokens
+
+    policy, workers, prefixes = _pinned_fleet([3, 2, 2, 1], move_window=16)
+    urls = [worker.url for worker in workers]
+    a = RedisFleetState(WorkerRegistry(urls), policy, redis_server.url, fleet=fleet_name, **FAST)  # type: ignore[arg-type]
+    b = replica(urls, redis_server.url, fleet_name)
+    assert b.fleet is not None
+    key = encode_tokens(ids(prefixes[0] + "question A"))
+    async with anyio.create_task_group() as group:
+        await group.start(a.run)
+        group.start_soon(b.fleet.run)
+        request = RoutingRequest(key, tokens=True)
+        assert policy.select(request, workers).url == urls[3] and request.outcome == "moved"
+        for letter in "BCDEFG":  # its later hits follow it, unannounced
+            text = prefixes[0] + "question " + letter
+            assert policy.select(RoutingRequest(encode_tokens(ids(text)), tokens=True), workers)
+        await wait_until(lambda: b.fleet is not None and b.fleet.applied == 1)
+        ticks = a.ticks
+        await wait_until(lambda: a.ticks > ticks + 1)
+        group.cancel_scope.cancel()
+    assert (a.published, b.fleet.applied) == (1, 1)
+    assert b.policy.tree(None, tokens=True).prefix_match(key).tenants == {urls[3]}
+
+
 async def test_a_policy_with_only_learn_is_taught_one_decision_at_a_time(
     redis_server: RedisServer, fleet_name: str
 ) -> None:

@@ -546,14 +546,12 @@ def test_removals_merged_leave_the_index_as_the_events_one_by_one() -> None:
     payloads: list[bytes] = []
 
     def publish(events: list[Any]) -> None:
-        split: list[Any] = []
-        for event in events:
-            if isinstance(event, BlockRemoved):
-                split += [BlockRemoved((h,), "GPU") for h in event.block_hashes]
-                split.append(BlockRemoved((b"other tier",), "CPU_PINNED"))
-            else:
-                split.append(event)
-        payloads.append(encode_batch(split))
+        removed = [event for event in events if isinstance(event, BlockRemoved)]
+        assert all(len(event.block_hashes) == 1 for event in removed)  # one per block
+        if removed:  # the evictions come first, then another tier's
+            other = BlockRemoved((b"other tier",), "CPU_PINNED")
+            events = [*removed, other, *events[len(removed) :]]
+        payloads.append(encode_batch(events))
 
     cache = BlockCache(64, 4, publish)
     for number in range(40):

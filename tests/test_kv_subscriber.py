@@ -70,13 +70,15 @@ def source_of(publisher: KVEventPublisher, worker: str = "e") -> KVEventSource:
     return KVEventSource(worker, publisher.endpoint, publisher.replay_endpoint, topic)
 
 
-async def test_the_index_follows_a_simulated_engine_through_evictions() -> None:
+@pytest.mark.parametrize("removals", ["each", "run"])
+async def test_the_index_follows_a_simulated_engine_through_evictions(removals: Any) -> None:
     with KVEventPublisher() as publisher:
         engine = SimulatedEngine(
             name="e",
             block_size=BLOCK,
             capacity=16 * BLOCK,
             kv_events=publisher,
+            kv_removals=removals,
             prefill_seconds_per_char=0.0,
             decode_seconds_per_token=0.0,
         )
@@ -89,13 +91,14 @@ async def test_the_index_follows_a_simulated_engine_through_evictions() -> None:
                         response = await client.post("/generate", json=body)
                         assert response.status_code == 200
             cache = engine._cache
-            assert isinstance(cache, BlockCache)
+            assert isinstance(cache, BlockCache) and cache.removals == removals
             await settle(lambda: index.is_live("e") and agrees(index, "e", cache, PROMPTS))
             assert len(cache.blocks()) == 16  # full: earlier prompts were evicted
             assert cache.prefix_match(PROMPTS[0]).length < len(PROMPTS[0]) // BLOCK * BLOCK
             assert index.match(tokens(PROMPTS[-1])) == {"e": len(PROMPTS[-1]) // BLOCK * BLOCK}
             stats = subscriber.stats("e")
             assert stats is not None and stats.gaps == 0 and stats.decode_errors == 0
+            assert not subscriber.polling  # the descriptors are watched
             engine.flush_cache()
             await settle(lambda: index.blocks("e") == 0)
             assert index.match(tokens(PROMPTS[-1])) == {}
@@ -105,11 +108,35 @@ async def test_the_index_follows_a_simulated_engine_through_evictions() -> None:
     ("encoding", "replay_topic"), [("map", True), ("map", False), ("array", False)]
 )
 async def test_a_gap_is_filled_from_the_replay_socket(encoding: Any, replay_topic: bool) -> None:
+    await _follow_a_gap(encoding, replay_topic)
+
+
+async def test_a_loop_without_add_reader_is_polled_and_events_still_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Windows' default ProactorEventLoop cannot watch descriptors (``add_reader`` raises
+    NotImplementedError), nor can pyzmq's futures without it: the subscriber polls its
+    sockets instead, and a stream, a gap and its replay are followed as on the fast path."""
+    import asyncio
+
+    def cannot(*args: object) -> None:
+        raise NotImplementedError
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "add_reader", cannot)
+    subscriber = await _follow_a_gap("map", True, poll_interval=0.05)
+    assert subscriber.polling
+    with pytest.raises(ValueError, match="poll_interval"):
+        KVEventSubscriber(KVIndex(BLOCK), poll_interval=0)
+
+
+async def _follow_a_gap(encoding: Any, replay_topic: bool, **options: Any) -> KVEventSubscriber:
+    """A stream with a batch before the subscriber and two lost on the wire, both filled
+    by replays; returns the subscriber."""
     with KVEventPublisher(topic="kv@e", encoding=encoding, replay_topic=replay_topic) as publisher:
         cache = BlockCache(12 * BLOCK, BLOCK, publisher.publish)
         cache.insert(PROMPTS[0])  # before anyone listens: only the replay has it
         index = KVIndex(BLOCK)
-        async with following(index, source_of(publisher)) as subscriber:
+        async with following(index, source_of(publisher), **options) as subscriber:
             await settle(lambda: index.is_live("e") and agrees(index, "e", cache, PROMPTS))
             publisher.drop_next(2)
             for prompt in PROMPTS[1:]:
@@ -118,6 +145,7 @@ async def test_a_gap_is_filled_from_the_replay_socket(encoding: Any, replay_topi
             stats = subscriber.stats("e")
             assert stats is not None
             assert stats.gaps == 1 and stats.replays == 2 and stats.replay_failures == 0
+    return subscriber
 
 
 async def test_a_long_history_is_replayed_whole_to_a_late_subscriber() -> None:
@@ -325,3 +353,25 @@ def test_the_publisher_encodes_batches_as_vllm_does() -> None:
         AllBlocksCleared(),
     ]
     assert encode_batch(recorded, ts=1.5, encoding="array") == RECORDED_ARRAY_BATCH
+
+
+def test_an_eviction_is_one_block_removed_per_block_as_the_engines_send_it() -> None:
+    """vLLM's block pool and SGLang's radix cache send one BlockRemoved per evicted block;
+    ``removals="run"`` keeps the one event for the lot."""
+    from cache_router.core.kv_events import BlockRemoved, KVEvent
+
+    def evictions(removals: Any) -> list[BlockRemoved]:
+        sent: list[list[KVEvent]] = []
+        cache = BlockCache(4 * BLOCK, BLOCK, sent.append, removals=removals)
+        cache.insert("a" * 4 * BLOCK)
+        cache.insert("b" * 3 * BLOCK)  # three of the four blocks go
+        assert len(cache.blocks()) == 4 and len(sent) == 2
+        return [event for event in sent[1] if isinstance(event, BlockRemoved)]
+
+    each, run = evictions("each"), evictions("run")
+    assert [len(event.block_hashes) for event in each] == [1, 1, 1]
+    assert [len(event.block_hashes) for event in run] == [3]
+    assert [h for event in each for h in event.block_hashes] == list(run[0].block_hashes)
+    assert {event.medium for event in each + run} == {"GPU"}
+    with pytest.raises(ValueError, match="removals"):
+        BlockCache(4 * BLOCK, BLOCK, removals="all")  # type: ignore[arg-type]

@@ -392,6 +392,32 @@ def test_prefixes_spread_evenly_or_served_by_several_workers_never_move() -> Non
         assert request.outcome == "cache_hit"
 
 
+def test_a_move_is_announced_to_the_fleet_once_like_a_new_placement() -> None:
+    """A move is a hit on the one worker the prefix was narrowed to, which the news rule
+    would share 1 time in 64; it is shared at once, and the hits that follow it are not.
+    The fleet state is the one ``run`` subscribes, over a Redis nobody listens on: the
+    request path only buffers."""
+    from cache_router import WorkerRegistry
+    from cache_router.ops.fleet import RedisFleetState
+
+    policy, workers, prefixes = _pinned_fleet([3, 2, 2, 1], move_window=16)
+    state = RedisFleetState(
+        WorkerRegistry([w.url for w in workers]), policy, "redis://127.0.0.1:1/0"
+    )
+    policy.on_placement(state.share)  # what ``state.run`` does while it runs
+    key = encode_tokens(ids(prefixes[0] + "question A"))
+    moved = RoutingRequest(key, tokens=True)
+    assert policy.select(moved, workers).url == "http://d:1" and moved.outcome == "moved"
+    assert list(state._pending) == [("http://d:1", None, True, key)]
+    for text in [prefixes[0] + "question " + letter for letter in "BCDEFG"]:
+        request = RoutingRequest(encode_tokens(ids(text)), tokens=True)
+        assert policy.select(request, workers).url == "http://d:1"
+        assert request.outcome == "cache_hit"
+    for text in [prefix + "question B" for prefix in prefixes[1:]]:
+        policy.select(RoutingRequest(encode_tokens(ids(text)), tokens=True), workers)
+    assert state.pending == 1  # the move alone; the hits were its holders' own
+
+
 def test_a_worker_busier_by_traffic_alone_keeps_its_prefixes() -> None:
     """Window traffic counts swing by chance; a move also needs the holder to serve 2
     prefixes more than the target. Here the traffic rules alone would move p0 from a

@@ -28,15 +28,20 @@ stale until the stream is checked again: by a replay on reconnect, or by the nex
 
 Reconnection is ZMQ's: every ``reconnect_interval`` seconds, backing off to
 ``reconnect_interval_max``. Needs ``pyzmq`` and ``msgspec`` (the ``precise`` extra) and
-the asyncio event loop (pyzmq's asyncio sockets); nothing here blocks the loop.
+the asyncio event loop; nothing here blocks the loop. The sockets are read when the loop
+says their descriptors changed (``add_reader``). A loop that cannot watch descriptors
+(Windows' default ``ProactorEventLoop``, whose ``add_reader`` raises
+``NotImplementedError``) gets them looked at on a timer instead: a millisecond after a
+message, then less and less often, ``poll_interval`` apart at most when idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import cast
 
 import anyio
@@ -65,6 +70,8 @@ _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _HIGH_WATER_MARK = 100_000
 #: Messages read in a row before the monitor socket is looked at again.
 _READ_RUN = 256
+#: Where the loop cannot watch descriptors: the first look at a socket after a message.
+_POLL_MIN = 0.001
 # plain ints: pyzmq's flag enums do their arithmetic in Python
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -110,7 +117,8 @@ class KVEventSubscriber:
     never) lets a worker whose gap could not be filled count again after a while. A
     publisher that sends a frame over ``max_message_bytes`` is disconnected by ZMQ before
     the frame is buffered, so a faulty or hostile endpoint cannot exhaust memory.
-    Sources can be added and removed while running.
+    ``poll_interval`` bounds the wait for a message on an event loop without
+    ``add_reader`` (see the module doc). Sources can be added and removed while running.
     """
 
     def __init__(
@@ -124,7 +132,10 @@ class KVEventSubscriber:
         reconnect_interval_max: float = 5.0,
         heartbeat_interval: float = 1.0,
         max_message_bytes: int = 64 * 2**20,
+        poll_interval: float = 0.01,
     ) -> None:
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
         self.index = index
         self.replay_timeout = replay_timeout
         self.resync_after = resync_after
@@ -136,6 +147,9 @@ class KVEventSubscriber:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._group: anyio.abc.TaskGroup | None = None
         self._context: zmq.asyncio.Context | None = None
+        self.poll_interval = poll_interval
+        #: The loop cannot watch descriptors: sockets are polled on a timer (module doc).
+        self.polling = False
         for source in sources:
             self.add(source)
 
@@ -206,19 +220,29 @@ class KVEventSubscriber:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         fds = [cast(int, reader.getsockopt(zmq.FD)) for reader in readers]
+        watched: list[int] = []
         try:
             with scope:
-                for fd in fds:
-                    loop.add_reader(fd, wake.set)
+                watched = _watch(loop, fds, wake.set)
+                if not watched and not self.polling:
+                    logger.info(
+                        "KV events: the event loop cannot watch descriptors (%s); "
+                        "polling the sockets every %g s at most",
+                        type(loop).__name__,
+                        self.poll_interval,
+                    )
+                self.polling = not watched
                 sub.connect(source.endpoint)
                 async with anyio.create_task_group() as group:
+                    if not watched:
+                        group.start_soon(_poll, wake, readers, self.poll_interval)
                     if self.resync_after is not None:
                         group.start_soon(_tick, wake, max(0.01, self.resync_after / 4))
                     await self._read(source, stats, wake, *readers)
         finally:
             if self._scopes.get(source.worker) is scope:
                 del self._scopes[source.worker]
-            for fd in fds:
+            for fd in watched:
                 loop.remove_reader(fd)
             sub.disable_monitor()
             monitor.close(linger=0)
@@ -384,9 +408,17 @@ class KVEventSubscriber:
         try:
             dealer.connect(source.replay_endpoint)
             with anyio.move_on_after(self.replay_timeout):
-                await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+                ask = [b"", start.to_bytes(8, "big")]
+                receive: Callable[[], Awaitable[list[bytes]]]
+                if self.polling:  # pyzmq's futures would need add_reader
+                    polled: zmq.Socket[bytes] = zmq.Socket.shadow(dealer.underlying)
+                    polled.send_multipart(ask, zmq.NOBLOCK)  # queued: the pipe exists
+                    receive = partial(_recv_polled, polled, self.poll_interval)
+                else:
+                    await dealer.send_multipart(ask)
+                    receive = dealer.recv_multipart
                 while True:
-                    frames = await dealer.recv_multipart()
+                    frames = await receive()
                     if frames and not frames[0]:
                         frames = frames[1:]
                     if len(frames) not in (2, 3):
@@ -445,6 +477,47 @@ class KVEventSubscriber:
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
     return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
+
+
+def _watch(
+    loop: asyncio.AbstractEventLoop, fds: Sequence[int], callback: Callable[[], None]
+) -> list[int]:
+    """Call ``callback`` when any of ``fds`` changes: the descriptors watched, or none
+    where the loop cannot watch them (``add_reader`` not implemented)."""
+    watched: list[int] = []
+    try:
+        for fd in fds:
+            loop.add_reader(fd, callback)
+            watched.append(fd)
+    except NotImplementedError:
+        for fd in watched:
+            loop.remove_reader(fd)
+        return []
+    return watched
+
+
+async def _until_readable(sockets: Sequence[zmq.Socket[bytes]], interval: float) -> None:
+    """Return once one of ``sockets`` holds a message: looked at now, then after 1 ms,
+    2 ms, 4 ms, ... and ``interval`` apart at most (for loops that cannot watch them)."""
+    delay = min(_POLL_MIN, interval)
+    while not any(map(_readable, sockets)):
+        await anyio.sleep(delay)
+        delay = min(delay * 2, interval)
+
+
+async def _poll(wake: asyncio.Event, sockets: Sequence[zmq.Socket[bytes]], interval: float) -> None:
+    """Wake the reader whenever one of ``sockets`` holds a message (``add_reader``'s
+    stand-in); the reader drains them before it waits again."""
+    while True:
+        await _until_readable(sockets, interval)
+        wake.set()
+        await anyio.sleep(min(_POLL_MIN, interval))
+
+
+async def _recv_polled(sock: zmq.Socket[bytes], interval: float) -> list[bytes]:
+    """The next message of ``sock``, waited for without ``add_reader``."""
+    await _until_readable((sock,), interval)
+    return sock.recv_multipart(zmq.NOBLOCK)
 
 
 async def _tick(wake: asyncio.Event, period: float) -> None:

@@ -40,7 +40,7 @@ from cache_router.core.tree import RadixTree, encode_tokens
 from cache_router.testing.pd import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
 
 if TYPE_CHECKING:
-    from cache_router.testing.kv_publisher import BlockCache, KVEventPublisher
+    from cache_router.testing.kv_publisher import BlockCache, KVEventPublisher, Removals
 
 __all__ = ["EngineStats", "SimulatedEngine"]
 
@@ -216,6 +216,9 @@ class SimulatedEngine:
         With ``block_size``: a started
         :class:`~cache_router.testing.kv_publisher.KVEventPublisher` that publishes every
         change of the cache as vLLM KV events.
+    ``kv_removals`` (default ``"each"``)
+        An eviction of several blocks published as one ``BlockRemoved`` per block, as vLLM
+        and SGLang send it, or (``"run"``) as one event.
 
     The cache lookup happens when a request is admitted (leaves the queue) and the prompt
     enters the cache when its prefill is over, as in SGLang: two identical prompts
@@ -248,6 +251,7 @@ class SimulatedEngine:
         default_bootstrap_port: int | None = None,
         block_size: int | None = None,
         kv_events: KVEventPublisher | None = None,
+        kv_removals: Removals = "each",
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -279,6 +283,7 @@ class SimulatedEngine:
             )
         self.block_size = block_size
         self.kv_events = kv_events
+        self.kv_removals: Removals = kv_removals
         self._cache = self._new_cache()
         self._slots = anyio.Semaphore(max_running)
         self._headers = {"x-engine": name}
@@ -370,7 +375,7 @@ class SimulatedEngine:
         from cache_router.testing.kv_publisher import BlockCache
 
         publish = None if self.kv_events is None else self.kv_events.publish
-        return BlockCache(self.capacity, self.block_size, publish)
+        return BlockCache(self.capacity, self.block_size, publish, removals=self.kv_removals)
 
     async def _execute(self, job: _Job) -> AsyncGenerator[int, None]:
         """Queue, prefill and decode ``job``, yielding each decode step's index.

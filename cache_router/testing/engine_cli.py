@@ -40,10 +40,12 @@ ENGINE_HELP = {
 
 #: Knobs that are no flag: a prefill/decode engine needs a second server beside it (its
 #: bootstrap or side-channel app), which ``cache_router.testing.serve_pd_fleet`` starts;
-#: a KV-event publisher is an object with sockets of its own.
+#: a KV-event publisher is an object with sockets of its own (and the form of its removal
+#: events goes with it).
 NOT_FLAGS = frozenset(
     {
         "kv_events",
+        "kv_removals",
         "role",
         "pd_protocol",
         "transfer_timeout",

@@ -4,7 +4,9 @@
 run with a ``block_size``: full blocks of tokens chained by hash, least recently used
 evicted first (a block is always touched after its descendants, so leaves go first, as in
 vLLM's free queue). Every change it makes becomes a ``BlockStored``, ``BlockRemoved`` or
-``AllBlocksCleared`` event.
+``AllBlocksCleared`` event. An eviction of several blocks is one ``BlockRemoved`` per block,
+as vLLM's block pool and SGLang's radix cache send it (``removals="run"``: one event for
+the lot, the form the subscriber's decoder turns such runs into).
 
 :class:`KVEventPublisher` sends those events the way vLLM's ``ZmqEventPublisher`` does,
 so the router's subscriber is tested against the real protocol: a PUB socket sending
@@ -42,7 +44,10 @@ from cache_router.core.kv_events import (
 )
 from cache_router.core.tree import PrefixMatch
 
-__all__ = ["BlockCache", "KVEventPublisher", "encode_batch"]
+__all__ = ["BlockCache", "KVEventPublisher", "Removals", "encode_batch"]
+
+#: How :class:`BlockCache` reports an eviction: one ``BlockRemoved`` per block or per run.
+Removals = Literal["each", "run"]
 
 _NO_TENANTS: frozenset[str] = frozenset()
 _END = (-1).to_bytes(8, "big", signed=True)
@@ -56,7 +61,9 @@ class BlockCache:
 
     It has the two methods the engine calls on its cache (``prefix_match`` and ``insert``,
     on prompts whose characters are tokens) and reports every change to ``on_events`` as
-    one list of events per call. Only full blocks are cached, as in vLLM.
+    one list of events per call. Only full blocks are cached, as in vLLM. ``removals``
+    says how an eviction is reported: ``"each"`` (one ``BlockRemoved`` per block, as the
+    real engines do) or ``"run"`` (one event with every evicted hash).
     """
 
     def __init__(
@@ -66,9 +73,13 @@ class BlockCache:
         on_events: Callable[[list[KVEvent]], None] | None = None,
         *,
         int_hashes: bool = False,
+        removals: Removals = "each",
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be positive")
+        if removals not in ("each", "run"):
+            raise ValueError("removals must be 'each' or 'run'")
+        self.removals = removals
         self.block_size = block_size
         self.max_blocks = max(0, capacity // block_size)
         self.on_events = on_events
@@ -121,7 +132,10 @@ class BlockCache:
                 if h in blocks:
                     blocks.move_to_end(h)
             evicted = [blocks.popitem(last=False)[0] for _ in range(overflow)]
-            events.append(BlockRemoved(tuple(evicted), "GPU"))
+            if self.removals == "run":
+                events.append(BlockRemoved(tuple(evicted), "GPU"))
+            else:
+                events.extend([BlockRemoved((h,), "GPU") for h in evicted])
         events.extend(self._store_runs(chain))
         for h, _ in reversed(chain):  # the tail first: parents stay more recent
             blocks.move_to_end(h)

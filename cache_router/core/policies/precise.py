@@ -313,6 +313,13 @@ class PreciseCacheAwarePolicy(CacheAwarePolicy):
                 self._count(*ring.popleft(), -1)
         return chosen
 
+    def _is_news(self, sole_holder_hit: bool) -> bool:
+        """A move is news like a new placement: it is a hit on the one worker the prefix
+        was narrowed to, which would be reported 1 time in 64, but no other replica knows
+        the prefix is there. Later hits on it are that worker's quiet hits again, so a
+        move is announced once."""
+        return self._move_to is not None or super()._is_news(sole_holder_hit)
+
     def _warm(self, request: RoutingRequest, tree: RadixTree | None, cut: int) -> Collection[str]:
         matches = self._matches
         if matches is _NONE:
