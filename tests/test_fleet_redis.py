@@ -731,7 +731,9 @@ def test_serve_workers_hands_its_configuration_to_each_process(
     monkeypatch.setenv(serve_workers.SERVE_CONFIG_ENV, "restored by monkeypatch at teardown")
     config = RouterConfig(worker_urls=("http://10.0.0.1:1", "http://10.0.0.2:1"), workers=3)
     caplog.set_level(logging.WARNING, logger="cache_router.serve")
-    assert serve_workers.uvicorn_workers(build_router(config), FakeUvicorn, ["http://10.0.0.2:1"]) == 0
+    assert (
+        serve_workers.uvicorn_workers(build_router(config), FakeUvicorn, ["http://10.0.0.2:1"]) == 0
+    )
     (call,) = calls
     assert (call["app"], call["factory"], call["workers"]) == (
         "cache_router.serve_workers:app_from_env", True, 3,
