@@ -355,8 +355,17 @@ async def test_a_password_protected_redis_is_used_and_a_wrong_password_never_log
                 for state in (a.fleet, b.fleet, wrong.fleet):
                     group.start_soon(state.run)
                 a.fleet.share(RoutingRequest("a prompt", "m"), urls[0])
-                await wait_until(lambda: b.fleet.applied == 1 and wrong.fleet.outages >= 1)
-                assert a.fleet.connected and b.fleet.connected and not wrong.fleet.connected
+                # ``applied`` counts inside an exchange, ``connected`` once it has ended:
+                # both are waited for, not read in between.
+                await wait_until(
+                    lambda: (
+                        b.fleet.applied == 1
+                        and a.fleet.connected
+                        and b.fleet.connected
+                        and wrong.fleet.outages >= 1
+                    )
+                )
+                assert not wrong.fleet.connected
                 assert wrong.fleet.applied == 0
                 group.cancel_scope.cancel()
         logged = "\n".join(record.getMessage() for record in caplog.records)
@@ -385,9 +394,13 @@ async def test_a_tls_redis_is_used_and_an_untrusted_certificate_is_an_outage(
                     group.start_soon(state.run)
                 states[0].share(RoutingRequest("a prompt", "m"), urls[0])
                 await wait_until(
-                    lambda: states[1].applied == 1 and all(s.outages >= 1 for s in states[2:])
+                    lambda: (
+                        states[1].applied == 1
+                        and all(s.connected for s in states[:2])
+                        and all(s.outages >= 1 for s in states[2:])
+                    )
                 )
-                assert [s.connected for s in states] == [True, True, False, False]
+                assert [s.connected for s in states[2:]] == [False, False]
                 assert [s.applied for s in states[2:]] == [0, 0]
                 assert server.client().scard(states[0].replicas_key) == 2
                 group.cancel_scope.cancel()
