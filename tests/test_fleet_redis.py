@@ -388,8 +388,17 @@ async def test_a_password_protected_redis_is_used_and_a_wrong_password_never_log
                 for state in (a.fleet, b.fleet, wrong.fleet):
                     group.start_soon(state.run)
                 a.fleet.share(RoutingRequest("a prompt", "m"), urls[0])
-                await wait_until(lambda: b.fleet.applied == 1 and wrong.fleet.outages >= 1)
-                assert a.fleet.connected and b.fleet.connected and not wrong.fleet.connected
+                # ``applied`` counts inside an exchange, ``connected`` once it has ended:
+                # both are waited for, not read in between.
+                await wait_until(
+                    lambda: (
+                        b.fleet.applied == 1
+                        and a.fleet.connected
+                        and b.fleet.connected
+                        and wrong.fleet.outages >= 1
+                    )
+                )
+                assert not wrong.fleet.connected
                 assert wrong.fleet.applied == 0
                 group.cancel_scope.cancel()
         logged = "\n".join(record.getMessage() for record in caplog.records)
@@ -418,9 +427,13 @@ async def test_a_tls_redis_is_used_and_an_untrusted_certificate_is_an_outage(
                     group.start_soon(state.run)
                 states[0].share(RoutingRequest("a prompt", "m"), urls[0])
                 await wait_until(
-                    lambda: states[1].applied == 1 and all(s.outages >= 1 for s in states[2:])
+                    lambda: (
+                        states[1].applied == 1
+                        and all(s.connected for s in states[:2])
+                        and all(s.outages >= 1 for s in states[2:])
+                    )
                 )
-                assert [s.connected for s in states] == [True, True, False, False]
+                assert [s.connected for s in states[2:]] == [False, False]
                 assert [s.applied for s in states[2:]] == [0, 0]
                 assert server.client().scard(states[0].replicas_key) == 2
                 group.cancel_scope.cancel()
@@ -849,4 +862,25 @@ def test_the_scale_out_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixt
         assert row["saturated_cpu_us_per_req"] >= 0  # 10 ms resolution: may read 0
     assert len(out.read_text().splitlines()) == 2
     printed = capsys.readouterr().out
-    assert "| redis | 2 |" in printed and "redis x2 router CPU/request vs local" in printed
+    assert "| redis | 2 |" in printed
+    # At smoke size the CPU figures are a tick or two (10 ms) and often read 0: the note
+    # compares only figures both modes have, so it may be left out (see the next test).
+    assert all(note in printed for note in scale_out.overhead(rows))
+
+
+def test_the_scale_out_overhead_note_compares_only_measured_figures() -> None:
+    from benchmarks import scale_out
+
+    def row(mode: str, routing: float, saturated: float) -> dict[str, Any]:
+        return {
+            "mode": mode,
+            "replicas": 2,
+            "workers": 1,
+            "router_cpu_us_per_req": routing,
+            "saturated_cpu_us_per_req": saturated,
+        }
+
+    assert scale_out.overhead([row("local", 1000, 0), row("redis", 1500, 500)]) == [
+        "redis x2 router CPU/request vs local: routing phases +50.0%"
+    ]
+    assert scale_out.overhead([row("local", 0, 500), row("redis", 1500, 0)]) == []

@@ -103,7 +103,16 @@ class Router:
         Waits a little: the server thread finishes its bookkeeping after the client has
         the last byte.
         """
-        wait_until(self.settled)
+        try:
+            wait_until(self.settled)
+        except AssertionError:
+            admission = self.middleware.admission
+            queue = None if admission is None else (admission.in_flight, admission.waiting)
+            loads = {worker.url: worker.load for worker in self.registry}
+            raise AssertionError(
+                f"not settled: loads {loads}, {len(self.releases)} releases of "
+                f"{self.acquires()} acquires, admission (in flight, waiting) {queue}"
+            ) from None
         assert all(worker.load == 0 for worker in self.registry)
 
 
