@@ -67,11 +67,13 @@ def _exchange(path: str, message: Change, timeout: float = _TIMEOUT) -> Change |
     """Send one line, read one line back (blocking); None when nobody answers."""
     line = json.dumps(message).encode() + b"\n"
     answer = exchange(path, line, timeout=timeout, limit=_MAX_LINE, line=True)
+    if answer is None:
+        return None
     try:
-        change = json.loads(answer) if answer is not None else None
+        reply = json.loads(answer)
     except ValueError:
         return None
-    return change if isinstance(change, dict) else None
+    return reply if isinstance(reply, dict) else None
 
 
 def added(worker: Worker) -> Change:
