@@ -16,12 +16,12 @@ replicates exactly as far as its traffic needs.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
+from hashlib import blake2b
 
 from cache_router.core.errors import NoAvailableWorker
 from cache_router.core.policies.base import RoutingRequest, least_loaded
@@ -64,14 +64,20 @@ def place_new(key: str, candidates: Sequence[Worker], ceiling: float) -> Worker:
     next request finds it cached whichever router it reaches. Tie-breaks by ``processed``
     or at random would differ between them.
     """
-    head = key[:PREFIX_HEAD].encode("utf-8", "surrogatepass")
-    best = candidates[0]
+    eligible = [worker for worker in candidates if worker.effective_load <= ceiling]
+    if len(eligible) < 2:
+        # Under load few workers sit at the ceiling (the lowest load): hash only those.
+        return eligible[0] if eligible else candidates[0]
+    # blake2b(head + url), with the head absorbed once and its state copied per worker.
+    head = blake2b(key[:PREFIX_HEAD].encode("utf-8", "surrogatepass"), digest_size=8)
+    best = eligible[0]
     best_score = b""
-    for worker in candidates:
-        if worker.effective_load <= ceiling:
-            score = hashlib.blake2b(head + worker.url.encode(), digest_size=8).digest()
-            if score > best_score:
-                best, best_score = worker, score
+    for worker in eligible:
+        hasher = head.copy()
+        hasher.update(worker.url.encode())
+        score = hasher.digest()
+        if score > best_score:
+            best, best_score = worker, score
     return best
 
 
