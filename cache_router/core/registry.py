@@ -432,13 +432,15 @@ class WorkerRegistry:
 
     def candidates(self, model: str | None = None, role: str = "regular") -> Sequence[Worker]:
         """Available workers of ``role`` that serve ``model`` (any model when it is None)."""
-        workers = self._by_role.get(role, ())
-        if model is None:
-            return [worker for worker in workers if worker.available]
+        # ``Worker.available`` spelled out: a property call per worker per request costs
+        # more than the checks themselves.
         return [
             worker
-            for worker in workers
-            if worker.available and (worker._served is None or model in worker._served)
+            for worker in self._by_role.get(role, ())
+            if worker.healthy
+            and not worker.draining
+            and ((breaker := worker.breaker) is None or breaker.allows_request())
+            and (model is None or worker._served is None or model in worker._served)
         ]
 
     def acquire(self, worker: Worker) -> Lease:
