@@ -355,6 +355,20 @@ def test_match_without_result_refreshes_nothing() -> None:
     assert set(leaf_keys(tree)) == {"second"}
 
 
+def test_removing_a_tenant_leaves_the_prefix_as_recent_as_its_last_use() -> None:
+    clock = FakeClock()
+    tree = RadixTree(1000, clock=clock)
+    clock.at(1)
+    tree.insert("shared", "A")
+    clock.at(2)
+    tree.insert("single", "C")
+    clock.at(3)
+    tree.insert("shared", "B")  # the last use of "shared", by the tenant about to go
+    tree.remove_tenant("B")
+    tree.trim(tree.size - 1)
+    assert leaf_keys(tree) == {"shared": frozenset({"A"})}
+
+
 def test_size_never_exceeds_budget_plus_one_insert() -> None:
     clock = FakeClock()
     tree = RadixTree(50, low_water=0.8, clock=clock)

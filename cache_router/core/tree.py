@@ -153,9 +153,10 @@ class RadixTree:
         self._parent: list[int] = [_NO_PARENT]
         # Node id -> {first character of a child's edge: child id}.
         self._children: list[dict[str, int]] = [{}]
-        # Node id -> {tenant: last access time}.
-        self._tenants: list[dict[str, float]] = [{}]
-        # Node id -> latest of its tenants' times: the node's LRU key.
+        # Node id -> its tenants, as the keys of a dict: a dict of strings is not tracked by
+        # the garbage collector, where a set would be.
+        self._tenants: list[dict[str, None]] = [{}]
+        # Node id -> when a match or an insert last went through it: the node's LRU key.
         self._last_access: list[float] = [0.0]
         self._free: list[int] = []
         self._size = 0
@@ -197,8 +198,8 @@ class RadixTree:
         """Longest prefix of ``key`` in the tree and the tenants holding its deepest node.
 
         A match that ends inside an edge reports the tenants of the node below that edge:
-        every key that entered the edge passed through that node. The returned tenants'
-        access times are refreshed along the path, so a prefix in use is not evicted.
+        every key that entered the edge passed through that node. The nodes on the path
+        count as used now, so a prefix in use is not evicted.
         """
         texts = self._text
         children = self._children
@@ -220,16 +221,11 @@ class RadixTree:
             break
         if not path:
             return _NO_MATCH
-        node_tenants = self._tenants
-        tenants = frozenset(node_tenants[node])
         now = self._clock()
         last_access = self._last_access
         for visited in path:
-            stamps = node_tenants[visited]
-            for tenant in tenants:
-                stamps[tenant] = now
             last_access[visited] = now
-        return PrefixMatch(position, tenants)
+        return PrefixMatch(position, frozenset(self._tenants[node]))
 
     # -- writing -------------------------------------------------------------------------
 
@@ -278,7 +274,7 @@ class RadixTree:
                 position += len(edge)
                 if tenant not in node_tenants[child]:
                     tenant_size += len(edge)
-            node_tenants[child][tenant] = now
+            node_tenants[child][tenant] = None
             last_access[child] = now
             node = child
         tenant_sizes[tenant] = tenant_size
@@ -289,7 +285,7 @@ class RadixTree:
             if forest._size > forest.max_size:
                 forest._evict(forest._low_water_size(), keep=self)
 
-    def _new_node(self, text: str, parent: int, tenants: dict[str, float], now: float) -> int:
+    def _new_node(self, text: str, parent: int, tenants: dict[str, None], now: float) -> int:
         """A node id holding these fields and no children: a freed one, else a new row."""
         if self._free:
             node = self._free.pop()
@@ -329,12 +325,10 @@ class RadixTree:
             return
         node_tenants = self._tenants
         for node in list(self._nodes_with(tenant)):
-            stamps = node_tenants[node]
-            del stamps[tenant]
-            if not stamps and not self._children[node]:
+            holders = node_tenants[node]
+            del holders[tenant]
+            if not holders and not self._children[node]:
                 self._delete_leaf(node)
-            elif stamps:
-                self._last_access[node] = max(stamps.values())
 
     def _nodes_with(self, tenant: str) -> Iterator[int]:
         """Nodes holding ``tenant``, children before their parents (post-order).
