@@ -16,6 +16,7 @@ start (its port or the metrics listener's in use; uvicorn's own status for it).
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import socket
@@ -51,6 +52,7 @@ __all__ = [
     "run",
     "run_server",
     "server_options",
+    "tune_gc",
     "uvicorn_settings",
 ]
 
@@ -115,13 +117,34 @@ def run(config: RouterConfig) -> int:
     return run_server(uvicorn.Server(uvicorn.Config(router.app(), **uvicorn_settings(config))))
 
 
+#: The garbage collector's youngest-generation threshold in ``serve``'s processes
+#: (Python's default is 700). See :func:`tune_gc`.
+GC_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Collect cyclic garbage less often, in a process that does nothing but route.
+
+    Each request allocates a few dozen containers that reference counting frees at once,
+    but every 700 allocations the collector walks all the young objects still alive: the
+    frames and futures of every request in flight. At 10,000 it runs rarely and each run
+    walks about the same live objects (docs/benchmarks.md). What the start-up made is
+    frozen first, so that full collections skip it. A library that mounts the middleware
+    in its own app keeps its own settings.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run_server(server: Any, sockets: list[socket.socket] | None = None) -> int:
     """Run a ``uvicorn.Server`` (on ``sockets`` when given); 0 after a shutdown,
     :data:`STARTUP_FAILURE` when it never started (the port in use, a failed lifespan
-    startup), whatever uvicorn's version says.
+    startup), whatever uvicorn's version says. The collector is tuned first
+    (:func:`tune_gc`).
 
     A signal is re-raised by uvicorn after the graceful shutdown: SIGTERM then ends the
     process (status 143 in a shell), SIGINT arrives as KeyboardInterrupt (130)."""
+    tune_gc()
     try:
         server.run() if sockets is None else server.run(sockets=sockets)
     except SystemExit:

@@ -40,6 +40,7 @@ from cache_router.serve import (
     build_served_router,
     configure_logging,
     run_server,
+    tune_gc,
     uvicorn_settings,
 )
 
@@ -186,7 +187,9 @@ def app_from_env() -> Any:
     :data:`SERVE_CONFIG_ENV`; workers the parent found unreachable start unhealthy and
     discovered models are known at once, as in a single process.
     """
-    return _router_from_env().app()
+    app = _router_from_env().app()
+    tune_gc()
+    return app
 
 
 def serve_child(sock: socket.socket, started: Callable[[], None]) -> int:

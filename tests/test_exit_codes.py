@@ -56,9 +56,14 @@ def test_serve_stops_gracefully_on_sigterm() -> None:
     assert "Traceback" not in served.stderr
 
 
-def test_run_server_says_3_when_uvicorn_exits_1_before_starting() -> None:
+def test_run_server_says_3_when_uvicorn_exits_1_before_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Older uvicorn releases exit 1 on a bind failure; the status stays 3."""
+    from cache_router import serve
     from cache_router.serve import run_server
+
+    monkeypatch.setattr(serve, "tune_gc", lambda: None)  # not in the test process
 
     class Server:
         started = False
