@@ -29,10 +29,10 @@ from cache_router.core.routing_key import KeyExtractor
 from cache_router.core.token_keys import PromptTokenizer, token_routes
 from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
-from cache_router.ops.fleet import redact_url
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics, register_kv_metrics
 from cache_router.ops.probes import probe_app
+from cache_router.ops.redis_client import redact_url
 from cache_router.ops.sglang_workers import SGLANG_STARTUP_WAIT, SGLangWorkerApi
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
 from cache_router.proxy.cors import CORSMiddleware

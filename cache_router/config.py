@@ -55,8 +55,8 @@ from cache_router.config_values import (
     prefill_entry,
 )
 from cache_router.core.policies import POLICY_NAMES
-from cache_router.ops.fleet import redact_url
 from cache_router.ops.load_source import LOAD_FORMATS
+from cache_router.ops.redis_client import redact_url
 
 __all__ = [
     "CONFIG_ENV",
