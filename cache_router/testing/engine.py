@@ -52,7 +52,7 @@ from cache_router.testing.engine_requests import (
     include_usage,
     render_chat,
 )
-from cache_router.testing.pd import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
+from cache_router.testing.pd_state import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
 
 if TYPE_CHECKING:
     from cache_router.testing.kv_publisher import BlockCache, KVEventPublisher, Removals
@@ -196,7 +196,7 @@ class SimulatedEngine:
         Larger ``max_tokens`` values are refused with 400.
     ``role`` (default ``None``: a plain engine), ``pd_protocol`` (default ``"sglang"``)
         A prefill or decode engine of a disaggregated fleet speaking SGLang's bootstrap
-        protocol or vLLM's ``kv_transfer_params`` (see :mod:`cache_router.testing.pd`). A
+        protocol or vLLM's ``kv_transfer_params`` (see :mod:`cache_router.testing.pd_state`). A
         prefill engine's :attr:`bootstrap_app` must be served too (``serve_pd_fleet`` does).
     ``transfer_timeout`` (default 5 s), ``pd_store_size`` (10,000), ``pd_store_ttl`` (300 s),
     ``default_bootstrap_port``
