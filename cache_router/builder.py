@@ -12,9 +12,8 @@ from __future__ import annotations
 import inspect
 import logging
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -26,21 +25,25 @@ from cache_router.core.policies import Policy, PreciseCacheAwarePolicy, make_pol
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.core.routing_key import KeyExtractor
-from cache_router.core.token_keys import PromptTokenizer, token_routes
 from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
-from cache_router.ops.fleet import redact_url
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics, register_kv_metrics
 from cache_router.ops.probes import probe_app
-from cache_router.ops.sglang_workers import SGLANG_STARTUP_WAIT, SGLangWorkerApi
+from cache_router.ops.redis_client import redact_url
+from cache_router.ops.sglang_workers import SGLANG_STARTUP_WAIT
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
-from cache_router.proxy.cors import CORSMiddleware
-from cache_router.proxy.lifespan import BackgroundTask, BackgroundTasks
+from cache_router.proxy.lifespan import BackgroundTask
 from cache_router.proxy.middleware import RoutingMiddleware
-from cache_router.proxy.mount import PrefixMount
 from cache_router.proxy.relay import TransportChoice
 from cache_router.proxy.tls import client_ssl_context
+from cache_router.router_app import RouterApp, create_router_app
+from cache_router.tokenizer_routes import CODEPOINTS as CODEPOINTS
+from cache_router.tokenizer_routes import TOKEN_POLICIES as TOKEN_POLICIES
+from cache_router.tokenizer_routes import token_routes_from_config
+from cache_router.tokenizer_routes import (  # noqa: F401  (tests call builder._tokenizer_specs)
+    tokenizer_specs as _tokenizer_specs,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -227,7 +230,7 @@ def build_router(
             decode = "power_of_two" if cache_aware else config.policy
         router.decode_policy = policy_from_config(config, name=decode)
     _add_tracing(router, tracer_provider, policy_name)
-    router.typed_routes = _token_routes(config)
+    router.typed_routes = token_routes_from_config(config)
     router.ssl_context = client_ssl_context(
         config.ca_cert_paths, config.client_cert_path, config.client_key_path
     )
@@ -536,66 +539,6 @@ class CacheRouterMiddleware:
         await self.routing.aclose()
 
 
-class RouterApp(BackgroundTasks):
-    """The assembled router as one ASGI app, three small layers deep.
-
-    From the outside in: :class:`~cache_router.proxy.lifespan.BackgroundTasks` (this
-    class) runs ``background`` for the lifespan;
-    :class:`~cache_router.proxy.middleware.RoutingMiddleware` (``routing``) routes what it
-    intercepts, every other keyword being its parameter; behind it
-    :class:`~cache_router.proxy.mount.PrefixMount` serves ``admin`` under ``admin_prefix``
-    and hands the rest to ``app``. So routed paths win over the admin prefix, and the admin
-    API over the wrapped app. With ``root_worker_api`` and an
-    :class:`~cache_router.ops.admin.AdminApp` as ``admin``,
-    :class:`~cache_router.ops.sglang_workers.SGLangWorkerApi` answers SGLang's worker
-    routes (``/workers``, ``/add_worker``, ...) at the root, in front of the mount
-    (``worker_startup_wait`` bounds its background health wait). With ``cors_allowed_origins``,
-    :class:`~cache_router.proxy.cors.CORSMiddleware` sits in front of the routing
-    middleware and answers CORS preflights before any routing. No holder sits around the
-    layers: a request pays for exactly one call more than the routing middleware alone
-    (two with CORS).
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        registry: WorkerRegistry,
-        policy: Policy | None = None,
-        *,
-        background: Iterable[BackgroundTask] = (),
-        admin: ASGIApp | None = None,
-        admin_prefix: str = "/router",
-        root_worker_api: bool = False,
-        worker_startup_wait: float = SGLANG_STARTUP_WAIT,
-        cors_allowed_origins: Iterable[str] = (),
-        **options: Any,
-    ) -> None:
-        inner = app if admin is None else PrefixMount(app, admin_prefix, admin)
-        if root_worker_api and isinstance(admin, AdminApp):
-            inner = SGLangWorkerApi(inner, admin, startup_wait=worker_startup_wait)
-        self.routing = RoutingMiddleware(inner, registry, policy, **options)
-        self.admin = admin
-        origins = tuple(cors_allowed_origins)
-        outer = self.routing if not origins else CORSMiddleware(self.routing, origins)
-        super().__init__(outer, background)
-
-    @property
-    def background(self) -> tuple[BackgroundTask, ...]:
-        return self.tasks
-
-    @property
-    def registry(self) -> WorkerRegistry:
-        return self.routing.registry
-
-    @property
-    def policy(self) -> Policy:
-        return self.routing.policy
-
-    async def aclose(self) -> None:
-        """Close the upstream connections (done on lifespan shutdown)."""
-        await self.routing.aclose()
-
-
 #: Configuration fields a middleware keyword may name: those that are no parameter of
 #: ``RouterApp`` or ``RoutingMiddleware`` (whose names keep their meaning there).
 _CONFIG_ONLY = (
@@ -603,81 +546,3 @@ _CONFIG_ONLY = (
     - frozenset(inspect.signature(RoutingMiddleware.__init__).parameters)
     - frozenset(inspect.signature(RouterApp.__init__).parameters)
 )
-
-
-def create_router_app(
-    registry: WorkerRegistry,
-    policy: Policy | None = None,
-    **middleware_options: Any,
-) -> RouterApp:
-    """A bare router app: the routing middleware around the probe endpoints, with exactly
-    the ``middleware_options`` given and nothing else (no health checks, breakers or
-    admin unless passed). Benchmarks and tests use it to measure the routing path alone;
-    deployments want :func:`build_router`."""
-    return RouterApp(probe_app(registry), registry, policy, **middleware_options)
-
-
-#: The policies that route on token keys when tokenizers are configured.
-TOKEN_POLICIES = frozenset({"precise_cache_aware"})
-#: A ``tokenizer_path`` naming the simulated engine's tokenizer (one token per character),
-#: for a router in front of :class:`cache_router.testing.SimulatedEngine`.
-CODEPOINTS = "builtin:codepoints"
-
-
-def _token_routes(config: RouterConfig) -> dict[str, KeyExtractor] | None:
-    """Key extractors that tokenize with the configured tokenizers, for the policies that
-    route on tokens; each path is loaded once, however many models share it."""
-    if not config.tokenizer_path and config.model_path is None:
-        return None
-    if config.policy not in TOKEN_POLICIES:
-        logger.warning(
-            "tokenizer_path and model_path serve the precise_cache_aware policy; with %s "
-            "requests keep character keys",
-            config.policy,
-        )
-        return None
-    models, default = _tokenizer_specs(config.tokenizer_path, config.model_path)
-    loaded: dict[str, PromptTokenizer] = {}
-    for path in {*models.values(), *([default] if default is not None else [])}:
-        loaded[path] = _load_tokenizer(path)
-    return token_routes(
-        {model: loaded[path] for model, path in models.items()},
-        None if default is None else loaded[default],
-        max_tokens=config.max_routing_key_length,
-    )
-
-
-def _tokenizer_specs(
-    paths: Sequence[str], model_path: str | None
-) -> tuple[dict[str, str], str | None]:
-    """``tokenizer_path`` values (``PATH`` or ``MODEL=PATH``) and ``model_path`` as
-    ``({model: path}, path for any model)``: a value that is an existing path is a path
-    even with a ``=`` in it, and a ``PATH`` for any model comes before ``model_path`` (as
-    SGLang's ``--tokenizer-path`` overrides its ``--model-path``)."""
-    models: dict[str, str] = {}
-    default: str | None = None
-    for value in paths:
-        model, sign, path = value.partition("=")
-        if not sign or not model or not path or Path(value).expanduser().exists():
-            if default is not None:
-                raise ValueError(f"tokenizer_path: two paths for any model, {default} and {value}")
-            default = value
-        elif model in models:
-            raise ValueError(f"tokenizer_path gives model {model!r} twice")
-        else:
-            models[model] = path
-    return models, default if default is not None else model_path
-
-
-def _load_tokenizer(path: str) -> PromptTokenizer:
-    if path == CODEPOINTS:
-        from cache_router.testing.tokenizer import CodePointTokenizer
-
-        return CodePointTokenizer()
-    try:
-        from cache_router.ops.tokenizers import load_tokenizer
-    except ImportError as exc:
-        raise ValueError(
-            f"tokenizer_path needs the precise extra (pip install 'cache_router[precise]'): {exc}"
-        ) from None
-    return load_tokenizer(path)

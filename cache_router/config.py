@@ -15,7 +15,10 @@ Field names are the ``serve`` flags' argparse ``dest`` so that flag, variable an
 map one to one. Every value is checked once, when the instance is built (``__post_init__``),
 and all problems are reported together in one :class:`ConfigError` naming each option and
 the source it came from: a typo in a variable or a file key is an error, not a silently
-ignored setting.
+ignored setting. This module holds the schema (the fields and their metadata); the
+environment and the file are read by :mod:`cache_router.config_sources`, each value is
+checked by :mod:`cache_router.config_values` and the rules between fields are
+:mod:`cache_router.config_checks`.
 
 Why stdlib dataclasses and not pydantic-settings: the project depends on starlette, httpx
 and anyio only, the checks needed here (bounds, choices, URLs, path prefixes) are a few
@@ -27,17 +30,22 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import difflib
-import importlib
-import json
 import os
-import sys
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from cache_router.config_checks import cross_checks
+from cache_router.config_sources import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    OTHER_ENV,
+    env_values,
+    read_file,
+    unknown_option,
+)
 from cache_router.config_values import (
     Invalid,
     Option,
@@ -47,9 +55,8 @@ from cache_router.config_values import (
     prefill_entry,
 )
 from cache_router.core.policies import POLICY_NAMES
-from cache_router.ops.fleet import redact_url
 from cache_router.ops.load_source import LOAD_FORMATS
-from cache_router.proxy.tls import TLSSettingError, client_ssl_context
+from cache_router.ops.redis_client import redact_url
 
 __all__ = [
     "CONFIG_ENV",
@@ -57,6 +64,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "OPTIONS",
+    "OTHER_ENV",
     "REQUEST_ID_HEADERS",
     "TRANSPORTS",
     "ConfigError",
@@ -66,24 +74,12 @@ __all__ = [
     "prefill_entry",
 ]
 
-#: Prefix of every environment variable the router reads.
-ENV_PREFIX = "CACHE_ROUTER_"
-#: Environment variable naming the configuration file when no ``--config`` is given.
-CONFIG_ENV = "CACHE_ROUTER_CONFIG"
-#: ``CACHE_ROUTER_*`` variables that are not options, so never reported as unknown: the
-#: config file, what ``--workers`` processes inherit (the serialized config, the
-#: supervisor's socket directory), the benchmark launcher.
-OTHER_ENV = frozenset(
-    {CONFIG_ENV, "CACHE_ROUTER_SERVE_ARGS", "CACHE_ROUTER_PROCESS_DIR", "CACHE_ROUTER_LAUNCHER"}
-)
-
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 #: Where SGLang's router looks for a client's request id, in this order.
 REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 TRANSPORTS = ("auto", "http1", "aiohttp", "httpx")
 
-_MIN_FLUSH = 0.05  # RedisFleetState's flush_interval: max_flush_interval may not be shorter
 _EMPTY: Mapping[str, Any] = types.MappingProxyType({})
 
 
@@ -739,9 +735,9 @@ class RouterConfig:
         problems: list[str] = []
         if file is not None:
             label = str(file)
-            for name, value in _read_file(Path(file), problems).items():
+            for name, value in read_file(Path(file), OPTIONS, problems).items():
                 values[name], origins[name], raws[name] = value, label, value
-        for name, text, variable in _env_values(environ, problems):
+        for name, text, variable in env_values(environ, OPTIONS, problems):
             try:
                 values[name] = from_text(OPTIONS[name], text)
             except Invalid as exc:
@@ -749,7 +745,7 @@ class RouterConfig:
                 values.pop(name, None)
             origins[name], raws[name] = variable, text
         unknown = [key for key in cli if key not in OPTIONS]
-        problems += [_unknown(key, "the command line", list(OPTIONS)) for key in unknown]
+        problems += [unknown_option(key, "the command line", list(OPTIONS)) for key in unknown]
         for name, value in cli.items():
             if name in OPTIONS:
                 option = OPTIONS[name]
@@ -759,7 +755,9 @@ class RouterConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RouterConfig:
         """The configuration ``to_dict`` produced (or any mapping of field names)."""
-        problems = [_unknown(key, "from_dict", list(OPTIONS)) for key in data if key not in OPTIONS]
+        problems = [
+            unknown_option(key, "from_dict", list(OPTIONS)) for key in data if key not in OPTIONS
+        ]
         values = {name: value for name, value in data.items() if name in OPTIONS}
         return cls._build(values, dict.fromkeys(values, "from_dict"), values, problems)
 
@@ -772,7 +770,9 @@ class RouterConfig:
         """A checked copy with ``changes`` applied."""
         unknown = [name for name in changes if name not in OPTIONS]
         if unknown:
-            raise ConfigError([_unknown(name, "replace()", list(OPTIONS)) for name in unknown])
+            raise ConfigError(
+                [unknown_option(name, "replace()", list(OPTIONS)) for name in unknown]
+            )
         origins = {name: "replace()" for name in changes}
         token = _CONTEXT.set(_Context(origins, changes))
         try:
@@ -834,7 +834,6 @@ def _options() -> dict[str, Option]:
 
 #: Every field's :class:`Option`, in declaration order.
 OPTIONS: Mapping[str, Option] = types.MappingProxyType(_options())
-_BY_ENV = {option.env: name for name, option in OPTIONS.items()}
 
 
 # -- parsing and checking -------------------------------------------------------------------
@@ -882,181 +881,5 @@ def _check(
             checked[name] = checked_value(OPTIONS[name], value)
         except Invalid as exc:
             problems.append(_problem(name, origins.get(name, fallback), exc, raws.get(name, value)))
-    problems += _cross_checks(checked, origins, fallback)
+    problems += cross_checks(checked, origins, fallback, OPTIONS)
     return checked, problems
-
-
-def _cross_checks(
-    values: Mapping[str, Any], origins: Mapping[str, str], fallback: str
-) -> list[str]:
-    """The rules between fields, those that today fail later, when the router is built."""
-
-    def get(name: str) -> Any:
-        return values.get(name, OPTIONS[name].default)
-
-    def where(name: str) -> str:
-        if name in origins:
-            return origins[name]
-        return "default" if get(name) == OPTIONS[name].default else fallback
-
-    problems: list[str] = []
-    paired = get("pd_disaggregation") or get("vllm_pd_disaggregation")
-    if get("pd_disaggregation") and get("vllm_pd_disaggregation"):
-        problems.append(
-            f"vllm_pd_disaggregation (from {where('vllm_pd_disaggregation')}): choose one "
-            f"protocol; pd_disaggregation is set too (from {where('pd_disaggregation')})"
-        )
-    for name in ("prefill_urls", "decode_urls", "prefill_policy", "decode_policy"):
-        if not paired and get(name) not in ((), None):
-            problems.append(
-                f"{name} (from {where(name)}): only used with pd_disaggregation or "
-                "vllm_pd_disaggregation"
-            )
-    if paired and get("worker_urls"):
-        problems.append(
-            f"worker_urls (from {where('worker_urls')}): a disaggregated fleet has prefill "
-            "and decode workers only (prefill_urls, decode_urls)"
-        )
-    metrics_port = get("prometheus_port")
-    if metrics_port is not None and metrics_port == get("port") and metrics_port != 0:
-        hosts = {get("host"), get("prometheus_host")}
-        if len(hosts) == 1 or hosts & {"0.0.0.0", "::"}:
-            problems.append(
-                f"prometheus_port (from {where('prometheus_port')}): {metrics_port} is also "
-                f"the router's port (from {where('port')}); the metrics listener needs its own"
-            )
-    tls = get("ca_cert_paths"), get("client_cert_path"), get("client_key_path")
-    if tls != ((), None, None):
-        try:  # the files are read once here, so a bad one stops the start, named
-            client_ssl_context(*tls)
-        except TLSSettingError as exc:
-            problems.append(f"{exc.option} (from {where(exc.option)}): {exc.reason}")
-    if get("redis_url") is not None:
-        heartbeat, ttl = get("fleet_heartbeat_secs"), get("fleet_ttl_secs")
-        if not ttl > heartbeat:
-            problems.append(
-                f"fleet_ttl_secs (from {where('fleet_ttl_secs')}): must be longer than "
-                f"fleet_heartbeat_secs ({heartbeat:g}, from {where('fleet_heartbeat_secs')}), "
-                f"got {ttl!r}"
-            )
-        flush = get("fleet_max_flush_secs")
-        if flush is not None and not _MIN_FLUSH <= flush <= heartbeat:
-            problems.append(
-                f"fleet_max_flush_secs (from {where('fleet_max_flush_secs')}): must be "
-                f"between {_MIN_FLUSH} and fleet_heartbeat_secs ({heartbeat:g}, from "
-                f"{where('fleet_heartbeat_secs')}), got {flush!r}"
-            )
-    if "precise_cache_aware" not in (get("policy"), get("prefill_policy")):
-        for name in ("kv_events", "kv_events_port", "kv_events_replay_port", "kv_block_size"):
-            if get(name) not in ((), None):
-                problems.append(
-                    f"{name} (from {where(name)}): only used with policy precise_cache_aware"
-                )
-    selectors = get("selector") or get("prefill_selector") or get("decode_selector")
-    if get("service_discovery") and not selectors:
-        problems.append(
-            f"service_discovery (from {where('service_discovery')}): needs --selector (or "
-            "--prefill-selector and --decode-selector) to know which pods are workers"
-        )
-    return problems
-
-
-def _unknown(key: str, source: str, known: list[str], name: str | None = None) -> str:
-    """``key`` is not an option; ``name`` is what to match it on when not ``key`` itself."""
-    close = difflib.get_close_matches(name or key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown option {key!r} (from {source}){hint}"
-
-
-def _env_values(environ: Mapping[str, str], problems: list[str]) -> Iterator[tuple[str, str, str]]:
-    """(field, text, variable) for each option set in ``environ``; unknown
-    ``CACHE_ROUTER_*`` variables are added to ``problems``."""
-    for variable, text in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable in OTHER_ENV:
-            continue
-        name = _BY_ENV.get(variable)
-        if name is not None:
-            yield name, text, variable
-            continue
-        field_name = variable[len(ENV_PREFIX) :].lower()
-        if field_name in OPTIONS:  # CACHE_ROUTER_<FIELD> where the field declares another
-            close = [OPTIONS[field_name].env]
-        else:
-            close = difflib.get_close_matches(variable, list(_BY_ENV), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        problems.append(f"unknown environment variable {variable}{hint}")
-
-
-# -- files ----------------------------------------------------------------------------------
-
-
-def _parse_file(path: Path) -> Any:
-    """The file's content as Python data, by its suffix; ``Invalid`` when unreadable."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            toml: Any = importlib.import_module(
-                "tomllib" if sys.version_info >= (3, 11) else "tomli"
-            )
-            with path.open("rb") as stream:
-                return toml.load(stream)
-        if suffix in (".yaml", ".yml"):
-            try:
-                yaml: Any = importlib.import_module("yaml")
-            except ImportError:
-                raise Invalid(
-                    "reading YAML needs PyYAML: pip install pyyaml (or use a .toml file)"
-                ) from None
-            with path.open("rb") as stream:
-                return yaml.safe_load(stream)
-        if suffix == ".json":
-            with path.open("rb") as stream:
-                return json.load(stream)
-    except OSError as exc:
-        raise Invalid(f"cannot read it: {exc.strerror or exc}") from None
-    except Invalid:
-        raise
-    except Exception as exc:  # each format's own syntax error type
-        raise Invalid(f"not valid {suffix[1:].upper()}: {exc}") from None
-    raise Invalid("unknown file type: use .toml, .yaml, .yml or .json")
-
-
-def _flatten(
-    data: Mapping[str, Any], prefix: str, path: str, out: dict[str, tuple[str, Any]]
-) -> list[str]:
-    """Flat field names from ``data``: a table ``[health]`` with key ``check_interval_secs``
-    is ``health_check_interval_secs``; dashes in keys count as underscores."""
-    problems: list[str] = []
-    for key, value in data.items():
-        name = prefix + str(key).replace("-", "_")
-        where = f"{path}.{key}" if path else str(key)
-        if isinstance(value, Mapping):
-            problems += _flatten(value, name + "_", where, out)
-        elif name in out:
-            problems.append(f"{name} is given twice, as {out[name][0]} and as {where}")
-        else:
-            out[name] = (where, value)
-    return problems
-
-
-def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
-    """The options in the file at ``path`` (problems are added to ``problems``)."""
-    try:
-        data = _parse_file(path)
-    except Invalid as exc:
-        problems.append(f"config file {path}: {exc}")
-        return {}
-    if data is None:  # an empty YAML file
-        return {}
-    if not isinstance(data, Mapping):
-        problems.append(f"config file {path}: expected a table of options at the top level")
-        return {}
-    flat: dict[str, tuple[str, Any]] = {}
-    problems += [f"config file {path}: {text}" for text in _flatten(data, "", "", flat)]
-    values: dict[str, Any] = {}
-    for name, (key, value) in flat.items():
-        if name in OPTIONS:
-            values[name] = value
-        else:
-            problems.append(_unknown(key, str(path), list(OPTIONS), name))
-    return values

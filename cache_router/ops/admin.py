@@ -50,11 +50,12 @@ Mounting contract: routes are matched on ``scope["path"]`` with ``scope["root_pa
 stripped from its front, the ASGI convention Starlette's ``Mount("/router", app=admin)``
 follows. A caller dispatching by hand passes the scope with ``root_path`` extended by the
 prefix and ``path`` left whole; a ``path`` already stripped of the prefix works too.
+The app, body and duration parsing it shares with SGLang's worker API are
+:mod:`cache_router.ops.admin_http`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -65,8 +66,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -80,13 +79,14 @@ from cache_router.core.registry import (
     checked_api_key,
     normalize_url,
 )
+from cache_router.ops.admin_http import MAX_ADMIN_BODY, json_object, parse_seconds, route_app
 from cache_router.ops.allowlist import HostAllowList, url_host, url_port
 from cache_router.ops.engine_key import worker_headers
 from cache_router.ops.load_source import LOCAL, load_source
 from cache_router.ops.metrics import circuit_state
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
 from cache_router.proxy.auth import bearer_matches
-from cache_router.proxy.responses import bad_request, error_handler, send_error
+from cache_router.proxy.responses import bad_request, send_error
 
 if TYPE_CHECKING:
     from cache_router.ops.metrics import PrometheusMetrics
@@ -104,8 +104,6 @@ __all__ = [
 
 logger = logging.getLogger("cache_router.ops.admin")
 
-#: Largest admin request body accepted; the API takes a few small JSON fields.
-MAX_ADMIN_BODY = 64 * 1024
 #: Longest single health request while waiting for a new worker.
 _HEALTH_REQUEST_TIMEOUT = 5.0
 _ADD_FIELDS = frozenset(
@@ -335,7 +333,7 @@ class AdminApp:
 
     async def _remove(self, worker: Worker, request: Request) -> Response:
         raw = request.query_params.get("timeout")
-        timeout = self.drain_timeout if raw is None else _seconds(raw, "timeout")
+        timeout = self.drain_timeout if raw is None else parse_seconds(raw, "timeout")
         await self.share_removal(worker, timeout)
         drained = await self.drain(worker, timeout)
         return JSONResponse({**worker_info(worker, self.registry), "drained": drained})
@@ -425,7 +423,7 @@ class AdminApp:
             )
         wait = 0.0
         if wait_healthy_secs is not None:
-            wait = _seconds(wait_healthy_secs, "wait_healthy_secs")
+            wait = parse_seconds(wait_healthy_secs, "wait_healthy_secs")
         port = url_port(url)
         if not (self.worker_allow if allow is None else allow).allows(host, port):
             raise RouterError(
@@ -564,49 +562,3 @@ class AdminApp:
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 1.0)
         return failure
-
-
-def route_app(routes: list[Route]) -> Starlette:
-    """A Starlette app of ``routes`` whose every error is an OpenAI-shaped JSON body."""
-    return Starlette(
-        routes=routes,
-        exception_handlers={
-            RouterError: error_handler,
-            HTTPException: error_handler,
-            Exception: error_handler,
-        },
-    )
-
-
-def _seconds(value: object, name: str) -> float:
-    """A finite, non-negative number of seconds from JSON or a query string; else 400."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise bad_request(f"{name} must be a finite number of seconds >= 0", "invalid_seconds")
-    return float(value)
-
-
-async def json_object(request: Request) -> dict[str, Any]:
-    """The request's body as a JSON object, at most :data:`MAX_ADMIN_BODY` bytes; else
-    413 or 400."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_ADMIN_BODY:
-            raise RouterError(
-                f"admin request body exceeds {MAX_ADMIN_BODY} bytes",
-                status=413,
-                error_type="invalid_request_error",
-                code="request_too_large",
-            )
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        raise bad_request("the body must be a JSON object", "invalid_json") from None
-    if not isinstance(parsed, dict):
-        raise bad_request("the body must be a JSON object", "invalid_json")
-    return parsed

@@ -32,7 +32,7 @@ Keys (``{fleet}`` is a Redis Cluster hash tag, so one pipeline always hits one n
 
     <prefix>:{<fleet>}:replicas          set of replica ids (discovery)
     <prefix>:{<fleet>}:load:<replica>    JSON {worker url: in-flight}, expires after ttl
-    <prefix>:{<fleet>}:decisions         stream: r=replica, d=decisions (see _encode_batch)
+    <prefix>:{<fleet>}:decisions         stream: r=replica, d=decisions (see fleet_decisions)
 
 Liveness is "the load key still exists", judged by Redis's own clock, and stream ids are
 only used as cursors: no timestamp from one machine is ever compared with another's, so
@@ -55,7 +55,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -64,7 +63,16 @@ from cache_router.core._loop import on_asyncio
 from cache_router.core.events import RouterEvents
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.request import RoutingRequest
+from cache_router.ops.fleet_decisions import (
+    Decision,
+    decode_batch,
+    encode_batch,
+    stream_entries,
+    teacher,
+)
 from cache_router.ops.load_source import external_load_board
+from cache_router.ops.redis_client import import_redis
+from cache_router.ops.redis_client import redact_url as redact_url
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -94,9 +102,6 @@ DEFAULT_MAX_KEY_CHARS = 8192
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 
-# One decision as buffered on the request path: (worker url, model, tokens flag, key).
-_Decision = tuple[str, "str | None", bool, str]
-
 
 class FleetState(RouterEvents):
     """What a replica shares with the others; this base class is the in-process default.
@@ -112,37 +117,6 @@ class FleetState(RouterEvents):
     async def run(self) -> None:
         """Nothing to do until cancelled."""
         await anyio.sleep_forever()
-
-
-def _import_redis() -> Any:
-    try:
-        import redis.asyncio
-        import redis.asyncio.retry
-        import redis.backoff
-        import redis.exceptions
-    except ImportError as exc:
-        raise ImportError(
-            "RedisFleetState needs the redis package: pip install 'cache_router[redis]' "
-            "(or pip install redis)"
-        ) from exc
-    return redis
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its passwords, for log messages: the one in the address and any
-    query parameter redis-py takes one from (``?password=``, ``?ssl_password=``)."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    if "password" in parts.query:
-        query = [
-            (name, "***" if "password" in name else value)
-            for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        parts = parts._replace(query=urlencode(query, safe="*/"))
-    return urlunsplit(parts)
 
 
 def _auto_replica_id() -> str:
@@ -214,7 +188,7 @@ class RedisFleetState(FleetState):
         max_backoff: float = 5.0,
         key_prefix: str = "cache_router",
     ) -> None:
-        self._redis = _import_redis()
+        self._redis = import_redis()
         if not _NAME.fullmatch(fleet) or not _NAME.fullmatch(key_prefix):
             raise ValueError("fleet and key_prefix may only use letters, digits and _ . : -")
         replica_id = _auto_replica_id() if replica_id is None else replica_id
@@ -259,8 +233,8 @@ class RedisFleetState(FleetState):
         self._load_prefix = f"{base}:load:"
         self._own_load_key = self._load_prefix + replica_id
         self._me = replica_id.encode()
-        self._teach = _teacher(policy)
-        self._pending: deque[_Decision] = deque(maxlen=max_pending)
+        self._teach = teacher(policy)
+        self._pending: deque[Decision] = deque(maxlen=max_pending)
         # A policy that says which of its decisions are news (the cache-aware one) reports
         # them itself; otherwise every routed request is shared.
         self._on_placement: _Subscribe | None = getattr(policy, "on_placement", None)
@@ -463,16 +437,16 @@ class RedisFleetState(FleetState):
                 await self._prune(others, loads)
         await self._apply_stream(batch)
 
-    def _take_pending(self) -> list[_Decision]:
+    def _take_pending(self) -> list[Decision]:
         pending = self._pending
         taken = list(pending)
         pending.clear()
         return taken
 
-    def _publish(self, pipe: Any, decisions: Sequence[_Decision]) -> None:
+    def _publish(self, pipe: Any, decisions: Sequence[Decision]) -> None:
         """Queue ``decisions`` on ``pipe``: one stream entry per :data:`ENTRY_DECISIONS`."""
         for start in range(0, len(decisions), ENTRY_DECISIONS):
-            blob = _encode_batch(decisions[start : start + ENTRY_DECISIONS], self.max_key_chars)
+            blob = encode_batch(decisions[start : start + ENTRY_DECISIONS], self.max_key_chars)
             pipe.xadd(
                 self.stream_key,
                 {b"r": self._me, b"d": blob},
@@ -520,7 +494,7 @@ class RedisFleetState(FleetState):
         """Teach the policy the other replicas' decisions, ``read_batch`` at a time."""
         teach = self._teach
         for round_number in range(self.max_batches_per_tick):
-            entries = _stream_entries(batch)
+            entries = stream_entries(batch)
             if not entries:
                 return
             self._changed = True
@@ -531,7 +505,7 @@ class RedisFleetState(FleetState):
                 if teach is None or fields.get(b"r") == me:
                     continue
                 groups: dict[tuple[str | None, bool], list[tuple[str, str]]] = {}
-                for url, model, tokens, key in _decisions(fields.get(b"d")):
+                for url, model, tokens, key in decode_batch(fields.get(b"d")):
                     if url in known:
                         groups.setdefault((model, tokens), []).append((key, url))
                 for (model, tokens), decisions in groups.items():
@@ -629,83 +603,6 @@ class RedisFleetState(FleetState):
 
 # A policy's on_placement: subscribes a listener, returns its unsubscribe function.
 _Subscribe = Callable[[Callable[[RoutingRequest, str], None]], Callable[[], None]]
-
-# Teaches a policy decisions of one model and key kind: (model, tokens, [(key, url)...]).
-_Teacher = Callable[[str | None, bool, list[tuple[str, str]]], None]
-
-
-def _teacher(policy: object) -> _Teacher | None:
-    """How to teach ``policy`` other replicas' decisions: its ``learn_many`` when it has
-    one, else ``learn`` once per decision, else None (it only shares load)."""
-    learn_many: _Teacher | None = getattr(policy, "learn_many", None)
-    if learn_many is not None:
-        return learn_many
-    learn: Callable[[RoutingRequest, str], None] | None = getattr(policy, "learn", None)
-    if learn is None:
-        return None
-
-    def learn_each(model: str | None, tokens: bool, decisions: list[tuple[str, str]]) -> None:
-        for key, url in decisions:
-            learn(RoutingRequest(key, model, tokens=tokens), url)
-
-    return learn_each
-
-
-def _encode_batch(decisions: Sequence[_Decision], max_key_chars: int) -> bytes:
-    """``[[url, model, tokens, key bytes]...]`` as JSON, a newline, then the keys' bytes.
-
-    The keys travel as raw UTF-8 after the (ASCII, newline-free) JSON header rather than
-    inside it: JSON-escaping kilobytes of prompt per decision cost more than everything
-    else a flush does. ``surrogatepass`` keeps lone surrogates, which JSON bodies allow.
-    """
-    header: list[list[object]] = []
-    keys: list[bytes] = []
-    for url, model, tokens, key in decisions:
-        data = key[:max_key_chars].encode("utf-8", "surrogatepass")
-        header.append([url, model, 1 if tokens else 0, len(data)])
-        keys.append(data)
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + b"".join(keys)
-
-
-def _decisions(blob: bytes | None) -> Iterator[tuple[str, str | None, bool, str]]:
-    """The decisions of one stream entry's ``d`` field; a malformed entry yields nothing
-    more from the point where it stops making sense."""
-    if not blob:
-        return
-    head, _, keys = blob.partition(b"\n")
-    try:
-        header = json.loads(head)
-    except ValueError:
-        logger.debug("skipped an unreadable fleet decision entry")
-        return
-    if not isinstance(header, list):
-        return
-    offset = 0
-    for item in header:
-        if not (isinstance(item, list) and len(item) == 4):
-            return
-        url, model, tokens, size = item
-        if not isinstance(size, int) or size < 0 or offset + size > len(keys):
-            return
-        try:
-            key = keys[offset : offset + size].decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            return
-        offset += size
-        if isinstance(url, str) and key:
-            yield url, model if isinstance(model, str) else None, bool(tokens), key
-
-
-def _stream_entries(batch: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of an XREAD answer for one stream (RESP2 list or RESP3 dict form)."""
-    if not batch:
-        return []
-    if isinstance(batch, dict):
-        for entries in batch.values():
-            return list(entries[0] if entries and isinstance(entries[0], list) else entries)
-        return []
-    _, entries = batch[0]
-    return list(entries)
 
 
 class _FleetCollector:

@@ -42,7 +42,8 @@ from starlette.routing import Route
 
 from cache_router.core.errors import RouterError
 from cache_router.core.registry import ROLES, Worker
-from cache_router.ops.admin import AdminApp, PendingWorker, json_object, route_app
+from cache_router.ops.admin import AdminApp, PendingWorker
+from cache_router.ops.admin_http import json_object, route_app
 from cache_router.proxy.asgi import ASGIApp, Receive, Scope, Send
 from cache_router.proxy.responses import bad_request
 

@@ -14,17 +14,18 @@ engine keeps the two effects that matter and nothing else:
 
 It speaks enough of the SGLang and OpenAI HTTP APIs (``/generate``, ``/v1/completions``,
 ``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/models``, ``/health``, ``/get_load``) for
-a router to sit in front of it unchanged.
+a router to sit in front of it unchanged. How it reads a request's prompts is
+:mod:`cache_router.testing.engine_requests`; the fixed texts and embeddings it answers
+with are :mod:`cache_router.testing.engine_outputs`; its KV events,
+:mod:`cache_router.testing.kv_publisher`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
-import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,13 +37,35 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from cache_router.core.errors import error_body
-from cache_router.core.tree import RadixTree, encode_tokens
-from cache_router.testing.pd import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
+from cache_router.core.tree import RadixTree
+from cache_router.testing.engine_outputs import (
+    EMBEDDING_VALUES,
+    embedding_dimensions,
+    embedding_json,
+    output_text,
+    token_text,
+)
+from cache_router.testing.engine_requests import (
+    BadRequest,
+    completion_prompts,
+    generate_prompts,
+    include_usage,
+    render_chat,
+)
+from cache_router.testing.pd_state import PDProtocol, PDRole, PDState, PDTicket, sglang_logprobs
 
 if TYPE_CHECKING:
     from cache_router.testing.kv_publisher import BlockCache, KVEventPublisher, Removals
 
-__all__ = ["EngineStats", "SimulatedEngine"]
+# The outputs' and the prompts' public helpers stay importable from here, where they were.
+__all__ = [
+    "EngineStats",
+    "SimulatedEngine",
+    "embedding_dimensions",
+    "embedding_json",
+    "render_chat",
+    "token_text",
+]
 
 #: The single tenant of the engine's cache tree: an engine only knows about itself.
 _TENANT = "self"
@@ -51,37 +74,8 @@ _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 
 
-def token_text(index: int) -> str:
-    """Text of the ``index``-th generated token: fixed, so tests can assert on outputs."""
-    return f" tok{index}"
-
-
-#: Embedding components as JSON text, twice over so that any window of up to
-#: ``_EMBEDDING_VALUES`` of them is one slice; built once, since an answer is only a join.
-_EMBEDDING_VALUES = 4096
-_EMBEDDING_TEXT = (
-    tuple(f"{((i * 7919 + 13) % 20001 - 10000) / 10000:.6f}" for i in range(_EMBEDDING_VALUES)) * 2
-)
-
-
-def embedding_dimensions(tokens: int) -> int:
-    """Components of the embedding of a ``tokens``-long input: 256 plus one per 6 tokens,
-    so that 1-8 KiB of input text come back as about 4-16 KiB of JSON."""
-    return min(_EMBEDDING_VALUES, 256 + tokens // 6)
-
-
-def embedding_json(prompt: str, dimensions: int) -> str:
-    """The embedding of ``prompt`` as a JSON array: fixed per prompt, so tests can compare."""
-    start = zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % _EMBEDDING_VALUES
-    return "[" + ",".join(_EMBEDDING_TEXT[start : start + dimensions]) + "]"
-
-
 def _sse(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-class _BadRequest(Exception):
-    """A request the engine refuses with 400; the message goes into the OpenAI error body."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +196,7 @@ class SimulatedEngine:
         Larger ``max_tokens`` values are refused with 400.
     ``role`` (default ``None``: a plain engine), ``pd_protocol`` (default ``"sglang"``)
         A prefill or decode engine of a disaggregated fleet speaking SGLang's bootstrap
-        protocol or vLLM's ``kv_transfer_params`` (see :mod:`cache_router.testing.pd`). A
+        protocol or vLLM's ``kv_transfer_params`` (see :mod:`cache_router.testing.pd_state`). A
         prefill engine's :attr:`bootstrap_app` must be served too (``serve_pd_fleet`` does).
     ``transfer_timeout`` (default 5 s), ``pd_store_size`` (10,000), ``pd_store_ttl`` (300 s),
     ``default_bootstrap_port``
@@ -455,23 +449,23 @@ class SimulatedEngine:
         try:
             body = json.loads(await request.body())
         except ValueError as exc:
-            raise _BadRequest(f"request body is not valid JSON: {exc}") from exc
+            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
-            raise _BadRequest("request body must be a JSON object")
+            raise BadRequest("request body must be a JSON object")
         return body
 
     def _max_tokens(self, value: object) -> int:
         if value is None:
             return self.default_max_tokens
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _BadRequest("max_tokens must be an integer")
+            raise BadRequest("max_tokens must be an integer")
         if not 0 <= value <= self.max_tokens_limit:
-            raise _BadRequest(f"max_tokens must be in 0..{self.max_tokens_limit}")
+            raise BadRequest(f"max_tokens must be in 0..{self.max_tokens_limit}")
         return value
 
     def _new_job(self, prompts: list[str], max_tokens: object, stream: object) -> _Job:
         if stream is not None and not isinstance(stream, bool):
-            raise _BadRequest("stream must be a boolean")
+            raise BadRequest("stream must be a boolean")
         self._ids += 1
         return _Job(
             prompts=prompts,
@@ -495,7 +489,7 @@ class SimulatedEngine:
             headers=self._headers,
         )
 
-    def _bad_request(self, exc: _BadRequest) -> Response:
+    def _bad_request(self, exc: BadRequest) -> Response:
         self._rejected += 1
         return self._error(400, str(exc), "invalid_request_error")
 
@@ -504,19 +498,19 @@ class SimulatedEngine:
     async def _generate(self, request: Request) -> Response:
         try:
             body = await self._read_json(request)
-            prompts, batch = _generate_prompts(body)
+            prompts, batch = generate_prompts(body)
             params = body.get("sampling_params") or {}
             if not isinstance(params, dict):
-                raise _BadRequest("sampling_params must be an object")
+                raise BadRequest("sampling_params must be an object")
             job = self._new_job(prompts, params.get("max_new_tokens"), body.get("stream", False))
             job.return_logprob = body.get("return_logprob") is True
             self._pd_ticket(body, job)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._bad_request(exc)
         job.batch = batch
 
         def answer() -> Any:
-            text = _output(job.generated)
+            text = output_text(job.generated)
             answers = [
                 {"text": text, "meta_info": self._meta_info(job, i)} for i in range(len(prompts))
             ]
@@ -547,13 +541,13 @@ class SimulatedEngine:
         return JSONResponse(result, headers=self._headers)
 
     def _pd_ticket(self, body: dict[str, Any], job: _Job) -> None:
-        """Attach the request's PD fields to ``job`` (raises ``_BadRequest``)."""
+        """Attach the request's PD fields to ``job`` (raises ``BadRequest``)."""
         if self.pd is None:
             return
         try:
             job.pd = self.pd.ticket(body, job.prompts, job.request_id)
         except ValueError as exc:
-            raise _BadRequest(str(exc)) from exc
+            raise BadRequest(str(exc)) from exc
         if job.pd is not None:
             job.max_tokens = job.pd.cap_tokens(job.max_tokens)
 
@@ -574,11 +568,11 @@ class SimulatedEngine:
     async def _openai_job(
         self, request: Request, prompts: Callable[[dict[str, Any]], list[str]], limit_field: str
     ) -> _Job:
-        """Parse an OpenAI request into a job (raises ``_BadRequest``)."""
+        """Parse an OpenAI request into a job (raises ``BadRequest``)."""
         body = await self._read_json(request)
         limit = body.get(limit_field, body.get("max_tokens"))
         job = self._new_job(prompts(body), limit, body.get("stream", False))
-        job.include_usage = _include_usage(body)
+        job.include_usage = include_usage(body)
         self._pd_ticket(body, job)
         return job
 
@@ -604,7 +598,7 @@ class SimulatedEngine:
         """SGLang streams the cumulative text so far, one chunk per token and sequence."""
         async with aclosing(self._execute(job)) as steps:
             async for step in steps:
-                text = _output(step + 1)
+                text = output_text(step + 1)
                 for index in range(len(job.prompts)):
                     meta = self._meta_info(job, index)
                     if step + 1 == job.max_tokens:
@@ -620,13 +614,13 @@ class SimulatedEngine:
     async def _completions(self, request: Request) -> Response:
         try:
             job = await self._openai_job(
-                request, lambda body: _completion_prompts(body.get("prompt")), "max_tokens"
+                request, lambda body: completion_prompts(body.get("prompt")), "max_tokens"
             )
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._bad_request(exc)
 
         def answer() -> Any:
-            text = _output(job.generated)
+            text = output_text(job.generated)
             choices = [
                 {"index": i, "text": text, "logprobs": None, "finish_reason": "length"}
                 for i in range(len(job.prompts))
@@ -682,11 +676,11 @@ class SimulatedEngine:
             job = await self._openai_job(
                 request, lambda body: [render_chat(body.get("messages"))], "max_completion_tokens"
             )
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._bad_request(exc)
 
         def answer() -> Any:
-            message = {"role": "assistant", "content": _output(job.generated)}
+            message = {"role": "assistant", "content": output_text(job.generated)}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}
             return self._envelope(job, "chat.completion", [choice], usage=True)
 
@@ -717,16 +711,16 @@ class SimulatedEngine:
         the input's (:func:`embedding_dimensions`) unless ``dimensions`` is given."""
         try:
             body = await self._read_json(request)
-            prompts = _completion_prompts(body.get("input"))
+            prompts = completion_prompts(body.get("input"))
             dimensions = body.get("dimensions")
             if dimensions is not None and (
                 isinstance(dimensions, bool)
                 or not isinstance(dimensions, int)
-                or not 1 <= dimensions <= _EMBEDDING_VALUES
+                or not 1 <= dimensions <= EMBEDDING_VALUES
             ):
-                raise _BadRequest(f"dimensions must be an integer in 1..{_EMBEDDING_VALUES}")
+                raise BadRequest(f"dimensions must be an integer in 1..{EMBEDDING_VALUES}")
             job = self._new_job(prompts, 0, False)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._bad_request(exc)
         if (refused := self._admit(job)) is not None:
             return refused
@@ -772,103 +766,3 @@ class SimulatedEngine:
             return
         response = self._error(404, f"no route for {scope['path']}", "not_found_error")
         await response(scope, receive, send)
-
-
-# -- prompt normalization ------------------------------------------------------------------
-
-
-def _output(tokens: int) -> str:
-    return "".join(map(token_text, range(tokens)))
-
-
-def _include_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def _token_key(ids: Sequence[object]) -> str:
-    try:
-        return encode_tokens(ids)  # type: ignore[arg-type]  # validated by encode_tokens
-    except ValueError as exc:
-        raise _BadRequest(str(exc)) from exc
-
-
-def _is_token_list(value: object) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
-    )
-
-
-def _generate_prompts(body: Mapping[str, Any]) -> tuple[list[str], bool]:
-    """SGLang: ``text`` (str or list of str) or ``input_ids`` (ids or list of id lists)."""
-    text = body.get("text")
-    ids = body.get("input_ids")
-    if text is not None and ids is not None:
-        raise _BadRequest("give either text or input_ids, not both")
-    if isinstance(text, str):
-        return [text], False
-    if isinstance(text, list) and text and all(isinstance(item, str) for item in text):
-        return list(text), True
-    if isinstance(ids, list) and ids:
-        if _is_token_list(ids):
-            return [_token_key(ids)], False
-        if all(_is_token_list(item) for item in ids):
-            return [_token_key(item) for item in ids], True
-    raise _BadRequest("text must be a string or list of strings, or input_ids a list of ints")
-
-
-def _completion_prompts(prompt: object) -> list[str]:
-    """OpenAI: a string, a list of strings, a list of token ids or a list of id lists."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if _is_token_list(prompt):
-            return [_token_key(prompt)]
-        if all(isinstance(item, str) for item in prompt):
-            return list(prompt)
-        if all(_is_token_list(item) for item in prompt):
-            return [_token_key(item) for item in prompt]
-    raise _BadRequest("prompt must be a string, a list of strings or a list of token ids")
-
-
-def render_chat(messages: object) -> str:
-    """The prompt a chat template would build: ``<|role|>\\ncontent\\n`` per message.
-
-    Any template works for the simulation as long as a conversation extended by more
-    messages renders to an extension of the same string, so multi-turn chats share their
-    prefix. Non-text parts become short placeholders (an image is keyed by a hash of its
-    URL, so the same image hits the cache and a data URL does not bloat the key).
-    """
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest("messages must be a non-empty list")
-    parts: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _BadRequest("each message must be an object with a string role")
-        parts.append(f"<|{message['role']}|>\n{_render_content(message.get('content'))}\n")
-    parts.append("<|assistant|>\n")
-    return "".join(parts)
-
-
-def _render_content(content: object) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise _BadRequest("message content must be a string or a list of parts")
-    rendered: list[str] = []
-    for part in content:
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise _BadRequest("each content part must be an object with a string type")
-        kind = part["type"]
-        if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _BadRequest("a text part needs a string text")
-            rendered.append(text)
-        else:
-            payload = json.dumps(part.get(kind), sort_keys=True, default=str)
-            digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
-            rendered.append(f"<{kind}:{digest}>")
-    return "".join(rendered)

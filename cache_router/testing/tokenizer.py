@@ -1,7 +1,7 @@
 """The simulated engine's tokenizer, for routing to :class:`SimulatedEngine` by tokens.
 
 The simulated engine maps every character of its prompt to one token, the character's code
-point, and renders a chat with :func:`~cache_router.testing.engine.render_chat`; its KV
+point, and renders a chat with :func:`~cache_router.testing.engine_requests.render_chat`; its KV
 events carry those ids. :class:`CodePointTokenizer` gives the router exactly the same ids,
 so tests, the demo and the benchmarks exercise precise routing with exact tokens.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from cache_router.core.token_keys import TokenizeError
 from cache_router.core.tree import decode_tokens
-from cache_router.testing.engine import _BadRequest, render_chat
+from cache_router.testing.engine_requests import BadRequest, render_chat
 
 __all__ = ["CodePointTokenizer"]
 
@@ -39,7 +39,7 @@ class CodePointTokenizer:
     ) -> str:
         try:
             return render_chat(list(messages))
-        except _BadRequest as exc:  # the engine answers 400 to what it cannot render
+        except BadRequest as exc:  # the engine answers 400 to what it cannot render
             raise TokenizeError(str(exc)) from None
 
     def encode_chat(
