@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import ssl
 import sys
 import time
 from collections.abc import Callable
+from random import getrandbits
 from typing import Literal, Protocol
 
 import anyio
@@ -129,7 +129,9 @@ class UpstreamAborted(Exception):
 
 
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    """24 hex digits, unique in practice: 96 bits of the ``random`` module (reseeded in a
+    forked child). Not a secret, and no system call per request as ``os.urandom`` makes."""
+    return getrandbits(96).to_bytes(12, "little").hex()
 
 
 class Upstream:
@@ -166,6 +168,7 @@ class Upstream:
         self._clock: Callable[[], float] = anyio.current_time
         self._cancel_by_task = False
         self._deadlines: Deadlines | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def transport_name(self) -> str:
@@ -178,19 +181,18 @@ class Upstream:
     def client(self) -> UpstreamClient:
         if self._client is None:
             self._on_asyncio = on_asyncio()
+            self._loop = loop = asyncio.get_running_loop() if self._on_asyncio else None
             # The clock cancel-scope deadlines use, read directly: anyio.current_time()
             # looks the event loop library up on every call.
-            self._clock = (
-                asyncio.get_running_loop().time if self._on_asyncio else anyio.current_time
-            )
+            self._clock = anyio.current_time if loop is None else loop.time
             self._client = self._make_client()
             # httpx's close may suspend and is shielded with an anyio scope; Task.uncancel
             # is 3.11+.
             self._cancel_by_task = (
                 self._on_asyncio and self._client.name != "httpx" and sys.version_info >= (3, 11)
             )
-            if self._cancel_by_task:
-                self._deadlines = Deadlines(asyncio.get_running_loop())
+            if loop is not None and self._cancel_by_task:
+                self._deadlines = Deadlines(loop)
         return self._client
 
     def _make_client(self) -> UpstreamClient:
@@ -375,7 +377,8 @@ class Upstream:
         does. Cancelling happens only while ``_exchange`` runs (``live``), so it lands
         there; ``_exchange`` never catches it, and closing a response never suspends on
         these clients."""
-        task = asyncio.current_task()
+        # Given the loop, current_task() skips get_running_loop() and its getpid() call.
+        task = asyncio.current_task(self._loop)
         assert task is not None
         canceller = _TaskCancel(task, exchange)
         deadlines = self._deadlines if deadline != math.inf else None
