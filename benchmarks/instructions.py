@@ -227,6 +227,7 @@ def serve(kind: str, argv: list[str]) -> None:
             http=RouterHttpProtocol,
             log_level="warning",
             access_log=False,
+            proxy_headers=False,  # as serve runs it
         )
         return
     import uvloop

@@ -484,6 +484,7 @@ def uvicorn_settings(config: RouterConfig) -> dict[str, Any]:
         "access_log": config.log_level == "debug",
         "lifespan": "on",
         "server_header": False,
+        "proxy_headers": False,
         # json: uvicorn's own lines go through the root handlers too, one format per stream.
         **({"log_config": None} if config.log_format == "json" else {}),
         **server_options(config),
