@@ -213,6 +213,31 @@ def test_candidates_filter_on_health_draining_and_model() -> None:
     assert list(registry.candidates("unknown")) == []
 
 
+class _Gate:
+    def __init__(self, allows: bool) -> None:
+        self.allows = allows
+
+    def allows_request(self) -> bool:
+        return self.allows
+
+
+def test_candidates_are_exactly_the_available_workers_that_serve_the_model() -> None:
+    """candidates() spells Worker.available out for speed: the two never disagree."""
+    registry = WorkerRegistry()
+    workers = []
+    for healthy in (True, False):
+        for draining in (True, False):
+            for gate in (None, _Gate(True), _Gate(False)):
+                for model in (None, "m"):
+                    worker = registry.add(f"http://w{len(workers)}:1", model=model)
+                    worker.healthy, worker.draining, worker.breaker = healthy, draining, gate
+                    workers.append(worker)
+    for model in (None, "m", "other"):
+        expected = [w for w in workers if w.available and w.serves(model)]
+        assert list(registry.candidates(model)) == expected
+    assert len(registry.candidates("m")) == 4  # healthy, not draining, no gate or an open one
+
+
 # -- listeners -----------------------------------------------------------------------------
 
 
