@@ -1,7 +1,7 @@
 """Profile ``cache-router serve`` under the overhead workload with py-spy.
 
     python -m benchmarks.profile_router [--policy cache_aware] [--seconds 15]
-        [--out profile] [--top 30] [--pd sglang|vllm --kind generate]
+        [--out profile] [--top 30] [--kind generate] [--pd sglang|vllm]
 
 Starts the simulated engines (zero latency) and a cache_router process, samples the router
 with ``py-spy record`` (``pip install py-spy``; needs ptrace rights, e.g. root) while the
@@ -30,7 +30,14 @@ from pathlib import Path
 
 from benchmarks.launch import ROUTERS, EngineFleet, Managed, PDLaunch, RouterProcess, Thresholds
 from benchmarks.routers import run_async
-from benchmarks.workloads import INSTANT_ENGINE, PD_KINDS, Overhead, PDRequests, Workload
+from benchmarks.workloads import (
+    INSTANT_ENGINE,
+    PD_KINDS,
+    REQUEST_KINDS,
+    Overhead,
+    PDRequests,
+    Workload,
+)
 
 #: Substrings of a frame that put a sample into an area, checked leaf first.
 AREAS: tuple[tuple[str, str], ...] = (
@@ -102,7 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("profile"))
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--pd", choices=("sglang", "vllm"), help="a prefill/decode fleet")
-    parser.add_argument("--kind", choices=sorted(PD_KINDS), default="generate_stream")
+    parser.add_argument(
+        "--kind",
+        choices=sorted(REQUEST_KINDS),
+        help="the request (default: completions_stream; generate_stream with --pd)",
+    )
     parser.add_argument(
         "--native", action="store_true", help="also sample C frames (uvloop, httptools, libc)"
     )
@@ -114,9 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.launch import make_log_dir
 
     log_dir = make_log_dir()
-    workload: Workload = Overhead(num_requests=2000, concurrency=args.concurrency)
+    workload: Workload = Overhead(
+        num_requests=2000, concurrency=args.concurrency, kind=args.kind or "completions_stream"
+    )
     if args.pd:
-        workload = PDRequests(kind=args.kind, concurrency=args.concurrency)
+        kind = args.kind or "generate_stream"
+        if kind not in PD_KINDS:
+            parser.error(f"--pd takes --kind {', '.join(sorted(PD_KINDS))}")
+        workload = PDRequests(kind=kind, concurrency=args.concurrency)
     raw, svg = args.out.with_suffix(".txt"), args.out.with_suffix(".svg")
     prefill = max(1, args.engines // 4)
     with (
