@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from random import getrandbits
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio
 import httpx
@@ -37,11 +37,11 @@ from cache_router.core.registry import Lease
 from cache_router.core.request import RoutingRequest
 from cache_router.proxy.asgi import DisconnectWatch, Headers, Receive, Send
 from cache_router.proxy.clients import (
-    AiohttpClient,
-    HttpxClient,
+    TransportChoice,
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
+    make_client,
 )
 from cache_router.proxy.deadlines import Deadlines
 from cache_router.proxy.exchange import (
@@ -67,14 +67,13 @@ __all__ = [
     "Collection",
     "Companion",
     "RelayResult",
+    "TransportChoice",
     "Upstream",
     "UpstreamAborted",
     "upstream_error",
 ]
 
 logger = logging.getLogger("cache_router")
-
-TransportChoice = Literal["auto", "http1", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 
 #: Long generations stream for minutes: no read timeout shorter than the whole request.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=60.0)
@@ -194,7 +193,15 @@ class Upstream:
             # The clock cancel-scope deadlines use, read directly: anyio.current_time()
             # looks the event loop library up on every call.
             self._clock = anyio.current_time if loop is None else loop.time
-            self._client = self._make_client()
+            if self._ssl_context is None:  # https:// engines verified against the system's CAs
+                self._ssl_context = client_ssl_context()
+            self._client = make_client(
+                self._transport_choice,
+                self._timeout,
+                self._limits,
+                self._ssl_context,
+                on_asyncio=self._on_asyncio,
+            )
             # httpx's close may suspend and is shielded with an anyio scope; Task.uncancel
             # is 3.11+.
             self._cancel_by_task = (
@@ -203,49 +210,6 @@ class Upstream:
             if loop is not None and self._cancel_by_task:
                 self._deadlines = Deadlines(loop)
         return self._client
-
-    def _make_client(self) -> UpstreamClient:
-        choice = self._transport_choice
-        if self._ssl_context is None:  # https:// engines verified against the system's CAs
-            self._ssl_context = client_ssl_context()
-        if isinstance(choice, httpx.AsyncBaseTransport):
-            return HttpxClient(self._timeout, self._limits, choice)
-        if choice == "httpx" or (not self._on_asyncio and choice == "auto"):
-            return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
-        if not self._on_asyncio:
-            raise RuntimeError(f"the {choice} transport runs only on asyncio")
-        if choice == "aiohttp":
-            return self._aiohttp_client(required=True)
-        try:
-            from cache_router.proxy.http1 import Http1Client
-        except ImportError:
-            if choice == "http1":
-                raise RuntimeError(
-                    "transport='http1' needs httptools (pip install 'cache_router[fast]')"
-                ) from None
-            return self._aiohttp_client(required=False)
-        timeout, limits = self._timeout, self._limits
-        return Http1Client(
-            connect_timeout=timeout.connect,
-            read_timeout=timeout.read,
-            pool_timeout=timeout.pool,
-            max_connections=limits.max_connections,
-            max_idle_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            fallback=lambda: self._aiohttp_client(required=False),
-            ssl_context=self._ssl_context,  # https:// too: half aiohttp's CPU (benchmarks)
-        )
-
-    def _aiohttp_client(self, *, required: bool) -> UpstreamClient:
-        """aiohttp's client; without aiohttp, httpx's unless aiohttp was ``required``."""
-        try:
-            return AiohttpClient(self._timeout, self._limits, self._ssl_context)
-        except ImportError:
-            if required:
-                raise RuntimeError(
-                    "transport='aiohttp' needs aiohttp (pip install 'cache_router[fast]')"
-                ) from None
-            return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
 
     async def aclose(self) -> None:
         deadlines, self._deadlines = self._deadlines, None
