@@ -7,9 +7,9 @@ The rules (docs/index.md, "Architecture"):
   ``orjson`` and ``msgspec``. So no starlette, httpx, aiohttp, uvicorn, h11, httptools or
   anyio: the routing core does no I/O and knows nothing about HTTP.
 - ``cache_router.proxy`` imports ``core`` and ``proxy``.
-- ``cache_router.ops`` imports ``core``, ``proxy`` and ``ops``, never ``proxy.relay``
-  (the relay is the request path; operations talk to it only through events and the
-  registry).
+- ``cache_router.ops`` imports ``core``, ``proxy`` and ``ops``, never ``proxy.relay`` or
+  ``proxy.exchange`` (the relay and its exchanges are the request path; operations talk
+  to it only through events and the registry).
 - The top level (``config``, ``builder``, ``cli``, ``demo``, ``serve``, ``__init__``,
   ``__main__``, anything not in a layer's folder) may import anything.
 - ``cache_router.testing`` may import anything; nothing in ``core``, ``proxy`` or ``ops``
@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: Lower layers first; a module may import its own layer and the ones before it.
 RANK = {"core": 0, "proxy": 1, "ops": 2, "top": 3}
+
+#: The request path, which ops may not import.
+RELAY = (f"{PACKAGE}.proxy.relay", f"{PACKAGE}.proxy.exchange")
 
 #: What the routing core may import besides itself and the standard library.
 CORE_THIRD_PARTY = frozenset({"orjson", "msgspec"})
@@ -113,10 +116,10 @@ def rule_broken(importer: str, imported: str) -> str | None:
         return None if source == "top" else f"{source} may not import cache_router.testing"
     if RANK[target] > RANK[source]:
         return f"{source} may not import from the {target} layer above it"
-    if source == "ops" and (
-        imported == f"{PACKAGE}.proxy.relay" or imported.startswith(f"{PACKAGE}.proxy.relay.")
+    if source == "ops" and any(
+        imported == relay or imported.startswith(f"{relay}.") for relay in RELAY
     ):
-        return "ops may not import the relay (cache_router.proxy.relay)"
+        return "ops may not import the relay (cache_router.proxy.relay, .exchange)"
     return None
 
 
@@ -187,6 +190,7 @@ def fake_package(tmp_path: Path, module: str, source: str) -> Path:
         ("ops/health.py", "from cache_router.builder import build_router\n", "builder"),
         ("ops/fleet.py", "from cache_router.proxy.relay import send\n", "the relay"),
         ("ops/health.py", "from ..proxy import relay\n", "the relay"),
+        ("ops/health.py", "from cache_router.proxy.exchange import Collection\n", "the relay"),
         ("ops/health.py", "from cache_router.testing import serve_app\n", "testing"),
         (
             "ops/health.py",

@@ -319,7 +319,7 @@ async def test_a_listener_that_raises_still_releases(mock: respx.MockRouter, set
 
 
 def test_only_the_exchange_releases() -> None:
-    """No module of the proxy but the relay's exchange calls ``release()`` on a lease."""
+    """No module of the proxy but the exchange's calls ``release()`` on a lease."""
     import pathlib
 
     import cache_router.proxy as proxy
@@ -327,7 +327,7 @@ def test_only_the_exchange_releases() -> None:
     for module in pathlib.Path(proxy.__file__).parent.glob("*.py"):
         text = module.read_text()
         count = text.count("lease.release()")
-        if module.name == "relay.py":
-            assert count == 1, "relay.py: only _Exchange.release calls Lease.release"
+        if module.name == "exchange.py":
+            assert count == 1, "exchange.py: only _Exchange.release calls Lease.release"
         else:
             assert count == 0, module.name

@@ -19,6 +19,9 @@ connection so the engine sees the client go), and a classification of failures i
   about 40% of the router's CPU on top of aiohttp itself. This client hands aiohttp the
   already-quoted URL and the filtered header list, and takes its raw headers and chunks
   as they are.
+
+:func:`make_client` turns the relay's ``transport`` setting into one of them, so which
+client exists, and what happens when its library is missing, is decided here.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ if TYPE_CHECKING:
 __all__ = [
     "AiohttpClient",
     "HttpxClient",
+    "TransportChoice",
     "UpstreamClient",
     "UpstreamError",
     "UpstreamResponse",
+    "make_client",
 ]
 
 FailureKind = Literal["timeout", "broken"]
+TransportChoice = Literal["auto", "http1", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 
 
 class UpstreamError(Exception):
@@ -326,3 +332,55 @@ class AiohttpClient:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def make_client(
+    choice: TransportChoice,
+    timeout: httpx.Timeout,
+    limits: httpx.Limits,
+    ssl_context: ssl.SSLContext,
+    *,
+    on_asyncio: bool,
+) -> UpstreamClient:
+    """The client ``choice`` names; ``auto`` is the cheapest one installed on asyncio
+    (http1, else aiohttp, else httpx), httpx elsewhere."""
+    if isinstance(choice, httpx.AsyncBaseTransport):
+        return HttpxClient(timeout, limits, choice)
+    if choice == "httpx" or (not on_asyncio and choice == "auto"):
+        return HttpxClient(timeout, limits, ssl_context=ssl_context)
+    if not on_asyncio:
+        raise RuntimeError(f"the {choice} transport runs only on asyncio")
+    if choice == "aiohttp":
+        return _aiohttp_client(timeout, limits, ssl_context, required=True)
+    try:
+        from cache_router.proxy.http1 import Http1Client
+    except ImportError:
+        if choice == "http1":
+            raise RuntimeError(
+                "transport='http1' needs httptools (pip install 'cache_router[fast]')"
+            ) from None
+        return _aiohttp_client(timeout, limits, ssl_context, required=False)
+    return Http1Client(
+        connect_timeout=timeout.connect,
+        read_timeout=timeout.read,
+        pool_timeout=timeout.pool,
+        max_connections=limits.max_connections,
+        max_idle_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        fallback=lambda: _aiohttp_client(timeout, limits, ssl_context, required=False),
+        ssl_context=ssl_context,  # https:// too: half aiohttp's CPU (benchmarks)
+    )
+
+
+def _aiohttp_client(
+    timeout: httpx.Timeout, limits: httpx.Limits, ssl_context: ssl.SSLContext, *, required: bool
+) -> UpstreamClient:
+    """aiohttp's client; without aiohttp, httpx's unless aiohttp was ``required``."""
+    try:
+        return AiohttpClient(timeout, limits, ssl_context)
+    except ImportError:
+        if required:
+            raise RuntimeError(
+                "transport='aiohttp' needs aiohttp (pip install 'cache_router[fast]')"
+            ) from None
+        return HttpxClient(timeout, limits, ssl_context=ssl_context)

@@ -1,11 +1,11 @@
 """The upstream half of the router: one pooled HTTP client and the relay of one exchange.
 
 The relay owns a request's load lease from the moment it is handed one: the exchange
-object releases it, exactly once, when the engine's body is complete (before the client's
-last, empty body message, so the load is gone by the time the client sees the end), when
-an error answer is about to go out, or -- for every other ending: client gone, engine
-failed mid-stream, timeout, a retry, cancellation -- when the relay returns. Nothing else
-releases it.
+object (:mod:`cache_router.proxy.exchange`) releases it, exactly once, when the engine's
+body is complete (before the client's last, empty body message, so the load is gone by
+the time the client sees the end), when an error answer is about to go out, or -- for
+every other ending: client gone, engine failed mid-stream, timeout, a retry,
+cancellation -- when the relay returns. Nothing else releases it.
 
 The HTTP client underneath is a choice (:mod:`cache_router.proxy.clients`). The default
 ("auto") on asyncio is :mod:`cache_router.proxy.http1`, for ``http://`` and ``https://``
@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from random import getrandbits
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio
 import httpx
@@ -33,24 +33,32 @@ import httpx
 from cache_router.core._loop import on_asyncio
 from cache_router.core.errors import RouterError
 from cache_router.core.events import RouterEvents
-from cache_router.core.registry import Lease, Worker
+from cache_router.core.registry import Lease
 from cache_router.core.request import RoutingRequest
-from cache_router.proxy.asgi import DisconnectWatch, Headers, Message, Receive, Send
+from cache_router.proxy.asgi import DisconnectWatch, Headers, Receive, Send
 from cache_router.proxy.clients import (
-    AiohttpClient,
-    HttpxClient,
+    TransportChoice,
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
+    make_client,
 )
 from cache_router.proxy.deadlines import Deadlines
+from cache_router.proxy.exchange import (
+    _NO_EVENTS,
+    Collection,
+    RelayResult,
+    _close,
+    _Exchange,
+    _TaskCancel,
+    upstream_error,
+)
 from cache_router.proxy.headers import (
     RESPONSE_DROP,
     REWRITE_DROP,
     filter_headers,
     malformed_head,
 )
-from cache_router.proxy.responses import send_error
 from cache_router.proxy.tls import client_ssl_context
 
 __all__ = [
@@ -58,20 +66,20 @@ __all__ = [
     "BodyRewrite",
     "Collection",
     "Companion",
+    "RelayResult",
+    "TransportChoice",
     "Upstream",
     "UpstreamAborted",
+    "upstream_error",
 ]
 
 logger = logging.getLogger("cache_router")
-
-TransportChoice = Literal["auto", "http1", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 
 #: Long generations stream for minutes: no read timeout shorter than the whole request.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=60.0)
 DEFAULT_TOTAL_TIMEOUT = 1800.0
 #: Engine answers worth another worker (SGLang's router retries exactly these).
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_NO_EVENTS = RouterEvents()
 # Idle connections are reused for 4 s at most: uvicorn, which SGLang and vLLM serve with,
 # closes them after 5 s, and a request sent on a connection the engine is closing that
 # moment fails before any answer (and is retried elsewhere, losing its cache affinity).
@@ -185,7 +193,15 @@ class Upstream:
             # The clock cancel-scope deadlines use, read directly: anyio.current_time()
             # looks the event loop library up on every call.
             self._clock = anyio.current_time if loop is None else loop.time
-            self._client = self._make_client()
+            if self._ssl_context is None:  # https:// engines verified against the system's CAs
+                self._ssl_context = client_ssl_context()
+            self._client = make_client(
+                self._transport_choice,
+                self._timeout,
+                self._limits,
+                self._ssl_context,
+                on_asyncio=self._on_asyncio,
+            )
             # httpx's close may suspend and is shielded with an anyio scope; Task.uncancel
             # is 3.11+.
             self._cancel_by_task = (
@@ -194,49 +210,6 @@ class Upstream:
             if loop is not None and self._cancel_by_task:
                 self._deadlines = Deadlines(loop)
         return self._client
-
-    def _make_client(self) -> UpstreamClient:
-        choice = self._transport_choice
-        if self._ssl_context is None:  # https:// engines verified against the system's CAs
-            self._ssl_context = client_ssl_context()
-        if isinstance(choice, httpx.AsyncBaseTransport):
-            return HttpxClient(self._timeout, self._limits, choice)
-        if choice == "httpx" or (not self._on_asyncio and choice == "auto"):
-            return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
-        if not self._on_asyncio:
-            raise RuntimeError(f"the {choice} transport runs only on asyncio")
-        if choice == "aiohttp":
-            return self._aiohttp_client(required=True)
-        try:
-            from cache_router.proxy.http1 import Http1Client
-        except ImportError:
-            if choice == "http1":
-                raise RuntimeError(
-                    "transport='http1' needs httptools (pip install 'cache_router[fast]')"
-                ) from None
-            return self._aiohttp_client(required=False)
-        timeout, limits = self._timeout, self._limits
-        return Http1Client(
-            connect_timeout=timeout.connect,
-            read_timeout=timeout.read,
-            pool_timeout=timeout.pool,
-            max_connections=limits.max_connections,
-            max_idle_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            fallback=lambda: self._aiohttp_client(required=False),
-            ssl_context=self._ssl_context,  # https:// too: half aiohttp's CPU (benchmarks)
-        )
-
-    def _aiohttp_client(self, *, required: bool) -> UpstreamClient:
-        """aiohttp's client; without aiohttp, httpx's unless aiohttp was ``required``."""
-        try:
-            return AiohttpClient(self._timeout, self._limits, self._ssl_context)
-        except ImportError:
-            if required:
-                raise RuntimeError(
-                    "transport='aiohttp' needs aiohttp (pip install 'cache_router[fast]')"
-                ) from None
-            return HttpxClient(self._timeout, self._limits, ssl_context=self._ssl_context)
 
     async def aclose(self) -> None:
         deadlines, self._deadlines = self._deadlines, None
@@ -561,204 +534,6 @@ class Upstream:
             await exchange.error(504, "timed out", "upstream_timeout")
 
 
-class Collection:
-    """One request whose answer the client does not see, read whole up to ``limit`` bytes.
-
-    Built at once when the lease is taken, so the lease has its owner before any await:
-    :meth:`run` releases it when the exchange ends however it ends, and :meth:`release`
-    gives it back if the exchange never ran (its task cancelled before it started). The
-    events see the exchange as they see a relayed one.
-    """
-
-    __slots__ = ("_events", "_exchange", "_limit", "_upstream")
-
-    def __init__(
-        self,
-        upstream: Upstream,
-        method: str,
-        url: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        lease: Lease,
-        events: RouterEvents,
-        limit: int,
-    ) -> None:
-        self._upstream = upstream
-        self._exchange = _Exchange(method, url, headers, body, lease, _unseen, ())
-        self._events = events
-        self._limit = limit
-
-    def release(self) -> None:
-        self._exchange.release()
-
-    async def run(self) -> tuple[int, bytes]:
-        """The status and the body; :class:`UpstreamError` when the engine cannot be
-        reached, fails, or answers something malformed or too large. The caller arranges
-        cancellation (the client leaving, a deadline)."""
-        exchange, events = self._exchange, self._events
-        worker = exchange.worker
-        try:
-            sent_at = time.perf_counter()
-            try:
-                response = await self._upstream.client().send(
-                    exchange.method, exchange.url, exchange.headers, exchange.body
-                )
-            except UpstreamError as exc:
-                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=exc.connect)
-                raise
-            try:
-                problem = malformed_head(response.status, response.headers)
-                if problem is not None:
-                    raise UpstreamError("broken", f"malformed: {problem}")
-                events.upstream_answered(worker, response.status, time.perf_counter() - sent_at)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.chunks():
-                    size += len(chunk)
-                    if size > self._limit:
-                        raise UpstreamError("broken", f"answer larger than {self._limit} bytes")
-                    chunks.append(chunk)
-                events.upstream_completed(worker, response.status, time.perf_counter() - sent_at)
-                return response.status, b"".join(chunks)
-            except UpstreamError as exc:
-                events.upstream_failed(worker, timeout=exc.kind == "timeout", connect=False)
-                raise
-            finally:
-                await _close(response)
-        finally:
-            exchange.release()
-
-
-class _TaskCancel:
-    """Cancels the task of one exchange, once, and only while the exchange runs (``live``);
-    ``cancelled`` tells the relay the cancellation was its own."""
-
-    __slots__ = ("cancelled", "exchange", "live", "task")
-
-    def __init__(self, task: asyncio.Task[object], exchange: _Exchange) -> None:
-        self.task = task
-        self.exchange = exchange
-        self.live = True
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        if self.live and not self.cancelled:
-            self.cancelled = True
-            self.task.cancel()
-
-    def disconnected(self) -> None:
-        if self.live:
-            self.exchange.client_gone = True
-            self.cancel()
-
-    def watcher_done(self, watcher: asyncio.Future[None]) -> None:
-        if not watcher.cancelled():
-            watcher.exception()  # retrieved, so a failed receive is not logged as lost
-            self.disconnected()
-
-    expire = cancel  # the total timeout passed
-
-
-class RelayResult:
-    """What became of one relayed exchange."""
-
-    __slots__ = ("attempts", "first_byte", "retry", "status", "worker")
-
-    def __init__(self) -> None:
-        #: Set by the middleware on the result it keeps: the attempt's worker URL and
-        #: number, for the access log.
-        self.worker: str | None = None
-        self.attempts = 0
-        #: Why the caller may retry elsewhere (nothing was sent), or None.
-        self.retry: str | None = None
-        #: Status sent to the client; None if nothing was (client gone, or retry).
-        self.status: int | None = None
-        #: ``time.perf_counter()`` when the first body byte went out.
-        self.first_byte: float | None = None
-
-
-class _Exchange:
-    """The state of one exchange, shared by the relay steps."""
-
-    __slots__ = (
-        "_lease",
-        "body",
-        "client_gone",
-        "companion",
-        "events",
-        "failure",
-        "finished",
-        "headers",
-        "may_retry",
-        "method",
-        "request_id",
-        "response_headers",
-        "result",
-        "send",
-        "url",
-        "worker",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        lease: Lease,
-        send: Send,
-        response_headers: Headers,
-    ) -> None:
-        self.method = method
-        self.url = url
-        self.headers = headers
-        self.body = body
-        self._lease: Lease | None = lease
-        self.worker: Worker = lease.worker
-        self.send = send
-        self.response_headers = response_headers
-        self.may_retry = False
-        self.events: RouterEvents = _NO_EVENTS
-        self.failure: UpstreamAborted | None = None
-        #: The exchange ran to an end of its own (not cut by the deadline or the client).
-        self.finished = False
-        self.client_gone = False
-        self.request_id = b""
-        self.result = RelayResult()
-        self.companion: Companion | None = None
-
-    def release(self) -> None:
-        """Give the lease back: the one place it happens, at most once per exchange."""
-        lease = self._lease
-        if lease is not None:
-            self._lease = None
-            lease.release()
-
-    async def error(self, status: int, what: str, code: str) -> None:
-        """Answer ``status``; the message says ``upstream <what>`` and the request id.
-
-        The lease goes first: the exchange with the engine is over, whatever the client
-        does with the answer."""
-        await self.answer(upstream_error(status, what, code, self.request_id))
-
-    async def answer(self, error: RouterError) -> None:
-        """Answer ``error``, the lease given back first."""
-        self.release()
-        await send_error(self.send, error, self.response_headers)
-        self.result.status = error.status
-
-
-def upstream_error(status: int, what: str, code: str, request_id: bytes) -> RouterError:
-    """The error a client gets when an engine failed: what failed in general terms and the
-    request id, never the engine's address."""
-    return RouterError(
-        f"upstream {what}; request id {request_id.decode('latin-1')}",
-        status=status,
-        error_type="upstream_timeout" if status == 504 else "upstream_error",
-        code=code,
-    )
-
-
 def _log_failure(exchange: _Exchange, what: str, detail: object) -> None:
     logger.warning(
         "request %s: upstream %s %s: %s",
@@ -767,20 +542,6 @@ def _log_failure(exchange: _Exchange, what: str, detail: object) -> None:
         what,
         detail,
     )
-
-
-async def _close(response: UpstreamResponse) -> None:
-    """End an exchange; shielded when closing may suspend, so it always completes."""
-    if response.aclose_waits:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
-    else:
-        await response.aclose()  # never suspends: no cancellation can cut it short
-
-
-async def _unseen(message: Message) -> None:
-    """The ``send`` of an exchange whose answer no client sees (:meth:`Upstream.collect`)."""
-    raise RuntimeError("an unseen exchange has no client to answer")
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
