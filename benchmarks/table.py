@@ -2,6 +2,7 @@
 
     python -m benchmarks.table [--repeat 3] [--quick] [--smoke] [--routers ...]
         [--no-memory] [--json out.json]
+    python -m benchmarks.table --pool a.json b.json ...
 
 One plan of :mod:`benchmarks.routers` runs (cache_aware everywhere, simulated engines in a
 process of their own), repeated ``--repeat`` times; within a repetition the routers of one
@@ -25,7 +26,9 @@ workload run back to back, in an order that rotates from one repetition to the n
 Ratios are taken run by run (both routers of a ratio ran in the same repetition, minutes
 apart at most) and the table shows their median with the range; absolute figures are
 medians over the repetitions. Peers that are not installed are left out, and so are the
-targets that need them. ``--json`` writes every run, the summary and the machine.
+targets that need them. ``--json`` writes every run, the summary and the machine;
+``--pool`` prints one table from the runs of several such files (the median of every run
+of every file, each ratio still paired within its own repetition).
 """
 
 from __future__ import annotations
@@ -364,6 +367,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def pooled(paths: Sequence[Path]) -> tuple[Runs, int, list[dict[str, Any]]]:
+    """The runs of several ``--json`` files as one sample: each keeps its own repetitions
+    (ratios still pair runs of one repetition of one file); the memory rows are the last
+    file's that has them. Returns the runs, the repetitions in all, and those rows."""
+    runs: Runs = {}
+    repetitions = 0
+    memory_rows: list[dict[str, Any]] = []
+    for index, path in enumerate(paths):
+        data = json.loads(path.read_text())
+        for row in data["runs"]:
+            row = {**row, "repetition": (index, row["repetition"])}
+            runs.setdefault((row["router"], row["policy"], row["workload"]), []).append(row)
+        repetitions += data["repeat"]
+        memory_rows = data["summary"].get("memory") or memory_rows
+    return runs, repetitions, memory_rows
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.table", description="Issue 16's table in one run."
@@ -382,6 +402,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", type=int, default=8)
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument("--json", type=Path, help="write runs, summary and machine here")
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: print the table of the runs in these --json files taken together",
+    )
     args = parser.parse_args(argv)
     args.size = args.size or "full"
     if not 1 <= args.repeat <= 20:
@@ -391,6 +418,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.pool:
+        runs, repetitions, memory_rows = pooled(args.pool)
+        summary = summarize(runs, memory_rows)
+        print(f"{repetitions} repetitions from {len(args.pool)} files\n")
+        print(render(summary, repetitions))
+        return {"repeat": repetitions, "summary": summary}
     routers = [r for r in args.routers if r == DIRECT or available(r)]
     for name in sorted(set(args.routers) - set(routers)):
         print(f"# {name} is not available here; skipped", file=sys.stderr)

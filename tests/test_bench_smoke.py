@@ -238,6 +238,39 @@ def test_table_summary_pairs_figures_by_repetition() -> None:
     assert paced_row in printed
 
 
+def test_table_pools_several_files_pairing_runs_within_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--pool``: the runs of several --json files as one sample. Both files number their
+    repetitions from 1; a ratio pairs the two routers of one repetition of one file."""
+    from benchmarks import table
+
+    def run(router: str, repetition: int, cpu: float) -> dict[str, object]:
+        return {"router": router, "policy": "cache_aware", "workload": "overhead_generate",
+                "repetition": repetition, "errors": 0, "router_cpu_us_per_req": cpu}  # fmt: skip
+
+    memory_row = {"measure": "idle", "router": "cache_router", "mib_per_1000": 9.1, "errors": 0}
+    files = []
+    for name, (ours, peer), memory_rows in (
+        ("a", (100.0, 200.0), [memory_row]),
+        ("b", (300.0, 100.0), []),
+    ):
+        path = tmp_path / f"{name}.json"
+        runs = [run("cache_router", 1, ours), run("sglang-router", 1, peer)]
+        path.write_text(json.dumps({"repeat": 1, "runs": runs, "summary": {"memory": memory_rows}}))
+        files.append(str(path))
+    result = table.main(["--pool", *files])
+    assert result["repeat"] == 2
+    [generate] = [e for e in result["summary"]["cpu"] if e["workload"] == "overhead_generate"]
+    # 0.5 and 3.0 paired within each file; across files they would pair 100/100 or 300/200
+    assert generate["vs sglang-router"] == {"median": 1.75, "min": 0.5, "max": 3.0}
+    assert generate["cache_router"] == 200.0  # the median of both files' runs
+    assert result["summary"]["memory"] == [memory_row]
+    printed = capsys.readouterr().out
+    assert "2 repetitions from 2 files" in printed and "median of 2" in printed
+    assert "| MiB per 1,000 idle keep-alive connections | 9.1 |" in printed
+
+
 def test_a_port_taken_before_the_bind_is_tried_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
