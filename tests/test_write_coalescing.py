@@ -63,19 +63,22 @@ async def next_step() -> None:
     await asyncio.sleep(0)
 
 
-async def test_writes_of_one_step_leave_in_one_call_and_the_next_step_starts_afresh() -> None:
+async def test_a_write_goes_out_with_the_next_one_or_at_the_end_of_its_step() -> None:
     socket = RecordingTransport()
     transport = CoalescingTransport(socket, asyncio.get_running_loop())
     transport.write(b"head;")
-    transport.writelines([b"body-1;", memoryview(b"body-2")])
-    assert socket.sends == []  # nothing reaches the socket within the step
-    assert transport.get_write_buffer_size() == 7 + len(b"head;body-1;body-2")
+    assert socket.sends == []  # held for what follows it in this step
+    assert transport.get_write_buffer_size() == 7 + len(b"head;")
+    transport.writelines([b"body;", memoryview(b"more")])
+    # the body leaves with the head at once; the third write waits for the end of the step
+    assert socket.sends == [b"head;body;"]
+    assert transport.get_write_buffer_size() == 7 + len(b"more")
     await next_step()
-    assert socket.sends == [b"head;body-1;body-2"]
-    transport.write(b"later")
-    await next_step()
-    assert socket.sends == [b"head;body-1;body-2", b"later"]
+    assert socket.sends == [b"head;body;", b"more"]
     assert transport.get_write_buffer_size() == 7
+    transport.write(b"x" * 70_000)  # over the join limit: two buffers in one vectored write
+    transport.write(b"tail")
+    assert socket.sends[-1] == b"x" * 70_000 + b"tail"
 
 
 async def test_a_reused_buffer_is_sent_as_it_was_written() -> None:
@@ -116,7 +119,7 @@ async def test_writes_held_when_the_connection_goes_are_dropped_quietly() -> Non
 
 
 async def test_the_protocol_sends_a_response_head_and_body_in_one_write() -> None:
-    """One write per answer, made as the answer completes: the app's work after its last
+    """One write per answer, made as the body is sent: the app's work after its last
     ``send`` (a lease released, a log line) does not hold the answer back."""
     body = b'{"text": "one write"}'
     sent_on_return: list[int] = []
@@ -144,7 +147,7 @@ async def test_the_protocol_sends_a_response_head_and_body_in_one_write() -> Non
 
 
 async def test_a_streamed_answer_is_sent_step_by_step_and_ends_with_its_terminator() -> None:
-    """A stream's head waits for nothing but the end of the step; the chunks of one step
+    """A stream's head waits for nothing but the end of its step; two chunks of one step
     leave together; the last chunk and the chunked terminator leave in one write."""
     steps: list[int] = []
 

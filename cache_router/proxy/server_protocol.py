@@ -18,9 +18,8 @@ It also offers the relay a :class:`~cache_router.proxy.asgi.DisconnectWatch` in
 ``scope["extensions"]``, so a client that leaves cancels its exchange through a callback
 from ``connection_lost`` rather than through a task per request waiting on ``receive()``.
 
-It sends the writes of one event-loop step in one system call
-(:class:`~cache_router.proxy.write_coalescing.CoalescingTransport`): a response head and its
-body leave together.
+It sends a response head and its body in one system call
+(:class:`~cache_router.proxy.write_coalescing.CoalescingTransport`).
 
 It also answers uvicorn's ``limit_concurrency`` overflow with the router's OpenAI-shaped
 503 instead of uvicorn's plain-text one, under the same rule (connections or running
@@ -102,7 +101,6 @@ class RouterHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head = False
         self._watch: DisconnectWatch | None = None
-        self._writes: CoalescingTransport  # set with the transport, in connection_made
 
     # -- header-read timeout ---------------------------------------------------------------
 
@@ -130,8 +128,7 @@ class RouterHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # uvicorn's flow control keeps the socket's own transport; its writes go through this.
-        self._writes = CoalescingTransport(transport, self.loop)
-        self.transport = self._writes  # type: ignore[assignment]
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         self._watch = DisconnectWatch(self.flow.resume_reading)
         self._arm_head_timer()  # a connection that never sends a byte is a slow head too
 
@@ -147,10 +144,6 @@ class RouterHttpProtocol(HttpToolsProtocol):
         # (nearly all of them) costs no timer.
         if self._in_head and self._head_timer is None:
             self._arm_head_timer()
-
-    def on_response_complete(self) -> None:
-        self._writes.flush()  # the answer leaves now, not after the rest of this loop step
-        super().on_response_complete()
 
     # -- parser callbacks ------------------------------------------------------------------
 
