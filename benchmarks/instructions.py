@@ -15,10 +15,12 @@ Rows: ``serve`` is ``cache-router serve`` as shipped (log level info, an access 
 request); ``serve-warning`` the same with ``--log-level warning``; ``bare`` the routing app
 alone under plain uvicorn (:mod:`benchmarks._router_main`); ``sglang-router`` and ``smg``
 the peers from /work/peer-venv (skipped when missing). Then the ASGI server's share:
-``floor-uvicorn`` and ``floor-granian`` serve an app that reads the body and answers a fixed
-JSON at once (no engine: what the server alone costs per request), and ``serve-granian`` is
-the router app of ``serve --log-level warning`` under granian's embedded server (asyncio on
-uvloop, one runtime thread; skipped without granian). This module is also their launcher:
+``floor-uvicorn``, ``floor-granian`` and ``floor-hypercorn`` serve an app that reads the body
+and answers a fixed JSON at once (no engine: what the server alone costs per request), and
+``serve-granian`` / ``serve-hypercorn`` are the router app of ``serve --log-level warning``
+under granian's embedded server (asyncio on uvloop, one runtime thread) or hypercorn (its
+asyncio server, HTTP/1.1 by h11, on uvloop); each is skipped when that server is not
+installed (neither is a dependency). This module is also their launcher:
 ``python -m benchmarks.instructions --serve KIND <router flags>``.
 """
 
@@ -71,8 +73,16 @@ ROWS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "floor-uvicorn": ("cache_router", [], [*_SELF, "floor-uvicorn"]),
     "floor-granian": ("cache_router", [], [*_SELF, "floor-granian"]),
     "serve-granian": ("cache_router", ["--log-level", "warning"], [*_SELF, "granian"]),
+    "floor-hypercorn": ("cache_router", [], [*_SELF, "floor-hypercorn"]),
+    "serve-hypercorn": ("cache_router", ["--log-level", "warning"], [*_SELF, "hypercorn"]),
 }
-_NEEDS_GRANIAN = frozenset({"floor-granian", "serve-granian"})
+#: Rows that need a server not among the project's dependencies: skipped without it.
+_NEEDS_SERVER = {
+    "floor-granian": "granian",
+    "serve-granian": "granian",
+    "floor-hypercorn": "hypercorn",
+    "serve-hypercorn": "hypercorn",
+}
 
 _BODY = json.dumps(
     {"text": "the quick brown fox " * 10, "sampling_params": {"max_new_tokens": 1}}
@@ -101,7 +111,8 @@ async def _load(base_url: str, requests: int, concurrency: int) -> None:
 
 
 def _spec(row: str, wrap: list[str]) -> RouterSpec | None:
-    if row in _NEEDS_GRANIAN and importlib.util.find_spec("granian") is None:
+    needed = _NEEDS_SERVER.get(row)
+    if needed is not None and importlib.util.find_spec(needed) is None:
         return None
     name, extra, launcher = ROWS[row]
     spec = ROUTERS[name]
@@ -231,10 +242,21 @@ def serve(kind: str, argv: list[str]) -> None:
         )
         return
     import uvloop
+
+    app = _floor_app if kind.startswith("floor-") else _router_app(argv)
+    if kind.endswith("hypercorn"):
+        from hypercorn.asyncio import serve as hypercorn_serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"{address.host}:{address.port}"]
+        config.accesslog = None
+        config.errorlog = None
+        uvloop.run(hypercorn_serve(app, config))
+        return
     from granian.constants import Interfaces
     from granian.server.embed import Server
 
-    app = _floor_app if kind == "floor-granian" else _router_app(argv)
     server = Server(
         app, address=address.host, port=address.port, interface=Interfaces.ASGI, log_enabled=False
     )
