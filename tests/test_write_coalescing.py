@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 from test_resilience import eventually
@@ -175,3 +176,29 @@ async def test_a_streamed_answer_is_sent_step_by_step_and_ends_with_its_terminat
     assert events == b"7\r\ndata: 1\r\n7\r\ndata: 2\r\n"
     assert last == b"7\r\ndata: 3\r\n0\r\n\r\n"
     protocol.connection_lost(None)
+
+
+def test_the_rest_of_the_transport_interface_is_the_sockets() -> None:
+    socket = Mock(spec=asyncio.Transport)
+    loop = asyncio.new_event_loop()
+    try:
+        transport = CoalescingTransport(socket, loop)
+        protocol = asyncio.Protocol()
+        transport.get_extra_info("peername", None)
+        transport.set_protocol(protocol)
+        transport.get_protocol()
+        transport.is_reading()
+        transport.pause_reading()
+        transport.resume_reading()
+        transport.can_write_eof()
+        transport.set_write_buffer_limits(8, 4)
+        transport.get_write_buffer_limits()
+        transport.is_closing()
+    finally:
+        loop.close()
+    socket.get_extra_info.assert_called_once_with("peername", None)
+    socket.set_protocol.assert_called_once_with(protocol)
+    socket.set_write_buffer_limits.assert_called_once_with(8, 4)
+    for name in ("get_protocol", "is_reading", "pause_reading", "resume_reading",
+                 "can_write_eof", "get_write_buffer_limits", "is_closing"):  # fmt: skip
+        getattr(socket, name).assert_called_once_with()

@@ -26,42 +26,20 @@ _JOIN_LIMIT = 64 * 1024
 class CoalescingTransport:
     """``transport`` with the first write of a step held for the next one.
 
-    Everything but writing and closing is ``transport``'s own methods, bound once here (a
-    Python call per delegated method would cost more than the write saves). Data is copied
-    to bytes when it is not bytes already: an app may reuse its buffer once ``send`` has
-    returned.
+    Everything but writing and closing is ``transport``'s own, by explicit delegation (no
+    ``__getattr__``: its failed lookup first costs more than the write saves);
+    ``is_closing``, asked on every response, is ``transport``'s bound method itself. Data
+    is copied to bytes when it is not bytes already: an app may reuse its buffer once
+    ``send`` has returned.
     """
 
-    __slots__ = (
-        "_held",
-        "_loop",
-        "_transport",
-        "can_write_eof",
-        "get_extra_info",
-        "get_protocol",
-        "get_write_buffer_limits",
-        "is_closing",
-        "is_reading",
-        "pause_reading",
-        "resume_reading",
-        "set_protocol",
-        "set_write_buffer_limits",
-    )
+    __slots__ = ("_held", "_loop", "_transport", "is_closing")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
-        self.get_extra_info = transport.get_extra_info
-        self.get_protocol = transport.get_protocol
-        self.is_closing = transport.is_closing
-        self.is_reading = transport.is_reading
-        self.pause_reading = transport.pause_reading
-        self.resume_reading = transport.resume_reading
-        self.set_protocol = transport.set_protocol
-        self.can_write_eof = transport.can_write_eof
-        self.get_write_buffer_limits = transport.get_write_buffer_limits
-        self.set_write_buffer_limits = transport.set_write_buffer_limits
+        self.is_closing = transport.is_closing  # asked on every response
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if type(data) is not bytes:
@@ -104,3 +82,32 @@ class CoalescingTransport:
     def get_write_buffer_size(self) -> int:
         held = self._held
         return self._transport.get_write_buffer_size() + (len(held) if held else 0)
+
+    # The rest of the transport's interface, used once per connection at most.
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
