@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cache_router.core.registry import Worker
 from cache_router.core.request import RoutingRequest
 
-__all__ = ["EventFanout", "RequestSummary", "RequestTracer", "RouterEvents"]
+__all__ = ["NO_EVENTS", "EventFanout", "RequestSummary", "RequestTracer", "RouterEvents"]
 
 #: Outbound request headers, as the relay sends them.
 HeaderList = list[tuple[bytes, bytes]]
@@ -79,6 +79,10 @@ class RouterEvents:
     def request_summary(self, summary: RequestSummary) -> None:
         """A routed request ended (after :meth:`request_finished`), with everything an
         access log records; called only on listeners that override it."""
+
+
+#: The listener of a component nobody gave one: every hook does nothing.
+NO_EVENTS = RouterEvents()
 
 
 def _hears(listener: RouterEvents, hook: str) -> bool:

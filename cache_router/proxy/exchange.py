@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from cache_router.core.errors import RouterError
-from cache_router.core.events import RouterEvents
+from cache_router.core.events import NO_EVENTS, RouterEvents
 from cache_router.core.registry import Lease, Worker
 from cache_router.proxy.asgi import Headers, Message, Send
 from cache_router.proxy.clients import UpstreamError, UpstreamResponse
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from cache_router.proxy.relay import Companion, Upstream, UpstreamAborted
 
 __all__ = ["Collection", "RelayResult", "upstream_error"]
-
-_NO_EVENTS = RouterEvents()
 
 
 class Collection:
@@ -188,7 +186,7 @@ class _Exchange:
         self.send = send
         self.response_headers = response_headers
         self.may_retry = False
-        self.events: RouterEvents = _NO_EVENTS
+        self.events: RouterEvents = NO_EVENTS
         self.failure: UpstreamAborted | None = None
         #: The exchange ran to an end of its own (not cut by the deadline or the client).
         self.finished = False

@@ -38,7 +38,7 @@ import anyio
 
 from cache_router.core._loop import on_asyncio
 from cache_router.core.errors import NoAvailableWorker, RouterError
-from cache_router.core.events import RequestTracer, RouterEvents
+from cache_router.core.events import NO_EVENTS, RequestTracer, RouterEvents
 from cache_router.core.policies import BindsRegistry, Policy, RoutingRequest
 from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
@@ -74,7 +74,6 @@ PD_PROTOCOLS: tuple[PDProtocol, ...] = ("sglang", "vllm")
 PD_ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 #: The prefill's answer is read whole; a generation of one token is far smaller.
 _PREFILL_ANSWER_LIMIT = 4 * 1024 * 1024
-_NO_EVENTS = RouterEvents()
 logger = logging.getLogger("cache_router")
 
 
@@ -415,7 +414,7 @@ class _PairExchange:
         self.headers, self.echo = headers, echo
         self.method: str = scope["method"]
         self.request_id: bytes = echo[0][1]
-        self.events: RouterEvents = _NO_EVENTS
+        self.events: RouterEvents = NO_EVENTS
 
 
 class _PrefillOutcome:

@@ -32,7 +32,7 @@ import httpx
 
 from cache_router.core._loop import on_asyncio
 from cache_router.core.errors import RouterError
-from cache_router.core.events import RouterEvents
+from cache_router.core.events import NO_EVENTS, RouterEvents
 from cache_router.core.registry import Lease
 from cache_router.core.request import RoutingRequest
 from cache_router.proxy.asgi import DisconnectWatch, Headers, Receive, Send
@@ -45,7 +45,6 @@ from cache_router.proxy.clients import (
 )
 from cache_router.proxy.deadlines import Deadlines
 from cache_router.proxy.exchange import (
-    _NO_EVENTS,
     Collection,
     RelayResult,
     _close,
@@ -227,7 +226,7 @@ class Upstream:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         lease: Lease,
-        events: RouterEvents = _NO_EVENTS,
+        events: RouterEvents = NO_EVENTS,
         limit: int = 1024 * 1024,
     ) -> Collection:
         """An exchange whose whole answer is read, not relayed (the first half of a
@@ -247,7 +246,7 @@ class Upstream:
         response_headers: Headers = (),
         request_id: bytes = b"",
         may_retry: bool = False,
-        events: RouterEvents = _NO_EVENTS,
+        events: RouterEvents = NO_EVENTS,
         routing: RoutingRequest | None = None,
         companion: Companion | None = None,
         disconnect: DisconnectWatch | None = None,
