@@ -571,6 +571,90 @@ def test_match_is_true_longest_common_prefix(
     assert tree.tenants() == frozenset(t for t, ks in held.items() if ks)
 
 
+def _copy(key: str) -> str:
+    """An equal string that is another object: an insert that cannot resume a match."""
+    return "".join(list(key))
+
+
+def _state(tree: RadixTree) -> tuple[object, ...]:
+    return (
+        sorted(tree.keys()),
+        tree.size,
+        {t: tree.tenant_size(t) for t in ("t0", "t1", "t2", "t3")},
+        sorted(tree._last_access[node] for node, _ in _live_nodes(tree)),
+    )
+
+
+def _live_nodes(tree: RadixTree) -> list[tuple[int, str]]:
+    found, stack = [], [0]
+    while stack:
+        for child in tree._children[stack.pop()].values():
+            found.append((child, tree._text[child]))
+            stack.append(child)
+    return found
+
+
+match_then_insert_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["plain", "remove_between", "other_insert_between"]),
+        keys,
+        tenant_names,
+        keys,
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(match_then_insert_ops, st.integers(min_value=3, max_value=40))
+def test_insert_resuming_a_match_builds_the_tree_a_full_walk_builds(
+    ops: list[tuple[str, str, str, str]], max_size: int
+) -> None:
+    """Matching a key then inserting it (the policy's order) gives the same nodes, sizes,
+    tenants and access times whether the insert resumes the match's walk or starts over,
+    also when the tree changed in between (a removal, another insert, an eviction)."""
+    clock = FakeClock()
+    resumed = RadixTree(max_size, low_water=0.5, clock=clock)
+    walked = RadixTree(max_size, low_water=0.5, clock=clock)
+    for step, (kind, key, tenant, other) in enumerate(ops):
+        for tree, same in ((resumed, key), (walked, _copy(key))):
+            clock.now = step + 1.0
+            tree.prefix_match(key)
+            clock.now = step + 1.5  # the insert comes a moment after the match
+            if kind == "remove_between":
+                tree.remove_tenant(tenant)
+            elif kind == "other_insert_between":
+                tree.insert(other, tenant)
+            tree.insert(same, tenant)
+            tree.check_invariants()
+        assert _state(resumed) == _state(walked)
+
+
+def test_insert_after_a_match_of_the_same_key_does_not_walk_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tree = RadixTree()
+    tree.insert("the system prompt, then one question", "a")
+    key = "the system prompt, then another question"
+    assert tree.prefix_match(key).length == len("the system prompt, then ")
+    monkeypatch.setattr(tree, "_insert", None)  # the full walk: calling it would fail
+    tree.insert(key, "b")
+    tree.check_invariants()
+    assert tree.prefix_match(key) == PrefixMatch(len(key), frozenset({"b"}))
+    assert tree.prefix_match("the system prompt, then") == PrefixMatch(
+        len("the system prompt, then"), frozenset({"a", "b"})
+    )
+    # Another key object, or a second insert, walks from the root again.
+    monkeypatch.undo()
+    calls: list[str] = []
+    full_walk = tree._insert
+    monkeypatch.setattr(tree, "_insert", lambda k, t, now: calls.append(k) or full_walk(k, t, now))
+    tree.insert(key, "c")
+    tree.prefix_match(key)
+    tree.insert(_copy(key), "c")
+    assert calls == [key, key]
+
+
 class EvictingTree(RuleBasedStateMachine):
     """Random inserts, matches, removals and trims on a tiny budget.
 
@@ -609,6 +693,12 @@ class EvictingTree(RuleBasedStateMachine):
         assert (result.length == 0) == (not result.tenants)
         for tenant in result.tenants:
             assert best.get(tenant, 0) >= result.length
+
+    @rule(key=keys, tenant=tenant_names)
+    def match_then_insert(self, key: str, tenant: str) -> None:
+        self.tick()
+        self.tree.prefix_match(key)
+        self.insert(key, tenant)
 
     @rule(tenant=tenant_names)
     def remove(self, tenant: str) -> None:

@@ -161,6 +161,10 @@ class RadixTree:
         self._free: list[int] = []
         self._size = 0
         self._tenant_sizes: dict[str, int] = {}
+        # Changes on every node made or deleted: a walk remembered at an older shape is void.
+        self._shape = 0
+        # The last prefix_match: (key, shape, path, characters matched, last edge's start).
+        self._walked: tuple[str, int, list[int], int, int] | None = None
 
     @property
     def max_size(self) -> int:
@@ -204,7 +208,7 @@ class RadixTree:
         texts = self._text
         children = self._children
         node = _ROOT
-        position = 0
+        position = edge_start = 0
         key_length = len(key)
         path: list[int] = []
         while position < key_length:
@@ -214,11 +218,13 @@ class RadixTree:
             edge = texts[child]
             path.append(child)
             node = child
+            edge_start = position
             if key.startswith(edge, position):
                 position += len(edge)
                 continue
             position += _common_length(edge, key, position)
             break
+        self._walked = (key, self._shape, path, position, edge_start)
         if not path:
             return _NO_MATCH
         now = self._clock()
@@ -230,8 +236,19 @@ class RadixTree:
     # -- writing -------------------------------------------------------------------------
 
     def insert(self, key: str, tenant: str) -> None:
-        """Record that ``tenant`` now holds ``key`` (and so every prefix of it)."""
-        if key:
+        """Record that ``tenant`` now holds ``key`` (and so every prefix of it).
+
+        Right after :meth:`prefix_match` of the same key, with the tree unchanged in
+        between (a policy matches, chooses, then inserts), the insert starts where the
+        match stopped instead of walking the same path again.
+        """
+        if not key:
+            return
+        walked = self._walked
+        if walked is not None and walked[0] is key and walked[1] == self._shape:
+            self._walked = None
+            self._insert_after(key, tenant, walked[2], walked[3], walked[4], self._clock())
+        else:
             self._insert(key, tenant, self._clock())
 
     def insert_many(self, items: Iterable[tuple[str, str]]) -> None:
@@ -279,14 +296,53 @@ class RadixTree:
             node = child
         tenant_sizes[tenant] = tenant_size
         if added:
-            self._size += added
-            forest = self._forest
-            forest._size += added
-            if forest._size > forest.max_size:
-                forest._evict(forest._low_water_size(), keep=self)
+            self._grow(added)
+
+    def _insert_after(
+        self, key: str, tenant: str, path: list[int], position: int, edge_start: int, now: float
+    ) -> None:
+        """:meth:`_insert` from where :meth:`prefix_match` of ``key`` stopped: ``path`` the
+        nodes it went through, ``position`` the characters matched, ``edge_start`` where
+        the last node's edge began (the tree unchanged since)."""
+        texts = self._text
+        node_tenants = self._tenants
+        last_access = self._last_access
+        tenant_sizes = self._tenant_sizes
+        tenant_size = tenant_sizes.get(tenant, 0)
+        node = _ROOT
+        if path:
+            node = path[-1]
+            if position < edge_start + len(texts[node]):  # the match ended inside an edge
+                parent = path[-2] if len(path) > 1 else _ROOT
+                node = path[-1] = self._split(parent, node, position - edge_start)
+            for passed in path:
+                holders = node_tenants[passed]
+                if tenant not in holders:
+                    tenant_size += len(texts[passed])
+                    holders[tenant] = None
+                last_access[passed] = now
+        added = len(key) - position
+        if added:
+            # Free: the match stopped because no child starts with this character.
+            self._children[node][key[position]] = self._new_node(
+                key[position:], node, {tenant: None}, now
+            )
+            tenant_size += added
+        tenant_sizes[tenant] = tenant_size
+        if added:
+            self._grow(added)
+
+    def _grow(self, added: int) -> None:
+        """Count ``added`` new characters, and evict if the budget is crossed."""
+        self._size += added
+        forest = self._forest
+        forest._size += added
+        if forest._size > forest.max_size:
+            forest._evict(forest._low_water_size(), keep=self)
 
     def _new_node(self, text: str, parent: int, tenants: dict[str, None], now: float) -> int:
         """A node id holding these fields and no children: a freed one, else a new row."""
+        self._shape += 1
         if self._free:
             node = self._free.pop()
             self._text[node] = text
@@ -373,6 +429,7 @@ class RadixTree:
         """Unlink a childless node, take its characters off every size it counted in, free
         its id, and return its length."""
         assert leaf != _ROOT and not self._children[leaf]
+        self._shape += 1
         text = self._text[leaf]
         del self._children[self._parent[leaf]][text[0]]
         length = len(text)
