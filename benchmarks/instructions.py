@@ -1,7 +1,7 @@
 """Router CPU per non-streamed request, counted in instructions (or read from /proc).
 
     python -m benchmarks.instructions [--requests 400] [--concurrency 8]
-        [--rows serve,serve-warning,bare,sglang-router,smg] [--mode callgrind|cpu]
+        [--rows serve,serve-warning,bare,sglang-router,smg] [--mode callgrind|cpu] [--unique]
 
 Starts the simulated engines (zero latency) and, one row at a time, a router under
 ``valgrind --tool=callgrind`` with instrumentation off; once the router is ready and has
@@ -9,7 +9,9 @@ answered a warm-up, instrumentation goes on (``callgrind_control``), ``--request
 non-streamed ``/generate`` requests run at ``--concurrency``, and the count is dumped. The
 figure is user-space instructions (Ir) per request, all threads: repeatable to a percent
 on a busy machine, where CPU seconds are not. ``--mode cpu`` runs the routers natively and
-reads user + system CPU from ``/proc`` instead (microseconds per request; noisy).
+reads user + system CPU from ``/proc`` instead (microseconds per request; noisy). The
+requests carry one prompt (all hits after the first), or with ``--unique`` a new
+200-character prompt each, as the table's ``overhead_generate`` row sends.
 
 Rows: ``serve`` is ``cache-router serve`` as shipped (log level info, an access line per
 request); ``serve-warning`` the same with ``--log-level warning``; ``bare`` the routing app
@@ -32,6 +34,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -51,7 +54,7 @@ from benchmarks.launch import (
     Thresholds,
     make_log_dir,
 )
-from benchmarks.workloads import INSTANT_ENGINE
+from benchmarks.workloads import INSTANT_ENGINE, random_text, request_body
 
 _SELF = [sys.executable, "-m", "benchmarks.instructions", "--serve"]
 #: Rows as (name, the spec in :data:`ROUTERS`, extra flags, launcher override).
@@ -89,20 +92,27 @@ _BODY = json.dumps(
 ).encode()
 
 
-async def _load(base_url: str, requests: int, concurrency: int) -> None:
-    """``requests`` non-streamed /generate requests, ``concurrency`` at a time; each must
-    answer 200."""
+def _bodies(requests: int, unique: bool, seed: int = 0) -> list[bytes]:
+    """The request bodies: one fixed prompt (every request after the first a cache hit), or
+    ``unique`` 200-character prompts, as in the table's ``overhead_generate`` row (every
+    request a new prefix: a match, a split and a new node in the prefix tree)."""
+    if not unique:
+        return [_BODY] * requests
+    rng = random.Random(seed)
+    return [request_body("generate", random_text(rng, 200), 1) for _ in range(requests)]
+
+
+async def _load(base_url: str, bodies: list[bytes], concurrency: int) -> None:
+    """POST each of ``bodies`` to /generate, ``concurrency`` at a time; each must answer 200."""
     url = base_url + "/generate"
-    left = requests
+    pending = iter(bodies)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
+            for body in pending:
                 headers = {"content-type": "application/json"}
-                async with session.post(url, data=_BODY, headers=headers) as response:
+                async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     if response.status != 200:
                         raise RuntimeError(f"{url} answered {response.status}")
@@ -153,6 +163,7 @@ def measure(
     requests: int,
     concurrency: int,
     log_dir: Path,
+    unique: bool = False,
 ) -> float | None:
     """Ir per request (callgrind) or CPU microseconds per request (cpu); None if the row's
     router is not installed."""
@@ -174,15 +185,17 @@ def measure(
         spec, urls, "cache_aware", Thresholds(), log_dir=log_dir, startup_timeout=startup
     ) as router:
         base_url = f"http://{HOST}:{router.port}"
-        asyncio.run(_load(base_url, max(8, concurrency), concurrency))  # warm: pools, caches
+        warm = _bodies(max(8, concurrency), unique, seed=1)
+        asyncio.run(_load(base_url, warm, concurrency))  # warm: pools, caches
+        bodies = _bodies(requests, unique)
         if mode == "callgrind":
             _callgrind(router.pid, "-i", "on")
             _callgrind(router.pid, "-z")
-            asyncio.run(_load(base_url, requests, concurrency))
+            asyncio.run(_load(base_url, bodies, concurrency))
             _callgrind(router.pid, "-d")
             return _total_ir(out_dir, router.pid) / requests
         before = router.cpu_seconds()
-        asyncio.run(_load(base_url, requests, concurrency))
+        asyncio.run(_load(base_url, bodies, concurrency))
         return (router.cpu_seconds() - before) * 1e6 / requests
 
 
@@ -270,6 +283,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--mode", choices=("callgrind", "cpu"), default="callgrind")
     parser.add_argument("--engines", type=int, default=2)
+    parser.add_argument(
+        "--unique",
+        action="store_true",
+        help="a new 200-character prompt per request (default: one prompt, all hits)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
@@ -289,7 +307,11 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> N
         raise SystemExit("valgrind is not installed")
     log_dir = make_log_dir()
     unit = "Ir/request" if args.mode == "callgrind" else "CPU us/request"
-    out(f"{args.requests} non-streamed /generate at concurrency {args.concurrency}; logs {log_dir}")
+    prompts = "unique prompts" if args.unique else "one prompt"
+    out(
+        f"{args.requests} non-streamed /generate ({prompts}) at concurrency {args.concurrency}; "
+        f"logs {log_dir}"
+    )
     out(f"{'router':<16}{unit:>16}")
     with EngineFleet(args.engines, log_dir=log_dir) as fleet:
         fleet.reset(INSTANT_ENGINE)
@@ -302,6 +324,7 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> N
                 requests=args.requests,
                 concurrency=args.concurrency,
                 log_dir=log_dir,
+                unique=args.unique,
             )
             shown = "not installed" if value is None else f"{value:,.0f}"
             out(f"{row:<16}{shown:>16}   ({time.monotonic() - started:.0f} s)")
