@@ -27,6 +27,7 @@ from cache_router.core.retry import RetryConfig
 from cache_router.core.routing_key import KeyExtractor
 from cache_router.ops.access_log import AccessLog, ensure_handler
 from cache_router.ops.admin import AdminApp
+from cache_router.ops.dp_ranks import DataParallelRanks
 from cache_router.ops.health import CircuitBreakers, HealthChecker
 from cache_router.ops.metrics import PrometheusMetrics, register_kv_metrics
 from cache_router.ops.probes import probe_app
@@ -120,6 +121,8 @@ class Router:
     tracer: RequestTracer | None = None
     #: Token key extractors (``tokenizer_path``, precise policy), or None: the defaults.
     typed_routes: Mapping[str, KeyExtractor] | None = None
+    #: Splits workers into their engines' data-parallel ranks (``dp_aware``), or None.
+    ranks: DataParallelRanks | None = None
 
     def middleware(self, app: ASGIApp, /, **options: Any) -> RouterApp:
         """The routing middleware around ``app``, with the admin API and the background
@@ -234,17 +237,26 @@ def build_router(
     router.ssl_context = client_ssl_context(
         config.ca_cert_paths, config.client_cert_path, config.client_key_path
     )
+    # How the router asks engines about themselves: health, models, data-parallel size.
+    asking: dict[str, Any] = {
+        "interval": config.health_check_interval_secs,
+        "timeout": config.health_check_timeout_secs,
+        "headers": router.engine_headers,
+        "ssl_context": router.ssl_context,
+    }
+    if config.dp_aware:
+        # ``serve`` splits the start-up workers before it serves (and exits if it cannot);
+        # the task splits what is left, for a router mounted in an app of one's own.
+        router.ranks = DataParallelRanks(registry, **asking)
+        router.background.append(router.ranks)
     if not config.disable_health_check:
         router.health = HealthChecker(
             registry,
-            interval=config.health_check_interval_secs,
-            timeout=config.health_check_timeout_secs,
             failure_threshold=config.health_failure_threshold,
             success_threshold=config.health_success_threshold,
             path=config.health_check_endpoint,
-            headers=router.engine_headers,
             discover_models=not config.disable_model_discovery,
-            ssl_context=router.ssl_context,
+            **asking,
         )
         router.background.append(router.health)
     if not config.disable_circuit_breaker:
@@ -288,6 +300,7 @@ def _admin_app(router: Router, **options: Any) -> AdminApp:
         ssl_context=router.ssl_context,
         engine_headers=router.engine_headers,
         roles=("regular",) if router.pd_protocol is None else ("prefill", "decode"),
+        ranks=router.ranks,
         **options,
     )
 
@@ -463,7 +476,7 @@ def _add_kv_events(router: Router) -> None:
         if endpoint is None:
             if port is None:
                 return None
-            endpoint = f"tcp://{_zmq_host(worker.url)}:{port}"
+            endpoint = f"tcp://{_zmq_host(worker.address)}:{port}"
         if replay is None and replay_port is not None:
             replay = f"{endpoint.rpartition(':')[0]}:{replay_port}"
         return KVEventSource(worker.url, endpoint, replay, topic=config.kv_events_topic)

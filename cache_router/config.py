@@ -495,8 +495,9 @@ class RouterConfig:
     dp_aware: bool = field(
         default=False,
         metadata=_meta(
-            "accepted for SGLang's command lines and NOT honoured: each worker URL is one "
-            "worker, no data-parallel ranks (a warning at start)"
+            "SGLang's DP-aware mode: ask each engine its dp_size (GET /get_server_info) and "
+            "route to each data-parallel rank as a worker of its own, url@rank, sent the "
+            "X-data-parallel-rank header; serve exits if an engine does not say"
         ),
     )
     # -- retries and circuit breakers -----------------------------------------------------

@@ -38,6 +38,7 @@ from cache_router.ops.access_log import (
     formatter,
 )
 from cache_router.ops.allowlist import parse_host
+from cache_router.ops.dp_ranks import DataParallelError
 from cache_router.ops.metrics_listener import MetricsListener
 from cache_router.ops.models import ModelDiscovery
 from cache_router.processes import STARTUP_FAILURE, reuseport_supported
@@ -87,11 +88,6 @@ def run(config: RouterConfig) -> int:
     except ValueError as exc:  # a knob the policy or the middleware refused
         print(f"cache-router serve: error: {exc}", file=sys.stderr)
         return 2
-    if config.dp_aware:
-        logger.warning(
-            "--dp-aware is accepted but not honoured: every worker URL is one worker, "
-            "without data-parallel ranks (see docs/cli.md)"
-        )
     metrics_refusal = _add_metrics_listener(router)
     if metrics_refusal is not None:
         message, status = metrics_refusal
@@ -304,8 +300,10 @@ def empty_fleet(config: RouterConfig) -> str | None:
 
 
 def _check_workers(router: Router) -> list[str] | None:
-    """Probe every worker once (or until ``wait_for_workers``); the workers now marked
-    unhealthy, or None when the router must not start because they did not come up in time.
+    """Probe every worker once (or until ``wait_for_workers``), then with ``dp_aware``
+    split each into its engine's data-parallel ranks; the workers now marked unhealthy,
+    or None when the router must not start because they did not come up in time (or an
+    engine did not state its ``dp_size``, as SGLang's router refuses to start then).
 
     With health checks on, an unreachable worker starts unhealthy and comes back when its
     checks pass; without them nothing would bring it back, so it is only reported.
@@ -341,6 +339,16 @@ def _check_workers(router: Router) -> list[str] | None:
         return None
     unreachable = list(failing) if router.health is not None else []
     apply_findings(router, unreachable, {})
+    if router.ranks is not None:
+        try:
+            anyio.run(router.ranks.expand_all)
+        except DataParallelError as exc:
+            logger.error(
+                "--dp-aware: engines must state their dp_size at start-up (GET "
+                "/get_server_info; --wait-for-workers waits for them to come up): %s; exiting",
+                exc,
+            )
+            return None
     return unreachable
 
 
@@ -353,18 +361,23 @@ def startup_wait(config: RouterConfig) -> float:
 
 
 def apply_findings(
-    router: Router, unreachable: Iterable[str], models: Mapping[str, list[str]]
+    router: Router,
+    unreachable: Iterable[str],
+    models: Mapping[str, list[str]],
+    ranks: Mapping[str, int] | None = None,
 ) -> None:
-    """Mark ``unreachable`` workers unhealthy and give workers their discovered models."""
+    """Split workers into the data-parallel ``ranks`` found (dp_size by address), then mark
+    ``unreachable`` workers unhealthy and give workers their discovered models."""
+    if ranks and router.ranks is not None:
+        router.ranks.apply(ranks)
     registry = router.registry
     for url in unreachable:
-        worker = registry.get(url)
-        if worker is not None:
+        for worker in registry.at(url):  # the worker, or all the ranks of its engine
             worker.healthy = False
     for url, names in models.items():
-        worker = registry.get(url)
-        if worker is not None:
-            registry.set_models(worker, names)
+        found = registry.get(url)
+        if found is not None:
+            registry.set_models(found, names)
 
 
 async def _probe(client: httpx.AsyncClient, url: str, path: str) -> str | None:

@@ -90,7 +90,12 @@ def _hand_over(router: Router, unreachable: list[str]) -> None:
     # password): the variable is only inherited by this process's own children, as the
     # flags and variables it came from already are. It is never logged.
     os.environ[SERVE_CONFIG_ENV] = json.dumps(
-        {"config": config.to_dict(), "unreachable": unreachable, "models": models}
+        {
+            "config": config.to_dict(),
+            "unreachable": unreachable,
+            "models": models,
+            "ranks": {} if router.ranks is None else router.ranks.sizes,
+        }
     )
 
 
@@ -160,7 +165,7 @@ def _router_from_env() -> Router:
     config = process_share(RouterConfig.from_dict(handed["config"]))
     configure_logging(config.log_level, config.log_dir, config.log_format)
     router = build_served_router(config)
-    apply_findings(router, handed["unreachable"], handed["models"])
+    apply_findings(router, handed["unreachable"], handed["models"], handed["ranks"])
     return router
 
 

@@ -112,10 +112,21 @@ async def test_a_process_started_later_replays_the_fleet_as_it_is(fleet: Fleet) 
     assert len(fleet.journal.changes) == 2
 
 
+async def test_the_ranks_another_process_added_arrive_as_ranks(fleet: Fleet) -> None:
+    one, two = await fleet.start(1), await fleet.start(2)
+    ranks = [one.registry.add(B, dp_rank=rank) for rank in (0, 1)]
+    await one.admin.share_added(*ranks)
+    await until(lambda: urls(two) == [A, f"{B}@0", f"{B}@1"])
+    copy = two.registry.get(f"{B}@1")
+    assert copy is not None and (copy.address, copy.dp_rank) == (B, 1)
+    await one.admin.remove_all(one.registry.at(B), 0.0)  # the engine's URL: all its ranks
+    await until(lambda: urls(two) == [A])
+
+
 async def test_an_older_change_of_a_url_is_skipped(directory: str) -> None:
     sync = process(directory, 1)
     add = {"op": "add", "url": B, "model": None, "api_key": None, "role": "regular"}
-    add |= {"bootstrap_port": None, "models": None}
+    add |= {"bootstrap_port": None, "models": None, "address": B, "dp_rank": None}
     sync.apply({**add, "seq": 2})
     sync.apply({"op": "remove", "url": B, "timeout": 0.0, "seq": 1})  # late: skipped
     assert urls(sync) == [A, B]

@@ -215,7 +215,7 @@ def test_request_id_headers_through_the_cli() -> None:
             assert theirs.headers["x-request-id"] != "r-4"  # not in the list: one is made
 
 
-# -- operations: metrics listener, log file, start-up wait, dp_aware, refusals --------------
+# -- operations: metrics listener, log file, start-up wait, refusals (dp_aware: test_dp_aware) --
 
 
 def test_metrics_on_their_own_listener_through_the_cli(tmp_path: Path) -> None:
@@ -261,13 +261,6 @@ def test_worker_startup_timeout_is_the_start_up_wait() -> None:
         )
     assert done.returncode == 1
     assert "did not come up within 0.3 s" in done.stderr
-
-
-def test_dp_aware_is_accepted_with_a_warning() -> None:
-    engine = MockEngine(name="a")
-    with serve_app(engine) as url, serve_process("--worker-urls", url, "--dp-aware") as served:
-        assert httpx.post(f"{served.url}/v1/completions", json=BODY, trust_env=False).is_success
-    assert "--dp-aware is accepted but not honoured" in served.stderr
 
 
 @pytest.mark.parametrize(

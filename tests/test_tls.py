@@ -305,7 +305,7 @@ async def test_admin_wait_model_discovery_and_load_poller_use_the_context(pki: P
             )
         )
         assert good.admin is not None
-        worker = await good.admin.add(url, wait_healthy_secs=10)
+        (worker,) = await good.admin.add(url, wait_healthy_secs=10)
         assert worker.discovered_models == ("sim",)  # discovery went over mutual TLS
         poller = EngineLoadPoller(good.registry, interval=0.5, ssl_context=good.ssl_context)
         try:

@@ -19,6 +19,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DP_RANK_HEADER",
     "ROLES",
     "Gate",
     "Lease",
@@ -26,11 +27,19 @@ __all__ = [
     "WorkerRegistry",
     "checked_api_key",
     "normalize_url",
+    "normalize_worker_url",
 ]
 
 #: What a worker does in the fleet: a whole engine (``regular``), or one half of a
 #: prefill/decode-disaggregated pair (docs/pd.md).
 ROLES = ("regular", "prefill", "decode")
+
+#: The header that puts a request on one data-parallel rank of an engine: SGLang's router
+#: sets it in DP-aware mode, SGLang and vLLM read it. Named here because each ranked
+#: worker carries its header precomputed (:attr:`Worker.rank_header`), so the proxy adds
+#: it without building anything per request; which client headers cross the proxy is
+#: still :mod:`cache_router.proxy.headers`' business (a client's own is never relayed).
+DP_RANK_HEADER = b"x-data-parallel-rank"
 
 
 def normalize_url(url: str) -> str:
@@ -64,6 +73,17 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"worker URL {url!r} has port 0")
     # Scheme and host are case-insensitive: one engine must not register twice.
     return f"{parts.scheme}://{parts.netloc.lower()}{parts.path}"
+
+
+def normalize_worker_url(url: str) -> str:
+    """A worker's identity as the registry keys it: :func:`normalize_url`, or for one
+    data-parallel rank of an engine (``http://host:port@2``, SGLang's spelling) the
+    engine's normalized URL with the rank appended."""
+    if isinstance(url, str):
+        address, at, rank = url.strip().rpartition("@")
+        if at and rank.isascii() and rank.isdigit():
+            return f"{normalize_url(address)}@{int(rank)}"
+    return normalize_url(url)
 
 
 def checked_api_key(key: object) -> str | None:
@@ -113,6 +133,13 @@ class Worker:
     ``role`` is one of :data:`ROLES`; a prefill worker of SGLang's protocol also has the
     ``bootstrap_port`` its KV-transfer server listens on (None: the engine's default), on
     ``bootstrap_host``, the host of its URL.
+
+    ``url`` is the worker's identity (registry key, prefix-tree tenant, metric label,
+    admin API name); ``address`` is the engine's base URL, where everything the router
+    sends it goes. They are the same string unless the worker is ``dp_rank`` of an engine
+    running data-parallel ranks (``--dp-aware``): then ``url`` is ``{address}@{dp_rank}``
+    and ``rank_header`` the header that selects the rank, ready for the wire (empty for a
+    worker without a rank).
     """
 
     __slots__ = (
@@ -122,13 +149,16 @@ class Worker:
         "_model",
         "_processed",
         "_served",
+        "address",
         "api_key",
         "bootstrap_host",
         "bootstrap_port",
         "breaker",
+        "dp_rank",
         "draining",
         "effective_load",
         "healthy",
+        "rank_header",
         "role",
         "url",
     )
@@ -141,8 +171,18 @@ class Worker:
         *,
         role: str = "regular",
         bootstrap_port: int | None = None,
+        dp_rank: int | None = None,
     ) -> None:
-        self.url = normalize_url(url)
+        self.address = normalize_url(url)
+        if dp_rank is None:
+            self.url = self.address
+            self.rank_header: tuple[tuple[bytes, bytes], ...] = ()
+        elif isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or dp_rank < 0:
+            raise ValueError(f"dp_rank must be a non-negative integer, got {dp_rank!r}")
+        else:
+            self.url = f"{self.address}@{dp_rank}"
+            self.rank_header = ((DP_RANK_HEADER, str(dp_rank).encode()),)
+        self.dp_rank = dp_rank
         self._model = model
         self.api_key = checked_api_key(api_key)
         if role not in ROLES:
@@ -157,7 +197,7 @@ class Worker:
             raise ValueError("only a prefill worker has a bootstrap_port")
         self.role = role
         self.bootstrap_port = bootstrap_port
-        self.bootstrap_host: str = urlsplit(self.url).hostname or ""
+        self.bootstrap_host: str = urlsplit(self.address).hostname or ""
         self._discovered: tuple[str, ...] | None = None
         #: What :meth:`serves` looks up: None while any model is served.
         self._served: frozenset[str] | None = None if model is None else frozenset((model,))
@@ -320,10 +360,23 @@ class WorkerRegistry:
         return iter(self._snapshot)
 
     def get(self, url: str) -> Worker | None:
+        """The worker whose identity is ``url`` (``{address}@{rank}`` for a rank)."""
         try:
-            return self._workers.get(normalize_url(url))
+            return self._workers.get(normalize_worker_url(url))
         except ValueError:
             return None
+
+    def at(self, url: str) -> list[Worker]:
+        """The worker ``url`` names, else every rank of the engine at ``url`` (none if
+        neither is registered): what removing ``url`` removes."""
+        worker = self.get(url)
+        if worker is not None:
+            return [worker]
+        try:
+            address = normalize_url(url)
+        except ValueError:
+            return []
+        return [worker for worker in self._snapshot if worker.address == address]
 
     def add(
         self,
@@ -333,11 +386,15 @@ class WorkerRegistry:
         *,
         role: str = "regular",
         bootstrap_port: int | None = None,
+        dp_rank: int | None = None,
     ) -> Worker:
         """Register a worker; ``api_key``, when given, is sent to it instead of the fleet's
-        engine key; ``role`` and ``bootstrap_port`` as :class:`Worker`'s. ``ValueError`` for
-        a bad URL, key, role or port, or a URL already registered."""
-        worker = Worker(url, model, api_key, role=role, bootstrap_port=bootstrap_port)
+        engine key; ``role``, ``bootstrap_port`` and ``dp_rank`` as :class:`Worker`'s
+        (``url`` is then the engine's address). ``ValueError`` for a bad URL, key, role,
+        port or rank, or a worker already registered."""
+        worker = Worker(
+            url, model, api_key, role=role, bootstrap_port=bootstrap_port, dp_rank=dp_rank
+        )
         if worker.url in self._workers:
             raise ValueError(f"worker {worker.url} is already registered")
         self._workers[worker.url] = worker
@@ -345,6 +402,45 @@ class WorkerRegistry:
         for listener in self._addition_listeners:
             listener(worker)
         return worker
+
+    def expand(self, worker: Worker, dp_size: int) -> list[Worker]:
+        """Replace ``worker`` (registered, without a rank) by ``dp_size`` workers, one per
+        data-parallel rank of its engine, in its place in the registration order.
+
+        Each rank keeps what ``worker`` was given and what was learnt of it (model, key,
+        role, bootstrap port, health, discovered models); its load starts at 0, as the
+        in-flight leases of ``worker`` release on ``worker``. Listeners hear the removal
+        of ``worker`` and then the addition of each rank.
+        """
+        if self._workers.get(worker.url) is not worker or worker.dp_rank is not None:
+            raise ValueError(f"worker {worker.url} is not a registered worker without a rank")
+        if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+            raise ValueError(f"dp_size must be a positive integer, got {dp_size!r}")
+        ranks = [
+            Worker(
+                worker.address,
+                worker._model,
+                worker.api_key,
+                role=worker.role,
+                bootstrap_port=worker.bootstrap_port,
+                dp_rank=rank,
+            )
+            for rank in range(dp_size)
+        ]
+        for rank in ranks:
+            rank.healthy = worker.healthy
+            rank._discovered = worker._discovered
+            rank._served = worker._served
+        del self._workers[worker.url]
+        self._workers.update((rank.url, rank) for rank in ranks)
+        index = self._snapshot.index(worker)
+        self._set_snapshot((*self._snapshot[:index], *ranks, *self._snapshot[index + 1 :]))
+        for listener in self._removal_listeners:
+            listener(worker)
+        for rank in ranks:
+            for listener in self._addition_listeners:
+                listener(rank)
+        return ranks
 
     def remove(self, url: str) -> Worker:
         """Unregister a worker at once; in-flight leases on it still release normally."""

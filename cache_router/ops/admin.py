@@ -42,6 +42,12 @@ the API with ``api_key`` too wherever its clients are not trusted.
 A worker added without a model is asked which models it serves before it is registered,
 when the app has a ``discovery`` (:class:`~cache_router.ops.models.ModelDiscovery`), so its
 first requests are already checked against them.
+
+With ``ranks`` (:class:`~cache_router.ops.dp_ranks.DataParallelRanks`, ``--dp-aware``) an
+added URL is asked its ``dp_size`` and registered as one worker per data-parallel rank,
+``{url}@0`` .. (503 if it does not say; why goes to the log); the answer is the first
+rank's entry with ``ranks``, every rank's URL. Removing ``{url}`` drains and removes all
+its ranks; ``{url}@{rank}`` names one.
 Every error is an OpenAI-shaped JSON body; with ``api_key`` set, every route (including
 unknown paths and ``/metrics``) answers 401 unless the request carries the key (see
 :mod:`cache_router.proxy.auth`).
@@ -81,6 +87,7 @@ from cache_router.core.registry import (
 )
 from cache_router.ops.admin_http import MAX_ADMIN_BODY, json_object, parse_seconds, route_app
 from cache_router.ops.allowlist import HostAllowList, url_host, url_port
+from cache_router.ops.dp_ranks import DataParallelError, DataParallelRanks
 from cache_router.ops.engine_key import worker_headers
 from cache_router.ops.load_source import LOCAL, load_source
 from cache_router.ops.metrics import circuit_state
@@ -208,6 +215,8 @@ class AdminApp:
             authorization.
         roles: the worker roles this router routes to, which an added worker must have:
             ``("regular",)``, or ``("prefill", "decode")`` for a disaggregated fleet.
+        ranks: splits an added worker into its engine's data-parallel ranks
+            (``--dp-aware``); None: every URL is one worker.
     """
 
     def __init__(
@@ -223,8 +232,10 @@ class AdminApp:
         ssl_context: ssl.SSLContext | None = None,
         engine_headers: Mapping[str, str] | None = None,
         roles: Iterable[str] = ("regular",),
+        ranks: DataParallelRanks | None = None,
     ) -> None:
         self.roles = tuple(roles)
+        self.ranks = ranks
         if not self.roles or not set(self.roles) <= set(ROLES):
             raise ValueError(f"roles must be taken from {', '.join(ROLES)}")
         if api_key is not None and not api_key:
@@ -236,7 +247,7 @@ class AdminApp:
         startup_hosts: list[str] = []
         for worker in registry:
             try:
-                startup_hosts.append(str(url_host(worker.url)))
+                startup_hosts.append(str(url_host(worker.address)))
             except ValueError:  # a host no URL could match again; nothing to allow
                 continue
         self.worker_allow = HostAllowList([*startup_hosts, *worker_allow])
@@ -294,10 +305,9 @@ class AdminApp:
         return JSONResponse([worker_info(worker, self.registry) for worker in self.registry])
 
     async def _worker(self, request: Request) -> Response:
-        worker = self.known(request.path_params["url"])
         if request.method == "DELETE":
-            return await self._remove(worker, request)
-        return JSONResponse(worker_info(worker, self.registry))
+            return await self._remove(self.known_all(request.path_params["url"]), request)
+        return JSONResponse(worker_info(self.known(request.path_params["url"]), self.registry))
 
     async def _list_urls(self, request: Request) -> Response:
         return JSONResponse({"urls": [worker.url for worker in self.registry]})
@@ -307,7 +317,7 @@ class AdminApp:
         unknown = payload.keys() - _ADD_FIELDS
         if unknown:
             raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
-        worker = await self.add(
+        workers = await self.add(
             payload.get("url"),
             payload.get("model"),
             payload.get("wait_healthy_secs"),
@@ -315,28 +325,55 @@ class AdminApp:
             role=payload.get("worker_type"),
             bootstrap_port=payload.get("bootstrap_port"),
         )
-        await self.share_added(worker)
-        return JSONResponse(worker_info(worker, self.registry), status_code=201)
+        await self.share_added(*workers)
+        return JSONResponse(self._entry(workers), status_code=201)
 
     async def _add_query(self, request: Request) -> Response:
         query = request.query_params
         wait = query.get("wait_healthy_secs")
-        worker = await self.add(query.get("url"), query.get("model"), wait)
-        await self.share_added(worker)
-        return JSONResponse(worker_info(worker, self.registry))
+        workers = await self.add(query.get("url"), query.get("model"), wait)
+        await self.share_added(*workers)
+        return JSONResponse(self._entry(workers))
+
+    def _entry(self, workers: list[Worker]) -> dict[str, Any]:
+        """The answer about a worker added or removed: its entry; for an engine's ranks,
+        the first rank's with ``ranks``, the URL of each."""
+        info = worker_info(workers[0], self.registry)
+        if workers[0].dp_rank is not None:
+            info["ranks"] = [worker.url for worker in workers]
+        return info
 
     async def _remove_query(self, request: Request) -> Response:
         url = request.query_params.get("url")
         if url is None:
             raise bad_request("the url query parameter is required", "missing_url")
-        return await self._remove(self.known(url), request)
+        return await self._remove(self.known_all(url), request)
 
-    async def _remove(self, worker: Worker, request: Request) -> Response:
+    async def _remove(self, workers: list[Worker], request: Request) -> Response:
+        """Drain and remove ``workers`` (one, or an engine's ranks) side by side; the
+        answer is the first one's entry, ``drained`` only if all drained."""
         raw = request.query_params.get("timeout")
         timeout = self.drain_timeout if raw is None else parse_seconds(raw, "timeout")
-        await self.share_removal(worker, timeout)
-        drained = await self.drain(worker, timeout)
-        return JSONResponse({**worker_info(worker, self.registry), "drained": drained})
+        drained = await self.remove_all(workers, timeout)
+        return JSONResponse({**self._entry(workers), "drained": drained})
+
+    async def remove_all(
+        self, workers: list[Worker], timeout: float, *, share: bool = True
+    ) -> bool:
+        """Drain and remove each of ``workers`` concurrently (see :meth:`drain`), first
+        telling :attr:`sharing` when ``share`` (an API client's removal, not discovery's);
+        whether all drained fully."""
+        for worker in workers if share else ():
+            await self.share_removal(worker, timeout)
+        outcomes: list[bool] = []
+
+        async def drain(worker: Worker) -> None:
+            outcomes.append(await self.drain(worker, timeout))
+
+        async with anyio.create_task_group() as group:
+            for worker in workers:
+                group.start_soon(drain, worker)
+        return all(outcomes)
 
     async def _metrics(self, request: Request) -> Response:
         assert self.metrics is not None
@@ -345,11 +382,12 @@ class AdminApp:
 
     # -- operations -----------------------------------------------------------------------
 
-    async def share_added(self, worker: Worker) -> None:
-        """Tell :attr:`sharing` of a worker an API client added (not discovery's: every
-        process discovers on its own)."""
+    async def share_added(self, *workers: Worker) -> None:
+        """Tell :attr:`sharing` of the workers an API client added (not discovery's:
+        every process discovers on its own)."""
         if self.sharing is not None:
-            await self.sharing.worker_added(worker)
+            for worker in workers:
+                await self.sharing.worker_added(worker)
 
     async def share_removal(self, worker: Worker, timeout: float) -> None:
         """Tell :attr:`sharing` that an API client removes ``worker`` (before the drain
@@ -366,15 +404,17 @@ class AdminApp:
         *,
         role: object = None,
         bootstrap_port: object = None,
-    ) -> Worker:
-        """Validate and register a worker, first waiting for it to be healthy if asked;
+    ) -> list[Worker]:
+        """Validate and register a worker (its ranks, with :attr:`ranks`), first waiting
+        for it to be healthy if asked;
         ``api_key`` is its own engine key (None: the fleet's); ``role`` one of
         :attr:`roles` (None: ``regular``, the only one of a fleet that is not
         disaggregated), ``bootstrap_port`` a prefill worker's (SGLang's protocol).
 
         Raises :class:`~cache_router.core.errors.RouterError`: 400 for a malformed URL or
         field, 403 for a host off the allow-list, 409 if the URL is registered (or being
-        added), 503 if the worker is not healthy in time.
+        added), 503 if the worker is not healthy in time (or, with :attr:`ranks`, does
+        not state its ``dp_size``).
         """
         return await self.complete(
             self.reserve(
@@ -451,17 +491,23 @@ class AdminApp:
             )
         return str(role)
 
-    async def complete(self, pending: PendingWorker) -> Worker:
-        """Wait for a :meth:`reserve`-d worker (health, model discovery), then register it;
-        raises 503 if it is not healthy in time. The reservation ends either way."""
+    async def complete(self, pending: PendingWorker) -> list[Worker]:
+        """Wait for a :meth:`reserve`-d worker (health, model discovery, with
+        :attr:`ranks` its ``dp_size``), then register it, or its ranks; raises 503 if it is
+        not healthy in time or does not state its ``dp_size``. The reservation ends
+        either way."""
         url, model, wait, key, role, bootstrap_port = pending
         discovery = self.discovery if model is None else None
         models: tuple[str, ...] | str | None = None
+        ranks: list[int | None] = [None]
         try:
             failure = None if wait <= 0 else await self._wait_healthy(url, wait, key)
-            if failure is None and discovery is not None:
+            if failure is None and (discovery is not None or self.ranks is not None):
                 async with self._client() as client:
-                    models = await discovery.probe(client, url, key)
+                    if discovery is not None:
+                        models = await discovery.probe(client, url, key)
+                    if self.ranks is not None:
+                        ranks = await self._ranks(client, url, key)
         finally:
             self._adding.discard(url)
         if failure is not None:
@@ -475,11 +521,36 @@ class AdminApp:
                 code="worker_unhealthy",
             )
         self._check_free(url)
-        worker = self.registry.add(url, model, key, role=role, bootstrap_port=bootstrap_port)
+        workers = [
+            self.registry.add(
+                url, model, key, role=role, bootstrap_port=bootstrap_port, dp_rank=rank
+            )
+            for rank in ranks
+        ]
         if discovery is not None and models is not None:
             # In the same step as the add: no request sees the worker serving any model.
-            discovery.record(worker, models)
-        return worker
+            for worker in workers:
+                discovery.record(worker, models)
+        return workers
+
+    async def _ranks(
+        self, client: httpx.AsyncClient, url: str, key: str | None
+    ) -> list[int | None]:
+        """The ranks to register for the engine at ``url``; 503 if it does not say."""
+        assert self.ranks is not None
+        try:
+            return list(range(await self.ranks.dp_size(client, url, key)))
+        except DataParallelError as exc:
+            # As for health: the reason stays in the log, the caller learns nothing of
+            # what answers on the worker's host.
+            logger.warning("worker %s did not state its dp_size: %s", url, exc)
+            raise RouterError(
+                "worker did not state its data-parallel size (--dp-aware); the router's "
+                "log says why",
+                status=503,
+                error_type="service_unavailable",
+                code="worker_dp_size_unknown",
+            ) from None
 
     async def drain(self, worker: Worker, timeout: float) -> bool:
         """Stop new requests to ``worker``, wait up to ``timeout`` seconds for its load to
@@ -522,19 +593,22 @@ class AdminApp:
         """The worker registered at ``url`` (a proxy's merged ``//`` repaired); else 404."""
         worker = self.registry.get(_MERGED_SCHEME.sub(r"\1://", url))
         if worker is None:
-            raise RouterError(
-                f"no worker registered at {url!r}",
-                status=404,
-                error_type="not_found_error",
-                code="worker_not_found",
-            )
+            raise _not_found(url)
         return worker
+
+    def known_all(self, url: str) -> list[Worker]:
+        """The worker ``url`` names, else all ranks of the engine at ``url``
+        (:meth:`WorkerRegistry.at`, a proxy's merged ``//`` repaired); else 404."""
+        workers = self.registry.at(_MERGED_SCHEME.sub(r"\1://", url))
+        if not workers:
+            raise _not_found(url)
+        return workers
 
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(trust_env=False, verify=self._verify)
 
     def _check_free(self, url: str) -> None:
-        if url in self._adding or self.registry.get(url) is not None:
+        if url in self._adding or self.registry.at(url):
             message = f"worker {url} is already registered"
             raise RouterError(
                 message, status=409, error_type="invalid_request_error", code="worker_exists"
@@ -562,3 +636,12 @@ class AdminApp:
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 1.0)
         return failure
+
+
+def _not_found(url: str) -> RouterError:
+    return RouterError(
+        f"no worker registered at {url!r}",
+        status=404,
+        error_type="not_found_error",
+        code="worker_not_found",
+    )

@@ -59,7 +59,7 @@ class _Streak:
 class HealthChecker:
     """Active health checks of every worker in ``registry``, all at once, every ``interval``.
 
-    A check is ``GET {worker.url}{path}``; a 2xx answer within ``timeout`` seconds is a
+    A check is ``GET {worker.address}{path}``; a 2xx answer within ``timeout`` seconds is a
     success, anything else (another status, a refused connection, a timeout) a failure. A
     worker is marked unhealthy after ``failure_threshold`` consecutive failures and healthy
     again after ``success_threshold`` consecutive successes (SGLang's defaults: 3 and 2,
@@ -130,12 +130,18 @@ class HealthChecker:
     # -- one round -------------------------------------------------------------------------
 
     async def check_once(self) -> None:
-        """Check every registered worker once, concurrently, and apply the thresholds."""
-        workers = self.registry.workers
-        if workers:
+        """Check every registered worker once, concurrently, and apply the thresholds.
+
+        The data-parallel ranks of one engine (``--dp-aware``) are one engine to check: it
+        is asked once, and the answer counts for each of them.
+        """
+        engines: dict[tuple[str, str | None], list[Worker]] = {}
+        for worker in self.registry:
+            engines.setdefault((worker.address, worker.api_key), []).append(worker)
+        if engines:
             async with anyio.create_task_group() as group:
-                for worker in workers:
-                    group.start_soon(self._check, worker)
+                for workers in engines.values():
+                    group.start_soon(self._check, *workers)
         # Forget workers removed since (including during this round).
         if len(self._streaks) > len(self.registry):
             current = set(self.registry)
@@ -150,7 +156,7 @@ class HealthChecker:
         with anyio.move_on_after(self.timeout):
             try:
                 response = await client.get(
-                    worker.url + self.path,
+                    worker.address + self.path,
                     headers=worker_headers(self.headers, worker.api_key),
                     timeout=self.timeout,
                 )
@@ -161,11 +167,13 @@ class HealthChecker:
             return f"status {response.status_code}"
         return f"no answer within {self.timeout:g}s"
 
-    async def _check(self, worker: Worker) -> None:
-        failure = await self.probe(worker)
-        self.record(worker, failure)
+    async def _check(self, *workers: Worker) -> None:
+        """Probe the engine of ``workers`` (its ranks, or one worker) once, for each."""
+        failure = await self.probe(workers[0])
+        for worker in workers:
+            self.record(worker, failure)
         if failure is None and self.discovery is not None:
-            await self.discovery.discover(self._get_client(), worker)
+            await self.discovery.discover(self._get_client(), *workers)
 
     def record(self, worker: Worker, failure: str | None) -> None:
         """Count one check outcome (``failure`` None for a success) and flip health."""

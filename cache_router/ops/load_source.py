@@ -344,7 +344,7 @@ class EngineLoadPoller:
         with anyio.move_on_after(self.timeout):
             try:
                 headers = worker_headers(self.headers, worker.api_key)
-                reported = self.parser(await self._fetch(worker.url + self.path, headers))
+                reported = self.parser(await self._fetch(worker.address + self.path, headers))
             except Exception as exc:  # refused, timed out, bad status or body: no signal
                 logger.debug("load poll of %s failed: %s", worker.url, exc)
         received = self._clock()

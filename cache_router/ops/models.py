@@ -35,6 +35,7 @@ __all__ = [
     "DiscoveryError",
     "ModelDiscovery",
     "fetch_models",
+    "get_json",
 ]
 
 logger = logging.getLogger("cache_router.ops.models")
@@ -69,22 +70,26 @@ async def fetch_models(
     Each of the (at most two) requests is bounded by ``timeout`` as a whole, however
     slowly the engine answers.
     """
-    sent = {**(headers or {}), **_IDENTITY}
+    sent = headers or {}
     try:
-        return _openai_ids(await _get_json(client, url, "/v1/models", sent, timeout))
+        return _openai_ids(await get_json(client, url, "/v1/models", sent, timeout))
     except DiscoveryError as first:
         try:
-            return _model_info_ids(await _get_json(client, url, "/get_model_info", sent, timeout))
+            return _model_info_ids(await get_json(client, url, "/get_model_info", sent, timeout))
         except DiscoveryError as second:
             raise DiscoveryError(f"{first}; {second}") from None
 
 
-async def _get_json(
+async def get_json(
     client: httpx.AsyncClient, url: str, path: str, headers: Mapping[str, str], timeout: float
 ) -> Any:
+    """The JSON answer of the engine at ``url`` to ``GET path``, read as untrusted input
+    (identity-encoded, at most :data:`MAX_MODELS_ANSWER` bytes, ``timeout`` for the whole
+    exchange); raises :class:`DiscoveryError` saying why not."""
+    sent = {**headers, **_IDENTITY}
     with anyio.move_on_after(timeout):
         try:
-            async with client.stream("GET", url + path, headers=headers, timeout=timeout) as answer:
+            async with client.stream("GET", url + path, headers=sent, timeout=timeout) as answer:
                 if not 200 <= answer.status_code < 300:
                     raise DiscoveryError(f"GET {path} answered {answer.status_code}")
                 if answer.headers.get("content-encoding", "identity").lower() != "identity":
@@ -179,10 +184,14 @@ class ModelDiscovery:
         except DiscoveryError as exc:
             return str(exc)
 
-    async def discover(self, client: httpx.AsyncClient, worker: Worker) -> None:
-        """Ask ``worker`` (unless it was registered with a model) and record the answer."""
-        if worker.model is None:
-            self.record(worker, await self.probe(client, worker.url, worker.api_key))
+    async def discover(self, client: httpx.AsyncClient, *workers: Worker) -> None:
+        """Ask the engine of ``workers`` (one engine's ranks, or one worker) once, unless
+        they were registered with a model, and record the answer on each."""
+        asking = [worker for worker in workers if worker.model is None]
+        if asking:
+            outcome = await self.probe(client, asking[0].address, asking[0].api_key)
+            for worker in asking:
+                self.record(worker, outcome)
 
     def record(self, worker: Worker, outcome: tuple[str, ...] | str) -> None:
         """Apply a :meth:`probe` outcome to ``worker``, if it is still registered."""

@@ -82,6 +82,8 @@ def added(worker: Worker) -> Change:
     return {
         "op": "add",
         "url": worker.url,
+        "address": worker.address,
+        "dp_rank": worker.dp_rank,
         "model": worker.model,
         "api_key": worker.api_key,
         "role": worker.role,
@@ -206,11 +208,12 @@ class ProcessSync:
             if worker is not None:
                 return
             worker = self.registry.add(
-                url,
+                change["address"],
                 change["model"],
                 change["api_key"],
                 role=change["role"],
                 bootstrap_port=change["bootstrap_port"],
+                dp_rank=change["dp_rank"],
             )
             if change["models"] is not None and worker.model is None:
                 self.registry.set_models(worker, change["models"])

@@ -128,11 +128,14 @@ class SGLangWorkerApi:
         return JSONResponse({"workers": infos, "total": len(infos), "stats": stats})
 
     async def _worker(self, request: Request) -> Response:
-        worker = self.admin.known(request.path_params["worker_id"])
+        worker_id = request.path_params["worker_id"]
         if request.method == "GET":
-            return JSONResponse(sglang_worker_info(worker))
-        worker.draining = True  # no new requests from now, before the answer
-        return _accepted(worker.url, "draining, then removal", self._drain, worker)
+            return JSONResponse(sglang_worker_info(self.admin.known(worker_id)))
+        workers = self.admin.known_all(worker_id)  # one worker, or an engine's ranks
+        for worker in workers:
+            worker.draining = True  # no new requests from now, before the answer
+        named = workers[0].url if len(workers) == 1 else workers[0].address
+        return _accepted(named, "draining, then removal", self._drain, workers)
 
     async def _add(self, request: Request) -> Response:
         payload = await json_object(request)
@@ -152,17 +155,20 @@ class SGLangWorkerApi:
 
     async def _register(self, pending: PendingWorker) -> None:
         try:
-            worker = await self.admin.complete(pending)
+            workers = await self.admin.complete(pending)
         except RouterError as exc:  # the answer is gone; the admin API logged the reason
             logger.warning("worker %s was not added: %s", pending.url, exc)
         else:
             logger.info("worker %s added", pending.url)
-            await self.admin.share_added(worker)
+            await self.admin.share_added(*workers)
 
-    async def _drain(self, worker: Worker) -> None:
-        await self.admin.share_removal(worker, self.admin.drain_timeout)
-        drained = await self.admin.drain(worker, self.admin.drain_timeout)
-        logger.info("worker %s removed (%s)", worker.url, "drained" if drained else "timed out")
+    async def _drain(self, workers: list[Worker]) -> None:
+        drained = await self.admin.remove_all(workers, self.admin.drain_timeout)
+        logger.info(
+            "worker %s removed (%s)",
+            ", ".join(worker.url for worker in workers),
+            "drained" if drained else "timed out",
+        )
 
 
 def _accepted(worker_id: str, message: str, task: Any, argument: object) -> Response:

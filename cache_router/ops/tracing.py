@@ -136,7 +136,7 @@ class OtelTracer(RequestTracer):
         if state is None:
             return headers
         attributes = {
-            **_address(worker.url),
+            **_address(worker.address),
             "http.request.method": state.method,
             "cache_router.attempt": attempt,
             "cache_router.worker.load": worker.load,

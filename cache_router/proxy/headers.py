@@ -1,18 +1,21 @@
 """Which headers cross the proxy, and which engine answers cannot be relayed as they are.
 
-Requests: hop-by-hop headers (RFC 9110 7.6.1), the ones the router sets itself, and the
-client's own credentials never reach an engine, nor any name a message's ``Connection``
-header lists (:func:`filter_headers`). Answers: hop-by-hop headers and the server's own
-(``date``, ``server``) are dropped, and a head no ASGI server would send is refused before
-anything reaches the client (:func:`malformed_head`). Also the request-side helpers of
-the middleware: header overrides checked once at start-up, the request-id header by rank,
-and the client's headers as a mapping decoded only when a policy reads them.
+Requests: hop-by-hop headers (RFC 9110 7.6.1), the ones the router sets itself (the
+request id, the data-parallel rank), and the client's own credentials never reach an
+engine, nor any name a message's ``Connection`` header lists (:func:`filter_headers`).
+Answers: hop-by-hop headers and the server's own (``date``, ``server``) are dropped, and
+a head no ASGI server would send is refused before anything reaches the client
+(:func:`malformed_head`). Also the request-side helpers of the middleware: header
+overrides checked once at start-up, the request-id header by rank, and the client's
+headers as a mapping decoded only when a policy reads them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+from cache_router.core.registry import DP_RANK_HEADER
 
 __all__ = [
     "CLIENT_CREDENTIALS",
@@ -46,7 +49,16 @@ HOP_BY_HOP_HEADERS = frozenset(
         b"upgrade",
     }
 )
-REQUEST_DROP = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"expect", b"x-request-id"}
+#: Also the data-parallel rank (``x-data-parallel-rank``): only the router picks an engine's
+#: rank (a ranked worker's own header, ``--dp-aware``), never a client, dp-aware or not,
+#: and no allow-list lets it through (``forward_headers`` minus these).
+REQUEST_DROP = HOP_BY_HOP_HEADERS | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-request-id",
+    DP_RANK_HEADER,
+}
 #: The client's credentials: they are for the router (or whoever fronts it), not for the
 #: engines, whose key the router sets itself. Dropped unless listed in an allow-list.
 CLIENT_CREDENTIALS = frozenset({b"cookie", b"authorization", b"proxy-authorization", b"x-api-key"})

@@ -482,11 +482,14 @@ class RoutingMiddleware:
             if not candidates:
                 raise self._no_candidate(routing.model)
             worker = policy.select(routing, candidates)
-            url = upstream_url(worker.url, scope)
+            url = upstream_url(worker.address, scope)
             if logger.isEnabledFor(logging.DEBUG):
                 _log_decision(scope, routing, worker, attempt, echo[0][1])
+            # outbound.for_worker spelled out: a call per request costs more than the checks.
             key = worker.api_key  # its own engine key, for the few workers that have one
             sent = headers if key is None else with_worker_key(headers, key)
+            if worker.rank_header:  # its data-parallel rank (--dp-aware), precomputed
+                sent = [*sent, *worker.rank_header]
             if self._tracer is not None:
                 sent = self._tracer.attempt_started(worker, attempt, sent)
             # Nothing may run between the acquire and the relay, which owns the lease from

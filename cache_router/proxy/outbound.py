@@ -1,8 +1,9 @@
-"""What every request to an engine is built from: its URL and its credentials.
+"""What every request to an engine is built from: its URL, its credentials and its rank.
 
-One place decides the engine-side URL of a routed request and the key a worker gets, so
-the routed path, both halves of a prefill/decode pair and any later caller send the same
-thing for the same request.
+One place decides the engine-side URL of a routed request and the headers a worker adds
+(its own key, its data-parallel rank), so the routed path, both halves of a
+prefill/decode pair and any later caller send the same thing for the same request. The
+URL is built on the worker's ``address``, never its identity (which names a rank).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import quote
 
+from cache_router.core.registry import Worker
 from cache_router.proxy.asgi import Scope
 
-__all__ = ["upstream_url", "with_worker_key"]
+__all__ = ["for_worker", "upstream_url", "with_worker_key"]
 
 # Characters left as they are when the decoded path is quoted again for the engine; "%" is
 # not among them, so a decoded "%2e" reaches the engine as "%252e", never as ".".
@@ -30,6 +32,16 @@ def with_worker_key(headers: list[tuple[bytes, bytes]], key: str) -> list[tuple[
     sent = [header for header in headers if header[0] != b"authorization"]
     sent.append((b"authorization", _bearer(key)))
     return sent
+
+
+def for_worker(headers: list[tuple[bytes, bytes]], worker: Worker) -> list[tuple[bytes, bytes]]:
+    """``headers`` as ``worker`` gets them: with its own engine key, if it has one, and its
+    data-parallel rank, if it is one (the header precomputed on the worker). The list
+    itself when neither applies, which is every worker of most fleets: no copy."""
+    key = worker.api_key
+    sent = headers if key is None else with_worker_key(headers, key)
+    rank = worker.rank_header
+    return [*sent, *rank] if rank else sent
 
 
 @lru_cache(maxsize=1024)

@@ -44,7 +44,7 @@ from cache_router.core.registry import Worker, WorkerRegistry
 from cache_router.core.retry import RetryConfig
 from cache_router.proxy.asgi import Headers, Receive, Scope, Send
 from cache_router.proxy.clients import UpstreamError
-from cache_router.proxy.outbound import upstream_url, with_worker_key
+from cache_router.proxy.outbound import for_worker, upstream_url
 from cache_router.proxy.pd_bodies import (
     LogprobMerge,
     batch_size,
@@ -117,9 +117,9 @@ class PDRouter:
     def _headers_for(
         self, worker: Worker, headers: list[tuple[bytes, bytes]]
     ) -> list[tuple[bytes, bytes]]:
-        """What ``worker`` is sent: its own key, if it has one, and the trace context of
-        its half (an attempt span each)."""
-        sent = headers if worker.api_key is None else with_worker_key(headers, worker.api_key)
+        """What ``worker`` is sent: its own key and rank, if it has them, and the trace
+        context of its half (an attempt span each)."""
+        sent = for_worker(headers, worker)
         if self.tracer is not None:
             sent = self.tracer.attempt_started(worker, 1, sent)
         return sent
@@ -210,7 +210,7 @@ class PDRouter:
         # sees it; the collection owns it from here.
         collection = self.upstream.collection(
             method=exchange.method,
-            url=upstream_url(prefill.url, scope),
+            url=upstream_url(prefill.address, scope),
             headers=self._headers_for(prefill, exchange.headers),
             body=payload,
             lease=self.registry.acquire(prefill),
@@ -299,7 +299,7 @@ class PDRouter:
         companion: PrefillLeg | None = None,
     ) -> RelayResult:
         """The decode half, relayed to the client under a lease of its own."""
-        url = upstream_url(decode.url, exchange.scope)
+        url = upstream_url(decode.address, exchange.scope)
         headers = self._headers_for(decode, exchange.headers)
         # Nothing may run between the acquire and the relay, which owns the lease.
         lease = self.registry.acquire(decode)
@@ -340,7 +340,7 @@ class PDRouter:
                 group.start_soon(watch)
                 collection = self.upstream.collection(
                     method=exchange.method,
-                    url=upstream_url(prefill.url, exchange.scope),
+                    url=upstream_url(prefill.address, exchange.scope),
                     headers=self._headers_for(prefill, exchange.headers),
                     body=vllm_prefill_body(exchange.parsed),
                     lease=self.registry.acquire(prefill),

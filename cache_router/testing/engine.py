@@ -210,6 +210,11 @@ class SimulatedEngine:
         With ``block_size``: a started
         :class:`~cache_router.testing.kv_publisher.KVEventPublisher` that publishes every
         change of the cache as vLLM KV events.
+    ``dp_size`` (default ``None``: no data parallelism)
+        Answer ``GET /get_server_info`` with this ``dp_size``, as an SGLang engine run with
+        ``--dp-size`` does (``--dp-aware`` routers ask it). Whatever the knob, the
+        ``X-data-parallel-rank`` header of every generation request is recorded in
+        :attr:`dp_ranks` (None for a request without one).
     ``kv_removals`` (default ``"each"``)
         An eviction of several blocks published as one ``BlockRemoved`` per block, as vLLM
         and SGLang send it, or (``"run"``) as one event.
@@ -246,6 +251,7 @@ class SimulatedEngine:
         block_size: int | None = None,
         kv_events: KVEventPublisher | None = None,
         kv_removals: Removals = "each",
+        dp_size: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -278,6 +284,9 @@ class SimulatedEngine:
         self.block_size = block_size
         self.kv_events = kv_events
         self.kv_removals: Removals = kv_removals
+        self.dp_size = dp_size
+        #: The ``x-data-parallel-rank`` header of each generation request, in arrival order.
+        self.dp_ranks: list[str | None] = []
         self._cache = self._new_cache()
         self._slots = anyio.Semaphore(max_running)
         self._headers = {"x-engine": name}
@@ -307,6 +316,7 @@ class SimulatedEngine:
                 Route("/health", self._health, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/get_load", self._get_load, methods=["GET"]),
+                Route("/get_server_info", self._server_info, methods=["GET"]),
                 Route("/stats", self._stats, methods=["GET"]),
                 Route("/flush_cache", self._flush_cache, methods=["POST"]),
             ],
@@ -446,6 +456,7 @@ class SimulatedEngine:
     # -- request parsing ----------------------------------------------------------------
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
+        self.dp_ranks.append(request.headers.get("x-data-parallel-rank"))
         try:
             body = json.loads(await request.body())
         except ValueError as exc:
@@ -750,6 +761,12 @@ class SimulatedEngine:
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse(self._models_body, headers=self._headers)
+
+    async def _server_info(self, request: Request) -> Response:
+        info: dict[str, Any] = {"model_path": self.model}
+        if self.dp_size is not None:  # an engine without data parallelism does not say
+            info["dp_size"] = self.dp_size
+        return JSONResponse(info, headers=self._headers)
 
     async def _get_load(self, request: Request) -> Response:
         return JSONResponse({"load": self.load}, headers=self._headers)

@@ -35,6 +35,7 @@ ENGINE_HELP = {
     "default_max_tokens": "tokens generated when a request does not say",
     "max_tokens_limit": "larger max_tokens values are refused with 400",
     "block_size": "cache whole blocks of this many tokens, as vLLM does (needs the precise extra)",
+    "dp_size": "the dp_size GET /get_server_info states, for --dp-aware routers (default: none)",
 }
 
 

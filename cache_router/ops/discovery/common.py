@@ -231,8 +231,8 @@ class AdminSink:
         return True
 
     async def remove(self, url: str) -> None:
-        worker = self.admin.registry.get(url)
-        if worker is None:  # removed through the admin API meanwhile
+        workers = self.admin.registry.at(url)  # one worker, or an engine's ranks
+        if not workers:  # removed through the admin API meanwhile
             return
-        drained = await self.admin.drain(worker, self.drain_timeout)
+        drained = await self.admin.remove_all(workers, self.drain_timeout, share=False)
         logger.info("discovered worker %s removed (%s)", url, "drained" if drained else "timed out")
