@@ -78,7 +78,7 @@ from cache_router.proxy.headers import (
     ranked_header,
 )
 from cache_router.proxy.mount import under
-from cache_router.proxy.outbound import upstream_url, with_worker_key
+from cache_router.proxy.outbound import for_worker, upstream_url
 from cache_router.proxy.pd import PD_ROUTES, PDProtocol, PDRouter
 from cache_router.proxy.relay import (
     DEFAULT_LIMITS,
@@ -485,11 +485,7 @@ class RoutingMiddleware:
             url = upstream_url(worker.address, scope)
             if logger.isEnabledFor(logging.DEBUG):
                 _log_decision(scope, routing, worker, attempt, echo[0][1])
-            # outbound.for_worker spelled out: a call per request costs more than the checks.
-            key = worker.api_key  # its own engine key, for the few workers that have one
-            sent = headers if key is None else with_worker_key(headers, key)
-            if worker.rank_header:  # its data-parallel rank (--dp-aware), precomputed
-                sent = [*sent, *worker.rank_header]
+            sent = for_worker(headers, worker)  # its own engine key, its rank
             if self._tracer is not None:
                 sent = self._tracer.attempt_started(worker, attempt, sent)
             # Nothing may run between the acquire and the relay, which owns the lease from
